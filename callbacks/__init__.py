@@ -1,0 +1,5 @@
+"""Lightning callbacks (installed as `montrage.callbacks`)."""
+
+from montrage.callbacks.montrage_callback import MontrageCallback, MontrageConfigError
+
+__all__ = ["MontrageCallback", "MontrageConfigError"]

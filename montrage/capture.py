@@ -1,0 +1,76 @@
+"""Forward hooks on modules named by their dotted path, with pooled outputs (timm's FeatureHooks, for UNets)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Pooling = Literal["mean", "max", "mean_max"]
+
+
+class UnknownModuleError(ValueError):
+    """A hooked module name that the model does not have."""
+
+
+def pool(x: torch.Tensor, how: Pooling) -> torch.Tensor:
+    """(B, C, *spatial) or (B, tokens, C) -> (B, features)."""
+    if x.dim() == 3:  # attention outputs: (B, tokens, C)
+        x = x.transpose(1, 2)
+    flat = x.flatten(2) if x.dim() > 2 else x[..., None]
+    if how == "mean":
+        return flat.mean(-1)
+    if how == "max":
+        return flat.amax(-1)
+    if how == "mean_max":
+        return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)
+    raise ValueError(f"unknown pooling {how!r}: use 'mean', 'max' or 'mean_max'.")
+
+
+def resolve_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        top = sorted({n.split(".")[0] for n in modules if n})
+        raise UnknownModuleError(
+            f"unknown hooked module(s) {missing} in {type(model).__name__}. Use dotted names from "
+            f"`model.named_modules()`, e.g. 'mid_block' or 'up_blocks.1'; top-level modules are: {', '.join(top)}."
+        )
+    return {n: modules[n] for n in names}
+
+
+class FeatureHooks:
+    """Collect pooled outputs of named modules while active; handles are removed on exit.
+
+    Tuple outputs (e.g. down blocks' (hidden, residuals)) are unwrapped to their first element.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str], pooling: Pooling = "mean"):
+        self.modules = resolve_modules(model, list(names))
+        self.pooling = pooling
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self._handles = []
+
+    def _hook(self, name):
+        def fn(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if hasattr(output, "sample") and not torch.is_tensor(output):
+                output = output.sample
+            self.outputs[name].append(pool(output.detach().float(), self.pooling).cpu())
+        return fn
+
+    def __enter__(self) -> "FeatureHooks":
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Captured features per module, concatenated over calls along the batch axis, then cleared."""
+        out = {n: torch.cat(v) if v else torch.empty(0) for n, v in self.outputs.items()}
+        self.outputs = {n: [] for n in self.outputs}
+        return out

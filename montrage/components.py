@@ -1,0 +1,86 @@
+"""Load the parts of a Stable-Diffusion-layout model (local folder or hub id) and check that they are there.
+
+Real models (SD 1.x/2.x) and the tiny offline base share this one loading path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(ValueError):
+    """A model path or id that does not hold a diffusers text-to-image model."""
+
+
+@dataclass
+class Components:
+    """The five parts of a latent text-to-image diffusion model, plus where they came from."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any
+    model_id: str
+
+    def identity(self) -> dict:
+        """What makes two runs' representations comparable: the base model and its UNet architecture."""
+        return model_identity(self.unet, self.model_id)
+
+
+def model_identity(unet: torch.nn.Module, model_id: str) -> dict:
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model_id": str(model_id), "unet_class": type(unet).__name__, "unet_config_sha": digest}
+
+
+def _check_local_layout(path: str) -> None:
+    if not os.path.isdir(path):
+        return  # treated as a hub id; diffusers reports what is wrong with it
+    missing = [s for s in REQUIRED_SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+    if not os.path.isfile(os.path.join(path, "model_index.json")) or missing:
+        raise ModelLoadError(
+            f"{path!r} is not a diffusers text-to-image model folder: expected model_index.json and the subfolders "
+            f"{', '.join(REQUIRED_SUBFOLDERS)} (missing: {', '.join(missing) or 'model_index.json'}). "
+            "Pass the folder written by `StableDiffusionPipeline.save_pretrained`, or a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+        )
+
+
+def load_components(pretrained: str, revision: str | None = None, torch_dtype: torch.dtype | None = None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from `pretrained`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    _check_local_layout(pretrained)
+    kw = {"revision": revision} if revision else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=torch_dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(
+            f"could not load a diffusers text-to-image model from {pretrained!r}: {err}. Pass a local folder in the "
+            "diffusers layout or a hub id (downloads need network access; set HF_HUB_OFFLINE=0)."
+        ) from err
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, model_id=pretrained)
+
+
+@torch.no_grad()
+def embed_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (B, seq, dim) for prompts, padded to the tokenizer's max length as SD does."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]

@@ -1,0 +1,143 @@
+"""Training examples with stable ids: an image folder with one subfolder per concept, or scikit-learn's digits.
+
+Every example carries an id that stays the same across runs, so stores, attribution tables and training-order
+records can refer to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class DataError(ValueError):
+    """Bad training data: a missing folder, an unreadable image, a concept without images."""
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    id: str
+    concept: str
+    caption: str
+    path: str = ""
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """Read an image file as a (3, size, size) float tensor in [-1, 1] (RGB, center-cropped, resized)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image {path!r}: {err}. Remove or replace the file.") from err
+    w, h = im.size
+    side = min(w, h)
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    im = im.resize((size, size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def scan_concept_folder(root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None) -> list[TrainExample]:
+    """One subfolder per concept; the caption is the template with the concept's token, or a sidecar .txt file.
+
+    `tokens` maps concept folder names to the token put in captions (default: the folder name itself).
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist: pass `data_dir` pointing at a folder with one subfolder per concept.")
+    concepts = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not concepts:
+        raise DataError(f"image folder {root!r} has no concept subfolders: put each concept's images in {root}/<concept>/.")
+    examples = []
+    for concept in concepts:
+        folder = os.path.join(root, concept)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise DataError(
+                f"concept folder {folder!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}): add images or remove the folder."
+            )
+        token = (tokens or {}).get(concept, concept)
+        for name in files:
+            path = os.path.join(folder, name)
+            sidecar = os.path.splitext(path)[0] + ".txt"
+            if os.path.isfile(sidecar):
+                with open(sidecar, encoding="utf-8") as fh:
+                    caption = fh.read().strip()
+            else:
+                caption = caption_template.format(token=token, concept=concept)
+            examples.append(TrainExample(id=f"{concept}/{name}", concept=concept, caption=caption, path=path))
+    return examples
+
+
+def digit_token(digit: int) -> str:
+    return DIGIT_WORDS[digit]
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
+def digits_pixels(indices: np.ndarray | list[int], size: int) -> torch.Tensor:
+    """scikit-learn digits (8x8, 0..16) as (N, 3, size, size) tensors in [-1, 1], bilinearly upsampled."""
+    images = _digits()[0][np.asarray(indices)].astype(np.float32) / 16.0
+    x = torch.from_numpy(images)[:, None] * 2.0 - 1.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return x.repeat(1, 3, 1, 1)
+
+
+def digits_examples(
+    concepts: list[int], per_concept: int, caption_template: str = "a photo of {token}", offset: int = 0
+) -> list[TrainExample]:
+    """`per_concept` digits of each class in `concepts`, skipping the first `offset` of each class (stable order)."""
+    target = _digits()[1]
+    examples = []
+    for digit in concepts:
+        idx = np.flatnonzero(target == digit)[offset: offset + per_concept]
+        if len(idx) < per_concept:
+            raise DataError(f"digits has only {len(idx)} images of {digit} after offset {offset}; lower `images_per_concept`.")
+        for i in idx:
+            examples.append(TrainExample(
+                id=f"digits/{int(i)}", concept=f"digit{digit}",
+                caption=caption_template.format(token=digit_token(digit), concept=f"digit{digit}"), path=f"sklearn:digits/{int(i)}",
+            ))
+    return examples
+
+
+class ConceptImageDataset(torch.utils.data.Dataset):
+    """Examples plus their pixels; yields dicts with `pixel_values`, `caption` and `index` (position in `examples`).
+
+    Images are decoded once up front so that a bad file fails before training starts, not mid-epoch.
+    """
+
+    def __init__(self, examples: list[TrainExample], size: int, repeats: int = 1):
+        if not examples:
+            raise DataError("no training examples: the image folder or concept list is empty.")
+        self.examples = list(examples)
+        self.size = size
+        self.repeats = max(1, int(repeats))
+        self.pixels = torch.stack([self._read(ex) for ex in self.examples])
+
+    def _read(self, ex: TrainExample) -> torch.Tensor:
+        if ex.path.startswith("sklearn:digits/"):
+            return digits_pixels([int(ex.path.rsplit("/", 1)[1])], self.size)[0]
+        return load_image(ex.path, self.size)
+
+    def __len__(self) -> int:
+        return len(self.examples) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        j = i % len(self.examples)
+        return {"pixel_values": self.pixels[j], "caption": self.examples[j].caption, "index": j}

@@ -1,0 +1,388 @@
+"""The run's HDF5 store: a fixed, self-describing schema with a growing epoch axis, written by one process.
+
+Layout (E = committed epochs, P = probes, N = training images, T = timesteps, F = pooled features):
+
+    attrs            schema_version, spec (JSON: model identity, layers, timesteps, pooling, config, ...)
+    committed        (2,) int64   [epochs, order rows] -- written last; readers ignore anything beyond it
+    epoch            (E,)         completed training epochs at each snapshot (0 = before any update)
+    global_step      (E,)
+    concepts         (C,) str     columns of probes/weights
+    probes/prompt, probes/seed, probes/weights (P, C)
+    probes/features/<layer>  (E, P, T, F) float16
+    probes/images            (E, P, S, S, 3) uint8 thumbnails of the generations
+    train/id, train/concept, train/caption, train/path   (N,) str
+    train/features/<layer>   (E, N, T, F) float16
+    order/epoch, order/global_step, order/example_index  one row per training example seen
+    lora/params              (E, K) float32 adapter snapshot per epoch (optional; names/shapes in attrs)
+
+All objects are created up front so that the file can be followed live in SWMR mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import h5py
+import numpy as np
+
+from montrage.data import TrainExample
+from montrage.probes import ProbeSet
+
+SCHEMA_VERSION = 1
+STR = h5py.string_dtype()
+
+
+class StoreError(ValueError):
+    """A store that cannot be read or must not be appended to."""
+
+
+class StoreMismatchError(StoreError):
+    """Appending to a store that another run (other probes, model or schema) made."""
+
+
+@dataclass
+class StoreSpec:
+    """Everything that fixes the store's schema; two runs may share a store only if these agree."""
+
+    model: dict
+    layers: list[str]
+    feature_dims: dict[str, int]
+    timesteps: list[int]
+    pooling: str
+    probes: ProbeSet
+    train: list[TrainExample]
+    thumbnail_size: int
+    lora_names: list[str] = field(default_factory=list)
+    lora_shapes: list[list[int]] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """The fields checked before appending, each as a comparable value."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "layers": list(self.layers),
+            "feature_dims": dict(self.feature_dims),
+            "timesteps": [int(t) for t in self.timesteps],
+            "pooling": self.pooling,
+            "probes": self.probes.fingerprint(),
+            "train_ids": _digest([e.id for e in self.train]),
+            "lora_names": _digest(self.lora_names),
+        }
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k not in ("probes", "train")}
+        d["identity"] = self.identity()
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+def _digest(items) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()[:16]
+
+
+def _float_ds(group, name, row_shape, dtype="float16", rows_per_chunk=None):
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    inner = list(row_shape)
+    if rows_per_chunk is None and row_bytes > (1 << 20) and len(inner) >= 1:
+        inner[0] = max(1, int(inner[0] * (1 << 20) // row_bytes))  # keep chunks near 1 MiB
+    return group.create_dataset(
+        name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(1, *inner),
+        compression="lzf", shuffle=True,
+    )
+
+
+def _grow(group, name, dtype):
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+
+
+class StoreWriter:
+    """Creates or re-opens a store for appending; one instance, in one process (global rank 0)."""
+
+    EPOCH_DATASETS = ("epoch", "global_step", "probes/images", "lora/params")
+    ORDER_DATASETS = ("order/epoch", "order/global_step", "order/example_index")
+
+    def __init__(self, path: str, spec: StoreSpec, overwrite: bool = False, truncate_to: tuple[int, int] | None = None):
+        """Open `path`; a new file gets the schema, an existing one must match `spec`.
+
+        `truncate_to=(epochs, order_rows)` cuts an existing store back (resume from a checkpoint); without it, an
+        existing store that already holds epochs is refused unless `overwrite` (which deletes it).
+        """
+        self.path = path
+        self.spec = spec
+        exists = os.path.exists(path)
+        if exists and overwrite and truncate_to is None:
+            os.remove(path)
+            exists = False
+        if exists:
+            check_compatible(path, spec)
+            self.f = h5py.File(path, "a", libver="latest")
+            held = int(self.f["committed"][0])
+            if truncate_to is None and held > 0:
+                self.f.close()
+                raise StoreError(
+                    f"store {path!r} already holds {held} epoch(s) of a run. To continue that run resume from its "
+                    "checkpoint (ckpt_path=...); to start over set overwrite=True or choose another store_path."
+                )
+            self.truncate(*(truncate_to or (0, 0)))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.f = h5py.File(path, "w", libver="latest")
+            self._create()
+        self.f.swmr_mode = True
+
+    def _create(self) -> None:
+        f, s = self.f, self.spec
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["format"] = "montrage-store"
+        f.attrs["spec"] = s.to_json()
+        f.attrs["probes"] = s.probes.to_json()
+        f.create_dataset("committed", data=np.zeros(2, np.int64))
+        _grow(f, "epoch", "int64")
+        _grow(f, "global_step", "int64")
+        train_concepts = sorted({e.concept for e in s.train})
+        concepts = list(s.probes.concepts) + [c for c in train_concepts if c not in s.probes.concepts]
+        f.create_dataset("concepts", data=np.array(concepts, dtype=object), dtype=STR)
+        pg = f.create_group("probes")
+        items = s.probes.items()
+        pg.create_dataset("prompt", data=np.array([p for p, _ in items], dtype=object), dtype=STR)
+        pg.create_dataset("seed", data=np.array([sd for _, sd in items], dtype=np.int64))
+        w = np.array(s.probes.weight_matrix(), dtype=np.float32)
+        full = np.zeros((len(items), len(concepts)), np.float32)
+        full[:, : w.shape[1]] = w
+        pg.create_dataset("weights", data=full)
+        pf = pg.create_group("features")
+        tg = f.create_group("train")
+        for key in ("id", "concept", "caption", "path"):
+            tg.create_dataset(key, data=np.array([getattr(e, key) for e in s.train], dtype=object), dtype=STR)
+        tf = tg.create_group("features")
+        T = len(s.timesteps)
+        for layer in s.layers:
+            _float_ds(pf, layer, (len(items), T, s.feature_dims[layer]))
+            _float_ds(tf, layer, (len(s.train), T, s.feature_dims[layer]))
+        _float_ds(pg, "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3), dtype="uint8")
+        og = f.create_group("order")
+        for key in ("epoch", "global_step", "example_index"):
+            _grow(og, key, "int64")
+        lg = f.create_group("lora")
+        _float_ds(lg, "params", (max(1, sum(int(np.prod(sh)) for sh in s.lora_shapes)),), dtype="float32")
+        lg.attrs["names"] = json.dumps(s.lora_names)
+        lg.attrs["shapes"] = json.dumps(s.lora_shapes)
+        lg.attrs["enabled"] = bool(s.lora_names)
+        f.flush()
+
+    def _epoch_datasets(self):
+        names = list(self.EPOCH_DATASETS)
+        names += [f"probes/features/{layer}" for layer in self.spec.layers]
+        names += [f"train/features/{layer}" for layer in self.spec.layers]
+        return [self.f[n] for n in names]
+
+    @property
+    def committed(self) -> tuple[int, int]:
+        c = self.f["committed"][...]
+        return int(c[0]), int(c[1])
+
+    def truncate(self, epochs: int, order_rows: int) -> None:
+        """Cut the epoch axis and the training-order rows back (resume): what lies beyond is dropped."""
+        held_e, held_o = self.committed
+        epochs, order_rows = min(epochs, held_e), min(order_rows, held_o)
+        for ds in self._epoch_datasets():
+            ds.resize(epochs, axis=0)
+        for n in self.ORDER_DATASETS:
+            self.f[n].resize(order_rows, axis=0)
+        self.f["committed"][...] = [epochs, order_rows]
+        self.f.flush()
+
+    def append_epoch(self, epoch: int, global_step: int, probe_features: dict, train_features: dict,
+                     probe_images: np.ndarray, lora_params: np.ndarray | None = None) -> int:
+        """Write one snapshot; it counts only once the commit counter is written (after a flush)."""
+        for layer in self.spec.layers:
+            for name, arr, n in (("probe", probe_features, len(self.spec.probes)), ("train", train_features, len(self.spec.train))):
+                a = arr.get(layer)
+                if a is None or a.shape[0] != n or not np.all(np.isfinite(a)):
+                    raise StoreError(f"refusing to write epoch {epoch}: {name} features of layer {layer!r} are "
+                                     f"missing, of the wrong size or not finite.")
+        e, o = self.committed
+        values = {"epoch": epoch, "global_step": global_step, "probes/images": probe_images,
+                  "lora/params": lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)}
+        for layer in self.spec.layers:
+            values[f"probes/features/{layer}"] = probe_features[layer].astype(np.float16)
+            values[f"train/features/{layer}"] = train_features[layer].astype(np.float16)
+        for name, value in values.items():
+            ds = self.f[name]
+            ds.resize(e + 1, axis=0)
+            ds[e] = value
+            ds.flush()
+        self.f["committed"][0] = e + 1
+        self.f["committed"].flush()
+        self.f.flush()
+        return e + 1
+
+    def append_order(self, epoch: int, global_steps: np.ndarray, example_index: np.ndarray) -> int:
+        """Record which examples the optimizer steps of one training epoch saw."""
+        e, o = self.committed
+        n = len(example_index)
+        for name, value in (("order/epoch", np.full(n, epoch)), ("order/global_step", global_steps), ("order/example_index", example_index)):
+            ds = self.f[name]
+            ds.resize(o + n, axis=0)
+            ds[o:o + n] = value
+            ds.flush()
+        self.f["committed"][1] = o + n
+        self.f["committed"].flush()
+        self.f.flush()
+        return o + n
+
+    def close(self) -> None:
+        if getattr(self, "f", None) is not None and self.f.id.valid:
+            self.f.close()
+
+
+def _open_read(path: str) -> h5py.File:
+    if not os.path.isfile(path):
+        raise StoreError(f"store {path!r} does not exist.")
+    try:
+        f = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as err:
+        raise StoreError(f"{path!r} is not a readable HDF5 file ({err}); it may be truncated or not a montrage store.") from err
+    if f.attrs.get("format") != "montrage-store" or "spec" not in f.attrs:
+        f.close()
+        raise StoreError(f"{path!r} is an HDF5 file but not a montrage store (attribute 'format' is missing).")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise StoreError(f"store {path!r} has schema_version {version}; this montrage reads version {SCHEMA_VERSION}. "
+                         "Use the montrage release that wrote it, or re-run the monitoring.")
+    return f
+
+
+def check_compatible(path: str, spec: StoreSpec) -> None:
+    """Raise StoreMismatchError naming the first field in which the store at `path` and `spec` differ."""
+    with _open_read(path) as f:
+        held = json.loads(f.attrs["spec"]).get("identity", {})
+    mine = json.loads(json.dumps(spec.identity(), default=str))
+    for key, value in mine.items():
+        if held.get(key) != value:
+            raise StoreMismatchError(
+                f"store {path!r} was made by another run: field {key!r} differs (store: {held.get(key)!r}, this run: "
+                f"{value!r}). Use a new store_path for this run, or delete the old store."
+            )
+
+
+class StoreReader:
+    """Read-only view of the committed part of a store (safe while a writer appends, via SWMR)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = _open_read(path)
+        self.spec = json.loads(self.f.attrs["spec"])
+        self.probes = ProbeSet.from_json(self.f.attrs["probes"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def refresh(self) -> None:
+        for ds in ("committed", "epoch", "global_step"):
+            self.f[ds].refresh()
+
+    @property
+    def num_epochs(self) -> int:
+        return int(self.f["committed"][0])
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.spec["layers"])
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(self.spec["timesteps"])
+
+    @property
+    def epochs(self) -> np.ndarray:
+        return self.f["epoch"][: self.num_epochs]
+
+    @property
+    def global_steps(self) -> np.ndarray:
+        return self.f["global_step"][: self.num_epochs]
+
+    @property
+    def concepts(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self.f["concepts"][...]]
+
+    def strings(self, name: str) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self.f[name][...]]
+
+    @property
+    def train(self) -> list[TrainExample]:
+        cols = [self.strings(f"train/{k}") for k in ("id", "concept", "caption", "path")]
+        return [TrainExample(*row) for row in zip(*cols)]
+
+    def probe_features(self, layer: str) -> np.ndarray:
+        ds = self.f[f"probes/features/{layer}"]
+        ds.refresh()
+        return ds[: self.num_epochs].astype(np.float32)
+
+    def train_features(self, layer: str, rows: slice = slice(None)) -> np.ndarray:
+        ds = self.f[f"train/features/{layer}"]
+        ds.refresh()
+        return ds[: self.num_epochs, rows].astype(np.float32)
+
+    def probe_images(self) -> np.ndarray:
+        return self.f["probes/images"][: self.num_epochs]
+
+    def training_order(self) -> dict[str, np.ndarray]:
+        rows = int(self.f["committed"][1])
+        return {k: self.f[f"order/{k}"][:rows] for k in ("epoch", "global_step", "example_index")}
+
+    def lora_params(self, epoch_row: int) -> dict[str, np.ndarray]:
+        """The adapter tensors of one stored snapshot, by parameter name (empty when no snapshots were saved)."""
+        g = self.f["lora"]
+        if not g.attrs.get("enabled", False):
+            return {}
+        names, shapes = json.loads(g.attrs["names"]), json.loads(g.attrs["shapes"])
+        flat = g["params"][epoch_row]
+        out, at = {}, 0
+        for name, shape in zip(names, shapes):
+            n = int(np.prod(shape))
+            out[name] = flat[at:at + n].reshape(shape)
+            at += n
+        return out
+
+    def summary(self) -> dict:
+        """What `montrage inspect --json` prints."""
+        datasets = {}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype), "bytes": int(obj.id.get_storage_size())}
+
+        self.f.visititems(visit)
+        probes = self.probes
+        return {
+            "path": self.path,
+            "schema_version": int(self.f.attrs["schema_version"]),
+            "model": self.spec["model"],
+            "epochs": [int(e) for e in self.epochs],
+            "global_steps": [int(s) for s in self.global_steps],
+            "num_probes": len(probes),
+            "probe_prompts": list(probes.prompts),
+            "probe_seeds": list(probes.seeds),
+            "num_train_images": len(self.f["train/id"]),
+            "concepts": self.concepts,
+            "layers": self.layers,
+            "feature_dims": self.spec["feature_dims"],
+            "timesteps": self.timesteps,
+            "pooling": self.spec["pooling"],
+            "training_order_rows": int(self.f["committed"][1]),
+            "lora_snapshots": bool(self.f["lora"].attrs.get("enabled", False)),
+            "file_bytes": os.path.getsize(self.path),
+            "datasets": datasets,
+        }

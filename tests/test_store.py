@@ -1,0 +1,138 @@
+import h5py
+import numpy as np
+import pytest
+
+from montrage.data import TrainExample
+from montrage.probes import ProbeSet
+from montrage.store import StoreError, StoreMismatchError, StoreReader, StoreSpec, StoreWriter
+
+
+def make_spec(prompts=("a photo of one", "a photo of seven"), model_id="m", layers=("mid_block",), lora=True) -> StoreSpec:
+    probes = ProbeSet(tuple(prompts), tuple({"digit1": 1.0} if "one" in p else {"digit7": 1.0} for p in prompts), (0, 1))
+    train = [TrainExample(f"digits/{i}", "digit1" if i < 3 else "digit7", "cap", f"p{i}") for i in range(5)]
+    return StoreSpec(model={"model_id": model_id}, layers=list(layers), feature_dims={l: 6 for l in layers},
+                     timesteps=[100, 500], pooling="mean", probes=probes, train=train, thumbnail_size=4,
+                     lora_names=["a", "b"] if lora else [], lora_shapes=[[2, 3], [3]] if lora else [])
+
+
+def epoch_arrays(spec, value):
+    P, N = len(spec.probes), len(spec.train)
+    probe = {l: np.full((P, 2, 6), value, np.float32) for l in spec.layers}
+    train = {l: np.full((N, 2, 6), value + 0.5, np.float32) for l in spec.layers}
+    return probe, train, np.full((P, 4, 4, 3), int(value) % 255, np.uint8), np.arange(9, dtype=np.float32) + value
+
+
+def test_append_read_roundtrip(tmp_path):
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    w = StoreWriter(path, spec)
+    for e in range(3):
+        w.append_epoch(e, e * 10, *epoch_arrays(spec, float(e)))
+    w.append_order(0, np.array([1, 1, 2]), np.array([4, 0, 3]))
+    w.close()
+    with StoreReader(path) as r:
+        assert list(r.epochs) == [0, 1, 2]
+        assert list(r.global_steps) == [0, 10, 20]
+        assert r.probe_features("mid_block").shape == (3, 4, 2, 6)
+        assert r.train_features("mid_block")[2, 0, 0, 0] == pytest.approx(2.5)
+        assert r.probe_images()[1, 0, 0, 0, 0] == 1
+        assert [e.id for e in r.train] == [f"digits/{i}" for i in range(5)]
+        assert r.training_order()["example_index"].tolist() == [4, 0, 3]
+        lora = r.lora_params(2)
+        assert lora["a"].shape == (2, 3) and lora["b"].tolist() == [8.0, 9.0, 10.0]
+        s = r.summary()
+        assert s["epochs"] == [0, 1, 2] and s["num_probes"] == 4 and s["num_train_images"] == 5
+        assert s["concepts"] == ["digit1", "digit7"] and s["layers"] == ["mid_block"]
+        assert r.f["probes/weights"][0].tolist() == [1.0, 0.0]
+
+
+def test_partial_epoch_is_ignored_and_overwritten(tmp_path):
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    w = StoreWriter(path, spec)
+    w.append_epoch(0, 0, *epoch_arrays(spec, 0.0))
+    # a crash mid-write: rows grown but the commit counter not advanced
+    w.f["epoch"].resize(2, axis=0)
+    w.f["train/features/mid_block"].resize(2, axis=0)
+    w.close()
+    with StoreReader(path) as r:
+        assert list(r.epochs) == [0]
+        assert r.train_features("mid_block").shape[0] == 1
+    w = StoreWriter(path, spec, truncate_to=(1, 0))
+    w.append_epoch(1, 5, *epoch_arrays(spec, 1.0))
+    w.close()
+    with StoreReader(path) as r:
+        assert list(r.epochs) == [0, 1] and r.f["epoch"].shape == (2,)
+
+
+def test_truncate_for_resume(tmp_path):
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    w = StoreWriter(path, spec)
+    for e in range(4):
+        w.append_epoch(e, e, *epoch_arrays(spec, float(e)))
+    w.append_order(0, np.zeros(3, int), np.arange(3))
+    w.append_order(1, np.ones(3, int), np.arange(3))
+    w.close()
+    w = StoreWriter(path, spec, truncate_to=(2, 3))
+    w.append_epoch(2, 99, *epoch_arrays(spec, 7.0))
+    w.close()
+    with StoreReader(path) as r:
+        assert list(r.epochs) == [0, 1, 2] and list(r.global_steps) == [0, 1, 99]
+        assert r.training_order()["epoch"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("change", ["probes", "model", "layers"])
+def test_refuses_store_of_another_run(tmp_path, change):
+    path = str(tmp_path / "s.h5")
+    spec = make_spec()
+    w = StoreWriter(path, spec)
+    w.append_epoch(0, 0, *epoch_arrays(spec, 0.0))
+    w.close()
+    other = {"probes": make_spec(prompts=("a photo of one",)), "model": make_spec(model_id="other"),
+             "layers": make_spec(layers=("up_blocks.0",))}[change]
+    before = open(path, "rb").read()
+    with pytest.raises(StoreMismatchError, match=change if change != "probes" else "probes"):
+        StoreWriter(path, other, truncate_to=(1, 0))
+    assert open(path, "rb").read() == before  # untouched
+
+
+def test_refuses_to_append_to_a_finished_run_without_resume(tmp_path):
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    w = StoreWriter(path, spec)
+    w.append_epoch(0, 0, *epoch_arrays(spec, 0.0))
+    w.close()
+    with pytest.raises(StoreError, match="already holds 1 epoch"):
+        StoreWriter(path, spec)
+    StoreWriter(path, spec, overwrite=True).close()
+    with StoreReader(path) as r:
+        assert r.num_epochs == 0
+
+
+def test_refuses_non_finite_features_without_writing(tmp_path):
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    w = StoreWriter(path, spec)
+    probe, train, thumbs, lora = epoch_arrays(spec, 0.0)
+    train["mid_block"][0, 0, 0] = np.nan
+    with pytest.raises(StoreError, match="not finite"):
+        w.append_epoch(0, 0, probe, train, thumbs, lora)
+    w.close()
+    with StoreReader(path) as r:
+        assert r.num_epochs == 0
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        StoreReader(str(tmp_path / "missing.h5"))
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(StoreError, match="not a readable HDF5"):
+        StoreReader(str(junk))
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not a montrage store"):
+        StoreReader(str(other))
+    spec, path = make_spec(), str(tmp_path / "s.h5")
+    StoreWriter(path, spec).close()
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(StoreError, match="schema_version 99"):
+        StoreReader(path)
