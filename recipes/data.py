@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -85,12 +86,12 @@ class PriorDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_prior(batch: list[dict]) -> dict:
+def collate_prior(batch: list[dict], class_prompt: str) -> dict:
     """Instance rows first, then class rows; `is_prior` marks which (the loss splits on it)."""
     out = collate(batch)
     if "class_pixel_values" in batch[0]:
         out["pixel_values"] = torch.cat([out["pixel_values"], torch.stack([b["class_pixel_values"] for b in batch])])
-        out["caption"] = out["caption"] + [batch[0]["class_prompt"]] * len(batch)
+        out["caption"] = out["caption"] + [class_prompt] * len(batch)
         out["is_prior"] = torch.cat([out["is_prior"], torch.ones(len(batch), dtype=torch.bool)])
     return out
 
@@ -152,6 +153,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             module = trainer.lightning_module if trainer is not None else None
             if module is None or not hasattr(module, "generate"):
                 raise DataError("class images are missing and no model is attached to generate them.")
+            if trainer is not None:
+                module.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
             images = module.generate([hp.class_prompt] * missing, seeds=list(range(len(have), hp.num_class_images)))
             from PIL import Image
 
@@ -172,12 +175,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.hparams.seed)
-        prompt = self.hparams.class_prompt
-
-        def _collate(batch):
-            for b in batch:
-                b["class_prompt"] = prompt
-            return collate_prior(batch)
-
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=True,
-                                           collate_fn=_collate, num_workers=self.hparams.num_workers, generator=g)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.hparams.batch_size, shuffle=True, generator=g,
+            collate_fn=functools.partial(collate_prior, class_prompt=self.hparams.class_prompt),
+            num_workers=self.hparams.num_workers,
+        )

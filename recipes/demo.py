@@ -58,7 +58,12 @@ def plot_curves(curves: np.ndarray, epochs: np.ndarray, concepts: list[str], pat
 
 
 def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int = 16, epochs: int = 6,
-             repeats: int = 40, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True) -> dict:
+             repeats: int = 40, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True,
+             base_config=None) -> dict:
+    """Customize the tiny base to `digits` with the callback; write store.h5, demo_summary.json and curves.png.
+
+    `base_config` (a TinyBaseConfig) selects another tiny base, e.g. an un-pretrained one in tests.
+    """
     import pytorch_lightning as pl
 
     from montrage.callbacks import MontrageCallback
@@ -70,10 +75,10 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
 
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    base = tiny_base_path(progress=progress)
+    base = tiny_base_path(base_config, progress=progress)
     t_base = time.time() - t0
     pl.seed_everything(seed, verbose=False)
-    module = DiffusionFineTune(pretrained_model="tiny", lora_rank=8, lora_alpha=8, learning_rate=learning_rate,
+    module = DiffusionFineTune(pretrained_model="tiny" if base_config is None else base, lora_rank=8, lora_alpha=8, learning_rate=learning_rate,
                                output_dir=os.path.join(out, "lora"))
     data = ConceptDataModule(digits=digits, images_per_concept=images_per_concept, batch_size=32, repeats=repeats, seed=seed)
     store_path = os.path.join(out, "store.h5")

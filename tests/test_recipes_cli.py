@@ -1,0 +1,109 @@
+import json
+import os
+
+import pytest
+import pytorch_lightning as pl
+import yaml
+
+import helpers
+from montrage.cli import main
+from montrage.recipes import DreamBoothDataModule
+from montrage.recipes.cli import config_path
+from montrage.store import StoreReader
+
+
+@pytest.fixture(scope="module")
+def small_store(tiny_model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("inspect") / "store.h5"
+    helpers.trainer(2, [helpers.callback(store)]).fit(helpers.module(tiny_model_dir), helpers.data())
+    return str(store)
+
+
+def test_inspect_json(small_store, capsys):
+    assert main(["inspect", small_store, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["schema_version"] == 1 and s["epochs"] == [0, 1, 2]
+    assert s["num_probes"] == 3 and s["num_train_images"] == 6
+    assert s["layers"] == ["mid_block"] and s["concepts"] == ["digit1", "digit7"]
+    assert s["datasets"]["train/features/mid_block"]["shape"] == [3, 6, 2, 64]
+    assert main(["inspect", small_store]) == 0
+    text = capsys.readouterr().out
+    assert "epochs       [0, 1, 2]" in text and "train/features/mid_block" in text
+
+
+def test_inspect_follow_sees_epochs(small_store, capsys):
+    assert main(["inspect", small_store, "--follow", "--json", "--interval", "0.1", "--timeout", "0.3"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["epochs"] == [0, 1, 2]
+
+
+def test_inspect_bad_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n" + os.urandom(500))
+    assert main(["inspect", str(bad)]) == 2
+    assert "not a readable HDF5 file" in capsys.readouterr().err
+
+
+def test_demo_writes_its_three_files(tmp_path):
+    from montrage.recipes.demo import run_demo
+    from montrage.recipes.tiny_base import TinyBaseConfig
+
+    out = tmp_path / "demo"
+    result = run_demo(str(out), digits=[1, 4, 7, 9], images_per_concept=2, epochs=5, repeats=1, progress=False,
+                      base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
+    for name in ("store.h5", "demo_summary.json", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["epochs"] == [0, 1, 2, 3, 4, 5] and summary["concepts"] == ["digit1", "digit4", "digit7", "digit9"]
+    assert len(summary["probe_concept_accuracy_per_epoch"]) == 6
+    assert result["num_train_images"] == 8
+    with StoreReader(str(out / "store.h5")) as r:
+        assert r.num_epochs == 6
+
+
+def test_lightning_cli_runs_the_demo_config(tiny_model_dir, tmp_path):
+    cfg = yaml.safe_load(open(config_path("demo.yaml")))
+    cfg["trainer"].update(max_epochs=1, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    cb = cfg["trainer"]["callbacks"][0]["init_args"]
+    cb.update(store_path=str(tmp_path / "store.h5"), num_inference_steps=2)
+    cfg["model"].update(pretrained_model=tiny_model_dir, output_dir=str(tmp_path / "lora"))
+    cfg["data"]["init_args"].update(images_per_concept=2, repeats=1)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path)]) == 0
+    with StoreReader(str(tmp_path / "store.h5")) as r:
+        assert list(r.epochs) == [0, 1] and len(r.train) == 8
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-dreambooth.yaml"])
+def test_real_model_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", config_path(name), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["pretrained_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "montrage.callbacks.MontrageCallback"
+
+
+def test_dreambooth_full_unet_with_prior_preservation(tiny_model_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    data = DreamBoothDataModule(instance_digit=7, instance_images=3, with_prior_preservation=True,
+                                class_data_dir=str(class_dir), num_class_images=4, batch_size=2)
+    m = helpers.module(tiny_model_dir, train_mode="full", prior_loss_weight=0.5, output_dir=str(tmp_path / "out"))
+    batches = []
+
+    class Peek(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.append(batch)
+
+    store = tmp_path / "s.h5"
+    pl.seed_everything(0)
+    helpers.trainer(1, [Peek(), helpers.callback(store, probe_prompts=["a photo of sks digit"])]).fit(m, data)
+    assert len(list(class_dir.glob("*.png"))) == 4  # generated because they were missing
+    b = batches[0]
+    assert b["pixel_values"].shape[0] == 4 and b["is_prior"].tolist() == [False, False, True, True]
+    assert b["caption"] == ["a photo of sks digit"] * 2 + ["a photo of a digit"] * 2
+    assert (tmp_path / "out" / "unet" / "config.json").is_file()
+    with StoreReader(str(store)) as r:
+        assert list(r.epochs) == [0, 1] and r.concepts == ["instance"] and len(r.train) == 3
+        assert not r.summary()["lora_snapshots"]  # full-UNet training keeps no adapter snapshots
