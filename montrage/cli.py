@@ -35,8 +35,11 @@ def cmd_inspect(args) -> int:
 
     with StoreReader(args.store) as store:
         if not args.follow:
-            s = store.summary()
-            print(json.dumps(s, indent=None if args.json else 1)) if args.json else print_summary(s)
+            summary = store.summary()
+            if args.json:
+                print(json.dumps(summary))
+            else:
+                print_summary(summary)
             return 0
         seen = -1
         deadline = time.time() + args.timeout if args.timeout else None

@@ -95,8 +95,8 @@ def _float_ds(group, name, row_shape, dtype="float16", rows_per_chunk=None):
     )
 
 
-def _grow(group, name, dtype):
-    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+def _grow(group, name, dtype, chunk=64):
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
 
 
 class StoreWriter:
@@ -166,7 +166,7 @@ class StoreWriter:
         _float_ds(pg, "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3), dtype="uint8")
         og = f.create_group("order")
         for key in ("epoch", "global_step", "example_index"):
-            _grow(og, key, "int64")
+            _grow(og, key, "int64", chunk=4096)
         lg = f.create_group("lora")
         _float_ds(lg, "params", (max(1, sum(int(np.prod(sh)) for sh in s.lora_shapes)),), dtype="float32")
         lg.attrs["names"] = json.dumps(s.lora_names)
