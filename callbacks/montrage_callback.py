@@ -202,7 +202,8 @@ class MontrageCallback(Callback):
         spec = StoreSpec(
             model=identity, layers=self.layers, feature_dims=dims, timesteps=self.timesteps, pooling=self.pooling,
             probes=self._probes, train=list(dataset.examples), thumbnail_size=self.thumbnail_size,
-            lora_names=lora_names, lora_shapes=lora_shapes, config=self._config(),
+            lora_names=lora_names, lora_shapes=lora_shapes,
+            config={**self._config(), **self._model_facts(pl_module, self._resolution)},
         )
         resume = self._resume
 
@@ -220,6 +221,17 @@ class MontrageCallback(Callback):
                 "every_n_epochs", "layers", "timesteps", "pooling", "encode_prompt", "num_inference_steps",
                 "guidance_scale", "thumbnail_size", "save_lora_snapshots")
         return {k: getattr(self, k) for k in keys}
+
+    @staticmethod
+    def _model_facts(pl_module, resolution: int) -> dict:
+        """What an offline query needs to rebuild the model: base path, adapter config, image size."""
+        facts = {"model_path": str(getattr(pl_module.unet.config, "_name_or_path", "")), "resolution": resolution}
+        peft_config = getattr(pl_module.unet, "peft_config", None)
+        if peft_config:
+            cfg = next(iter(peft_config.values()))
+            facts["lora_config"] = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha),
+                                    "target_modules": sorted(cfg.target_modules), "lora_dropout": float(cfg.lora_dropout)}
+        return facts
 
     def _close(self) -> None:
         if self._writer is not None:

@@ -50,6 +50,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def scan_concept_folder(root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None) -> list[TrainExample]:
     """One subfolder per concept; the caption is the template with the concept's token, or a sidecar .txt file.
 
+    The template may use `{token}`, `{concept}` and `{image_token}` (a per-image token, see `image_token`).
     `tokens` maps concept folder names to the token put in captions (default: the folder name itself).
     """
     if not os.path.isdir(root):
@@ -66,20 +67,26 @@ def scan_concept_folder(root: str, caption_template: str = "a photo of {token}",
                 f"concept folder {folder!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}): add images or remove the folder."
             )
         token = (tokens or {}).get(concept, concept)
-        for name in files:
+        for k, name in enumerate(files):
             path = os.path.join(folder, name)
             sidecar = os.path.splitext(path)[0] + ".txt"
             if os.path.isfile(sidecar):
                 with open(sidecar, encoding="utf-8") as fh:
                     caption = fh.read().strip()
             else:
-                caption = caption_template.format(token=token, concept=concept)
+                caption = caption_template.format(token=token, concept=concept, image_token=image_token(k))
             examples.append(TrainExample(id=f"{concept}/{name}", concept=concept, caption=caption, path=path))
     return examples
 
 
 def digit_token(digit: int) -> str:
     return DIGIT_WORDS[digit]
+
+
+def image_token(k: int) -> str:
+    """A short per-image token ("ka", "kb", ..., "kz", "ma", ...) for captions with `{image_token}`."""
+    consonants = "kmpqtvxz"
+    return consonants[(k // 26) % len(consonants)] + "abcdefghijklmnopqrstuvwxyz"[k % 26]
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,12 +115,18 @@ def digits_examples(
         idx = np.flatnonzero(target == digit)[offset: offset + per_concept]
         if len(idx) < per_concept:
             raise DataError(f"digits has only {len(idx)} images of {digit} after offset {offset}; lower `images_per_concept`.")
-        for i in idx:
-            examples.append(TrainExample(
-                id=f"digits/{int(i)}", concept=f"digit{digit}",
-                caption=caption_template.format(token=digit_token(digit), concept=f"digit{digit}"), path=f"sklearn:digits/{int(i)}",
-            ))
+        for k, i in enumerate(idx):
+            caption = caption_template.format(token=digit_token(digit), concept=f"digit{digit}", image_token=image_token(k))
+            examples.append(TrainExample(id=f"digits/{int(i)}", concept=f"digit{digit}", caption=caption,
+                                         path=f"sklearn:digits/{int(i)}"))
     return examples
+
+
+def read_example(ex: TrainExample, size: int) -> torch.Tensor:
+    """Pixels (3, size, size) in [-1, 1] of a training example, from its file or from scikit-learn's digits."""
+    if ex.path.startswith("sklearn:digits/"):
+        return digits_pixels([int(ex.path.rsplit("/", 1)[1])], size)[0]
+    return load_image(ex.path, size)
 
 
 class ConceptImageDataset(torch.utils.data.Dataset):
@@ -128,12 +141,7 @@ class ConceptImageDataset(torch.utils.data.Dataset):
         self.examples = list(examples)
         self.size = size
         self.repeats = max(1, int(repeats))
-        self.pixels = torch.stack([self._read(ex) for ex in self.examples])
-
-    def _read(self, ex: TrainExample) -> torch.Tensor:
-        if ex.path.startswith("sklearn:digits/"):
-            return digits_pixels([int(ex.path.rsplit("/", 1)[1])], self.size)[0]
-        return load_image(ex.path, self.size)
+        self.pixels = torch.stack([read_example(ex, size) for ex in self.examples])
 
     def __len__(self) -> int:
         return len(self.examples) * self.repeats

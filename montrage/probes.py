@@ -25,6 +25,7 @@ class ProbeSet:
     weights: tuple[dict, ...]  # per prompt: {concept: weight in [0, 1]}
     seeds: tuple[int, ...]
     concepts: tuple[str, ...] = field(default=())
+    exemplars: tuple[dict, ...] = field(default=())  # per prompt: {training image id: weight}, for within-concept GT
 
     def __post_init__(self):
         if not self.prompts or not self.seeds:
@@ -37,6 +38,10 @@ class ProbeSet:
                 raise ProbeError(f"probe {prompt!r}: concept weights must lie in [0, 1], got {bad}.")
         if not self.concepts:
             object.__setattr__(self, "concepts", tuple(sorted({c for w in self.weights for c in w})))
+        if not self.exemplars:
+            object.__setattr__(self, "exemplars", tuple({} for _ in self.prompts))
+        if len(self.exemplars) != len(self.prompts):
+            raise ProbeError(f"{len(self.prompts)} probe prompts but {len(self.exemplars)} exemplar entries.")
 
     def __len__(self) -> int:
         return len(self.prompts) * len(self.seeds)
@@ -57,14 +62,29 @@ class ProbeSet:
             out.extend([name] * len(self.seeds))
         return out
 
+    def ground_truth(self, train_concepts: list[str], train_ids: list[str], within: float = 0.5) -> list[list[float]]:
+        """(num_probes, N) influence of each training image on each probe, in [0, 1].
+
+        An image gets its concept's weight in the prompt; when the prompt names exemplars, the exemplars keep that
+        weight and the other images of the concept get `within` times it.
+        """
+        rows = []
+        for w, ex in zip(self.weights, self.exemplars):
+            row = [float(w.get(c, 0.0)) for c in train_concepts]
+            if ex:
+                row = [v * float(ex.get(i, within)) for v, i in zip(row, train_ids)]
+            rows.extend([row] * len(self.seeds))
+        return rows
+
     def to_json(self) -> str:
         return json.dumps({"prompts": list(self.prompts), "weights": list(self.weights), "seeds": list(self.seeds),
-                           "concepts": list(self.concepts)}, sort_keys=True)
+                           "concepts": list(self.concepts), "exemplars": list(self.exemplars)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ProbeSet":
         d = json.loads(text)
-        return cls(tuple(d["prompts"]), tuple(d["weights"]), tuple(int(s) for s in d["seeds"]), tuple(d.get("concepts", ())))
+        return cls(tuple(d["prompts"]), tuple(d["weights"]), tuple(int(s) for s in d["seeds"]), tuple(d.get("concepts", ())),
+                   tuple(d.get("exemplars", ())))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
@@ -88,7 +108,8 @@ def default_probes(
 
 
 def load_probe_file(path: str, seeds: list[int] | None = None) -> ProbeSet:
-    """A JSON or YAML file: `{"probes": [{"prompt": ..., "concepts": {name: weight}}], "seeds": [...]}`."""
+    """A JSON or YAML file: `{"probes": [{"prompt": ..., "concepts": {name: weight}, "exemplars": {id: weight}}],
+    "seeds": [...]}` (`exemplars`, optional, names training images that the prompt targets)."""
     if not os.path.isfile(path):
         raise ProbeError(f"probe file {path!r} does not exist.")
     with open(path, encoding="utf-8") as fh:
@@ -102,9 +123,10 @@ def load_probe_file(path: str, seeds: list[int] | None = None) -> ProbeSet:
         entries = data["probes"]
         prompts = tuple(str(e["prompt"]) for e in entries)
         weights = tuple({str(k): float(v) for k, v in (e.get("concepts") or {}).items()} for e in entries)
+        exemplars = tuple({str(k): float(v) for k, v in (e.get("exemplars") or {}).items()} for e in entries)
     except (KeyError, TypeError) as err:
         raise ProbeError(
             f"probe file {path!r}: expected a list `probes` of {{prompt, concepts}} entries ({err})."
         ) from err
     seeds = tuple(int(s) for s in (seeds if seeds is not None else data.get("seeds", [0])))
-    return ProbeSet(prompts, weights, seeds)
+    return ProbeSet(prompts, weights, seeds, exemplars=exemplars)

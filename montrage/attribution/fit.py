@@ -1,0 +1,92 @@
+"""Fit the attribution model on the store's probes (ground truth known by construction).
+
+The probes' final generations are regenerated from the final adapter snapshot and re-encoded with every stored
+epoch's weights, so that probes, training images and later queries all live in one representation space: a fixed
+image seen through the model's changing weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from montrage.attribution.model import AttributionModel, Loss, attribution_loss
+from montrage.attribution.reencode import StoreModel
+from montrage.attribution.table import Mode, feature_names, iter_train_blocks, pair_features, per_query_standardize, train_centre
+from montrage.encode import stable_seed
+from montrage.store import StoreError, StoreReader
+
+MODES: tuple[Mode, ...] = ("trajectory", "final")
+
+
+def default_model_dir(store_path: str) -> str:
+    return os.path.splitext(store_path)[0] + "_attribution"
+
+
+def probe_trajectories(sm: StoreModel) -> dict[str, np.ndarray]:
+    """{layer: (E, P, T, F)}: the final probe generations encoded at every stored epoch."""
+    probes = sm.store.probes
+    images = sm.generate(probes, sm.num_epochs - 1)
+    return sm.trajectory(images, [stable_seed(f"probe/{p}/{s}") for p, s in probes.items()])
+
+
+def table(store: StoreReader, queries: dict[str, np.ndarray], centre: dict, mode: Mode) -> np.ndarray:
+    """(Q, N, 2D) model inputs for queries against all training images (in memory; for fitting)."""
+    parts = [pair_features(queries, t, centre, mode) for _, t in iter_train_blocks(store)]
+    return per_query_standardize(np.concatenate(parts, axis=1))
+
+
+def check_fittable(store: StoreReader) -> None:
+    if store.num_epochs < 2:
+        raise StoreError(f"store {store.path!r} holds {store.num_epochs} complete epoch(s); attribution needs at least 2 "
+                         "(epoch 0 and one monitored epoch). Train longer or lower every_n_epochs.")
+
+
+def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3, hidden: int = 64,
+              seed: int = 0) -> tuple[AttributionModel, list[float]]:
+    """Full-batch Adam on (Q, N, D) inputs against (Q, N) ground truth; deterministic for a seed."""
+    torch.manual_seed(seed)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    model = AttributionModel(xt.shape[-1], hidden=hidden)
+    model.set_normalization(xt)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    history = []
+    for _ in range(steps):
+        value = attribution_loss(model(xt), yt, loss)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        history.append(float(value.detach()))
+    return model.eval(), history
+
+
+def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3,
+                    hidden: int = 64, seed: int = 0, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
+                    within: float = 0.5) -> dict:
+    """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them."""
+    t0 = time.time()
+    out_dir = out_dir or default_model_dir(store_path)
+    with StoreReader(store_path) as store:
+        check_fittable(store)
+        sm = StoreModel(store, model_path)
+        queries = probe_trajectories(sm)
+        centre = train_centre(store)
+        train = store.train
+        y = np.array(store.probes.ground_truth([e.concept for e in train], [e.id for e in train], within), np.float32)
+        report = {"store": store_path, "num_probes": len(store.probes), "num_train_images": len(train),
+                  "epochs": [int(e) for e in store.epochs], "loss": loss, "steps": steps, "seed": seed, "models": {}}
+        for mode in modes:
+            x = table(store, queries, centre, mode)
+            model, history = fit_model(x, y, loss, steps, lr, hidden, seed)
+            names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
+            meta = {"mode": mode, "loss": loss, "seed": seed, "within": within, "feature_names": names,
+                    "store_identity": store.spec["identity"], "num_epochs": store.num_epochs,
+                    "final_loss": history[-1], "initial_loss": history[0]}
+            model.save(os.path.join(out_dir, mode), meta)
+            report["models"][mode] = {"path": os.path.join(out_dir, mode), "features": len(names),
+                                      "initial_loss": round(history[0], 5), "final_loss": round(history[-1], 5)}
+    report["seconds"] = round(time.time() - t0, 2)
+    return report

@@ -1,0 +1,87 @@
+"""The attribution model: a small MLP from a pair's table features to a score in [0, 1], and its losses.
+
+Trained on probe generations, whose ground truth is known by construction, with a bounded loss: the shifted
+cosine between the predicted and the ground-truth attribution vector of each probe (MONTRAGE's footnote 5), or
+per-pair MSE / BCE as ablations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+import torch
+
+Loss = Literal["scos", "mse", "bce"]
+
+
+class AttributionModelError(ValueError):
+    """A missing, corrupted or mismatched attribution-model file."""
+
+
+class AttributionModel(torch.nn.Module):
+    """score(q, i) = sigmoid(MLP(standardized features of the pair))."""
+
+    def __init__(self, in_dim: int, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        dims = [in_dim] + [hidden] * depth
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
+        layers.append(torch.nn.Linear(dims[-1], 1))
+        self.net = torch.nn.Sequential(*layers)
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("sigma", torch.ones(in_dim))
+        self.config = {"in_dim": in_dim, "hidden": hidden, "depth": depth}
+
+    def set_normalization(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        self.mu.copy_(flat.mean(0))
+        self.sigma.copy_(flat.std(0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net((x - self.mu) / self.sigma)).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, x) -> "torch.Tensor":
+        return self(torch.as_tensor(x, dtype=torch.float32))
+
+    def save(self, path: str, meta: dict) -> None:
+        """`path`.safetensors (weights) and `path`.json (architecture, features, store identity, fit report)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path + ".safetensors")
+        with open(path + ".json", "w") as fh:
+            json.dump({"model": self.config, **meta}, fh, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> tuple["AttributionModel", dict]:
+        from safetensors.torch import load_file
+
+        for suffix in (".json", ".safetensors"):
+            if not os.path.isfile(path + suffix):
+                raise AttributionModelError(f"attribution model {path + suffix!r} is missing: run `montrage attribute fit STORE` first.")
+        try:
+            with open(path + ".json") as fh:
+                meta = json.load(fh)
+            model = cls(**meta["model"])
+            model.load_state_dict(load_file(path + ".safetensors"))
+        except Exception as err:  # any parse/shape error means the files cannot be trusted
+            raise AttributionModelError(
+                f"attribution model {path!r} is corrupted or from another montrage version ({type(err).__name__}: {err}); "
+                "re-run `montrage attribute fit STORE`.") from err
+        return model.eval(), meta
+
+
+def attribution_loss(pred: torch.Tensor, target: torch.Tensor, kind: Loss = "scos") -> torch.Tensor:
+    """pred, target (Q, N) in [0, 1]. 'scos': 1 - mean shifted cosine of each query's attribution vectors."""
+    if kind == "scos":
+        cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+        return (1.0 - (1.0 + cos) / 2.0).mean()
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(pred, target)
+    if kind == "bce":
+        return torch.nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    raise ValueError(f"unknown loss {kind!r}: use 'scos', 'mse' or 'bce'.")

@@ -1,0 +1,86 @@
+"""The monitored model rebuilt from its store, to encode any image at every stored epoch (LoRA snapshots)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from montrage.components import embed_prompts, load_components, model_identity
+from montrage.encode import encode_images
+from montrage.generate import build_pipeline, generate_probes
+from montrage.probes import ProbeSet
+from montrage.store import StoreError, StoreMismatchError, StoreReader
+
+
+class StoreModel:
+    """Base model from the store's `model_path` (or `model_path=`), with the run's adapter loaded per epoch."""
+
+    def __init__(self, store: StoreReader, model_path: str | None = None, device: str = "cpu"):
+        self.store = store
+        cfg = store.spec["config"]
+        path = model_path or cfg.get("model_path")
+        if not path:
+            raise StoreError(f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path).")
+        self.components = load_components(path)
+        want = store.spec["model"].get("unet_config_sha")
+        have = model_identity(self.components.unet, path)["unet_config_sha"]
+        if want and want != have:
+            raise StoreMismatchError(
+                f"model {path!r} is not the model store {store.path!r} was made with (UNet config {have} != {want}); "
+                "pass the run's base model with --model-path.")
+        self.lora = bool(store.f["lora"].attrs.get("enabled", False))
+        unet = self.components.unet
+        if self.lora:
+            from peft import LoraConfig
+
+            lc = cfg.get("lora_config") or {}
+            unet.add_adapter(LoraConfig(r=lc.get("r", 4), lora_alpha=lc.get("lora_alpha", 4),
+                                        target_modules=lc.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])))
+        self.device = torch.device(device)
+        for part in (unet, self.components.vae, self.components.text_encoder):
+            part.to(self.device).eval().requires_grad_(False)
+        self.cond = embed_prompts(self.components.tokenizer, self.components.text_encoder, [cfg.get("encode_prompt", "")])
+        self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
+        self.row: int | None = None
+
+    @property
+    def num_epochs(self) -> int:
+        return self.store.num_epochs
+
+    def set_epoch(self, row: int) -> None:
+        """Load the adapter snapshot of stored epoch `row` (no-op for runs without snapshots)."""
+        if not self.lora or row == self.row:
+            return
+        from peft import set_peft_model_state_dict
+
+        sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.store.lora_params(row).items()}
+        set_peft_model_state_dict(self.components.unet, sd)
+        self.row = row
+
+    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32) -> dict[str, np.ndarray]:
+        c, cfg = self.components, self.store.spec
+        return encode_images(c.unet, c.vae, c.scheduler, images, seeds, cfg["timesteps"], cfg["layers"], cfg["pooling"],
+                             self.cond, batch_size)
+
+    def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None) -> dict[str, np.ndarray]:
+        """{layer: (len(rows), n, T, F)}: the images encoded with each stored epoch's weights."""
+        rows = list(range(self.num_epochs)) if rows is None else list(rows)
+        if self.num_epochs == 0:
+            raise StoreError(f"store {self.store.path!r} holds no complete epoch.")
+        if len(rows) > 1 and not self.lora:
+            raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
+                             "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
+        per_epoch = []
+        for row in rows:
+            self.set_epoch(row)
+            per_epoch.append(self.encode(images, seeds))
+        return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
+
+    @torch.no_grad()
+    def generate(self, probes: ProbeSet, row: int) -> torch.Tensor:
+        """Probe images regenerated with the weights of epoch `row` and the callback's sampler settings."""
+        self.set_epoch(row)
+        c, cfg = self.components, self.store.spec["config"]
+        pipe = build_pipeline(c.tokenizer, c.text_encoder, c.vae, c.unet, c.scheduler)
+        return generate_probes(pipe, probes, self.resolution, int(cfg.get("num_inference_steps", 25)),
+                               float(cfg.get("guidance_scale", 7.5)))

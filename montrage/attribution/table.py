@@ -1,0 +1,111 @@
+"""The attribution table: features of (query, training image) pairs over the monitored epochs.
+
+For each layer and timestep (and for all timesteps of a layer side by side), with representations centred on the
+epoch's mean training representation:
+  level_e   = (1 + cos(h_e(q), h_e(x))) / 2                  for every stored epoch e
+  change_e  = (1 + cos(dh_e(q), dh_e(x))) / 2,  dh_e = h_e - h_{e-1}
+  spearman  = rank correlation of the two change trajectories (all epochs and features flattened)
+The final-epoch-only table (the post-hoc baseline that monitoring must beat) keeps level_E alone.
+Training images are streamed from the store in blocks, so memory stays bounded for large runs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+import numpy as np
+from scipy.stats import rankdata
+
+Mode = Literal["trajectory", "final"]
+
+
+def _unit(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
+
+
+def _scos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Shifted cosine of unit rows: a (..., Q, F), b (..., N, F) -> (..., Q, N)."""
+    return (1.0 + np.einsum("...qf,...nf->...qn", a, b)) / 2.0
+
+
+def _ranked(x: np.ndarray) -> np.ndarray:
+    """Rows of x (n, D) replaced by their centred, unit-norm ranks (so dot products are Spearman correlations)."""
+    r = rankdata(x, axis=1).astype(np.float32)
+    return _unit(r - r.mean(axis=1, keepdims=True))
+
+
+def _views(feats: np.ndarray) -> list[np.ndarray]:
+    """(E, n, T, F) -> per-timestep views (E, n, F) plus all timesteps concatenated."""
+    E, n, T, F = feats.shape
+    return [feats[:, :, t] for t in range(T)] + ([feats.reshape(E, n, T * F)] if T > 1 else [])
+
+
+def feature_names(layers: list[str], timesteps: list[int], num_epochs: int, mode: Mode) -> list[str]:
+    names = []
+    for layer in layers:
+        views = [f"t{t}" for t in timesteps] + (["tall"] if len(timesteps) > 1 else [])
+        for v in views:
+            if mode == "final":
+                names.append(f"{layer}/{v}/level_final")
+                continue
+            names += [f"{layer}/{v}/level_e{e}" for e in range(num_epochs)]
+            names += [f"{layer}/{v}/change_e{e}" for e in range(1, num_epochs)]
+            names.append(f"{layer}/{v}/spearman")
+    return names
+
+
+def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], centre: dict[str, np.ndarray],
+                  mode: Mode = "trajectory") -> np.ndarray:
+    """(Q, N, D) pair features from query and training trajectories {layer: (E, n, T, F)}.
+
+    `centre` {layer: (E, T, F)} is subtracted from both sides (the mean training representation per epoch).
+    """
+    blocks = []
+    for layer in queries:
+        q = queries[layer].astype(np.float32) - centre[layer][:, None]
+        t = train[layer].astype(np.float32) - centre[layer][:, None]
+        if mode == "final":
+            q, t = q[-1:], t[-1:]
+        for qv, tv in zip(_views(q), _views(t)):
+            level = _scos(_unit(qv), _unit(tv))  # (E, Q, N)
+            if mode == "final":
+                blocks.append(level[-1][..., None])
+                continue
+            dq, dt = np.diff(qv, axis=0), np.diff(tv, axis=0)
+            change = _scos(_unit(dq), _unit(dt)) if len(dq) else np.zeros((0, *level.shape[1:]), np.float32)
+            Q, N = level.shape[1:]
+            if len(dq):
+                spear = _ranked(dq.transpose(1, 0, 2).reshape(Q, -1)) @ _ranked(dt.transpose(1, 0, 2).reshape(N, -1)).T
+            else:
+                spear = np.zeros((Q, N), np.float32)
+            blocks += [level.transpose(1, 2, 0), change.transpose(1, 2, 0), spear[..., None]]
+    return np.concatenate(blocks, axis=-1).astype(np.float32)
+
+
+def iter_train_blocks(store, block: int = 4096, layers: list[str] | None = None) -> Iterator[tuple[slice, dict]]:
+    """Training trajectories {layer: (E, rows, T, F)} read from the store `block` images at a time."""
+    layers = layers or store.layers
+    n = len(store.f["train/id"])
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        yield rows, {layer: store.train_features(layer, rows) for layer in layers}
+
+
+def train_centre(store, block: int = 4096) -> dict[str, np.ndarray]:
+    """Mean training representation per epoch {layer: (E, T, F)}, accumulated block by block."""
+    total, count = {}, 0
+    for rows, feats in iter_train_blocks(store, block):
+        for layer, x in feats.items():
+            total[layer] = total.get(layer, 0.0) + x.sum(axis=1, dtype=np.float64)
+        count += rows.stop - rows.start
+    return {layer: (v / max(count, 1)).astype(np.float32) for layer, v in total.items()}
+
+
+def per_query_standardize(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Append features standardized over the training images of each query (Q, N, D) -> (Q, N, 2D).
+
+    Relative features ("this image is unusually similar *for this query*") transfer across queries whose overall
+    similarity level differs. `stats` (mean, std) of shape (Q, 1, D) may come from an earlier pass over all blocks.
+    """
+    mean, std = stats if stats is not None else (x.mean(axis=1, keepdims=True), x.std(axis=1, keepdims=True))
+    return np.concatenate([x, (x - mean) / (std + 1e-6)], axis=-1)
