@@ -75,14 +75,54 @@ def cmd_tiny_base(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "attribution":
+        from montrage.recipes.bench_attribution import run_attribution_bench
+
+        run_attribution_bench(args.out or "attribution_results.json", [int(c) for c in args.concepts.split(",")],
+                              images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
+                              seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir)
+        return 0
     if args.what == "overhead":
         from montrage.recipes.bench import run_overhead
 
-        result = run_overhead(epochs=args.epochs, images_per_concept=args.images_per_concept, repeats=args.repeats,
+        result = run_overhead(epochs=args.epochs or 3, images_per_concept=args.images_per_concept or 16, repeats=args.repeats,
                               rounds=args.rounds, out=args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def cmd_attribute(args) -> int:
+    if args.action == "fit":
+        from montrage.attribution.fit import fit_attribution
+
+        report = fit_attribution(args.store, out_dir=args.model_dir, loss=args.loss, steps=args.steps, seed=args.seed,
+                                 model_path=args.model_path)
+        print(json.dumps(report, indent=1))
+        return 0
+    from montrage.attribution.query import Attributor
+
+    if not args.images:
+        raise ValueError("give at least one IMAGE to attribute.")
+    att = Attributor.from_store(args.store, model_dir=args.model_dir, model_path=args.model_path)
+    try:
+        results = att.query(args.images, top_k=args.top_k, fast=args.fast, prompt=args.prompt)
+        if args.plot:
+            att.plot(args.images, results, args.plot)
+    finally:
+        att.close()
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        print(f"{r['image']}  ({r['mode']} mode)  top concept: {r['top_concept']}")
+        for c, v in sorted(r["concepts"].items(), key=lambda kv: -kv[1]["score"]):
+            print(f"  {c:20s} score {v['score']:.4f}  share {v['share']:.3f}")
+        for item in r["top_images"]:
+            print(f"  {item['score']:.4f}  {item['concept']:12s} {item['id']}  {item['path']}")
+    if args.plot:
+        print(f"panel: {args.plot}")
+    return 0
 
 
 def run_lightning_cli(argv: list[str]) -> int:
@@ -118,13 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead"])
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--images-per-concept", type=int, default=16)
+    s.add_argument("what", choices=["overhead", "attribution"])
+    s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
+    s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
+    s.add_argument("--concepts", default="1,4,7,9", help="attribution: digit concepts")
+    s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
+    s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
     s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
     s.add_argument("--out", default=None, help="write the result JSON here too")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("attribute", help="MONTRAGE attribution: fit the attribution model, answer queries")
+    s.add_argument("action", choices=["fit", "query"])
+    s.add_argument("store")
+    s.add_argument("images", nargs="*", help="query images (query)")
+    s.add_argument("--model-dir", default=None, help="attribution models (default: <store>_attribution/)")
+    s.add_argument("--model-path", default=None, help="the run's base model, if not where the store says")
+    s.add_argument("--loss", default="scos", choices=["scos", "mse", "bce"], help="fit: training loss")
+    s.add_argument("--steps", type=int, default=400, help="fit: optimizer steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompt", default=None, help="query: the prompt that made the image (reported with its concepts)")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--fast", action="store_true", help="query: encode at the final epoch only")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", default=None, help="query: write a PNG panel (query beside its top-K) here")
+    s.set_defaults(fn=cmd_attribute)
 
     sub.add_parser("fit", help="fine-tune with LightningCLI, e.g. `montrage fit --config demo.yaml`", add_help=False)
     return p

@@ -70,7 +70,7 @@ def mean_auc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
-    """Mean over queries with positives of (#positives in the top k) / min(k, #positives): 1 = top k as good as can be."""
+    """Mean over queries with positives of (#positives in top k) / min(k, #positives); 1 = the best possible top k."""
     vals = []
     for s, p in zip(np.asarray(scores), np.asarray(positives, dtype=bool)):
         if p.any():
@@ -109,7 +109,7 @@ def within_recall_at_k(scores: np.ndarray, exemplar: np.ndarray, candidates: np.
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    """Mean over the relevant items of the precision at their rank (ties broken by index); NaN without relevant items."""
+    """Mean over the relevant items of the precision at their rank (ties broken by index); NaN if none is relevant."""
     rel = np.asarray(relevant, dtype=bool)[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
     if not rel.any():
         return float("nan")
@@ -118,7 +118,7 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
 
 
 def within_map(scores: np.ndarray, exemplar: np.ndarray, candidates: np.ndarray) -> float:
-    """Mean average precision of each query's exemplar(s) ranked among its candidates (exemplars count as candidates)."""
+    """Mean average precision of each query's exemplar(s) ranked among its candidates (exemplars are candidates)."""
     vals = []
     for s, e, c in zip(np.asarray(scores), np.asarray(exemplar, dtype=bool), np.asarray(candidates, dtype=bool)):
         if e.any():

@@ -60,7 +60,8 @@ def test_mixture_spearman():
     assert M.mixture_spearman(np.array([[1.0, 2.0, 3.0]]), w[1:2]) == pytest.approx(-1.0)
     # constant predictions or constant weights: skipped
     assert M.mixture_spearman(np.array([[1.0, 1.0, 1.0], [3.0, 2.0, 1.0]]), w[[1, 1]]) == pytest.approx(1.0)
-    assert M.mixture_spearman(np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [0.7, 0.3, 0.0]])) == pytest.approx(1.0)
+    flat_w = np.array([[1.0, 1.0, 1.0], [0.7, 0.3, 0.0]])
+    assert M.mixture_spearman(np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]), flat_w) == pytest.approx(1.0)
     assert math.isnan(M.mixture_spearman(np.array([[1.0, 2.0]]), np.array([[0.5, 0.5]])))
 
 

@@ -64,14 +64,20 @@ class GaussianProjection:
 
 @contextlib.contextmanager
 def _frozen_eval(module: torch.nn.Module):
-    """eval() for deterministic outputs (no LoRA dropout), restoring every submodule's own mode afterwards."""
+    """eval() for deterministic outputs (no LoRA dropout) and diffusers' gradient checkpointing off (torch.func.grad
+    does not support the saved-tensor hooks it uses); every submodule's mode and flag are restored afterwards."""
     modes = [(m, m.training) for m in module.modules()]
+    ckpt = [m for m in module.modules() if getattr(m, "gradient_checkpointing", None) is True]
     module.eval()
+    for m in ckpt:
+        m.gradient_checkpointing = False
     try:
         yield
     finally:
         for m, training in modes:
             m.train(training)
+        for m in ckpt:
+            m.gradient_checkpointing = True
 
 
 def _attention_backend(device: torch.device):
@@ -134,7 +140,8 @@ def lora_gradient_features(
 
     def objective(p: dict, noisy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # one image: its T noised latents in one UNet batch; the mean over them = the mean of per-timestep values
-        pred = functional_call(unet, p, (noisy, t_all.to(device)), {"encoder_hidden_states": cond_T, "return_dict": False})[0]
+        kwargs = {"encoder_hidden_states": cond_T, "return_dict": False}
+        pred = functional_call(unet, p, (noisy, t_all.to(device)), kwargs)[0]
         pred = pred.float()
         return ((pred - target) ** 2).mean() if output == "loss" else (pred ** 2).mean()
 

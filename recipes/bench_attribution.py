@@ -1,0 +1,247 @@
+"""`montrage bench attribution`: MONTRAGE against post-hoc baselines on ground truth built by construction.
+
+Per seed: customize the tiny base (LoRA) to digit concepts whose captions carry a per-image token
+("a photo of seven kb"), with MontrageCallback monitoring probes of three kinds -- one concept ("a photo of seven"),
+two concepts ("a photo of one and seven", 0.5 each) and one training image ("a photo of seven kb", exemplar kb).
+Then generate held-out queries with the final model (seeds never used by probes; per-image prompts only for
+images that no probe named), and score every method on them:
+
+  between-concept: top-1 concept accuracy and AUC (images of the query's concept are positives) on one-concept
+                   queries; Spearman between concept scores and the prompt's weights on two-concept queries;
+  within-concept:  recall@1 and mAP of the exemplar among the images of its concept on per-image queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from montrage import metrics
+from montrage.data import DataError, digit_token, image_token, scan_concept_folder
+from montrage.probes import ProbeSet
+
+TEMPLATE = "a photo of {token} {image_token}"
+
+
+def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True) -> ProbeSet:
+    """Concept, mixture and per-image prompts with their ground truth. `per_image`: (example, its image token)."""
+    concepts = sorted(tokens)
+    prompts, weights, exemplars = [], [], []
+    for c in concepts:
+        prompts.append(f"a photo of {tokens[c]}")
+        weights.append({c: 1.0})
+        exemplars.append({})
+    if mixtures:
+        for i, a in enumerate(concepts):
+            for b in concepts[i + 1:]:
+                prompts.append(f"a photo of {tokens[a]} and {tokens[b]}")
+                weights.append({a: 0.5, b: 0.5})
+                exemplars.append({})
+    for ex, tok in per_image:
+        prompts.append(f"a photo of {tokens[ex.concept]} {tok}")
+        weights.append({ex.concept: 1.0})
+        exemplars.append({ex.id: 1.0})
+    return ProbeSet(tuple(prompts), tuple(weights), tuple(seeds), tuple(concepts), tuple(exemplars))
+
+
+def split_images(examples) -> tuple[list, list]:
+    """Per concept, the first half of its images are named by probes, the second half only by held-out queries."""
+    probe, held = [], []
+    by_concept: dict[str, list] = {}
+    for ex in examples:
+        by_concept.setdefault(ex.concept, []).append(ex)
+    for c in sorted(by_concept):
+        items = [(ex, image_token(k)) for k, ex in enumerate(by_concept[c])]
+        half = max(1, len(items) // 2)
+        probe += items[:half]
+        held += items[half:]
+    return probe, held
+
+
+def evaluate(scores: np.ndarray, queries: ProbeSet, train, concepts: list[str]) -> dict:
+    """All metrics of one method's (Q, N) image scores on the held-out queries."""
+    train_concepts = [e.concept for e in train]
+    ids = [e.id for e in train]
+    cs = metrics.concept_scores_from_images(scores, train_concepts, concepts)
+    w = np.array(queries.weight_matrix())
+    ex = [d for d in queries.exemplars for _ in queries.seeds]
+    n_named = (w > 0).sum(axis=1)
+    single = (n_named == 1) & np.array([not d for d in ex])
+    mixture = n_named == 2
+    within = np.array([bool(d) for d in ex])
+    own = np.array(train_concepts)[None, :] == np.array(concepts)[np.argmax(w, axis=1)][:, None]
+    out = {
+        "top1": metrics.top1_accuracy(cs[single], np.argmax(w[single], axis=1)),
+        "auc": metrics.mean_auc(scores[single], own[single]),
+        "mixture_spearman": metrics.mixture_spearman(cs[mixture], w[mixture]) if mixture.any() else float("nan"),
+    }
+    exemplar = np.array([[i in d for i in ids] for d in ex])
+    if within.any():
+        out["within_recall@1"] = metrics.within_recall_at_k(scores[within], exemplar[within], own[within], 1)
+        out["within_recall@5"] = metrics.within_recall_at_k(scores[within], exemplar[within], own[within], 5)
+        out["within_map"] = metrics.within_map(scores[within], exemplar[within], own[within])
+    return {k: float(v) for k, v in out.items()}
+
+
+def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, repeats: int, data_dir: str | None,
+             workdir: str, query_seeds: list[int], progress: bool = False, steps: int = 400) -> dict:
+    import pytorch_lightning as pl
+
+    from montrage.attribution.fit import fit_attribution
+    from montrage.attribution.query import Attributor
+    from montrage.attribution.table import pair_features, train_centre
+    from montrage.baselines import gradients, pixel
+    from montrage.callbacks import MontrageCallback
+    from montrage.data import ConceptImageDataset, digits_examples
+    from montrage.recipes.data import ConceptDataModule
+    from montrage.recipes.fine_tune import DiffusionFineTune
+
+    if data_dir:
+        examples = scan_concept_folder(data_dir, TEMPLATE)
+        tokens = {c: c for c in sorted({e.concept for e in examples})}
+    else:
+        examples = digits_examples(concepts, images_per_concept, TEMPLATE, offset=seed * images_per_concept)
+        tokens = {f"digit{d}": digit_token(d) for d in concepts}
+    probe_images, held_images = split_images(examples)
+    probes = build_probes(examples, tokens, probe_images, seeds=[0, 1])
+    queries = build_probes(examples, tokens, held_images, seeds=query_seeds)
+    probe_file = os.path.join(workdir, "probes.json")
+    with open(probe_file, "w") as fh:
+        json.dump({"probes": [{"prompt": p, "concepts": w, "exemplars": e}
+                              for p, w, e in zip(probes.prompts, probes.weights, probes.exemplars)], "seeds": [0, 1]}, fh)
+
+    class FixedData(ConceptDataModule):
+        def examples(self):
+            return examples
+
+        def concept_tokens(self):
+            return tokens
+
+    timings = {}
+    t0 = time.time()
+    pl.seed_everything(seed, verbose=False)
+    module = DiffusionFineTune(lora_rank=8, lora_alpha=8, learning_rate=1e-2)
+    data = FixedData(batch_size=32, repeats=repeats, seed=seed)
+    store_path = os.path.join(workdir, "store.h5")
+    lrs = []
+
+    class LrLog(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"] * trainer.num_training_batches)
+
+    cb = MontrageCallback(store_path=store_path, probe_file=probe_file, num_inference_steps=10, guidance_scale=3.0,
+                          thumbnail_size=16, overwrite=True, log_to_wandb=False)
+    pl.Trainer(max_epochs=epochs, callbacks=[cb, LrLog()], logger=False, enable_checkpointing=False,
+               enable_progress_bar=progress, enable_model_summary=False, deterministic=True).fit(module, data)
+    timings["fine_tune"] = time.time() - t0
+
+    t0 = time.time()
+    fit_attribution(store_path, steps=steps, seed=seed)
+    timings["fit"] = time.time() - t0
+    att = Attributor.from_store(store_path)
+    sm = att.model
+    qpix = sm.generate(queries, att.store.num_epochs - 1)
+    train = att.train
+    train_pix = ConceptImageDataset(train, sm.resolution).pixels
+    concept_names = sorted(tokens)
+    methods: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn):
+        t = time.time()
+        methods[name] = np.asarray(fn())
+        seconds[name] = time.time() - t
+
+    timed("montrage", lambda: att.image_scores(qpix, fast=False))
+    timed("montrage-final-epoch", lambda: att.image_scores(qpix, fast=True))
+
+    def final_similarity():
+        last = att.store.num_epochs - 1
+        q = sm.trajectory(qpix, _seeds(qpix), [last])
+        t = {layer: att.store.train_features(layer)[last:] for layer in att.store.layers}
+        centre = {k: v[last:] for k, v in train_centre(att.store).items()}
+        return pair_features(q, t, centre, "final").mean(axis=-1)
+
+    timed("final-epoch-similarity", final_similarity)
+    timed("pixel-cosine", lambda: pixel.pixel_cosine(qpix, train_pix))
+
+    unet, vae, sched = sm.components.unet, sm.components.vae, sm.components.scheduler
+    grad_t = [100, 300, 500, 700, 900]
+
+    def grads(pix, keys, output, row):
+        sm.set_epoch(row)
+        return gradients.lora_gradient_features(unet, vae, sched, pix, sm.cond, grad_t, keys, output=output,
+                                                proj_dim=256, proj_seed=seed)
+
+    train_seeds = [int(s) for s in _seeds(train_pix)]
+    q_seeds = [int(s) for s in _seeds(qpix)]
+    last = att.store.num_epochs - 1
+    timed("trak", lambda: gradients.trak_scores(grads(qpix, q_seeds, "loss", last), grads(train_pix, train_seeds, "loss", last)))
+    timed("d-trak", lambda: gradients.trak_scores(grads(qpix, q_seeds, "sq_norm", last), grads(train_pix, train_seeds, "sq_norm", last)))
+    rows = list(range(1, att.store.num_epochs))
+    timed("tracin", lambda: gradients.tracin_scores([grads(qpix, q_seeds, "loss", r) for r in rows],
+                                                    [grads(train_pix, train_seeds, "loss", r) for r in rows], lrs[: len(rows)]))
+    if hasattr(gradients, "datainf_scores"):
+        timed("datainf", lambda: gradients.datainf_scores(grads(qpix, q_seeds, "loss", last), grads(train_pix, train_seeds, "loss", last)))
+    results = {name: {**evaluate(s, queries, train, concept_names), "seconds": seconds[name]} for name, s in methods.items()}
+    att.close()
+    return {"methods": results, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
+            "num_train_images": len(train)}
+
+
+def _seeds(pixels: torch.Tensor) -> list[int]:
+    from montrage.attribution.query import query_seed
+
+    return [query_seed(p) for p in pixels]
+
+
+def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
+                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True) -> dict:
+    from montrage.recipes.tiny_base import tiny_base_path
+
+    if data_dir is None and len(concepts) < 2:
+        raise DataError("--concepts needs at least two digits, e.g. 1,4,7,9.")
+    tiny_base_path(progress=progress)
+    repeats = repeats or max(1, round(2560 / (len(concepts) * images_per_concept)))  # ~80 steps of 32 per epoch
+    per_seed = {}
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.time()
+            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, repeats, data_dir, tmp,
+                                      query_seeds=[100, 101], progress=progress)
+            if progress:
+                print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
+                print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
+    names = list(next(iter(per_seed.values()))["methods"])
+    keys = list(next(iter(per_seed.values()))["methods"][names[0]])
+    agg = {m: {k: (float(np.nanmean([per_seed[s]["methods"][m][k] for s in seeds])),
+                   float(np.nanstd([per_seed[s]["methods"][m][k] for s in seeds]))) for k in keys} for m in names}
+    result = {
+        "methods": {m: {k: v[0] for k, v in agg[m].items()} for m in names},
+        "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
+        "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
+                   "repeats": repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
+                   "query_seeds": [100, 101], "template": TEMPLATE},
+        "per_seed": {str(s): r for s, r in per_seed.items()},
+    }
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(format_table(agg))
+    return result
+
+
+def format_table(agg: dict) -> str:
+    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "seconds"]
+    lines = [f"{'method':24s}" + "".join(f"{k:>20s}" for k in keys)]
+    for m, vals in agg.items():
+        cells = []
+        for k in keys:
+            mean, std = vals.get(k, (float("nan"), 0.0))
+            cells.append(f"{mean:8.3f} ± {std:5.3f}".rjust(20))
+        lines.append(f"{m:24s}" + "".join(cells))
+    return "\n".join(lines)
