@@ -80,7 +80,8 @@ def cmd_bench(args) -> int:
 
         run_attribution_bench(args.out or "attribution_results.json", [int(c) for c in args.concepts.split(",")],
                               images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
-                              seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir)
+                              seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
+                              keep=args.keep)
         return 0
     if args.what == "overhead":
         from montrage.recipes.bench import run_overhead
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concepts", default="1,4,7,9", help="attribution: digit concepts")
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
+    s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
     s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
     s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
     s.add_argument("--out", default=None, help="write the result JSON here too")

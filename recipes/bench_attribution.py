@@ -26,6 +26,8 @@ from montrage.data import DataError, digit_token, image_token, scan_concept_fold
 from montrage.probes import ProbeSet
 
 TEMPLATE = "a photo of {token} {image_token}"
+LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
+QUERY_SEEDS = [100, 101, 102, 103]
 
 
 def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True) -> ProbeSet:
@@ -135,7 +137,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"] * trainer.num_training_batches)
 
     cb = MontrageCallback(store_path=store_path, probe_file=probe_file, num_inference_steps=10, guidance_scale=3.0,
-                          thumbnail_size=16, overwrite=True, log_to_wandb=False)
+                          thumbnail_size=16, overwrite=True, log_to_wandb=False, layers=LAYERS, pooling="mean_max")
     pl.Trainer(max_epochs=epochs, callbacks=[cb, LrLog()], logger=False, enable_checkpointing=False,
                enable_progress_bar=progress, enable_model_summary=False, deterministic=True).fit(module, data)
     timings["fine_tune"] = time.time() - t0
@@ -171,6 +173,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timed("pixel-cosine", lambda: pixel.pixel_cosine(qpix, train_pix))
 
     unet, vae, sched = sm.components.unet, sm.components.vae, sm.components.scheduler
+    for name, p in unet.named_parameters():  # gradient baselines differentiate the adapter only
+        p.requires_grad_("lora_" in name)
     grad_t = [100, 300, 500, 700, 900]
 
     def grads(pix, keys, output, row):
@@ -201,7 +205,9 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 
 def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
-                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True) -> dict:
+                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
+                          keep: str | None = None) -> dict:
+    """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept."""
     from montrage.recipes.tiny_base import tiny_base_path
 
     if data_dir is None and len(concepts) < 2:
@@ -211,9 +217,12 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
     per_seed = {}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
+            if keep:
+                tmp = os.path.join(keep, f"seed{seed}")
+                os.makedirs(tmp, exist_ok=True)
             t = time.time()
             per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, repeats, data_dir, tmp,
-                                      query_seeds=[100, 101], progress=progress)
+                                      query_seeds=QUERY_SEEDS, progress=progress)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
@@ -226,7 +235,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
         "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
         "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
                    "repeats": repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
-                   "query_seeds": [100, 101], "template": TEMPLATE},
+                   "query_seeds": QUERY_SEEDS, "template": TEMPLATE, "layers": LAYERS, "pooling": "mean_max"},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     with open(out, "w") as fh:
