@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from montrage.data import digit_token, digits_examples
+from montrage.recipes.bench_attribution import TEMPLATE, build_probes, evaluate, split_images
+
+
+@pytest.fixture()
+def setup():
+    examples = digits_examples([1, 7], 4, TEMPLATE)
+    tokens = {"digit1": digit_token(1), "digit7": digit_token(7)}
+    probe, held = split_images(examples)
+    return examples, tokens, probe, held
+
+
+def test_probe_and_query_construction(setup):
+    examples, tokens, probe, held = setup
+    assert [tok for _, tok in probe] == ["ka", "kb", "ka", "kb"] and [tok for _, tok in held] == ["kc", "kd", "kc", "kd"]
+    assert examples[2].caption == "a photo of one kc"
+    q = build_probes(examples, tokens, held, seeds=[100, 101])
+    assert q.prompts[:3] == ("a photo of one", "a photo of seven", "a photo of one and seven")
+    assert q.prompts[3] == "a photo of one kc" and q.exemplars[3] == {examples[2].id: 1.0}
+    assert len(q) == 2 * (2 + 1 + 4)
+
+
+def test_evaluate_perfect_and_reversed_scores(setup):
+    examples, tokens, probe, held = setup
+    q = build_probes(examples, tokens, held, seeds=[100])
+    gt = np.array(q.ground_truth([e.concept for e in examples], [e.id for e in examples], within=0.5))
+    perfect = evaluate(gt, q, examples, ["digit1", "digit7"])
+    assert perfect["top1"] == 1.0 and perfect["auc"] == 1.0 and perfect["within_map"] == 1.0
+    assert perfect["within_recall@1"] == 1.0 and perfect["mixture_spearman"] != perfect["mixture_spearman"]  # constant → NaN
+    reversed_ = evaluate(-gt, q, examples, ["digit1", "digit7"])
+    assert reversed_["top1"] == 0.0 and reversed_["auc"] == 0.0 and reversed_["within_recall@1"] == 0.0
