@@ -359,7 +359,9 @@ class MontrageCallback(Callback):
             return
         layer = self.layers[0]
         concepts = list(self._probes.concepts)
-        sim = concept_similarity(flatten_features(probe_feats[layer]), flatten_features(train_feats[layer]),
+        train_flat = flatten_features(train_feats[layer])
+        mu = train_flat.mean(axis=0, keepdims=True)  # centred, as in the demo's curves.png
+        sim = concept_similarity(flatten_features(probe_feats[layer]) - mu, train_flat - mu,
                                  [e.concept for e in dataset.examples], concepts)
         primary = np.asarray(self._probes.primary_concepts())
         metrics = {"montrage/epoch": epoch}
