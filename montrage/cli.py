@@ -83,6 +83,12 @@ def cmd_bench(args) -> int:
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
                               keep=args.keep)
         return 0
+    if args.what == "query":
+        from montrage.recipes.bench import run_query_latency
+
+        result = run_query_latency(tuple(int(n) for n in args.sizes.split(",")), out=args.out)
+        print(json.dumps(result, indent=1))
+        return 0
     if args.what == "overhead":
         from montrage.recipes.bench import run_overhead
 
@@ -159,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution"])
+    s.add_argument("what", choices=["overhead", "attribution", "query"])
+    s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
     s.add_argument("--concepts", default="1,4,7,9", help="attribution: digit concepts")
