@@ -83,6 +83,13 @@ def cmd_bench(args) -> int:
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
                               keep=args.keep)
         return 0
+    if args.what == "origin":
+        from montrage.recipes.bench_origin import main as origin_bench_main
+
+        origin_bench_main(["--out", args.out or "origin_results.json", "--seed", str(args.seed)]
+                          + (["--members", str(args.members)] if args.members else [])
+                          + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
+        return 0
     if args.what == "query":
         from montrage.recipes.bench import run_query_latency
 
@@ -165,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "query"])
+    s.add_argument("what", choices=["overhead", "attribution", "query", "origin"])
+    s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")
+    s.add_argument("--timesteps", type=int, default=None, help="origin: timesteps in the trajectory grid (20)")
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
@@ -193,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", default=None, help="query: write a PNG panel (query beside its top-K) here")
     s.set_defaults(fn=cmd_attribute)
+
+    from montrage.origin.cli import add_origin_parser
+
+    add_origin_parser(sub)
 
     sub.add_parser("fit", help="fine-tune with LightningCLI, e.g. `montrage fit --config demo.yaml`", add_help=False)
     return p

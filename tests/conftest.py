@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray download fails fast
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning OpenMP threads when other jobs share the cores
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,142 @@
+"""`montrage origin features | fit | predict`: the command-line face of origin attribution.
+
+Plain functions over argparse namespaces; `add_origin_parser(subparsers)` registers them under `origin`. Nothing
+heavy is imported until a command runs, so `montrage --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _spec_from_args(args, num_train_timesteps: int):
+    from montrage.origin.features import FeatureSpec, default_timesteps
+
+    if args.t_grid:
+        try:
+            timesteps = [int(t) for t in args.t_grid.split(",") if t.strip()]
+        except ValueError as err:
+            raise ValueError(f"--t-grid must be comma-separated integers, e.g. 0,50,100: {err}") from err
+    else:
+        timesteps = default_timesteps(num_train_timesteps, args.timesteps)
+    params = args.params if args.params in ("trainable", "all") else tuple(p for p in args.params.split(",") if p)
+    return FeatureSpec(tuple(timesteps), families=tuple(f for f in args.families.split(",") if f), params=params,
+                       noise=args.noise, noise_seed=args.noise_seed, prompt=args.prompt, layer_norms=args.layer_norms)
+
+
+def _model_arg(path: str) -> str:
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
+def features_main(args) -> int:
+    """Extract trajectory features of images under a model into an HDF5 file."""
+    from montrage.origin.featurefile import write_features
+    from montrage.origin.features import trajectory_features
+    from montrage.origin.images import expand_image_paths, load_images
+    from montrage.origin.model import load_diffusion_model
+
+    paths = expand_image_paths(args.images)
+    model = load_diffusion_model(_model_arg(args.model), lora=args.lora, device=args.device)
+    spec = _spec_from_args(args, int(model.scheduler.config.num_train_timesteps))
+    pixels = load_images(paths, model.image_size, model.image_channels, resize=args.resize)
+    fs = trajectory_features(model, pixels, spec, ids=paths, batch_size=args.batch_size, label=args.label,
+                             progress=not args.quiet)
+    write_features(args.out, fs)
+    print(json.dumps({"features": args.out, "images": len(fs), "timesteps": list(spec.timesteps),
+                      "families": list(spec.families), "label": args.label, "seconds": round(fs.seconds, 2),
+                      "images_per_second": round(len(fs) / max(fs.seconds, 1e-9), 3)}))
+    return 0
+
+
+def fit_main(args) -> int:
+    """Fit an origin classifier on labelled features files and save it to a folder."""
+    import numpy as np
+
+    from montrage.origin.classifier import OriginClassifier, relabel
+    from montrage.origin.featurefile import read_features
+    from montrage.origin.metrics import balanced_accuracy
+
+    sets = [read_features(p) for p in args.features]
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    clf = OriginClassifier(families=tuple(f for f in args.families.split(",") if f), transform=args.transform,
+                           task=args.task, C=args.C)
+    model_path = _model_arg(args.model) if args.model else sets[0].identity.get("model_id")
+    clf.fit(sets, labels, model_path=model_path)
+    clf.save(args.out)
+    y = relabel(clf.row_labels(sets, labels), clf.task)
+    pred = np.concatenate([clf.predict(s) for s in sets])
+    print(json.dumps({"classifier": args.out, "task": clf.task, "classes": clf.classes, "train_counts": clf.train_counts,
+                      "train_balanced_accuracy": round(balanced_accuracy(y, pred), 4), "model": model_path}))
+    return 0
+
+
+def predict_main(args) -> int:
+    """Classify images with a saved origin classifier."""
+    from montrage.origin.predict import predict_images
+
+    results = predict_images(args.images, args.classifier, model=_model_arg(args.model) if args.model else None,
+                             lora=args.lora, resize=args.resize, batch_size=args.batch_size, device=args.device,
+                             progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+        print(f"{r['image']}  {r['prediction']:>12s}   {probs}")
+    return 0
+
+
+def add_origin_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `origin features`, `origin fit` and `origin predict` on a `montrage` subparsers object."""
+    p = subparsers.add_parser("origin", help="origin attribution: is an image a training member, a generation of this "
+                                             "model, or external (trajectory features + linear classifier)")
+    sub = p.add_subparsers(dest="origin_command", required=True)
+
+    s = sub.add_parser("features", help="extract trajectory features (loss, ‖∇x L‖², ‖∇θ L‖² per timestep) into HDF5")
+    s.add_argument("images", nargs="+", help="image files or folders of images")
+    s.add_argument("--model", required=True, help="diffusers model folder or hub id (pixel DDPM or text-to-image)")
+    s.add_argument("--lora", default=None, help="LoRA weights (diffusers format) to load into the UNet; ∇θ then "
+                                                "covers the LoRA parameters")
+    s.add_argument("--out", required=True, help="features file to write (.h5)")
+    s.add_argument("--label", default=None, help="origin of these images, for `origin fit`: member, generated or external")
+    s.add_argument("--timesteps", type=int, default=20, help="number of uniformly spaced timesteps (default 20)")
+    s.add_argument("--t-grid", default=None, help="explicit comma-separated timesteps (overrides --timesteps)")
+    s.add_argument("--families", default="loss,grad_x,grad_theta", help="feature families to compute")
+    s.add_argument("--params", default="trainable", help="θ for ∇θ: trainable (requires_grad, e.g. LoRA), all, or "
+                                                         "comma-separated parameter-name prefixes")
+    s.add_argument("--noise", default="random", choices=["random", "pia"], help="fresh seeded ε per (image, t), or "
+                                                                                "PIA's ε_θ(x, 0)")
+    s.add_argument("--noise-seed", type=int, default=0)
+    s.add_argument("--prompt", default="", help="text condition for latent models (default: the empty prompt)")
+    s.add_argument("--layer-norms", action="store_true", help="also keep per-parameter-tensor ‖∇θ L‖² (GSA features)")
+    s.add_argument("--batch-size", type=int, default=32, help="(image, timestep) pairs per UNet call / vmap width")
+    s.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size")
+    s.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (CPU)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=features_main)
+
+    s = sub.add_parser("fit", help="fit an origin classifier on labelled features files")
+    s.add_argument("features", nargs="+", help="features files, one per origin (labels from their --label)")
+    s.add_argument("--out", required=True, help="classifier folder to write (classifier.json + classifier.npz)")
+    s.add_argument("--labels", default=None, help="comma-separated label per features file (overrides theirs)")
+    s.add_argument("--task", default="ternary", choices=["ternary", "membership", "generated"])
+    s.add_argument("--families", default="loss,grad_x,grad_theta")
+    s.add_argument("--transform", default="log", choices=["log", "none"])
+    s.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength of the logistic regression")
+    s.add_argument("--model", default=None, help="model path to record for predict (default: the features' model)")
+    s.set_defaults(fn=fit_main)
+
+    s = sub.add_parser("predict", help="classify images with a saved origin classifier")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--classifier", required=True, help="folder written by `montrage origin fit`")
+    s.add_argument("--model", default=None, help="the classifier's model, if not at the recorded path")
+    s.add_argument("--lora", default=None)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--resize", action="store_true")
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", action="store_true", help="print one JSON list")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=predict_main)
+    return p

@@ -1,0 +1,367 @@
+"""Trajectory features (Tracing the Roots, Algorithm 1): per timestep t, the denoising loss L_t, ‖∇x L_t‖² and
+‖∇θ L_t‖², each with its own seeded ε, for every image.
+
+Why these: a model treats its training images, its own generations and other images differently along the whole
+trajectory, not only in a "Goldilocks" window of t; gradients add curvature information the loss lacks.
+
+Conventions (constant factors do not matter after the classifier's standardisation):
+- L_t = mean over elements of (prediction - target)², target = ε (or the velocity for v-prediction models), with
+  x_t = √ᾱ_t x + √(1-ᾱ_t) ε and x the image (pixel model) or its VAE posterior-mean latent (latent model).
+- ∇x is taken w.r.t. the noisy input x_t (the paper's ∇ w.r.t. clean x equals √ᾱ_t ∇x_t: same up to a factor per t).
+- ∇θ is per sample (torch.func: functional_call + vmap + grad) w.r.t. θ = the trainable parameters (requires_grad,
+  e.g. LoRA) by default, or all UNet parameters (`params="all"`), or the parameters whose names start with given
+  prefixes. Optionally the squared norm per parameter tensor is kept too (`layer_norms`, GSA-style features).
+- ε for (image, t) is seeded by the image's content hash, t and `noise_seed`, so the same image always gets the
+  same noise whatever batch or order it comes in; `noise="pia"` uses ε_θ(x, 0) instead (PIA's deterministic noise).
+
+The model is put in eval mode for the extraction and every module's mode is restored afterwards; requires_grad
+flags and `.grad` are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from montrage.encode import fixed_noise, image_latents, stable_seed
+from montrage.origin.errors import OriginError
+from montrage.origin.images import check_images, image_keys
+from montrage.origin.model import DiffusionModel, check_same_model
+
+FAMILIES = ("loss", "grad_x", "grad_theta")
+
+
+def default_timesteps(num_train_timesteps: int = 1000, count: int = 20) -> list[int]:
+    """`count` timesteps at a uniform stride over [0, T): 0, T/count, 2T/count, ... (the paper's t = 0, k, 2k, ...)."""
+    if count < 1:
+        raise OriginError(f"the number of timesteps must be at least 1, not {count}.")
+    count = min(int(count), int(num_train_timesteps))
+    return [int(t) for t in np.floor(np.arange(count) * (num_train_timesteps / count)).astype(int)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """What was computed and how: stored with every features file and classifier, so predictions use the same."""
+
+    timesteps: tuple[int, ...]
+    families: tuple[str, ...] = FAMILIES
+    params: str | tuple[str, ...] = "trainable"
+    noise: str = "random"
+    noise_seed: int = 0
+    prompt: str = ""
+    layer_norms: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        object.__setattr__(self, "families", tuple(self.families))
+        if not isinstance(self.params, str):
+            object.__setattr__(self, "params", tuple(self.params))
+        if not self.timesteps:
+            raise OriginError("the timestep grid is empty: give at least one timestep.")
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise OriginError(f"unknown feature families {bad}: choose from {', '.join(FAMILIES)}.")
+        if self.noise not in ("random", "pia"):
+            raise OriginError(f"noise must be 'random' (fresh seeded ε per image and t) or 'pia', not {self.noise!r}.")
+        if isinstance(self.params, str) and self.params not in ("trainable", "all"):
+            raise OriginError(f"params must be 'trainable', 'all' or a list of parameter-name prefixes, "
+                              f"not {self.params!r}.")
+
+    @property
+    def needs_theta(self) -> bool:
+        return "grad_theta" in self.families or self.layer_norms
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["timesteps"] = list(self.timesteps)
+        d["families"] = list(self.families)
+        d["params"] = self.params if isinstance(self.params, str) else list(self.params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise OriginError(f"feature spec has unknown fields {sorted(unknown)}; it was written by a newer montrage.")
+        params = d.get("params", "trainable")
+        return cls(**{**d, "params": params if isinstance(params, str) else tuple(params)})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def compatible(self, other: "FeatureSpec") -> bool:
+        """Whether features computed under `other` can be scored by a model fit under this spec: same timesteps,
+        noise kind, θ and prompt (the noise seed only draws other ε from the same distribution)."""
+        return (self.timesteps, self.noise, self.params, self.prompt) == \
+            (other.timesteps, other.noise, other.params, other.prompt)
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Features of N images at T timesteps: arrays (N, T) per family, optional per-tensor norms (N, T, G)."""
+
+    spec: FeatureSpec
+    identity: dict
+    ids: list[str]
+    values: dict[str, np.ndarray]
+    layer_norms: np.ndarray | None = None
+    layer_names: list[str] | None = None
+    label: str | None = None
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(self.spec.timesteps)
+
+    def subset(self, rows) -> "FeatureSet":
+        rows = np.asarray(rows)
+        return dataclasses.replace(
+            self, ids=[self.ids[i] for i in np.arange(len(self.ids))[rows]],
+            values={k: v[rows] for k, v in self.values.items()},
+            layer_norms=None if self.layer_norms is None else self.layer_norms[rows])
+
+    def at_timesteps(self, timesteps: Sequence[int]) -> "FeatureSet":
+        """The same images restricted to some of the timesteps (for window ablations)."""
+        pos = {t: j for j, t in enumerate(self.spec.timesteps)}
+        missing = [t for t in timesteps if t not in pos]
+        if missing:
+            raise OriginError(f"timesteps {missing} are not in this feature set's grid {list(self.spec.timesteps)}.")
+        cols = [pos[t] for t in timesteps]
+        return dataclasses.replace(
+            self, spec=dataclasses.replace(self.spec, timesteps=tuple(timesteps)),
+            values={k: v[:, cols] for k, v in self.values.items()},
+            layer_norms=None if self.layer_norms is None else self.layer_norms[:, cols])
+
+
+def concat_feature_sets(sets: Sequence[FeatureSet], label: str | None = None) -> FeatureSet:
+    """Rows of several feature sets of one model and one spec, in order (e.g. images from several sources)."""
+    if not sets:
+        raise OriginError("no feature sets to concatenate.")
+    first = sets[0]
+    for fs in sets[1:]:
+        check_same_model(first.identity, fs.identity, "one of the feature sets", "Concatenate features of one model.")
+        if not first.spec.compatible(fs.spec) or set(fs.values) != set(first.values):
+            raise OriginError("feature sets with different timesteps, noise, θ, prompt or families cannot be "
+                              "concatenated; compute them with one spec.")
+    layers = None
+    if all(fs.layer_norms is not None for fs in sets):
+        layers = np.concatenate([fs.layer_norms for fs in sets])
+    return dataclasses.replace(
+        first, ids=[i for fs in sets for i in fs.ids], label=label,
+        values={k: np.concatenate([fs.values[k] for fs in sets]) for k in first.values},
+        layer_norms=layers, layer_names=first.layer_names if layers is not None else None,
+        seconds=sum(fs.seconds for fs in sets))
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module | None):
+    """eval() (no dropout: deterministic features) and diffusers' gradient checkpointing off (torch.func.grad cannot
+    run through its saved-tensor hooks); every submodule's mode and checkpointing flag are restored afterwards."""
+    mods = [m for root in modules if root is not None for m in root.modules()]
+    modes = [(m, m.training) for m in mods]
+    ckpt = [m for m in mods if getattr(m, "gradient_checkpointing", None) is True]
+    for m in mods:
+        m.training = False
+    for m in ckpt:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m in ckpt:
+            m.gradient_checkpointing = True
+
+
+def _math_attention(device: torch.device):
+    """vmap has no batching rule for the fused CPU attention kernels (it would loop, warning on every call); the math
+    backend decomposes into batched matmuls with the same values. GPUs keep their kernels."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    """θ for ∇θ: 'trainable' (requires_grad, e.g. a LoRA adapter), 'all', or names starting with given prefixes."""
+    named = dict(unet.named_parameters())
+    if params == "trainable":
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise OriginError("the UNet has no trainable parameters (none has requires_grad), so ∇θ over 'trainable' "
+                              "is empty: pass params='all' (--params all), or add the adapter whose parameters "
+                              "should count.")
+    elif params == "all":
+        chosen = named
+    else:
+        prefixes = tuple(params)
+        chosen = {n: p for n, p in named.items() if n.startswith(prefixes)}
+        if not chosen:
+            raise OriginError(f"no UNet parameter name starts with {list(prefixes)}; names look like "
+                              f"{list(named)[:3]}.")
+    return chosen
+
+
+def _noise(key: str, t: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return fixed_noise(stable_seed(f"origin|{seed}|{key}|{t}"), 1, shape)[0]
+
+
+def trajectory_features(
+    model: DiffusionModel,
+    images: torch.Tensor | list[str],
+    spec: FeatureSpec | None = None,
+    captions: list[str] | None = None,
+    ids: list[str] | None = None,
+    batch_size: int = 32,
+    label: str | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of images (a tensor (N, C, H, W) in [-1, 1], or image paths) under `model` at `spec.timesteps`
+    (default: 20 uniform steps).
+
+    `captions` (latent models): one condition per image; default `spec.prompt` for all (the empty prompt).
+    `batch_size` counts (image, timestep) pairs per UNet call; with ∇θ it is also the vmap width, so per-sample
+    gradients of batch_size x |θ| floats are held at once: lower it for large models with params='all'.
+    """
+    from tqdm.auto import tqdm
+
+    spec = spec or FeatureSpec(tuple(default_timesteps(model.scheduler.config.num_train_timesteps)))
+    if isinstance(images, (list, tuple)):
+        from montrage.origin.images import load_images
+
+        ids = list(images) if ids is None else ids
+        images = load_images(list(images), model.image_size, model.image_channels)
+    images = check_images(images, model.image_size, model.image_channels)
+    n, T = len(images), len(spec.timesteps)
+    if ids is not None and len(ids) != n:
+        raise OriginError(f"{n} images but {len(ids)} ids.")
+    if captions is not None and len(captions) != n:
+        raise OriginError(f"{n} images but {len(captions)} captions.")
+    num_train = int(model.scheduler.config.num_train_timesteps)
+    bad = [t for t in spec.timesteps if not 0 <= t < num_train]
+    if bad:
+        raise OriginError(f"timesteps {bad} are outside the model's range 0..{num_train - 1}.")
+    t0 = time.perf_counter()
+    unet, device = model.unet, model.device
+    dtype = next(unet.parameters()).dtype
+    keys = image_keys(images)
+    theta = select_parameters(unet, spec.params) if spec.needs_theta else {}
+    theta = {k: v.detach() for k, v in theta.items()}
+    rest = {k: v.detach() for k, v in unet.named_parameters() if k not in theta}
+    v_pred = model.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+    ac = model.scheduler.alphas_cumprod
+
+    out = {f: np.zeros((n, T), np.float32) for f in FAMILIES}
+    layers = np.zeros((n, T, len(theta)), np.float32) if spec.layer_norms else None
+    with _eval_mode(unet, model.vae, model.text_encoder), _math_attention(device):
+        latents = image_latents(model.vae, images, batch_size).float()
+        prompts = list(captions) if captions is not None else [spec.prompt]
+        unique = sorted(set(prompts))
+        conds = model.condition(unique)  # one embedding per distinct prompt, indexed per pair
+        where = {p: k for k, p in enumerate(unique)}
+        prompt_index = torch.tensor([where[p] for p in prompts]) if captions is not None \
+            else torch.zeros(n, dtype=torch.long)
+        if spec.noise == "pia":
+            pia = _pia_noise(model, latents, conds, prompt_index, batch_size)
+        pairs = [(i, j) for i in range(n) for j in range(T)]
+        bar = tqdm(total=len(pairs), desc="origin features", unit="pair", disable=not progress)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            ii = torch.tensor([p[0] for p in chunk])
+            tt = torch.tensor([spec.timesteps[p[1]] for p in chunk], dtype=torch.long)
+            z = latents[ii]
+            shape = tuple(z.shape[1:])
+            if spec.noise == "pia":
+                eps = pia[ii]
+            else:
+                eps = torch.stack([_noise(keys[i], int(t), spec.noise_seed, shape) for i, t in zip(ii.tolist(), tt.tolist())])
+            a = ac[tt].float().view(-1, *([1] * len(shape)))
+            noisy = a.sqrt() * z + (1 - a).sqrt() * eps
+            target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
+            cond = None if conds is None else conds[prompt_index[ii].to(conds.device)].to(device, dtype)
+            res = _pair_features(unet, spec, theta, rest, noisy.to(device, dtype), tt.to(device),
+                                 target.to(device, torch.float32), cond)
+            rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
+            for f, v in res.items():
+                if f == "layers":
+                    layers[rows, cols] = v
+                else:
+                    out[f][rows, cols] = v
+            bar.update(len(chunk))
+        bar.close()
+    values = {f: out[f] for f in spec.families}
+    return FeatureSet(spec=spec, identity=model.identity(), ids=list(ids) if ids is not None else keys, values=values,
+                      layer_norms=layers, layer_names=list(theta) if spec.layer_norms else None, label=label,
+                      seconds=time.perf_counter() - t0)
+
+
+def _unet_kwargs(cond: torch.Tensor | None) -> dict:
+    kw = {"return_dict": False}
+    if cond is not None:
+        kw["encoder_hidden_states"] = cond
+    return kw
+
+
+@torch.no_grad()
+def _pia_noise(model: DiffusionModel, latents: torch.Tensor, conds, prompt_index: torch.Tensor,
+               batch_size: int) -> torch.Tensor:
+    """PIA's deterministic noise: the model's prediction at t = 0 on the clean input, ε = ε_θ(x, 0)."""
+    device = model.device
+    dtype = next(model.unet.parameters()).dtype
+    out = []
+    for i in range(0, len(latents), batch_size):
+        z = latents[i:i + batch_size].to(device, dtype)
+        cond = None if conds is None else conds[prompt_index[i:i + batch_size].to(conds.device)].to(device, dtype)
+        pred = model.unet(z, torch.zeros(len(z), dtype=torch.long, device=device), **_unet_kwargs(cond))[0]
+        out.append(pred[:, :z.shape[1]].float().cpu())
+    return torch.cat(out)
+
+
+def _pair_features(unet, spec: FeatureSpec, theta: dict, rest: dict, noisy: torch.Tensor, t: torch.Tensor,
+                   target: torch.Tensor, cond: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Loss and squared gradient norms for a batch of (image, t) pairs, each pair its own sample."""
+    from torch.func import functional_call, grad, vmap
+
+    dims = tuple(range(1, noisy.ndim))
+    want_x = "grad_x" in spec.families
+    if spec.needs_theta:
+        def loss_one(th, x, tt, tgt, c):
+            kw = _unet_kwargs(None if c is None else c[None])
+            pred = functional_call(unet, (th, rest), (x[None], tt[None]), kw)[0][:, :x.shape[0]]
+            loss = ((pred.float() - tgt[None]) ** 2).mean()
+            return loss, loss
+
+        def one(th, x, tt, tgt, c):
+            (g_th, g_x), loss = grad(loss_one, argnums=(0, 1), has_aux=True)(th, x, tt, tgt, c)
+            per_tensor = torch.stack([(g.float() ** 2).sum() for g in g_th.values()])
+            return loss, (g_x.float() ** 2).sum(), per_tensor
+
+        in_dims = (None, 0, 0, 0, None if cond is None else 0)
+        loss, gx, per_tensor = vmap(one, in_dims=in_dims)(theta, noisy, t, target, cond)
+        res = {"loss": loss, "grad_x": gx, "grad_theta": per_tensor.sum(dim=1)}
+        if spec.layer_norms:
+            res["layers"] = per_tensor
+    elif want_x:
+        params = {**theta, **rest}
+        x = noisy.detach().requires_grad_(True)
+        with torch.enable_grad():
+            pred = functional_call(unet, params, (x, t), _unet_kwargs(cond))[0][:, :x.shape[1]]
+            loss = ((pred.float() - target) ** 2).mean(dim=dims)
+            (g_x,) = torch.autograd.grad(loss.sum(), x)
+        res = {"loss": loss.detach(), "grad_x": (g_x.float() ** 2).sum(dim=dims)}
+    else:
+        with torch.no_grad():
+            pred = functional_call(unet, {**theta, **rest}, (noisy, t), _unet_kwargs(cond))[0][:, :noisy.shape[1]]
+            res = {"loss": ((pred.float() - target) ** 2).mean(dim=dims)}
+    return {k: v.detach().float().cpu().numpy() for k, v in res.items() if k in spec.families or k == "layers"}

@@ -1,0 +1,119 @@
+"""Model attribution: which of K candidate models generated an image (or none of them)?
+
+Each image is scored under every candidate with the same feature spec; a model is "at home" on its own samples
+along the whole trajectory, so the concatenation [features under model 1 | ... | model K] feeds one linear softmax
+whose classes are the candidates' names (plus, optionally, a class for real / other images). A training-free
+rule, `lowest_loss_attribution`, picks the candidate with the lowest mean log-loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from montrage.origin.classifier import JSON_NAME, LinearProbe, feature_matrix, load_probe, save_probe
+from montrage.origin.errors import OriginError
+from montrage.origin.features import FAMILIES, FeatureSet, FeatureSpec, trajectory_features
+from montrage.origin.model import DiffusionModel, check_same_model
+
+
+def attribution_features(models: list[DiffusionModel], images: torch.Tensor, spec: FeatureSpec,
+                         batch_size: int = 32, progress: bool = True) -> list[FeatureSet]:
+    """The same images under each candidate model (one FeatureSet per candidate, rows aligned)."""
+    if not models:
+        raise OriginError("no candidate models given: pass at least one.")
+    return [trajectory_features(m, images, spec, batch_size=batch_size, progress=progress) for m in models]
+
+
+def _check_aligned(per_candidate: list[FeatureSet], n_candidates: int) -> None:
+    if len(per_candidate) != n_candidates:
+        raise OriginError(f"{len(per_candidate)} feature sets for {n_candidates} candidate models: give the images' "
+                          "features under every candidate, in the candidates' order.")
+    ids = per_candidate[0].ids
+    for fs in per_candidate[1:]:
+        if fs.ids != ids:
+            raise OriginError("the candidates' feature sets hold different images (ids differ): compute them on the "
+                              "same images in the same order.")
+
+
+def lowest_loss_attribution(per_candidate: list[FeatureSet]) -> np.ndarray:
+    """Index of the candidate with the lowest mean log-loss over the timestep grid, per image (no training)."""
+    _check_aligned(per_candidate, len(per_candidate))
+    scores = np.stack([np.log(np.maximum(fs.values["loss"], 1e-30)).mean(axis=1) for fs in per_candidate], axis=1)
+    return np.argmin(scores, axis=1)
+
+
+class ModelAttributor:
+    """Linear softmax over the concatenated features under K candidates; classes are candidate names and any other
+    labels seen in training (e.g. "external" for real images)."""
+
+    def __init__(self, candidates: list[str], families=FAMILIES, transform: str = "log", C: float = 1.0):
+        if len(candidates) < 1 or len(set(candidates)) != len(candidates):
+            raise OriginError(f"candidate names must be unique and non-empty, got {candidates}.")
+        self.candidates = list(candidates)
+        self.families, self.transform = tuple(families), transform
+        self.probe = LinearProbe(C=C)
+        self.identities: list[dict] = []
+        self.spec: FeatureSpec | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.probe.classes)
+
+    def _matrix(self, per_candidate: list[FeatureSet]) -> np.ndarray:
+        _check_aligned(per_candidate, len(self.candidates))
+        if self.identities:
+            for name, ident, fs in zip(self.candidates, self.identities, per_candidate):
+                check_same_model(ident, fs.identity, f"the attributor's candidate {name!r}",
+                                 "Pass the features under the candidates in the order they were trained with.")
+                if not self.spec.compatible(fs.spec):
+                    raise OriginError(f"features under {name!r} use spec {fs.spec.to_dict()}, but the attributor "
+                                      f"expects {self.spec.to_dict()}.")
+        return np.concatenate([feature_matrix(fs, self.families, self.transform)[0] for fs in per_candidate], axis=1)
+
+    def fit(self, per_candidate: list[FeatureSet], labels) -> "ModelAttributor":
+        """`per_candidate[k]`: features of the N training images under candidate k; `labels`: N names (a candidate's
+        name for its generations, anything else for other images)."""
+        X = self._matrix(per_candidate)
+        labels = np.asarray([str(v) for v in labels])
+        if len(labels) != len(X):
+            raise OriginError(f"{len(labels)} labels for {len(X)} images.")
+        self.probe.fit(X, labels)
+        self.identities = [dict(fs.identity) for fs in per_candidate]
+        self.spec = per_candidate[0].spec
+        return self
+
+    def predict_proba(self, per_candidate: list[FeatureSet]) -> np.ndarray:
+        return self.probe.predict_proba(self._matrix(per_candidate))
+
+    def predict(self, per_candidate: list[FeatureSet]) -> np.ndarray:
+        return self.probe.predict(self._matrix(per_candidate))
+
+    def save(self, folder: str) -> str:
+        if self.spec is None:
+            raise OriginError("the attributor is not fitted: nothing to save.")
+        meta = {"kind": "model_attribution", "candidates": self.candidates, "families": list(self.families),
+                "transform": self.transform, "spec": self.spec.to_dict(), "identities": self.identities}
+        return save_probe(folder, meta, self.probe)
+
+    @classmethod
+    def load(cls, folder: str) -> "ModelAttributor":
+        meta, probe = load_probe(folder, "model_attribution")
+        where = os.path.join(folder, JSON_NAME)
+        try:
+            att = cls(meta["candidates"], families=meta["families"], transform=meta["transform"], C=probe.C)
+            att.spec = FeatureSpec.from_dict(meta["spec"])
+            att.identities = [dict(i) for i in meta["identities"]]
+        except (KeyError, TypeError) as err:
+            raise OriginError(f"attributor file {where!r}: field {err} is missing or invalid; refit it.") from err
+        if len(att.identities) != len(att.candidates):
+            raise OriginError(f"attributor file {where!r}: {len(att.identities)} identities for "
+                              f"{len(att.candidates)} candidates; refit it.")
+        expected = len(att.candidates) * len(att.families) * len(att.spec.timesteps)
+        if len(probe.mean) != expected:
+            raise OriginError(f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
+                              f"{expected}; the files do not belong together, refit it.")
+        att.probe = probe
+        return att

@@ -1,0 +1,57 @@
+"""Answer "where does this image come from?" with a saved origin classifier: load its model, check it is the very
+model the classifier was trained for, extract features with the classifier's spec, and classify."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from montrage.origin.classifier import OriginClassifier
+from montrage.origin.errors import OriginError
+from montrage.origin.features import trajectory_features
+from montrage.origin.images import check_images, expand_image_paths, load_images
+from montrage.origin.model import DiffusionModel, check_same_model, load_diffusion_model
+
+
+def resolve_model(classifier: OriginClassifier, model: str | DiffusionModel | None, lora: str | None = None,
+                  device: str | None = None) -> DiffusionModel:
+    """The classifier's model: the one given, or the path (and LoRA) recorded at fit time; refused if its weights
+    are not the classifier's."""
+    if model is None:
+        model = classifier.model_path or (classifier.identity or {}).get("model_id")
+        lora = lora or (classifier.identity or {}).get("lora")
+        if not model:
+            raise OriginError("the classifier records no model path: pass the model it was trained for (--model).")
+        if os.path.isabs(model) and not os.path.exists(model):
+            raise OriginError(f"the classifier's model {model!r} does not exist here: pass its current location with "
+                              "--model.")
+    if isinstance(model, str):
+        model = load_diffusion_model(model, lora=lora, device=device)
+    check_same_model(classifier.identity, model.identity(), "the classifier",
+                     "Pass the model (and --lora) the classifier was trained for, or train a classifier for this one.")
+    return model
+
+
+def predict_images(images, classifier: str | OriginClassifier, model: str | DiffusionModel | None = None,
+                   lora: str | None = None, captions: list[str] | None = None, resize: bool = False,
+                   batch_size: int = 32, device: str | None = None, progress: bool = True) -> list[dict]:
+    """Classify images (paths/folders, or a tensor (N, C, H, W) in [-1, 1]) with a classifier (folder or object).
+
+    Returns one dict per image: `image`, `prediction` and `probabilities` {class: p}.
+    """
+    clf = OriginClassifier.load(classifier) if isinstance(classifier, str) else classifier
+    m = resolve_model(clf, model, lora, device)
+    if isinstance(images, torch.Tensor):
+        pixels = check_images(images, m.image_size, m.image_channels)
+        names = [f"image[{i}]" for i in range(len(pixels))]
+    else:
+        names = expand_image_paths(list(images))
+        pixels = load_images(names, m.image_size, m.image_channels, resize=resize)
+    fs = trajectory_features(m, pixels, clf.spec, captions=captions, ids=names, batch_size=batch_size,
+                             progress=progress)
+    proba = clf.predict_proba(fs)
+    classes = clf.classes
+    return [{"image": name, "prediction": classes[int(np.argmax(p))],
+             "probabilities": {c: float(v) for c, v in zip(classes, p)}} for name, p in zip(names, proba)]

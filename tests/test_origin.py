@@ -1,0 +1,357 @@
+"""Origin attribution: trajectory features against a naive per-image loop, metrics, classifier and features-file
+round trips, clear errors, the CLI end to end, and the pixel-DDPM recipe. Untrained tiny models only."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import origin_helpers as H
+from montrage.origin import metrics as OM
+from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_features
+from montrage.origin.classifier import OriginClassifier, relabel
+from montrage.origin.cli import add_origin_parser
+from montrage.origin.errors import OriginError
+from montrage.origin.featurefile import read_features, write_features
+from montrage.origin.features import FeatureSpec, concat_feature_sets, default_timesteps, trajectory_features
+from montrage.origin.images import load_images
+from montrage.origin.model import load_diffusion_model
+from montrage.origin.model_attribution import ModelAttributor, lowest_loss_attribution
+
+RTOL = 2e-4
+
+
+def _close(a, b, rtol=RTOL):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-9)
+
+
+def _state(module):
+    return ({n: p.requires_grad for n, p in module.named_parameters()}, [p.grad for p in module.parameters()],
+            [m.training for m in module.modules()])
+
+
+# --- features ----------------------------------------------------------------------------------------------------
+def test_pixel_features_match_naive_loop():
+    model = H.tiny_pixel_model()
+    model.unet.train()  # modes must be restored after extraction
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    timesteps = (0, 37, 99)
+    ref = H.naive_features(model, images, timesteps)
+    before = _state(model.unet)
+    fs = trajectory_features(model, images, FeatureSpec(timesteps, params="all", layer_norms=True), batch_size=4,
+                             progress=False)
+    for f in ("loss", "grad_x", "grad_theta"):
+        _close(fs.values[f], ref[f])
+    _close(fs.layer_norms.sum(-1), fs.values["grad_theta"])
+    assert fs.layer_norms.shape == (3, 3, len(list(model.unet.parameters())))
+    after = _state(model.unet)
+    assert after[0] == before[0] and after[2] == before[2] and all(g is None for g in after[1])
+
+    # θ = the trainable parameters: freeze all but the up blocks
+    for name, p in model.unet.named_parameters():
+        p.requires_grad_(name.startswith("up_blocks"))
+    ref_up = H.naive_features(model, images, timesteps, param_filter=lambda n: n.startswith("up_blocks"))
+    fs_up = trajectory_features(model, images, FeatureSpec(timesteps), batch_size=5, progress=False)
+    _close(fs_up.values["grad_theta"], ref_up["grad_theta"])
+    _close(fs_up.values["grad_x"], ref["grad_x"])
+
+    # the cheaper paths (no ∇θ: batched autograd; loss only: no grad) agree with the vmap path
+    fs_x = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss", "grad_x")), batch_size=2,
+                               progress=False)
+    _close(fs_x.values["grad_x"], ref["grad_x"])
+    fs_l = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",)), progress=False)
+    _close(fs_l.values["loss"], ref["loss"])
+
+
+def test_latent_features_match_naive_loop(tiny_model_dir):
+    from peft import LoraConfig
+
+    model = load_diffusion_model(tiny_model_dir)
+    model.unet.requires_grad_(False)
+    model.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    captions = ["a photo of two", ""]
+    timesteps = (5, 500, 999)
+    before = _state(model.unet)
+    ref_all = H.naive_features(model, images, timesteps, captions=captions)
+    ref_lora = H.naive_features(model, images, timesteps, captions=captions, param_filter=lambda n: "lora_" in n)
+    fs = trajectory_features(model, images, FeatureSpec(timesteps), captions=captions, batch_size=4, progress=False)
+    for f in ("loss", "grad_x"):
+        _close(fs.values[f], ref_all[f])
+    _close(fs.values["grad_theta"], ref_lora["grad_theta"])
+    fs_all = trajectory_features(model, images, FeatureSpec(timesteps, params="all"), captions=captions,
+                                 batch_size=6, progress=False)
+    _close(fs_all.values["grad_theta"], ref_all["grad_theta"])
+    after = _state(model.unet)
+    assert after[0] == before[0] and after[2] == before[2] and all(g is None for g in after[1])
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert all(p.grad is None for p in model.vae.parameters())
+
+
+def test_noise_is_per_image_and_timestep_not_per_batch():
+    model = H.tiny_pixel_model()
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    spec = FeatureSpec((3, 50), families=("loss",))
+    a = trajectory_features(model, images, spec, batch_size=3, progress=False).values["loss"]
+    b = trajectory_features(model, images.flip(0), spec, batch_size=8, progress=False).values["loss"][::-1]
+    _close(a, b, rtol=1e-5)
+    c = trajectory_features(model, images, FeatureSpec((3, 50), families=("loss",), noise_seed=1), progress=False)
+    assert not np.allclose(a, c.values["loss"])
+    pia = [trajectory_features(model, images, FeatureSpec((3, 50), families=("loss",), noise="pia", noise_seed=s),
+                               progress=False).values["loss"] for s in (0, 1)]
+    _close(pia[0], pia[1], rtol=1e-6)  # PIA's noise is the model's own prediction: no seed involved
+
+
+def test_default_timesteps():
+    assert default_timesteps(1000, 20) == list(range(0, 1000, 50))
+    assert default_timesteps(10, 20) == list(range(10))
+    with pytest.raises(OriginError):
+        default_timesteps(1000, 0)
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+def test_metrics_hand_made():
+    y = np.array([1, 1, 0, 0], bool)
+    assert OM.roc_auc([4, 3, 2, 1], y) == 1.0
+    assert OM.roc_auc([1, 2, 3, 4], y) == 0.0
+    assert OM.roc_auc([1, 1, 1, 1], y) == 0.5
+    assert OM.roc_auc([3, 1, 2, 0], y) == 0.75
+    # 100 negatives: one scoring above every positive -> 1 % FPR is reachable only once it is included
+    s = np.r_[np.arange(10) + 100.0, 200.0, np.zeros(99)]
+    lab = np.r_[np.ones(10, bool), np.zeros(100, bool)]
+    assert OM.tpr_at_fpr(s, lab, 0.01) == 1.0
+    assert OM.tpr_at_fpr(s, lab, 0.001) == 0.0
+    assert OM.balanced_accuracy(["a", "a", "a", "b"], ["a", "a", "b", "b"]) == pytest.approx((2 / 3 + 1) / 2)
+    assert OM.best_threshold([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 0.8
+    rep = OM.binary_report([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0])
+    assert rep == {"auc": 1.0, "tpr@1%fpr": 1.0, "tpr@0.1%fpr": 1.0, "balanced_accuracy": 1.0}
+    # the second member looks generated: member AUC 1/2 (its 0.05 is below both negatives), generated AUC 2/3
+    proba = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.05, 0.9, 0.05]])
+    rep = OM.ovr_report(proba, ["member", "generated", "external", "member"], ["member", "generated", "external"])
+    assert rep["per_class"]["member"]["auc"] == 0.5
+    assert rep["per_class"]["generated"]["auc"] == pytest.approx(2 / 3)
+    assert rep["auc"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert rep["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+# --- classifier, features file, model attribution, baselines --------------------------------------------------------
+IDENT = {"model_id": "m", "unet_class": "UNet2DModel", "unet_config_sha": "abc", "weights_sha": "w1", "kind": "pixel"}
+OTHER = {**IDENT, "weights_sha": "w2"}
+
+
+def _sets(identity=IDENT, n=40, seed=0, layers=0):
+    return [H.synthetic_set(lab, n, shift, identity, seed=seed + k, layers=layers)
+            for k, (lab, shift) in enumerate([("member", -0.5), ("generated", -1.0), ("external", 0.3)])]
+
+
+def test_classifier_round_trip_and_tasks(tmp_path):
+    train, test = _sets(seed=0), _sets(seed=10)
+    clf = OriginClassifier().fit(train, model_path="/models/m")
+    assert clf.classes == ["external", "generated", "member"]
+    folder = clf.save(str(tmp_path / "clf"))
+    loaded = OriginClassifier.load(folder)
+    for fs in test:
+        np.testing.assert_allclose(loaded.predict_proba(fs), clf.predict_proba(fs), rtol=1e-12)
+    assert loaded.spec == clf.spec and loaded.model_path == "/models/m"
+    acc = np.mean(np.concatenate([loaded.predict(fs) == fs.label for fs in test]))
+    assert acc > 0.8
+
+    member = OriginClassifier(task="membership").fit(train)
+    assert member.classes == ["member", "non-member"]
+    loaded = OriginClassifier.load(member.save(str(tmp_path / "member")))
+    np.testing.assert_allclose(loaded.predict_proba(test[0]), member.predict_proba(test[0]), rtol=1e-12)
+    assert list(relabel(["member", "external", "generated"], "generated")) == ["not-generated", "not-generated",
+                                                                               "generated"]
+    with pytest.raises(OriginError, match="not origin labels"):
+        relabel(["cat"], "membership")
+    # a classifier refuses features of another model
+    with pytest.raises(OriginError, match="made with model"):
+        clf.predict(_sets(OTHER)[0])
+
+
+def test_classifier_corrupted_files(tmp_path):
+    folder = OriginClassifier().fit(_sets()).save(str(tmp_path / "clf"))
+    jpath, npath = os.path.join(folder, "classifier.json"), os.path.join(folder, "classifier.npz")
+    good_json, good_npz = open(jpath).read(), open(npath, "rb").read()
+
+    with open(npath, "wb") as fh:
+        fh.write(good_npz[:100])
+    with pytest.raises(OriginError, match="classifier.npz"):
+        OriginClassifier.load(folder)
+    np.savez(npath, mean=np.zeros(3), scale=np.ones(3), coef=np.zeros((3, 3)), intercept=np.zeros(3))
+    with pytest.raises(OriginError, match="corrupted|do not belong"):
+        OriginClassifier.load(folder)
+    with open(npath, "wb") as fh:
+        fh.write(good_npz)
+    with open(jpath, "w") as fh:
+        fh.write(good_json[:50])
+    with pytest.raises(OriginError, match="not valid JSON"):
+        OriginClassifier.load(folder)
+    meta = json.loads(good_json)
+    del meta["spec"]
+    with open(jpath, "w") as fh:
+        json.dump(meta, fh)
+    with pytest.raises(OriginError, match="spec"):
+        OriginClassifier.load(folder)
+    os.remove(npath)
+    with pytest.raises(OriginError, match="missing"):
+        OriginClassifier.load(folder)
+    with pytest.raises(OriginError, match="does not exist"):
+        OriginClassifier.load(str(tmp_path / "nowhere"))
+
+
+def test_features_file_round_trip_and_identity(tmp_path):
+    fs = _sets(layers=4)[0]
+    path = write_features(str(tmp_path / "f.h5"), fs)
+    back = read_features(path, expect_identity=IDENT)
+    assert back.ids == fs.ids and back.label == "member" and back.spec == fs.spec
+    for f in fs.values:
+        np.testing.assert_array_equal(back.values[f], fs.values[f])
+    np.testing.assert_array_equal(back.layer_norms, fs.layer_norms)
+    assert back.layer_names == fs.layer_names
+    with pytest.raises(OriginError, match=r"f\.h5.*made with model"):
+        read_features(path, expect_identity=OTHER)
+    both = concat_feature_sets([fs, _sets(layers=4)[1]], label="mixed")
+    assert len(both) == 80 and both.layer_norms.shape[0] == 80 and both.label == "mixed"
+    with pytest.raises(OriginError, match="made with model"):
+        concat_feature_sets([fs, _sets(OTHER)[0]])
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(OriginError, match="junk.h5"):
+        read_features(str(tmp_path / "junk.h5"))
+    with pytest.raises(OriginError, match="does not exist"):
+        read_features(str(tmp_path / "missing.h5"))
+
+
+def test_model_attribution_and_baselines(tmp_path):
+    a = [H.synthetic_set("x", 30, s, {**IDENT, "weights_sha": "a"}, seed=k) for k, s in enumerate([-1.0, 0.0, 0.5])]
+    b = [H.synthetic_set("x", 30, s, {**IDENT, "weights_sha": "b"}, seed=9 + k) for k, s in enumerate([0.0, -1.0, 0.5])]
+    per_candidate = []
+    for sets in (a, b):  # the same 90 images (gen. by A, gen. by B, real) under candidate A, then B
+        per_candidate.append(H.synthetic_set("x", 90, 0, sets[0].identity))
+        for f in per_candidate[-1].values:
+            per_candidate[-1].values[f] = np.concatenate([s.values[f] for s in sets])
+    labels = ["A"] * 30 + ["B"] * 30 + ["external"] * 30
+    att = ModelAttributor(["A", "B"]).fit(per_candidate, labels)
+    assert np.mean(att.predict(per_candidate) == np.asarray(labels)) > 0.8
+    loaded = ModelAttributor.load(att.save(str(tmp_path / "att")))
+    np.testing.assert_allclose(loaded.predict_proba(per_candidate), att.predict_proba(per_candidate), rtol=1e-12)
+    with pytest.raises(OriginError, match="candidate 'A'"):
+        loaded.predict(per_candidate[::-1])
+    assert np.mean(lowest_loss_attribution(per_candidate)[:60] == np.r_[np.zeros(30), np.ones(30)]) > 0.8
+
+    losses = np.c_[np.r_[np.full(5, 2.0), np.full(5, 1.0)], np.r_[np.full(5, 1.0), np.full(5, 2.0)]]
+    member = np.r_[np.zeros(5, bool), np.ones(5, bool)]
+    attack = ThresholdAttack().fit(losses, member, [10, 20])
+    assert attack.t == 10 and list(attack.predict(losses)) == list(member)
+    gsa, names = gsa_features(_sets(layers=3)[0])
+    assert gsa.shape == (40, 3) and names == ["w0", "w1", "w2"]
+    assert pixel_features(torch.zeros(2, 3, 4, 4)).shape == (2, 48)
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+def test_clear_errors_for_bad_input(tmp_path):
+    model = H.tiny_pixel_model()
+    spec = FeatureSpec((1, 2), families=("loss",))
+    with pytest.raises(OriginError, match="16x16 but the model works on 8x8"):
+        trajectory_features(model, torch.zeros(1, 3, 16, 16), spec, progress=False)
+    with pytest.raises(OriginError, match="1 channels but the model takes 3-channel"):
+        trajectory_features(model, torch.zeros(1, 1, 8, 8), spec, progress=False)
+    with pytest.raises(OriginError, match="empty"):
+        trajectory_features(model, torch.zeros(0, 3, 8, 8), spec, progress=False)
+    with pytest.raises(OriginError, match="outside the model's range"):
+        trajectory_features(model, torch.zeros(1, 3, 8, 8), FeatureSpec((100,)), progress=False)
+    frozen = H.tiny_pixel_model()
+    frozen.unet.requires_grad_(False)
+    with pytest.raises(OriginError, match="params='all'"):
+        trajectory_features(frozen, torch.zeros(1, 3, 8, 8), FeatureSpec((1,)), progress=False)
+
+    from PIL import Image
+
+    Image.new("RGB", (12, 12)).save(tmp_path / "big.png")
+    with pytest.raises(OriginError, match=r"big.png.*12x12.*8x8"):
+        load_images([str(tmp_path / "big.png")], 8)
+    assert load_images([str(tmp_path / "big.png")], 8, resize=True).shape == (1, 3, 8, 8)
+    with pytest.raises(OriginError, match="no images"):
+        load_images([], 8)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for bad in (tmp_path / "empty", tmp_path / "file.txt", tmp_path / "missing"):
+        with pytest.raises(OriginError, match="not a diffusers|is a file"):
+            load_diffusion_model(str(bad))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "SomePipeline", "transformer": ["x", "y"]}')
+    with pytest.raises(OriginError, match="without a `unet`"):
+        load_diffusion_model(str(tmp_path / "other"))
+
+
+# --- CLI end to end ------------------------------------------------------------------------------------------------
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="montrage")
+    add_origin_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_features_fit_predict(tmp_path, capsys):
+    from montrage.recipes.pixel_ddpm import save_pngs
+
+    model_dir = H.save_pixel_model(H.tiny_pixel_model(), str(tmp_path / "model"))
+    other_dir = H.save_pixel_model(H.tiny_pixel_model(seed=1), str(tmp_path / "other"))
+    g = torch.Generator().manual_seed(0)
+    for k, label in enumerate(("member", "generated", "external")):
+        imgs = (torch.rand(6, 3, 8, 8, generator=g) * 0.5 + 0.25 * k) * 2 - 1
+        save_pngs(imgs, str(tmp_path / label), label)
+        args = _parse(["origin", "features", str(tmp_path / label), "--model", model_dir, "--out",
+                       str(tmp_path / f"{label}.h5"), "--label", label, "--timesteps", "3", "--quiet"])
+        assert args.fn(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 6 and out["timesteps"] == [0, 33, 66]
+
+    args = _parse(["origin", "fit", *[str(tmp_path / f"{k}.h5") for k in ("member", "generated", "external")],
+                   "--out", str(tmp_path / "clf")])
+    assert args.fn(args) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["classes"] == ["external", "generated", "member"] and fit["train_counts"]["member"] == 6
+
+    args = _parse(["origin", "predict", str(tmp_path / "member" / "member_00000.png"), str(tmp_path / "external"),
+                   "--classifier", str(tmp_path / "clf"), "--json"])
+    assert args.fn(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 7 and set(results[0]["probabilities"]) == {"member", "generated", "external"}
+    assert abs(sum(results[0]["probabilities"].values()) - 1) < 1e-9
+
+    # the same classifier refuses another model, and a features file of another model is refused by name
+    args = _parse(["origin", "predict", str(tmp_path / "external"), "--classifier", str(tmp_path / "clf"),
+                   "--model", other_dir])
+    with pytest.raises(OriginError, match="the classifier was made with model"):
+        args.fn(args)
+    other = load_diffusion_model(other_dir)
+    with pytest.raises(OriginError, match=r"member\.h5.*made with model"):
+        read_features(str(tmp_path / "member.h5"), expect_identity=other.identity())
+
+
+# --- pixel DDPM recipe -----------------------------------------------------------------------------------------------
+def test_pixel_ddpm_recipe_is_deterministic(tmp_path):
+    from montrage.recipes.pixel_ddpm import PixelDDPMConfig, sample_images, split_digits, train_pixel_ddpm
+
+    cfg = PixelDDPMConfig(members=8, steps=2, batch_size=4, block_out_channels=(8, 16))
+    paths = [train_pixel_ddpm(str(tmp_path / f"m{k}"), cfg, progress=False) for k in range(2)]
+    models = [load_diffusion_model(p) for p in paths]
+    assert models[0].identity()["weights_sha"] == models[1].identity()["weights_sha"]
+    assert models[0].kind == "pixel" and models[0].image_size == 16 and models[0].image_channels == 3
+    with open(os.path.join(paths[0], "montrage_pixel_ddpm.json")) as fh:
+        assert json.load(fh)["member_indices"] == split_digits(8, 0)[0].tolist()
+    a = sample_images(paths[0], 2, seed=3, steps=2, progress=False)
+    b = sample_images(paths[1], 2, seed=3, steps=2, sampler="ddpm", progress=False)
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+
+
+def test_bench_window_grids_have_the_uniform_budget():
+    from montrage.recipes.bench_origin import window_grids
+
+    grids = window_grids(1000, 4, 4)
+    assert grids[0] == [0, 62, 125, 187] and grids[3] == [750, 812, 875, 937]
+    assert [len(g) for g in window_grids(1000, 20, 4)] == [20] * 4
