@@ -61,8 +61,9 @@ def cmd_demo(args) -> int:
     result = run_demo(args.out, digits=digits, epochs=args.epochs, images_per_concept=args.images_per_concept,
                       seed=args.seed, progress=not args.quiet)
     print(json.dumps({k: result[k] for k in ("store", "curves_png", "epochs", "probe_concept_accuracy_per_epoch",
-                                             "final_own_concept_is_most_similar", "seconds")}, indent=1))
-    print(f"\nwrote {args.out}/store.h5, {args.out}/demo_summary.json, {args.out}/curves.png")
+                                             "final_own_concept_is_most_similar", "attribution", "origin", "seconds")},
+                     indent=1))
+    print(f"\nwrote {args.out}/store.h5, {args.out}/demo_summary.json, {args.out}/curves.png, {args.out}/query.png")
     print(f"next: montrage inspect {args.out}/store.h5")
     return 0
 

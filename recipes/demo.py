@@ -121,6 +121,75 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
         "final_own_concept_is_most_similar": [bool(np.nanargmax(final[i]) == i) for i in range(len(concepts))],
         "seconds": {"tiny_base": round(t_base, 1), "fine_tune_with_callback": round(t_fit, 1), "total": round(time.time() - t0, 1)},
     }
+    t2 = time.time()
+    result["attribution"] = attribution_step(store_path, out, digits, seed)
+    result["origin"] = origin_step(store_path, base, os.path.join(out, "lora"), digits, images_per_concept, seed, progress)
+    result["seconds"]["attribution_and_origin"] = round(time.time() - t2, 1)
+    result["seconds"]["total"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "demo_summary.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     return result
+
+
+def attribution_step(store_path: str, out: str, digits: list[int], seed: int) -> dict:
+    """Fit the attribution model, then attribute two fresh generations and one unseen real digit (query.png)."""
+    import torch
+
+    from montrage.attribution import Attributor, fit_attribution
+    from montrage.data import _digits, digit_token
+    from montrage.probes import ProbeSet
+
+    report = fit_attribution(store_path, seed=seed)
+    att = Attributor.from_store(store_path)
+    try:
+        prompts = tuple(f"a photo of {digit_token(d)}" for d in digits[:2])
+        generated = att.model.generate(ProbeSet(prompts, tuple({} for _ in prompts), (1234,)), att.store.num_epochs - 1)
+        unseen = int(np.flatnonzero(_digits()[1] == digits[-1])[-1])  # the last image of a class is never trained on
+        pixels = torch.cat([generated, digits_pixels([unseen], att.model.resolution)])
+        results = att.query(pixels, top_k=5)
+        att.plot(pixels, results, os.path.join(out, "query.png"))
+    finally:
+        att.close()
+    names = [f"generated: {p}" for p in prompts] + [f"real unseen digit {digits[-1]}"]
+    return {"fit": {m: v["final_loss"] for m, v in report["models"].items()}, "query_png": os.path.join(out, "query.png"),
+            "queries": [{"query": n, "top_concept": r["top_concept"],
+                         "shares": {c: v["share"] for c, v in r["concepts"].items()},
+                         "top_images": [i["id"] for i in r["top_images"]]} for n, r in zip(names, results)]}
+
+
+def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], images_per_concept: int, seed: int,
+                progress: bool) -> dict:
+    """Trajectory origin classifier on the customized model: training members, its generations, unseen digits.
+
+    Half of each group fits the ternary classifier, the other half is classified.
+    """
+    import torch
+
+    from montrage.attribution.reencode import StoreModel
+    from montrage.data import _digits, digit_token
+    from montrage.origin.classifier import OriginClassifier
+    from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
+    from montrage.origin.model import load_diffusion_model
+    from montrage.probes import ProbeSet
+    from montrage.store import StoreReader
+
+    with StoreReader(store_path) as store:
+        members = torch.stack([digits_pixels([int(e.path.rsplit("/", 1)[1])], 16)[0] for e in store.train])
+        n = len(members)
+        per = max(1, n // len(digits))
+        prompts = tuple(f"a photo of {digit_token(d)}" for d in digits)
+        probes = ProbeSet(prompts, tuple({} for _ in prompts), tuple(range(500, 500 + per)))
+        generated = StoreModel(store).generate(probes, store.num_epochs - 1)[:n]
+    target = _digits()[1]
+    unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])[:n]
+    external = digits_pixels(unseen, 16)
+    model = load_diffusion_model(base, lora=lora_dir)
+    spec = FeatureSpec(tuple(default_timesteps(1000, 10)), noise_seed=seed)
+    sets = {name: trajectory_features(model, x, spec, label=name, progress=progress)
+            for name, x in (("member", members), ("generated", generated), ("external", external))}
+    halves = {k: (fs.subset(np.arange(0, len(fs), 2)), fs.subset(np.arange(1, len(fs), 2))) for k, fs in sets.items()}
+    clf = OriginClassifier(task="ternary").fit([h[0] for h in halves.values()])
+    per_class = {k: float(np.mean(clf.predict(h[1]) == k)) for k, h in halves.items()}
+    return {"classes": list(per_class), "test_accuracy_per_class": per_class,
+            "balanced_accuracy": float(np.mean(list(per_class.values()))), "timesteps": list(spec.timesteps),
+            "images_per_class": n}

@@ -50,12 +50,16 @@ def test_demo_writes_its_three_files(tmp_path):
     out = tmp_path / "demo"
     result = run_demo(str(out), digits=[1, 4, 7, 9], images_per_concept=2, epochs=5, repeats=1, progress=False,
                       base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
-    for name in ("store.h5", "demo_summary.json", "curves.png"):
+    for name in ("store.h5", "demo_summary.json", "curves.png", "query.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["epochs"] == [0, 1, 2, 3, 4, 5] and summary["concepts"] == ["digit1", "digit4", "digit7", "digit9"]
     assert len(summary["probe_concept_accuracy_per_epoch"]) == 6
     assert result["num_train_images"] == 8
+    assert len(summary["attribution"]["queries"]) == 3
+    assert set(summary["attribution"]["queries"][0]["shares"]) == {"digit1", "digit4", "digit7", "digit9"}
+    assert summary["origin"]["classes"] == ["member", "generated", "external"]
+    assert 0.0 <= summary["origin"]["balanced_accuracy"] <= 1.0
     with StoreReader(str(out / "store.h5")) as r:
         assert r.num_epochs == 6
 
