@@ -9,13 +9,13 @@ model's flags and modes are left as they were. The scoring functions then compar
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import numpy as np
 import torch
 
 from montrage.encode import fixed_noise, image_latents
+from montrage.funcgrad import eval_without_checkpointing as _frozen_eval, vmap_safe_attention as _attention_backend
 
 PROJ_CHUNK_ROWS = 4096  # rows of the projection generated per seeded chunk; part of the projection's definition
 
@@ -62,32 +62,8 @@ class GaussianProjection:
         return out
 
 
-@contextlib.contextmanager
-def _frozen_eval(module: torch.nn.Module):
-    """eval() for deterministic outputs (no LoRA dropout) and diffusers' gradient checkpointing off (torch.func.grad
-    does not support the saved-tensor hooks it uses); every submodule's mode and flag are restored afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    ckpt = [m for m in module.modules() if getattr(m, "gradient_checkpointing", None) is True]
-    module.eval()
-    for m in ckpt:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.train(training)
-        for m in ckpt:
-            m.gradient_checkpointing = True
 
 
-def _attention_backend(device: torch.device):
-    """On CPU, vmap has no batching rule for the fused attention kernel (it loops, with a warning per call); the math
-    backend decomposes into batched matmuls and gives the same values. Other devices keep their default kernels."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ flags and `.grad` are never touched.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from montrage.encode import fixed_noise, image_latents, stable_seed
+from montrage.funcgrad import eval_without_checkpointing as _eval_mode, vmap_safe_attention as _math_attention
 from montrage.origin.errors import OriginError
 from montrage.origin.images import check_images, image_keys
 from montrage.origin.model import DiffusionModel, check_same_model
@@ -163,34 +163,8 @@ def concat_feature_sets(sets: Sequence[FeatureSet], label: str | None = None) ->
         seconds=sum(fs.seconds for fs in sets))
 
 
-@contextlib.contextmanager
-def _eval_mode(*modules: torch.nn.Module | None):
-    """eval() (no dropout: deterministic features) and diffusers' gradient checkpointing off (torch.func.grad cannot
-    run through its saved-tensor hooks); every submodule's mode and checkpointing flag are restored afterwards."""
-    mods = [m for root in modules if root is not None for m in root.modules()]
-    modes = [(m, m.training) for m in mods]
-    ckpt = [m for m in mods if getattr(m, "gradient_checkpointing", None) is True]
-    for m in mods:
-        m.training = False
-    for m in ckpt:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for m in ckpt:
-            m.gradient_checkpointing = True
 
 
-def _math_attention(device: torch.device):
-    """vmap has no batching rule for the fused CPU attention kernels (it would loop, warning on every call); the math
-    backend decomposes into batched matmuls with the same values. GPUs keep their kernels."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dict[str, torch.Tensor]:
