@@ -3,8 +3,9 @@
 Nothing is downloaded: the tokenizer comes from an in-code vocabulary, the weights from a seeded init and a short
 pre-training on scikit-learn's digits: every digit under a generic caption, and 0, 2, 3, 5, 6 and 8 also under
 their word ("a photo of two"). The base thus uses its text conditioning but has never bound the words of 1, 4, 7
-or 9, so customizing it to those concept tokens is real customization, as with Stable Diffusion and an artist. The result is saved with `StableDiffusionPipeline.save_pretrained` into the user cache directory,
-keyed by a hash of its config, and then loaded through the same path as a real model.
+or 9, so customizing it to those concept tokens is real customization, as with Stable Diffusion and an artist.
+The result is saved with `StableDiffusionPipeline.save_pretrained` into the user cache directory, keyed by a hash
+of its config, and then loaded through the same path as a real model.
 """
 
 from __future__ import annotations
