@@ -96,7 +96,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
 
     from montrage.attribution.fit import fit_attribution
     from montrage.attribution.query import Attributor
-    from montrage.attribution.table import pair_features, train_centre
+    from montrage.attribution.table import pair_features
     from montrage.baselines import gradients, pixel
     from montrage.callbacks import MontrageCallback
     from montrage.data import ConceptImageDataset, digits_examples
@@ -166,7 +166,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         last = att.store.num_epochs - 1
         q = sm.trajectory(qpix, _seeds(qpix), [last])
         t = {layer: att.store.train_features(layer)[last:] for layer in att.store.layers}
-        centre = {k: v[last:] for k, v in train_centre(att.store).items()}
+        centre = {k: v[last:] for k, v in att.centre.items()}
         return pair_features(q, t, centre, "final").mean(axis=-1)
 
     timed("final-epoch-similarity", final_similarity)

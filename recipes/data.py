@@ -9,7 +9,7 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
-from montrage.data import ConceptImageDataset, DataError, TrainExample, digit_token, digits_examples, scan_concept_folder
+from montrage.data import IMAGE_SUFFIXES, ConceptImageDataset, DataError, TrainExample, digit_token, digits_examples, scan_concept_folder
 
 
 def collate(batch: list[dict]) -> dict:
@@ -130,8 +130,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             return [TrainExample(e.id, "instance", hp.instance_prompt, e.path) for e in ex]
         if not os.path.isdir(hp.instance_data_dir):
             raise DataError(f"instance_data_dir {hp.instance_data_dir!r} does not exist.")
-        files = sorted(f for f in os.listdir(hp.instance_data_dir) if os.path.splitext(f)[1].lower() in
-                       (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        files = sorted(f for f in os.listdir(hp.instance_data_dir) if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise DataError(f"instance_data_dir {hp.instance_data_dir!r} holds no images.")
         return [TrainExample(f"instance/{f}", "instance", hp.instance_prompt, os.path.join(hp.instance_data_dir, f)) for f in files]

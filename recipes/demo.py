@@ -166,7 +166,7 @@ def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], im
     import torch
 
     from montrage.attribution.reencode import StoreModel
-    from montrage.data import _digits, digit_token
+    from montrage.data import _digits, digit_token, read_example
     from montrage.origin.classifier import OriginClassifier
     from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
     from montrage.origin.model import load_diffusion_model
@@ -174,7 +174,7 @@ def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], im
     from montrage.store import StoreReader
 
     with StoreReader(store_path) as store:
-        members = torch.stack([digits_pixels([int(e.path.rsplit("/", 1)[1])], 16)[0] for e in store.train])
+        members = torch.stack([read_example(e, 16) for e in store.train])
         n = len(members)
         per = max(1, n // len(digits))
         prompts = tuple(f"a photo of {digit_token(d)}" for d in digits)

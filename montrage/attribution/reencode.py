@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from montrage.components import embed_prompts, load_components, model_identity
-from montrage.encode import encode_images
+from montrage.encode import encode_images, image_latents
 from montrage.generate import build_pipeline, generate_probes
 from montrage.probes import ProbeSet
 from montrage.store import StoreError, StoreMismatchError, StoreReader
@@ -57,9 +57,12 @@ class StoreModel:
         set_peft_model_state_dict(self.components.unet, sd)
         self.row = row
 
-    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32) -> dict[str, np.ndarray]:
+    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32,
+               latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Encode with the current weights; pass `latents` (from `image_latents`) to skip the VAE."""
         c, cfg = self.components, self.store.spec
-        return encode_images(c.unet, c.vae, c.scheduler, images, seeds, cfg["timesteps"], cfg["layers"], cfg["pooling"],
+        vae, x = (None, latents) if latents is not None else (c.vae, images)
+        return encode_images(c.unet, vae, c.scheduler, x, seeds, cfg["timesteps"], cfg["layers"], cfg["pooling"],
                              self.cond, batch_size)
 
     def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -70,10 +73,11 @@ class StoreModel:
         if len(rows) > 1 and not self.lora:
             raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
                              "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
+        latents = image_latents(self.components.vae, images)  # the VAE is not adapted: encode once, not per epoch
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(self.encode(images, seeds))
+            per_epoch.append(self.encode(images, seeds, latents=latents))
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()
