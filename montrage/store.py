@@ -16,11 +16,18 @@ Layout (E = committed epochs, P = probes, N = training images, T = timesteps, F 
     lora/params              (E, K) float32 adapter snapshot per epoch (optional; names/shapes in attrs)
 
 All objects are created up front so that the file can be followed live in SWMR mode.
+
+Crash safety: a snapshot counts only once `committed` is advanced, after its rows are flushed, so a writer killed
+mid-epoch leaves rows beyond `committed` that readers (SWMR) ignore. A killed writer also leaves HDF5's "open for
+write" superblock flags set, and HDF5 then refuses to write the file; the next writer rebuilds it from its committed
+part (`rebuild_committed`). It first takes `<store>.lock`, an advisory lock that the kernel releases when its holder
+dies, so a live writer is never mistaken for a dead one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +39,7 @@ from montrage.probes import ProbeSet
 
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype()
+log = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
@@ -99,6 +107,92 @@ def _grow(group, name, dtype, chunk=64):
     return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def left_open_for_write(path: str) -> bool:
+    """Whether the superblock still says "open for write": its writer was killed or crashed before closing it.
+
+    HDF5 then refuses to open the file for writing (readers in SWMR mode still can). Superblock versions 2 and 3
+    (what libver="latest" writes) keep these flags in byte 11.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    return len(head) == 12 and head[:8] == HDF5_SIGNATURE and head[8] in (2, 3) and head[11] != 0
+
+
+def _committed_rows(name: str, committed: tuple[int, int]) -> int | None:
+    if name in ("epoch", "global_step", "lora/params", "probes/images") or "/features/" in name:
+        return committed[0]
+    if name.startswith("order/"):
+        return committed[1]
+    return None  # fixed-size: copied whole
+
+
+def rebuild_committed(path: str) -> tuple[int, int]:
+    """Rewrite a store whose writer died into a clean file holding exactly its committed part; returns it.
+
+    Reads through SWMR (consistent even after SIGKILL), writes `<path>.recover` and renames it over `path` only
+    once complete, so an interruption here loses nothing either. Clearing the superblock flags in place is not
+    enough: a killed SWMR writer can leave chunk addresses past the recorded end of file, which break the next resize.
+    """
+    tmp = path + ".recover"
+    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+        committed = tuple(int(v) for v in src["committed"][...])
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Group):
+                dst.require_group(name).attrs.update(obj.attrs)
+                return
+            rows = _committed_rows(name, committed)
+            if rows is None:
+                dst.create_dataset(name, data=obj[...], dtype=obj.dtype)
+            else:
+                out = dst.create_dataset(name, shape=(rows, *obj.shape[1:]), maxshape=obj.maxshape, dtype=obj.dtype,
+                                         chunks=obj.chunks, compression=obj.compression, shuffle=obj.shuffle)
+                for i in range(0, rows, obj.chunks[0]):  # a chunk at a time: bounded memory
+                    j = min(rows, i + obj.chunks[0])
+                    out[i:j] = obj[i:j]
+            dst[name].attrs.update(obj.attrs)
+
+        dst.attrs.update(src.attrs)
+        src.visititems(copy)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return committed
+
+
+class _WriterLock:
+    """`<store>.lock`, held with flock for the writer's lifetime; the kernel drops it when the process dies."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, and no recovery of a killed writer's flags either
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"store {path!r} is being written by another live process (it holds {self.path!r}). "
+                             "One store per run: give this run another store_path, or stop the other run.") from None
+        self.fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
 class StoreWriter:
     """Creates or re-opens a store for appending; one instance, in one process (global rank 0)."""
 
@@ -113,16 +207,30 @@ class StoreWriter:
         """
         self.path = path
         self.spec = spec
+        self.f = None
+        self._lock = _WriterLock(path)
+        try:
+            self._open(overwrite, truncate_to)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool, truncate_to: tuple[int, int] | None) -> None:
+        path, spec = self.path, self.spec
         exists = os.path.exists(path)
         if exists and overwrite and truncate_to is None:
             os.remove(path)
             exists = False
         if exists:
             check_compatible(path, spec)
+            if self._lock.held and left_open_for_write(path):
+                epochs, rows = rebuild_committed(path)
+                log.warning("store %s: its last writer stopped without closing it (killed or crashed); recovered its "
+                            "%d complete epoch(s) and %d training-order rows, a partly written epoch is dropped.",
+                            path, epochs, rows)
             self.f = h5py.File(path, "a", libver="latest")
             held = int(self.f["committed"][0])
             if truncate_to is None and held > 0:
-                self.f.close()
                 raise StoreError(
                     f"store {path!r} already holds {held} epoch(s) of a run. To continue that run resume from its "
                     "checkpoint (ckpt_path=...); to start over set overwrite=True or choose another store_path."
@@ -238,6 +346,8 @@ class StoreWriter:
     def close(self) -> None:
         if getattr(self, "f", None) is not None and self.f.id.valid:
             self.f.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
 
 
 def _open_read(path: str) -> h5py.File:
