@@ -33,24 +33,37 @@ def print_summary(s: dict) -> None:
 def cmd_inspect(args) -> int:
     from montrage.store import StoreReader
 
+    if args.follow:
+        return follow(args)
     with StoreReader(args.store) as store:
-        if not args.follow:
-            summary = store.summary()
+        summary = store.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def follow(args) -> int:
+    """Print each snapshot as the running job commits it; end when the writer closes the store, at --timeout, or
+    on Ctrl-C (exit status 130, no traceback)."""
+    from montrage.store import follow_epochs
+
+    try:
+        for ev in follow_epochs(args.store, args.interval, args.timeout or None):
             if args.json:
-                print(json.dumps(summary))
+                print(json.dumps(ev), flush=True)
+            elif ev["event"] == "epoch":
+                print(f"{time.strftime('%H:%M:%S')} snapshot {ev['row']}: epoch {ev['epoch']} "
+                      f"(global step {ev['global_step']})", flush=True)
+            elif ev["event"] == "cut":
+                print(f"{time.strftime('%H:%M:%S')} store cut back to {ev['epochs']} snapshot(s) (a resumed run)",
+                      flush=True)
             else:
-                print_summary(summary)
-            return 0
-        seen = -1
-        deadline = time.time() + args.timeout if args.timeout else None
-        while deadline is None or time.time() < deadline:
-            store.refresh()
-            n = store.num_epochs
-            if n != seen:
-                seen = n
-                line = {"epochs": [int(e) for e in store.epochs], "global_steps": [int(g) for g in store.global_steps]}
-                print(json.dumps(line) if args.json else f"{time.strftime('%H:%M:%S')} epochs {line['epochs']}", flush=True)
-            time.sleep(args.interval)
+                why = "the writer closed the store" if ev["reason"] == "closed" else "timeout"
+                print(f"{time.strftime('%H:%M:%S')} {why}; {ev['epochs']} snapshot(s)", flush=True)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -155,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="summarize a store: epochs, probes, images, layers, dataset shapes and bytes")
     s.add_argument("store")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--follow", action="store_true", help="keep watching a store that a running job writes (SWMR)")
+    s.add_argument("--follow", action="store_true", help="print each snapshot as a running job commits it (SWMR); "
+                   "waits for the file to appear, ends when the writer closes it")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --follow")
     s.add_argument("--timeout", type=float, default=0.0, help="stop following after this many seconds (0 = never)")
     s.set_defaults(fn=cmd_inspect)

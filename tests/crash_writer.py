@@ -1,8 +1,10 @@
-"""Run by test_crash.py: write a store, then stop in the middle of an epoch's write until killed.
+"""Run by test_crash.py and test_follow.py: a store writer in its own process.
 
-Usage: crash_writer.py store STORE      -- StoreWriter: epochs 0, 1 complete, epoch 2 half written
-       crash_writer.py fit MODEL STORE CKPT_DIR -- a monitored 3-epoch fit, checkpointed every epoch, stopped inside
+Usage: crash_writer.py store STORE      -- StoreWriter: epochs 0, 1 complete, epoch 2 half written, then blocks
+       crash_writer.py fit MODEL STORE CKPT_DIR -- a monitored 3-epoch fit, checkpointed every epoch, blocked inside
                                                 the snapshot of epoch 2
+       crash_writer.py live STORE N GO_DIR -- writes N epochs; after epoch e waits for GO_DIR/e (the follower saw
+                                                it), then closes the store
 
 The stop is a patched h5py Dataset.flush (StoreWriter flushes after every dataset it writes): once `epoch` has
 its partial row on disk it prints "MID-WRITE" and sleeps, so the parent's SIGKILL lands mid-write.
@@ -31,6 +33,20 @@ def stop_inside_epoch(row: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "live":
+        from test_store import epoch_arrays, make_spec
+
+        from montrage.store import StoreWriter
+
+        spec = make_spec()
+        w = StoreWriter(sys.argv[2], spec)
+        for e in range(int(sys.argv[3])):
+            w.append_epoch(e, e * 10, *epoch_arrays(spec, float(e)))
+            while not os.path.exists(os.path.join(sys.argv[4], str(e))):
+                time.sleep(0.02)
+        w.close()
+        print("CLOSED", flush=True)
+        sys.exit(0)
     if sys.argv[1] == "store":
         from test_store import epoch_arrays, make_spec
 

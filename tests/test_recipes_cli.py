@@ -31,9 +31,11 @@ def test_inspect_json(small_store, capsys):
     assert "epochs       [0, 1, 2]" in text and "train/features/mid_block" in text
 
 
-def test_inspect_follow_sees_epochs(small_store, capsys):
-    assert main(["inspect", small_store, "--follow", "--json", "--interval", "0.1", "--timeout", "0.3"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["epochs"] == [0, 1, 2]
+def test_inspect_follow_of_a_finished_store_prints_its_epochs_and_ends(small_store, capsys):
+    assert main(["inspect", small_store, "--follow", "--json", "--interval", "0.1", "--timeout", "30"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [0, 1, 2]
+    assert events[-1] == {"event": "end", "reason": "closed", "epochs": 3}  # closed writer: no waiting
 
 
 def test_inspect_bad_file_is_a_clear_error(tmp_path, capsys):
