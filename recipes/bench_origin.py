@@ -1,29 +1,45 @@
-"""Origin-attribution benchmark on a pixel DDPM trained on digits: trajectory classifier vs the paper's baselines.
+"""Origin-attribution benchmark: trajectory classifier vs the paper's baselines, on two models, over seeds.
 
-One seed: train `recipes/pixel_ddpm.py` on `members` digits (cached by config), take as many held-out digits
-(external) and generations (generated), extract trajectory features at `timesteps` uniform timesteps, split every
-class in half (train / test) and score on the test half:
+Two halves, each scored on a per-class half split (train / test) of member / generated / external images:
 
-  methods     ternary member / generated / external (one-vs-rest, member and generated positive, averaged;
-              balanced accuracy of the predicted class): trajectory (loss + ‖∇x L‖² + ‖∇θ L‖²), trajectory_loss
-              (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient norms), pixels
-              (model-blind); loss_threshold and pia (single-t threshold attacks) scored as member-vs-rest.
-  membership  the same methods on member vs external only (the paper's Table 2 setting).
-  claims      (a) generated images are flagged as members by loss thresholding more often than members are;
-              (b) loss features spread over the whole trajectory beat every contiguous window of the same size
-                  ("Goldilocks" ablation, Table 3); (c) gradient features add over loss-only features.
-  model_attribution  (with --attribution) a second model B of the same recipe: generations of A / of B / external,
-              told apart from the features under both models (ModelAttributor) and by the lowest-loss rule.
+  pixel  (the default benchmark) `recipes/pixel_ddpm.py` trained on `members` digits (cached by config), as many of
+         its generations, and as many external images: half held-out digits, half a shifted set (held-out digits
+         rotated by 90°, a distribution the model never saw).
+  lora   the tiny latent text-to-image base (`montrage tiny-base`) LoRA-customized with `DiffusionFineTune` on
+         `lora_per_concept` digits of each of `lora_concepts` (the members), generations of the customized model from
+         the concept prompts, and external images (held-out digits of the same concepts, which only the base's
+         pre-training saw, and rotated ones). Features under base + LoRA with the empty prompt, ∇θ = the LoRA.
 
-Run: `python -m montrage.recipes.bench_origin --out origin_results.json` (2 idle CPU cores: ≈ 9 min with training,
-≈ 2.5 min once the model is cached in `<out>_work/`; `--attribution` adds ≈ 8 min); several seeds: one run per
-`--seed`. Smoke: `--members 24 --steps 30 --timesteps 4 --sample-steps 10` (≈ 25 s).
+Reported per half (one block each), every figure as the mean over seeds with its std (population, ddof 0):
+  methods         ternary member / generated / external (one-vs-rest, member and generated positive, averaged;
+                  balanced accuracy of the predicted class): trajectory (loss + ‖∇x L‖² + ‖∇θ L‖²), trajectory_loss
+                  (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient norms), pixels
+                  (model-blind); loss_threshold and pia (single-t threshold attacks, t and τ fit on train members vs
+                  external) scored as member-vs-rest.
+  member_vs_rest  the same-task comparison: every probe's ternary classifier scored by its member probability
+                  (predicted member = argmax) against the threshold attacks with t and τ fit on members vs rest,
+                  all on the full test split.
+  membership      member vs external only (the paper's Table 2 setting; probes trained on those two classes).
+  claims          (a) generated images are flagged as members by loss thresholding more often than members are;
+                  (b) loss features spread over the whole trajectory beat every contiguous window of the same size
+                  ("Goldilocks" ablation, Table 3); (c) gradient features add over loss-only features; and the
+                  acceptance check: trajectory vs loss_threshold and pia on AUC and TPR@1%FPR, as the issue states
+                  it (ternary vs member-vs-rest) and on the same task (member_vs_rest).
+  model_attribution  (pixel, with --attribution) a second model B of the same recipe: generations of A / of B /
+                  external, told apart from the features under both models (ModelAttributor) and by the lowest-loss
+                  rule.
+
+Each seed's result is cached in `<out>_work/` by its config, so a later run with more seeds only computes the new
+ones. Run: `montrage bench origin --seed 0,1,2 --out origin_results.json` (= `python -m montrage.recipes.bench_origin`;
+2 CPU cores: per seed ≈ 6 min to train the pixel DDPM, ≈ 1 min to fine-tune the LoRA, then a few minutes of
+features). Smoke: `--members 24 --steps 30 --timesteps 4 --sample-steps 10 --lora-per-concept 6 --lora-epochs 1`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -33,6 +49,10 @@ import torch
 
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
+BLOCKS = ("methods", "member_vs_rest", "membership")
+PROBES = ("trajectory", "trajectory_loss", "pia_trajectory", "gsa", "pixels")
+ATTACKS = ("loss_threshold", "pia")
+CACHE_VERSION = "v2"
 
 
 def window_grids(num_train_timesteps: int, count: int, windows: int) -> list[list[int]]:
@@ -51,27 +71,164 @@ def _metrics(rep: dict) -> dict:
     return {k: float(rep[k]) for k in METRIC_KEYS}
 
 
-def run_origin_bench(out: str, members: int = 200, seed: int = 0, timesteps: int = 20, steps: int = 1000,
-                     sampler: str = "ddpm", sample_steps: int = 100, windows: int = 4, batch_size: int = 64,
-                     C: float = 1.0, workdir: str | None = None, threads: int | None = None,
-                     attribution: bool = False, progress: bool = True) -> dict:
-    """Run the benchmark for one seed and write `out` (JSON) and a figure next to it (`.png`).
+def shifted_digits(indices, size: int = 16) -> torch.Tensor:
+    """The shifted external set: digits rotated by 90° (8-bit quantised like every scored image)."""
+    from montrage.recipes.pixel_ddpm import digits_images
 
-    `attribution=True` also trains a second model (seed + 1, its own members) and scores model attribution: which
-    of the two generated an image, or neither (external), from the features under both (≈ +12 min)."""
-    from montrage.origin.baselines import ThresholdAttack, gsa_features, pia_spec, pixel_features
+    return torch.rot90(digits_images(indices, size), 1, dims=(2, 3)).contiguous()
+
+
+def parse_seeds(text) -> list[int]:
+    """'0,1,2' or '0-2' (or an int) -> [0, 1, 2]."""
+    if isinstance(text, int):
+        return [text]
+    seeds = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                seeds.extend(range(int(a), int(b) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError as err:
+            raise ValueError(f"--seed takes integers like 0 or 0,1,2 or 0-2, not {text!r}.") from err
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seed needs distinct seeds, got {text!r}.")
+    return seeds
+
+
+# --- features and evaluation shared by both halves ------------------------------------------------------------------
+def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[list[int]], draws: int,
+                     batch_size: int, progress: bool) -> tuple[dict, dict]:
+    """The trajectory features (with per-tensor norms for GSA), PIA-noise losses, and losses on the union of the
+    uniform grid and the windows (claim b); seconds for each."""
+    from montrage.origin.baselines import pia_spec
+    from montrage.origin.features import FeatureSpec, trajectory_features
+
+    seconds, sets = {}, {}
+    union = sorted(set(grid).union(*wgrids))
+    specs = {"trajectory": FeatureSpec(tuple(grid), layer_norms=True, draws=draws), "pia": pia_spec(grid),
+             "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
+    for name, spec in specs.items():
+        t = time.time()
+        sets[name] = trajectory_features(model, pixels, spec, batch_size=batch_size, progress=progress)
+        seconds[name] = time.time() - t
+    return sets, seconds
+
+
+def class_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half of each class for training, the other half for testing; the same rows for every method."""
+    train_rows, test_rows = [], []
+    for k, o in enumerate(ORIGINS):
+        rows = np.flatnonzero(labels == o)
+        a, b = _split(len(rows), seed * 7919 + k)
+        train_rows.append(rows[a])
+        test_rows.append(rows[b])
+    return np.concatenate(train_rows), np.concatenate(test_rows)
+
+
+def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.ndarray, grid: list[int],
+             wgrids: list[list[int]], seed: int, C: float) -> dict:
+    """Every method on the test split: the methods / member_vs_rest / membership blocks, per-class figures of the
+    probes, and the claims."""
+    from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix
-    from montrage.origin.featurefile import write_features
-    from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
     from montrage.origin.metrics import binary_report, ovr_report
+
+    full, pia, loss_only = sets["trajectory"], sets["pia"], sets["loss_windows"]
+    tr, te = class_split(labels, seed)
+    y_tr, y_te = labels[tr], labels[te]
+    is_member_te = y_te == "member"
+    mx_tr = np.isin(y_tr, ("member", "external"))  # membership task: members vs external only
+    mx_te = np.isin(y_te, ("member", "external"))
+
+    def probe_results(X: np.ndarray) -> tuple[dict, dict, dict]:
+        """Ternary report, its member-vs-rest report (member probability), and the member-vs-external report of a
+        probe trained on those two classes only."""
+        probe = LinearProbe(C=C).fit(X[tr], y_tr)
+        proba = probe.predict_proba(X[te])
+        tern = ovr_report(proba, y_te, probe.classes)
+        p_member = proba[:, probe.classes.index("member")]
+        vs_rest = binary_report(p_member, is_member_te, predictions=np.argmax(proba, axis=1) == probe.classes.index("member"))
+        binary = LinearProbe(C=C).fit(X[tr][mx_tr], y_tr[mx_tr])
+        p = binary.predict_proba(X[te][mx_te])[:, binary.classes.index("member")]
+        mem = binary_report(p, y_te[mx_te] == "member", predictions=p >= 0.5)
+        return tern, vs_rest, mem
+
+    matrices = {
+        "trajectory": feature_matrix(full)[0],
+        "trajectory_loss": feature_matrix(full, ("loss",))[0],
+        "pia_trajectory": feature_matrix(pia, ("loss",))[0],
+        "gsa": gsa_features(full)[0],
+        "pixels": pixel_features(pixels),
+    }
+    blocks = {b: {} for b in BLOCKS}
+    per_class = {}
+    for name, X in matrices.items():
+        tern, vs_rest, mem = probe_results(X)
+        blocks["methods"][name] = {**_metrics(tern), "task": "ternary"}
+        blocks["member_vs_rest"][name] = {**_metrics(vs_rest), "task": "member-vs-rest"}
+        blocks["membership"][name] = {**_metrics(mem), "task": "member-vs-external"}
+        per_class[name] = tern["per_class"]
+    attacks = {}
+    for name, fs in (("loss_threshold", full), ("pia", pia)):
+        losses = fs.values["loss"]
+        attack = ThresholdAttack().fit(losses[tr][mx_tr], y_tr[mx_tr] == "member", fs.timesteps)
+        attacks[name] = attack
+        s, flagged = attack.score(losses[te]), attack.predict(losses[te])
+        blocks["methods"][name] = {**_metrics(binary_report(s, is_member_te, flagged)), "task": "member-vs-rest",
+                                   "t": attack.t}
+        blocks["membership"][name] = {**_metrics(binary_report(s[mx_te], is_member_te[mx_te], flagged[mx_te])),
+                                      "task": "member-vs-external", "t": attack.t}
+        rest = ThresholdAttack().fit(losses[tr], y_tr == "member", fs.timesteps)  # the same data as the probes
+        blocks["member_vs_rest"][name] = {**_metrics(binary_report(rest.score(losses[te]), is_member_te,
+                                                                   rest.predict(losses[te]))),
+                                          "task": "member-vs-rest", "t": rest.t}
+
+    m = blocks["methods"]
+    claims = {
+        "a_generated_flagged_more_than_members": _claim_a(attacks["loss_threshold"], full, tr, te, y_tr, y_te, labels,
+                                                          sources[te]),
+        "b_whole_trajectory_beats_windows": _claim_b(loss_only, grid, wgrids,
+                                                     lambda X: (lambda r: (r[0], r[2]))(probe_results(X))),
+        "c_gradients_add_over_loss": {
+            "holds": bool(m["trajectory"]["auc"] > m["trajectory_loss"]["auc"]),
+            "ternary": {"all_features": m["trajectory"], "loss_only": m["trajectory_loss"]},
+            "membership": {"all_features": blocks["membership"]["trajectory"],
+                           "loss_only": blocks["membership"]["trajectory_loss"]},
+        },
+        "acceptance_trajectory_beats_thresholds": acceptance(blocks),
+    }
+    return {**blocks, "per_class": per_class, "claims": claims,
+            "test_per_class": int(len(te) // 3), "train_per_class": int(len(tr) // 3)}
+
+
+def acceptance(blocks: dict) -> dict:
+    """Does `trajectory` beat loss_threshold and pia on AUC and TPR@1%FPR? `as_stated`: the ternary classifier's
+    averaged one-vs-rest figures against the attacks' member-vs-rest ones (`methods`); `same_task`: its member
+    probability against the attacks on member-vs-rest (`member_vs_rest`)."""
+    out = {}
+    for name, block in (("as_stated", "methods"), ("same_task", "member_vs_rest")):
+        b = blocks[block]
+        wins = {f"{a}/{k}": bool(b["trajectory"][k] > b[a][k]) for a in ATTACKS for k in ("auc", "tpr@1%fpr")}
+        out[name] = {"holds": all(wins.values()), "wins": wins, "block": block}
+    out["holds"] = out["as_stated"]["holds"] and out["same_task"]["holds"]
+    return out
+
+
+# --- the pixel-DDPM half ----------------------------------------------------------------------------------------------
+def pixel_seed(seed: int, workdir: str, members: int = 200, timesteps: int = 20, steps: int = 1000,
+               sampler: str = "ddpm", sample_steps: int = 100, windows: int = 4, batch_size: int = 64, C: float = 1.0,
+               draws: int = 1, attribution: bool = False, progress: bool = True) -> dict:
+    """One seed of the pixel half: train (or reuse) the DDPM, sample, extract, evaluate."""
+    from montrage.origin.features import default_timesteps
     from montrage.origin.model import load_diffusion_model
     from montrage.recipes.pixel_ddpm import (PixelDDPMConfig, digits_images, sample_images, split_digits,
                                              train_pixel_ddpm)
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    t_start = time.time()
-    workdir = workdir or os.path.splitext(out)[0] + "_work"
     cfg = PixelDDPMConfig(members=members, steps=steps, seed=seed)
     t = time.time()
     model_dir = train_pixel_ddpm(os.path.join(workdir, f"pixel-ddpm-{cfg.digest()}"), cfg, progress=progress)
@@ -81,112 +238,315 @@ def run_origin_bench(out: str, members: int = 200, seed: int = 0, timesteps: int
     generated = sample_images(model_dir, members, seed=seed + 1000, sampler=sampler, steps=sample_steps,
                               progress=progress)
     seconds["sample"] = time.time() - t
-    images = {"member": digits_images(member_idx), "generated": generated, "external": digits_images(rest[:members])}
+    n_held = members - members // 2
+    external = torch.cat([digits_images(rest[:n_held]), shifted_digits(rest[n_held:members])])
+    images = {"member": digits_images(member_idx), "generated": generated, "external": external}
     pixels = torch.cat([images[o] for o in ORIGINS])
     labels = np.concatenate([[o] * len(images[o]) for o in ORIGINS])
+    sources = np.concatenate([labels[: 2 * members], ["external:held-out"] * n_held,
+                              ["external:shifted"] * (members - n_held)])
     model = load_diffusion_model(model_dir)
     T = int(model.scheduler.config.num_train_timesteps)
     grid = default_timesteps(T, timesteps)
-
-    t = time.time()
-    full = trajectory_features(model, pixels, FeatureSpec(tuple(grid), layer_norms=True), batch_size=batch_size,
-                               progress=progress)
-    seconds["features"] = time.time() - t
-    pia = trajectory_features(model, pixels, pia_spec(grid), batch_size=batch_size, progress=progress)
     wgrids = window_grids(T, timesteps, windows)
-    union = sorted(set(grid).union(*wgrids))
-    loss_only = trajectory_features(model, pixels, FeatureSpec(tuple(union), families=("loss",)),
-                                    batch_size=batch_size, progress=progress)
-    seconds["baseline_features"] = time.time() - t - seconds["features"]
-    feature_dir = os.path.join(workdir, f"features-{cfg.digest()}-{sampler}{sample_steps}")
-    row_ids = [f"{lab}/{k}" for k, lab in enumerate(labels)]  # kept for re-analysis (rows: member, generated, external)
-    for name, fs in (("trajectory", full), ("pia", pia), ("loss_windows", loss_only)):
-        write_features(os.path.join(feature_dir, f"{name}.h5"), dataclasses.replace(fs, ids=row_ids))
-
-    # per-class half split, the same rows for every method
-    train_rows, test_rows = [], []
-    for k, o in enumerate(ORIGINS):
-        rows = np.flatnonzero(labels == o)
-        a, b = _split(len(rows), seed * 7919 + k)
-        train_rows.append(rows[a])
-        test_rows.append(rows[b])
-    tr, te = np.concatenate(train_rows), np.concatenate(test_rows)
-    y_tr, y_te = labels[tr], labels[te]
-    is_member_te = y_te == "member"
-    mx_tr = np.isin(y_tr, ("member", "external"))  # membership task: members vs external only
-    mx_te = np.isin(y_te, ("member", "external"))
-
-    def probe_results(X: np.ndarray) -> tuple[dict, dict]:
-        """Ternary report, and member-vs-external report of a probe trained on those two classes only."""
-        probe = LinearProbe(C=C).fit(X[tr], y_tr)
-        tern = ovr_report(probe.predict_proba(X[te]), y_te, probe.classes)
-        binary = LinearProbe(C=C).fit(X[tr][mx_tr], y_tr[mx_tr])
-        p = binary.predict_proba(X[te][mx_te])[:, binary.classes.index("member")]
-        mem = binary_report(p, y_te[mx_te] == "member", predictions=p >= 0.5)
-        return tern, mem
-
-    matrices = {
-        "trajectory": feature_matrix(full)[0],
-        "trajectory_loss": feature_matrix(full, ("loss",))[0],
-        "pia_trajectory": feature_matrix(pia, ("loss",))[0],
-        "gsa": gsa_features(full)[0],
-        "pixels": pixel_features(pixels),
-    }
-    methods, membership, details = {}, {}, {}
-    for name, X in matrices.items():
-        tern, mem = probe_results(X)
-        methods[name] = {**_metrics(tern), "task": "ternary"}
-        details[name] = tern["per_class"]
-        membership[name] = {**_metrics(mem), "task": "member-vs-external"}
-    attacks = {}
-    for name, fs in (("loss_threshold", full), ("pia", pia)):
-        losses = fs.values["loss"]
-        attack = ThresholdAttack().fit(losses[tr][mx_tr], y_tr[mx_tr] == "member", fs.timesteps)
-        attacks[name] = attack
-        s = attack.score(losses[te])
-        methods[name] = {**_metrics(binary_report(s, is_member_te, attack.predict(losses[te]))),
-                         "task": "member-vs-rest", "t": attack.t}
-        membership[name] = {**_metrics(binary_report(s[mx_te], is_member_te[mx_te], attack.predict(losses[te])[mx_te])),
-                            "task": "member-vs-external", "t": attack.t}
-
-    claims = {
-        "a_generated_flagged_more_than_members": _claim_a(attacks["loss_threshold"], full, tr, te, y_tr, y_te, labels),
-        "b_whole_trajectory_beats_windows": _claim_b(loss_only, grid, wgrids, probe_results),
-        "c_gradients_add_over_loss": {
-            "holds": bool(methods["trajectory"]["auc"] > methods["trajectory_loss"]["auc"]),
-            "ternary": {"all_features": methods["trajectory"], "loss_only": methods["trajectory_loss"]},
-            "membership": {"all_features": membership["trajectory"], "loss_only": membership["trajectory_loss"]},
-        },
-    }
-    n_images = len(pixels)
-    model_attribution = None
+    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress)
+    seconds.update({f"features_{k}": v for k, v in secs.items()})
+    result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
     if attribution:
         t = time.time()
-        model_attribution = _model_attribution(model, full, images, labels, cfg, workdir, sampler, sample_steps,
-                                               batch_size, C, progress)
+        result["model_attribution"] = _model_attribution(model, sets["trajectory"], images, labels, cfg, workdir,
+                                                         sampler, sample_steps, batch_size, C, progress)
         seconds["model_attribution"] = time.time() - t
-    result = {
-        "methods": methods,
-        "membership": membership,
-        "per_class": details,
-        "claims": claims,
-        "model_attribution": model_attribution,
-        "throughput": {"images": n_images, "timesteps": len(grid), "feature_seconds": round(seconds["features"], 2),
-                       "images_per_second": round(n_images / seconds["features"], 3),
-                       "features": "loss, ‖∇x L‖², ‖∇θ L‖² (all UNet parameters, per-tensor norms kept)",
-                       "torch_threads": torch.get_num_threads()},
-        "config": {"members": members, "seed": seed, "timesteps": grid, "steps": steps, "sampler": sampler,
-                   "sample_steps": sample_steps, "windows": wgrids, "batch_size": batch_size, "C": C,
-                   "model": model_dir, "train_per_class": len(tr) // 3, "test_per_class": len(te) // 3,
-                   "classifier": "z-scored log features + L2 logistic regression (sklearn lbfgs)"},
-        "features_dir": feature_dir,
-        "seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(time.time() - t_start, 1)},
-    }
+    result["throughput"] = _throughput(len(pixels), grid, draws, secs["trajectory"],
+                                       "loss, ‖∇x L‖², ‖∇θ L‖² (all UNet parameters, per-tensor norms kept)")
+    result["config"] = {"members": members, "seed": seed, "timesteps": grid, "draws": draws, "steps": steps,
+                        "sampler": sampler, "sample_steps": sample_steps, "windows": wgrids, "batch_size": batch_size,
+                        "C": C, "model": model_dir, "external": f"{n_held} held-out digits + {members - n_held} "
+                                                                f"held-out digits rotated by 90°"}
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    result["_figure_data"] = {"timesteps": grid, "labels": labels.tolist(),
+                              "log_loss": np.log(sets["trajectory"].values["loss"]).round(5).tolist()}
+    return result
+
+
+def _throughput(n_images: int, grid: list[int], draws: int, seconds: float, what: str) -> dict:
+    return {"images": n_images, "timesteps": len(grid), "draws": draws, "feature_seconds": round(seconds, 2),
+            "images_per_second": round(n_images / seconds, 3),
+            "image_timesteps_per_second": round(n_images * len(grid) * draws / seconds, 1),
+            "features": what, "torch_threads": torch.get_num_threads()}
+
+
+# --- the LoRA half -------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LoraBenchConfig:
+    concepts: tuple[int, ...] = (1, 4, 7, 9)
+    per_concept: int = 32
+    epochs: int = 6
+    repeats: int = 25
+    learning_rate: float = 1e-2
+    rank: int = 8
+    seed: int = 0
+
+    def digest(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|lora-v1"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
+    """Member, held-out external and shifted (to be rotated) digit indices: per concept, a seeded permutation of its
+    digits gives `per_concept` members, then half as many held-out and half as many shifted images."""
+    from montrage.data import _digits
+
+    target = _digits()[1]
+    rng = np.random.default_rng(cfg.seed)
+    half = cfg.per_concept // 2
+    member, held, shifted = [], [], []
+    for d in cfg.concepts:
+        idx = rng.permutation(np.flatnonzero(target == d))
+        if len(idx) < 2 * cfg.per_concept:
+            raise ValueError(f"digit {d} has {len(idx)} images; --lora-per-concept must be at most {len(idx) // 2}.")
+        member += idx[:cfg.per_concept].tolist()
+        held += idx[cfg.per_concept:cfg.per_concept + half].tolist()
+        shifted += idx[cfg.per_concept + half:2 * cfg.per_concept - (cfg.per_concept - 2 * half)].tolist()
+    return member, held, shifted
+
+
+def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True) -> tuple[str, str]:
+    """Fine-tune the tiny base with a LoRA on the member digits (captions 'a photo of <word>'); cached by config.
+    Returns (base path, LoRA file)."""
+    from montrage.recipes.tiny_base import tiny_base_path
+
+    base = tiny_base_path(progress=progress)
+    out = os.path.join(workdir, f"lora-{cfg.digest()}")
+    weights = os.path.join(out, "pytorch_lora_weights.safetensors")
+    meta = os.path.join(out, "montrage_lora_bench.json")
+    if os.path.isfile(weights) and os.path.isfile(meta):
+        return base, weights
+    import pytorch_lightning as pl
+
+    from montrage.data import TrainExample, digit_token
+    from montrage.recipes.data import ConceptDataModule
+    from montrage.recipes.fine_tune import DiffusionFineTune
+
+    members, _, _ = lora_split(cfg)
+    from montrage.data import _digits
+
+    target = _digits()[1]
+    examples = [TrainExample(id=f"digits/{i}", concept=f"digit{target[i]}",
+                             caption=f"a photo of {digit_token(int(target[i]))}", path=f"sklearn:digits/{i}")
+                for i in members]
+
+    class Members(ConceptDataModule):
+        def examples(self):
+            return examples
+
+    t = time.time()
+    pl.seed_everything(cfg.seed, verbose=False)
+    module = DiffusionFineTune(lora_rank=cfg.rank, lora_alpha=cfg.rank, learning_rate=cfg.learning_rate)
+    data = Members(digits=list(cfg.concepts), batch_size=32, repeats=cfg.repeats, seed=cfg.seed)
+    pl.Trainer(max_epochs=cfg.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+               enable_model_summary=False, deterministic=True).fit(module, data)
+    module.save_weights(out)
+    with open(meta, "w") as fh:
+        json.dump({"config": dataclasses.asdict(cfg), "members": members, "seconds": round(time.time() - t, 1)}, fh)
+    return base, weights
+
+
+def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int = 32, epochs: int = 6,
+              repeats: int = 25, learning_rate: float = 1e-2, rank: int = 8, timesteps: int = 20, gen_steps: int = 25,
+              guidance: float = 3.0, windows: int = 4, batch_size: int = 64, C: float = 1.0, draws: int = 1,
+              progress: bool = True) -> dict:
+    """One seed of the LoRA half: fine-tune (or reuse), generate from the concept prompts, extract, evaluate."""
+    from montrage.data import digit_token
+    from montrage.generate import build_pipeline, generate_probes
+    from montrage.origin.features import default_timesteps
+    from montrage.origin.model import load_diffusion_model
+    from montrage.probes import ProbeSet
+    from montrage.recipes.pixel_ddpm import digits_images, quantize
+
+    cfg = LoraBenchConfig(tuple(int(c) for c in concepts), per_concept, epochs, repeats, learning_rate, rank, seed)
+    t = time.time()
+    base, weights = train_lora(cfg, workdir, progress)
+    seconds = {"fine_tune": time.time() - t}
+    model = load_diffusion_model(base, lora=weights)
+    member_idx, held_idx, shifted_idx = lora_split(cfg)
+    size = model.image_size
+    t = time.time()
+    prompts = tuple(f"a photo of {digit_token(d)}" for d in cfg.concepts)
+    probes = ProbeSet(prompts, tuple({} for _ in prompts), tuple(10_000 + 1000 * seed + k for k in range(per_concept)))
+    pipe = build_pipeline(model.tokenizer, model.text_encoder, model.vae, model.unet, model.scheduler)
+    with torch.no_grad():
+        generated = quantize(generate_probes(pipe, probes, size, gen_steps, guidance, batch_size=64))
+    seconds["generate"] = time.time() - t
+    external = torch.cat([digits_images(held_idx, size), shifted_digits(shifted_idx, size)])
+    images = {"member": digits_images(member_idx, size), "generated": generated, "external": external}
+    pixels = torch.cat([images[o] for o in ORIGINS])
+    labels = np.concatenate([[o] * len(images[o]) for o in ORIGINS])
+    sources = np.concatenate([labels[: len(member_idx) + len(generated)], ["external:held-out"] * len(held_idx),
+                              ["external:shifted"] * len(shifted_idx)])
+    T = int(model.scheduler.config.num_train_timesteps)
+    grid = default_timesteps(T, timesteps)
+    wgrids = window_grids(T, timesteps, windows)
+    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress)
+    seconds.update({f"features_{k}": v for k, v in secs.items()})
+    result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
+    n_lora = sum(p.numel() for n, p in model.unet.named_parameters() if p.requires_grad)
+    result["throughput"] = _throughput(len(pixels), grid, draws, secs["trajectory"],
+                                       f"loss, ‖∇x L‖², ‖∇θ L‖² (θ = the LoRA, {n_lora} parameters), via the VAE")
+    result["config"] = {**dataclasses.asdict(cfg), "timesteps": grid, "draws": draws, "windows": wgrids,
+                        "generation": {"prompts": list(prompts), "sampler": "ddim", "steps": gen_steps,
+                                       "guidance_scale": guidance},
+                        "base": base, "lora": weights, "condition": "empty prompt", "batch_size": batch_size, "C": C,
+                        "external": f"{len(held_idx)} held-out digits of the concepts + {len(shifted_idx)} rotated by 90°"}
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    return result
+
+
+# --- seeds: cache, aggregate ------------------------------------------------------------------------------------------
+def _cached(path: str, key: dict, compute) -> dict:
+    """The result stored at `path` when it was computed for the same `key`, else `compute()` (then stored)."""
+    if os.path.isfile(path):
+        with open(path) as fh:
+            stored = json.load(fh)
+        if stored.get("cache_key") == key:
+            return stored["result"]
+    result = compute()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({"cache_key": key, "result": result}, fh)
+    os.replace(tmp, path)
+    return result
+
+
+def _key_path(workdir: str, half: str, seed: int, key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(workdir, f"result-{half}-seed{seed}-{digest}.json")
+
+
+def _mean_std(values) -> tuple[float, float]:
+    arr = np.asarray(values, np.float64)
+    return float(np.nanmean(arr)), float(np.nanstd(arr))
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every metric of every block (std and per-seed values under `std` and `seeds`), and the
+    claims summarised over seeds."""
+    out = {}
+    for block in BLOCKS:
+        out[block] = {}
+        for name, first in per_seed[0][block].items():
+            entry, std, vals = {}, {}, {}
+            for k in METRIC_KEYS:
+                v = [r[block][name][k] for r in per_seed]
+                entry[k], std[k] = _mean_std(v)
+                vals[k] = v
+            entry.update({"task": first["task"], "std": std, "seeds": vals})
+            if "t" in first:
+                entry["t"] = [r[block][name]["t"] for r in per_seed]
+            out[block][name] = entry
+    out["claims"] = aggregate_claims([r["claims"] for r in per_seed], out)
+    tp = [r["throughput"] for r in per_seed]
+    out["throughput"] = {**tp[0], "images_per_second": _mean_std([x["images_per_second"] for x in tp])[0],
+                         "images_per_second_std": _mean_std([x["images_per_second"] for x in tp])[1],
+                         "feature_seconds": [x["feature_seconds"] for x in tp]}
+    if per_seed[0].get("model_attribution"):
+        ma = [r["model_attribution"] for r in per_seed]
+        out["model_attribution"] = {
+            k: {"mean": _mean_std([m[k] for m in ma])[0], "std": _mean_std([m[k] for m in ma])[1]}
+            for k in ("balanced_accuracy", "lowest_loss_accuracy_on_generations")}
+        out["model_attribution"]["accuracy_per_source"] = {
+            c: _mean_std([m["accuracy_per_source"][c] for m in ma])[0] for c in ma[0]["accuracy_per_source"]}
+    return out
+
+
+def aggregate_claims(claims: list[dict], agg: dict) -> dict:
+    n = len(claims)
+    a = [c["a_generated_flagged_more_than_members"] for c in claims]
+    rates = {o: _mean_std([x["flagged_as_member"][o] for x in a]) for o in a[0]["flagged_as_member"]}
+    claim_a = {"holds": bool(rates["generated"][0] > rates["member"][0]),
+               "holds_in_seeds": f"{sum(x['holds'] for x in a)}/{n}",
+               "flagged_as_member": {o: {"mean": m, "std": s} for o, (m, s) in rates.items()},
+               "t": [x["t"] for x in a],
+               "share_of_timesteps_where_it_holds": _mean_std([x["share_of_timesteps_where_it_holds"] for x in a])[0]}
+    b = [c["b_whole_trajectory_beats_windows"] for c in claims]
+    uni = {k: _mean_std([x["uniform"][k] for x in b]) for k in b[0]["uniform"]}
+    wins = {w: {k: _mean_std([x["windows"][w][k] for x in b]) for k in b[0]["windows"][w]} for w in b[0]["windows"]}
+    best = max(wins, key=lambda w: wins[w]["membership_auc"][0])
+    best_tern = max(wins, key=lambda w: wins[w]["ternary_auc"][0])
+    claim_b = {"holds": bool(uni["membership_auc"][0] > wins[best]["membership_auc"][0]),
+               "holds_ternary": bool(uni["ternary_auc"][0] > wins[best_tern]["ternary_auc"][0]),
+               "holds_in_seeds": f"{sum(x['holds'] for x in b)}/{n}",
+               "best_window": best,
+               "uniform": {k: {"mean": m, "std": s} for k, (m, s) in uni.items()},
+               "windows": {w: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for w, v in wins.items()}}
+    m = agg["methods"]
+    claim_c = {"holds": bool(m["trajectory"]["auc"] > m["trajectory_loss"]["auc"]),
+               "holds_in_seeds": f"{sum(c['c_gradients_add_over_loss']['holds'] for c in claims)}/{n}",
+               **{f"{k}_{name}": {"all_features": (m["trajectory"][k], m["trajectory"]["std"][k]),
+                                  "loss_only": (m["trajectory_loss"][k], m["trajectory_loss"]["std"][k])}
+                  for name, k in (("ternary", "auc"), ("ternary", "tpr@1%fpr"))},
+               "membership_auc": {"all_features": agg["membership"]["trajectory"]["auc"],
+                                  "loss_only": agg["membership"]["trajectory_loss"]["auc"]}}
+    return {"a_generated_flagged_more_than_members": claim_a, "b_whole_trajectory_beats_windows": claim_b,
+            "c_gradients_add_over_loss": claim_c,
+            "acceptance_trajectory_beats_thresholds": {
+                **acceptance(agg),
+                "holds_in_seeds": f"{sum(c['acceptance_trajectory_beats_thresholds']['holds'] for c in claims)}/{n}"}}
+
+
+def run_origin_bench(out: str, seeds=(0,), members: int = 200, timesteps: int = 20, steps: int = 1000,
+                     sampler: str = "ddpm", sample_steps: int = 100, windows: int = 4, batch_size: int = 64,
+                     C: float = 1.0, draws: int = 1, workdir: str | None = None, threads: int | None = None,
+                     attribution: bool = False, lora: bool = True, lora_concepts=(1, 4, 7, 9),
+                     lora_per_concept: int = 32, lora_epochs: int = 6, lora_repeats: int = 25,
+                     lora_gen_steps: int = 25, progress: bool = True) -> dict:
+    """Run the benchmark for every seed (each cached in `workdir`), aggregate, write `out` (JSON) and a figure
+    next to it (`.png`), and return the result."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    seeds = parse_seeds(",".join(str(s) for s in seeds) if not isinstance(seeds, (str, int)) else seeds)
+    t_start = time.time()
+    workdir = workdir or os.path.splitext(out)[0] + "_work"
+    pixel_args = dict(members=members, timesteps=timesteps, steps=steps, sampler=sampler, sample_steps=sample_steps,
+                      windows=windows, batch_size=batch_size, C=C, draws=draws, attribution=attribution)
+    lora_args = dict(concepts=tuple(int(c) for c in lora_concepts), per_concept=lora_per_concept, epochs=lora_epochs,
+                     repeats=lora_repeats, timesteps=timesteps, gen_steps=lora_gen_steps, windows=windows,
+                     batch_size=batch_size, C=C, draws=draws)
+    pixel_runs, lora_runs = [], []
+    for seed in seeds:
+        key = {"half": "pixel", "seed": seed, **pixel_args, "version": CACHE_VERSION}
+        pixel_runs.append(_cached(_key_path(workdir, "pixel", seed, key), key,
+                                  lambda: pixel_seed(seed, workdir, progress=progress, **pixel_args)))
+        if progress:
+            print(f"seed {seed} pixel: done")
+        if lora:
+            key = {"half": "lora", "seed": seed, **{k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in lora_args.items()}, "version": CACHE_VERSION}
+            lora_runs.append(_cached(_key_path(workdir, "lora", seed, key), key,
+                                     lambda: lora_seed(seed, workdir, progress=progress, **lora_args)))
+            if progress:
+                print(f"seed {seed} lora: done")
+    figure_data = pixel_runs[0].get("_figure_data")
+    for r in pixel_runs:
+        r.pop("_figure_data", None)
+    result = aggregate(pixel_runs)
+    result["per_seed"] = {str(s): r for s, r in zip(seeds, pixel_runs)}
+    config = {k: v for k, v in pixel_runs[0]["config"].items() if k not in ("seed", "model")}
+    result["config"] = {**config, "seeds": seeds, "test_per_class": pixel_runs[0]["test_per_class"],
+                        "train_per_class": pixel_runs[0]["train_per_class"], "std": "population (ddof 0) over seeds",
+                        "classifier": "z-scored log features + L2 logistic regression (sklearn lbfgs)"}
+    if lora:
+        result["lora"] = aggregate(lora_runs)
+        result["lora"]["per_seed"] = {str(s): r for s, r in zip(seeds, lora_runs)}
+        config = {k: v for k, v in lora_runs[0]["config"].items() if k not in ("seed", "lora")}
+        result["lora"]["config"] = {**config, "seeds": seeds, "test_per_class": lora_runs[0]["test_per_class"],
+                                    "train_per_class": lora_runs[0]["train_per_class"]}
+    result["seconds"] = {"total_this_run": round(time.time() - t_start, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
     try:
-        result["figure"] = _figure(os.path.splitext(out)[0] + ".png", full, labels, result)
+        if figure_data:
+            result["figure"] = _figure(os.path.splitext(out)[0] + ".png", figure_data, result)
     except Exception as err:  # a figure is a convenience; never lose the numbers over it
         result["figure"] = f"not written: {err}"
     with open(out, "w") as fh:
@@ -237,14 +597,15 @@ def _model_attribution(model_a, full, images, labels, cfg, workdir, sampler, sam
     }
 
 
-def _claim_a(attack, full, tr, te, y_tr, y_te, labels) -> dict:
+def _claim_a(attack, full, tr, te, y_tr, y_te, labels, sources_te) -> dict:
     """Share of each class flagged "member" by the loss-threshold attack (t and τ fit on train members vs external),
-    at the chosen t and at every t of the grid (the paper's Table 1)."""
+    at the chosen t and at every t of the grid (the paper's Table 1); external also split by source."""
     from montrage.origin.metrics import best_threshold
 
     losses = full.values["loss"]
     flagged = attack.predict(losses[te])
     rates = {o: float(np.mean(flagged[y_te == o])) for o in ORIGINS}
+    by_source = {s: float(np.mean(flagged[sources_te == s])) for s in sorted(set(sources_te)) if s.startswith("external:")}
     per_t = {}
     mx = np.isin(y_tr, ("member", "external"))
     for j, t in enumerate(full.timesteps):
@@ -254,7 +615,7 @@ def _claim_a(attack, full, tr, te, y_tr, y_te, labels) -> dict:
     mean_log_loss = {o: float(np.mean(np.log(losses[labels == o]))) for o in ORIGINS}
     share = float(np.mean([v["generated"] > v["member"] for v in per_t.values()]))
     return {"holds": bool(rates["generated"] > rates["member"]), "t": attack.t, "flagged_as_member": rates,
-            "share_of_timesteps_where_it_holds": share, "flagged_per_t": per_t, "mean_log_loss": mean_log_loss}
+            "flagged_external_by_source": by_source, "share_of_timesteps_where_it_holds": share, "flagged_per_t": per_t, "mean_log_loss": mean_log_loss}
 
 
 def _claim_b(loss_only, grid, wgrids, probe_results) -> dict:
@@ -262,7 +623,7 @@ def _claim_b(loss_only, grid, wgrids, probe_results) -> dict:
     from montrage.origin.classifier import feature_matrix
 
     def score(ts):
-        tern, mem = probe_results(feature_matrix(loss_only.at_timesteps(ts), ("loss",))[0])
+        tern, mem = probe_results(feature_matrix(loss_only.at_timesteps(ts), ("loss",))[0])  # ternary, membership
         return {"membership_auc": mem["auc"], "ternary_auc": tern["auc"], "membership_tpr@1%fpr": mem["tpr@1%fpr"]}
 
     uniform = score(grid)
@@ -274,15 +635,18 @@ def _claim_b(loss_only, grid, wgrids, probe_results) -> dict:
             "uniform": uniform, "windows": wins}
 
 
-def _figure(path: str, full, labels, result) -> str:
+def _figure(path: str, data: dict, result: dict) -> str:
+    """Left: log loss along the trajectory by origin (first seed, pixel half); right: ternary AUC and balanced
+    accuracy of every method, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ts = np.asarray(full.timesteps)
-    logl = np.log(full.values["loss"])
+    ts = np.asarray(data["timesteps"])
+    logl = np.asarray(data["log_loss"])
+    labels = np.asarray(data["labels"])
     centre = logl.mean(axis=0)  # per-t mean over all images: the classes' differences are what matters
     for o in ORIGINS:
         d = logl[labels == o] - centre
@@ -291,14 +655,16 @@ def _figure(path: str, full, labels, result) -> str:
         ax[0].fill_between(ts, d.mean(0) - 2 * sem, d.mean(0) + 2 * sem, alpha=0.2)
     ax[0].axhline(0, color="grey", lw=0.5)
     ax[0].set(xlabel="timestep t", ylabel="log L_t minus its mean over all images (± 2 s.e.)",
-              title="loss along the trajectory, by origin")
+              title="pixel DDPM: loss along the trajectory, by origin")
     ax[0].legend()
-    names = [m for m in result["methods"]]
+    names = list(result["methods"])
     x = np.arange(len(names))
     for k, key in enumerate(("auc", "balanced_accuracy")):
-        ax[1].bar(x + 0.4 * k - 0.2, [result["methods"][m][key] for m in names], width=0.4, label=key)
+        ax[1].bar(x + 0.4 * k - 0.2, [result["methods"][m][key] for m in names], width=0.4, label=key,
+                  yerr=[result["methods"][m]["std"][key] for m in names], capsize=2)
     ax[1].set_xticks(x, names, rotation=30, ha="right")
-    ax[1].set(ylim=(0, 1.15), title="test split (ternary; threshold attacks: member vs rest)")
+    ax[1].set(ylim=(0, 1.15), title=f"pixel DDPM, {len(result['config']['seeds'])} seeds (ternary; thresholds: "
+                                    "member vs rest)")
     ax[1].legend(loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -307,47 +673,72 @@ def _figure(path: str, full, labels, result) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':18s} {'task':20s}" + "".join(f"{k:>20s}" for k in METRIC_KEYS)]
-    for section in ("methods", "membership"):
-        for name, r in result[section].items():
-            lines.append(f"{name:18s} {r['task']:20s}" + "".join(f"{r[k]:20.3f}" for k in METRIC_KEYS))
-    c = result["claims"]
-    lines.append(f"(a) generated flagged more than members: {c['a_generated_flagged_more_than_members']['holds']} "
-                 f"{c['a_generated_flagged_more_than_members']['flagged_as_member']}")
-    lines.append(f"(b) whole trajectory beats every window: {c['b_whole_trajectory_beats_windows']['holds']} "
-                 f"(uniform {c['b_whole_trajectory_beats_windows']['uniform']['membership_auc']:.3f}, windows "
-                 + ", ".join(f"{k} {v['membership_auc']:.3f}" for k, v in c['b_whole_trajectory_beats_windows']['windows'].items()) + ")")
-    lines.append(f"(c) gradients add over loss: {c['c_gradients_add_over_loss']['holds']}")
-    if result.get("model_attribution"):
-        m = result["model_attribution"]
-        lines.append(f"model attribution (A / B / external): balanced accuracy {m['balanced_accuracy']:.3f}, per source "
-                     f"{m['accuracy_per_source']}, lowest-loss rule on generations {m['lowest_loss_accuracy_on_generations']:.3f}")
-    lines.append(f"feature extraction: {result['throughput']['images_per_second']} images/s "
-                 f"({result['throughput']['timesteps']} timesteps, loss + both gradient norms)")
+    """Every block of both halves as `mean ± std`, then the claims."""
+    lines = []
+    halves = [("pixel DDPM", result)] + ([("LoRA-customized tiny text-to-image", result["lora"])] if result.get("lora") else [])
+    for title, half in halves:
+        lines.append(f"== {title} ({len(half['per_seed'])} seeds) ==")
+        lines.append(f"{'method [block]':34s} {'task':19s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS))
+        for block in BLOCKS:
+            for name, r in half[block].items():
+                label = name if block == "methods" else f"{name} [{block}]"
+                lines.append(f"{label:34s} {r['task']:19s}" + "".join(f"{r[k]:11.3f} ± {r['std'][k]:.3f}" for k in METRIC_KEYS))
+        c = half["claims"]
+        a, b = c["a_generated_flagged_more_than_members"], c["b_whole_trajectory_beats_windows"]
+        rates = {o: round(v["mean"], 3) for o, v in a["flagged_as_member"].items()}
+        lines.append(f"(a) generated flagged more than members: {a['holds']} ({a['holds_in_seeds']} seeds) {rates}")
+        lines.append(f"(b) whole trajectory beats every window: {b['holds']} ({b['holds_in_seeds']} seeds; uniform "
+                     f"{b['uniform']['membership_auc']['mean']:.3f}, windows "
+                     + ", ".join(f"{k} {v['membership_auc']['mean']:.3f}" for k, v in b["windows"].items()) + ")")
+        cc = c["c_gradients_add_over_loss"]
+        lines.append(f"(c) gradients add over loss: {cc['holds']} ({cc['holds_in_seeds']} seeds; ternary AUC "
+                     f"{cc['auc_ternary']['loss_only'][0]:.3f} -> {cc['auc_ternary']['all_features'][0]:.3f})")
+        acc = c["acceptance_trajectory_beats_thresholds"]
+        lines.append(f"acceptance, trajectory beats loss_threshold and pia on AUC and TPR@1%FPR: as stated "
+                     f"{acc['as_stated']['holds']}, same task {acc['same_task']['holds']} "
+                     f"({acc['holds_in_seeds']} seeds both)")
+        if half.get("model_attribution"):
+            m = half["model_attribution"]
+            lines.append(f"model attribution (A / B / external): balanced accuracy "
+                         f"{m['balanced_accuracy']['mean']:.3f} ± {m['balanced_accuracy']['std']:.3f}")
+        tp = half["throughput"]
+        lines.append(f"feature extraction: {tp['images_per_second']:.2f} images/s ({tp['timesteps']} timesteps x "
+                     f"{tp['draws']} draws, {tp['features']}, {tp['torch_threads']} torch threads)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="origin-attribution benchmark on a pixel DDPM trained on digits")
+    p = argparse.ArgumentParser(description="origin-attribution benchmark: pixel DDPM and LoRA-customized tiny "
+                                            "text-to-image model on digits, over seeds")
     p.add_argument("--out", default="origin_results.json")
-    p.add_argument("--members", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", default="0", help="seed, or several (0,1,2 or 0-2): mean ± std over them")
+    p.add_argument("--members", type=int, default=200, help="pixel: member digits the DDPM trains on")
     p.add_argument("--timesteps", type=int, default=20)
-    p.add_argument("--steps", type=int, default=1000, help="DDPM training steps (batch 128)")
+    p.add_argument("--draws", type=int, default=1, help="ε draws per (image, t), features averaged")
+    p.add_argument("--steps", type=int, default=1000, help="pixel: DDPM training steps (batch 128)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--sample-steps", type=int, default=100)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--C", type=float, default=1.0)
-    p.add_argument("--workdir", default=None, help="where the trained model is cached (default: <out>_work/)")
+    p.add_argument("--no-lora", action="store_true", help="skip the LoRA-customized half")
+    p.add_argument("--lora-concepts", default="1,4,7,9")
+    p.add_argument("--lora-per-concept", type=int, default=32, help="LoRA members per concept")
+    p.add_argument("--lora-epochs", type=int, default=6)
+    p.add_argument("--lora-repeats", type=int, default=25, help="passes over the members per epoch")
+    p.add_argument("--lora-gen-steps", type=int, default=25, help="DDIM steps of the LoRA generations")
+    p.add_argument("--workdir", default=None, help="models and per-seed results cache (default: <out>_work/)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--attribution", action="store_true", help="also train a second model and score model attribution")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    result = run_origin_bench(args.out, members=args.members, seed=args.seed, timesteps=args.timesteps, steps=args.steps,
-                     sampler=args.sampler, sample_steps=args.sample_steps, windows=args.windows,
-                     batch_size=args.batch_size, C=args.C, workdir=args.workdir, threads=args.threads,
-                     attribution=args.attribution, progress=not args.quiet)
+    result = run_origin_bench(
+        args.out, seeds=parse_seeds(args.seed), members=args.members, timesteps=args.timesteps, steps=args.steps,
+        sampler=args.sampler, sample_steps=args.sample_steps, windows=args.windows, batch_size=args.batch_size,
+        C=args.C, draws=args.draws, workdir=args.workdir, threads=args.threads, attribution=args.attribution,
+        lora=not args.no_lora, lora_concepts=[int(c) for c in args.lora_concepts.split(",")],
+        lora_per_concept=args.lora_per_concept, lora_epochs=args.lora_epochs, lora_repeats=args.lora_repeats,
+        lora_gen_steps=args.lora_gen_steps, progress=not args.quiet)
     if args.quiet:
         print(format_table(result))
 

@@ -36,9 +36,10 @@ def save_pixel_model(model: DiffusionModel, path: str) -> str:
     return path
 
 
-def naive_features(model: DiffusionModel, images: torch.Tensor, timesteps, param_filter=None, captions=None):
+def naive_features(model: DiffusionModel, images: torch.Tensor, timesteps, param_filter=None, captions=None,
+                   draw: int = 0):
     """Reference: one (image, t) at a time, loss.backward() on a copy of the UNet; ∇θ over parameters passing
-    `param_filter(name)` (default: all). Returns loss, ‖∇x_t‖², ‖∇θ‖² as (N, T) arrays."""
+    `param_filter(name)` (default: all); ε of the given draw. Returns loss, ‖∇x_t‖², ‖∇θ‖² as (N, T) arrays."""
     from montrage.encode import image_latents
 
     unet = copy.deepcopy(model.unet).eval()
@@ -53,7 +54,7 @@ def naive_features(model: DiffusionModel, images: torch.Tensor, timesteps, param
     out = {k: np.zeros((n, T)) for k in ("loss", "grad_x", "grad_theta")}
     for i in range(n):
         for j, t in enumerate(timesteps):
-            eps = _noise(keys[i], t, 0, tuple(z.shape[1:]))[None]
+            eps = _noise(keys[i], t, 0, tuple(z.shape[1:]), draw)[None]
             xt = model.scheduler.add_noise(z[i:i + 1], eps, torch.tensor([t])).detach().requires_grad_(True)
             unet.zero_grad(set_to_none=True)
             kw = {} if cond is None else {"encoder_hidden_states": cond[i:i + 1]}

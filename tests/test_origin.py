@@ -355,3 +355,124 @@ def test_bench_window_grids_have_the_uniform_budget():
     grids = window_grids(1000, 4, 4)
     assert grids[0] == [0, 62, 125, 187] and grids[3] == [750, 812, 875, 937]
     assert [len(g) for g in window_grids(1000, 20, 4)] == [20] * 4
+
+
+# --- several ε draws ---------------------------------------------------------------------------------------------------
+def test_draws_average_the_naive_features_of_each_draw():
+    model = H.tiny_pixel_model()
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    timesteps = (4, 60)
+    refs = [H.naive_features(model, images, timesteps, draw=d) for d in range(3)]
+    fs = trajectory_features(model, images, FeatureSpec(timesteps, params="all", layer_norms=True, draws=3),
+                             batch_size=4, progress=False)  # chunks of 4 cut through an (image, t)'s 3 draws
+    for f in ("loss", "grad_x", "grad_theta"):
+        _close(fs.values[f], np.mean([r[f] for r in refs], axis=0))
+    _close(fs.layer_norms.sum(-1), fs.values["grad_theta"])
+    one = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",)), progress=False)
+    _close(one.values["loss"], refs[0]["loss"])  # draw 0 is the single-draw ε: old features stay valid
+    assert not np.allclose(refs[0]["loss"], refs[1]["loss"])
+    spec = FeatureSpec(timesteps, draws=3)
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec and FeatureSpec.from_dict(
+        {k: v for k, v in FeatureSpec(timesteps).to_dict().items() if k != "draws"}).draws == 1
+    assert not spec.compatible(FeatureSpec(timesteps)) and spec.compatible(FeatureSpec(timesteps, draws=3, noise_seed=4))
+    with pytest.raises(OriginError, match="draws"):
+        FeatureSpec(timesteps, draws=0)
+    with pytest.raises(OriginError, match="PIA"):
+        FeatureSpec(timesteps, noise="pia", draws=2)
+
+
+# --- benchmark: seeds, aggregation, splits, GPU-size throughput script -------------------------------------------------
+def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
+    from montrage.recipes.bench_origin import BLOCKS, METRIC_KEYS
+
+    def entry(auc, tpr, task):
+        return {"auc": auc, "tpr@1%fpr": tpr, "tpr@0.1%fpr": tpr / 2, "balanced_accuracy": 0.6, "task": task}
+
+    blocks = {}
+    for block in BLOCKS:
+        task = "ternary" if block == "methods" else "member-vs-rest"
+        blocks[block] = {"trajectory": entry(auc_traj, tpr_traj, task), "trajectory_loss": entry(0.6, 0.05, task),
+                         "loss_threshold": {**entry(0.7, 0.10, "member-vs-rest"), "t": 100},
+                         "pia": {**entry(0.8, 0.30, "member-vs-rest"), "t": 200}}
+    assert set(blocks["methods"]["trajectory"]) >= set(METRIC_KEYS)
+    uniform = {"membership_auc": 0.7, "ternary_auc": 0.7, "membership_tpr@1%fpr": 0.1}
+    claims = {
+        "a_generated_flagged_more_than_members": {"holds": holds_a, "t": 100, "share_of_timesteps_where_it_holds": 0.5,
+                                                  "flagged_as_member": {"member": 0.5, "generated": 0.6 if holds_a else 0.3,
+                                                                        "external": 0.2}},
+        "b_whole_trajectory_beats_windows": {"holds": True, "uniform": uniform,
+                                             "windows": {"t=0..9": {**uniform, "membership_auc": 0.65}}},
+        "c_gradients_add_over_loss": {"holds": True},
+    }
+    from montrage.recipes.bench_origin import acceptance
+
+    claims["acceptance_trajectory_beats_thresholds"] = acceptance(blocks)
+    tp = {"images": 6, "timesteps": 2, "draws": 1, "feature_seconds": 1.0, "images_per_second": 6.0,
+          "features": "x", "torch_threads": 1}
+    return {**blocks, "claims": claims, "throughput": tp}
+
+
+def test_bench_aggregates_seeds_and_checks_the_acceptance():
+    from montrage.recipes.bench_origin import aggregate, parse_seeds
+
+    assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2] and parse_seeds(5) == [5]
+    for bad in ("a", "1,1", ""):
+        with pytest.raises(ValueError, match="seed"):
+            parse_seeds(bad)
+    runs = [_seed_result(0.9, 0.4, True), _seed_result(0.6, 0.1, False)]
+    assert runs[0]["claims"]["acceptance_trajectory_beats_thresholds"]["holds"]
+    assert not runs[1]["claims"]["acceptance_trajectory_beats_thresholds"]["holds"]
+    agg = aggregate(runs)
+    t = agg["methods"]["trajectory"]
+    assert t["auc"] == pytest.approx(0.75) and t["std"]["auc"] == pytest.approx(0.15)
+    assert t["seeds"]["tpr@1%fpr"] == [0.4, 0.1] and t["task"] == "ternary"
+    assert agg["member_vs_rest"]["pia"]["t"] == [200, 200]
+    acc = agg["claims"]["acceptance_trajectory_beats_thresholds"]
+    # on average (AUC 0.75, TPR 0.25) trajectory beats the loss threshold (0.7, 0.1) but not pia (0.8, 0.3)
+    assert acc["holds_in_seeds"] == "1/2" and not acc["holds"]
+    assert acc["as_stated"]["wins"] == {"loss_threshold/auc": True, "loss_threshold/tpr@1%fpr": True,
+                                        "pia/auc": False, "pia/tpr@1%fpr": False}
+    a = agg["claims"]["a_generated_flagged_more_than_members"]
+    assert a["holds_in_seeds"] == "1/2" and a["flagged_as_member"]["generated"]["mean"] == pytest.approx(0.45)
+    assert not a["holds"]  # 0.45 generated < 0.5 members on average
+    b = agg["claims"]["b_whole_trajectory_beats_windows"]
+    assert b["holds"] and b["best_window"] == "t=0..9"
+    assert agg["throughput"]["images_per_second"] == 6.0
+
+
+def test_bench_splits_are_disjoint_and_shifted_set_is_rotated():
+    from montrage.recipes.bench_origin import LoraBenchConfig, class_split, lora_split, shifted_digits
+    from montrage.recipes.pixel_ddpm import digits_images
+
+    labels = np.array(["member"] * 10 + ["generated"] * 10 + ["external"] * 11)
+    tr, te = class_split(labels, 3)
+    assert not set(tr) & set(te) and len(tr) + len(te) == 31
+    assert [int(np.sum(labels[tr] == o)) for o in ("member", "generated", "external")] == [5, 5, 5]
+    member, held, shifted = lora_split(LoraBenchConfig(concepts=(1, 7), per_concept=6, seed=2))
+    assert len(member) == 12 and len(held) == 6 and len(shifted) == 6
+    assert len(set(member) | set(held) | set(shifted)) == 24
+    assert member != lora_split(LoraBenchConfig(concepts=(1, 7), per_concept=6, seed=3))[0]
+    with pytest.raises(ValueError, match="per-concept"):
+        lora_split(LoraBenchConfig(concepts=(1,), per_concept=150))
+    x = shifted_digits([5, 9])
+    assert torch.equal(x, torch.rot90(digits_images([5, 9]), 1, dims=(2, 3)))
+    assert not torch.equal(x, digits_images([5, 9]))
+
+
+def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path, capsys):
+    from montrage.recipes.bench_origin_gpu import build_model, main, run_throughput
+
+    cifar = build_model("cifar")
+    assert sum(p.numel() for p in cifar.unet.parameters()) == 35_746_307  # google/ddpm-cifar10-32's size
+    assert cifar.image_size == 32 and cifar.image_channels == 3
+    r = run_throughput("tiny", "cpu", images=2, timesteps=6, batch_size=5, progress=False)
+    assert r["images"] == 2 and r["timesteps"] == 6 and r["features_finite"] and r["images_per_second"] > 0
+    assert r["pairs_per_second"] == pytest.approx(12 / r["seconds"], rel=0.01)
+    main(["--size", "tiny", "--images", "1", "--timesteps", "3", "--quiet", "--out", str(tmp_path / "t.json")])
+    with open(tmp_path / "t.json") as fh:
+        assert json.load(fh)["timesteps"] == 3
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            run_throughput("tiny", "cuda", images=1, timesteps=2, progress=False)
+    with pytest.raises(ValueError, match="--size"):
+        build_model("huge")

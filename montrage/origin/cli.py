@@ -23,7 +23,8 @@ def _spec_from_args(args, num_train_timesteps: int):
         timesteps = default_timesteps(num_train_timesteps, args.timesteps)
     params = args.params if args.params in ("trainable", "all") else tuple(p for p in args.params.split(",") if p)
     return FeatureSpec(tuple(timesteps), families=tuple(f for f in args.families.split(",") if f), params=params,
-                       noise=args.noise, noise_seed=args.noise_seed, prompt=args.prompt, layer_norms=args.layer_norms)
+                       noise=args.noise, noise_seed=args.noise_seed, prompt=args.prompt, layer_norms=args.layer_norms,
+                       draws=getattr(args, "draws", 1))
 
 
 def _model_arg(path: str) -> str:
@@ -109,6 +110,8 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--noise", default="random", choices=["random", "pia"], help="fresh seeded ε per (image, t), or "
                                                                                 "PIA's ε_θ(x, 0)")
     s.add_argument("--noise-seed", type=int, default=0)
+    s.add_argument("--draws", type=int, default=1, help="ε draws per (image, t), features averaged over them "
+                                                        "(default 1, the paper's; more = less noisy, slower)")
     s.add_argument("--prompt", default="", help="text condition for latent models (default: the empty prompt)")
     s.add_argument("--layer-norms", action="store_true", help="also keep per-parameter-tensor ‖∇θ L‖² (GSA features)")
     s.add_argument("--batch-size", type=int, default=32, help="(image, timestep) pairs per UNet call / vmap width")

@@ -13,6 +13,8 @@ Conventions (constant factors do not matter after the classifier's standardisati
   prefixes. Optionally the squared norm per parameter tensor is kept too (`layer_norms`, GSA-style features).
 - ε for (image, t) is seeded by the image's content hash, t and `noise_seed`, so the same image always gets the
   same noise whatever batch or order it comes in; `noise="pia"` uses ε_θ(x, 0) instead (PIA's deterministic noise).
+- `draws` > 1 (not in the paper, which draws one ε per (image, t)): each feature is the mean over that many seeded ε
+  at the same t (draw 0 is the single-draw ε), which lowers the noise of every feature at `draws` times the cost.
 
 The model is put in eval mode for the extraction and every module's mode is restored afterwards; requires_grad
 flags and `.grad` are never touched.
@@ -56,6 +58,7 @@ class FeatureSpec:
     noise_seed: int = 0
     prompt: str = ""
     layer_norms: bool = False
+    draws: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -67,6 +70,11 @@ class FeatureSpec:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise OriginError(f"unknown feature families {bad}: choose from {', '.join(FAMILIES)}.")
+        if int(self.draws) < 1:
+            raise OriginError(f"draws (ε per image and timestep) must be at least 1, not {self.draws}.")
+        object.__setattr__(self, "draws", int(self.draws))
+        if self.noise == "pia" and self.draws != 1:
+            raise OriginError("PIA's noise is deterministic (ε_θ(x, 0)): several draws would repeat it; use draws=1.")
         if self.noise not in ("random", "pia"):
             raise OriginError(f"noise must be 'random' (fresh seeded ε per image and t) or 'pia', not {self.noise!r}.")
         if isinstance(self.params, str) and self.params not in ("trainable", "all"):
@@ -98,9 +106,10 @@ class FeatureSpec:
 
     def compatible(self, other: "FeatureSpec") -> bool:
         """Whether features computed under `other` can be scored by a model fit under this spec: same timesteps,
-        noise kind, θ and prompt (the noise seed only draws other ε from the same distribution)."""
-        return (self.timesteps, self.noise, self.params, self.prompt) == \
-            (other.timesteps, other.noise, other.params, other.prompt)
+        noise kind, θ, prompt and number of draws (the noise seed only draws other ε from the same distribution;
+        a mean over more draws has a narrower distribution, so it is not interchangeable)."""
+        return (self.timesteps, self.noise, self.params, self.prompt, self.draws) == \
+            (other.timesteps, other.noise, other.params, other.prompt, other.draws)
 
 
 @dataclasses.dataclass
@@ -187,8 +196,9 @@ def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dic
     return chosen
 
 
-def _noise(key: str, t: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return fixed_noise(stable_seed(f"origin|{seed}|{key}|{t}"), 1, shape)[0]
+def _noise(key: str, t: int, seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
+    tag = f"origin|{seed}|{key}|{t}" + (f"|{draw}" if draw else "")
+    return fixed_noise(stable_seed(tag), 1, shape)[0]
 
 
 def trajectory_features(
@@ -236,8 +246,9 @@ def trajectory_features(
     v_pred = model.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     ac = model.scheduler.alphas_cumprod
 
-    out = {f: np.zeros((n, T), np.float32) for f in FAMILIES}
-    layers = np.zeros((n, T, len(theta)), np.float32) if spec.layer_norms else None
+    D = spec.draws
+    out = {f: np.zeros((n, T), np.float64) for f in FAMILIES}  # sums over draws, divided by D at the end
+    layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with _eval_mode(unet, model.vae, model.text_encoder), _math_attention(device):
         latents = image_latents(model.vae, images, batch_size).float()
         prompts = list(captions) if captions is not None else [spec.prompt]
@@ -248,7 +259,7 @@ def trajectory_features(
             else torch.zeros(n, dtype=torch.long)
         if spec.noise == "pia":
             pia = _pia_noise(model, latents, conds, prompt_index, batch_size)
-        pairs = [(i, j) for i in range(n) for j in range(T)]
+        pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(D)]
         bar = tqdm(total=len(pairs), desc="origin features", unit="pair", disable=not progress)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
@@ -259,7 +270,7 @@ def trajectory_features(
             if spec.noise == "pia":
                 eps = pia[ii]
             else:
-                eps = torch.stack([_noise(keys[i], int(t), spec.noise_seed, shape) for i, t in zip(ii.tolist(), tt.tolist())])
+                eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2]) for p in chunk])
             a = ac[tt].float().view(-1, *([1] * len(shape)))
             noisy = a.sqrt() * z + (1 - a).sqrt() * eps
             target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
@@ -267,14 +278,13 @@ def trajectory_features(
             res = _pair_features(unet, spec, theta, rest, noisy.to(device, dtype), tt.to(device),
                                  target.to(device, torch.float32), cond)
             rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
-            for f, v in res.items():
-                if f == "layers":
-                    layers[rows, cols] = v
-                else:
-                    out[f][rows, cols] = v
+            for f, v in res.items():  # unbuffered adds: a chunk may hold several draws of one (image, t)
+                np.add.at(layers if f == "layers" else out[f], (rows, cols), v)
             bar.update(len(chunk))
         bar.close()
-    values = {f: out[f] for f in spec.families}
+    values = {f: (out[f] / D).astype(np.float32) for f in spec.families}
+    if layers is not None:
+        layers = (layers / D).astype(np.float32)
     return FeatureSet(spec=spec, identity=model.identity(), ids=list(ids) if ids is not None else keys, values=values,
                       layer_norms=layers, layer_names=list(theta) if spec.layer_norms else None, label=label,
                       seconds=time.perf_counter() - t0)
