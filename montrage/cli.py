@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", default="scos", choices=["scos", "mse", "bce"], help="fit: training loss")
     s.add_argument("--steps", type=int, default=400, help="fit: optimizer steps")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--prompt", default=None, help="query: the prompt that made the image (reported with its concepts)")
+    s.add_argument("--prompt", default=None, help="query: the prompt that made the images; they are encoded under it, as the "
+                   "training images were under their captions (omit if unknown: the empty prompt is used)")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--fast", action="store_true", help="query: encode at the final epoch only")
     s.add_argument("--json", action="store_true")

@@ -2,7 +2,10 @@
 
 This is the one representation space shared by training images, probe generations and offline queries: the
 image is VAE-encoded (posterior mean), noised with a seeded epsilon at each timestep, and passed through the
-UNet under a fixed text condition (the empty prompt by default) while forward hooks read the named modules.
+UNet under a text condition while forward hooks read the named modules. The condition is, by default, each
+image's own text -- a training image's caption, a probe's prompt, a query's prompt -- because that is how the
+model processes them in training and generation (MONTRAGE watches representations "while training data is input
+to and processed by the model"); a fixed prompt (e.g. "" for the empty prompt) gives an image-only space.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from montrage.capture import FeatureHooks, Pooling
+from montrage.components import embed_prompts
 
 
 def stable_seed(key: str) -> int:
@@ -52,10 +56,13 @@ def encode_images(
 ) -> dict[str, np.ndarray]:
     """Pooled activations {layer: (N, len(timesteps), features)} for images (N, 3, H, W) in [-1, 1].
 
-    `cond` is one text embedding (1, seq, dim) shared by all images (None for unconditional UNets).
+    `cond` is one text embedding (1, seq, dim) shared by all images, or one per image (N, seq, dim) -- e.g. each
+    training image's caption, as the model saw it in training (None for unconditional UNets).
     """
     if len(images) != len(noise_seeds):
         raise ValueError(f"{len(images)} images but {len(noise_seeds)} noise seeds.")
+    if cond is not None and len(cond) not in (1, len(images)):
+        raise ValueError(f"{len(images)} images but {len(cond)} text conditions (give one, or one per image).")
     p = next(unet.parameters())
     latents = image_latents(vae, images, batch_size)
     n, T = len(latents), len(timesteps)
@@ -71,8 +78,38 @@ def encode_images(
             noisy = scheduler.add_noise(z_rep, eps.reshape(-1, *z.shape[1:]), t_rep)
             kwargs = {}
             if cond is not None:
-                kwargs["encoder_hidden_states"] = cond.to(p.device, p.dtype).expand(len(noisy), -1, -1)
+                c = cond if len(cond) == 1 else cond[i:i + rows_per_call].repeat_interleave(T, dim=0)
+                kwargs["encoder_hidden_states"] = c.to(p.device, p.dtype).expand(len(noisy), -1, -1)
             unet(noisy.to(p.device, p.dtype), t_rep.to(p.device), **kwargs)
             for name, feats in hooks.pop().items():
                 result[name].append(feats.reshape(len(z), T, -1))
     return {name: torch.cat(v).numpy() for name, v in result.items()}
+
+
+CAPTION = "{caption}"
+
+
+def condition_prompts(encode_prompt: str, texts: list[str]) -> list[str]:
+    """The text each image is encoded under: its own text for `CAPTION`, else the one fixed prompt for all."""
+    return list(texts) if encode_prompt == CAPTION else [encode_prompt] * len(texts)
+
+
+def encode_conditioned(unet, vae, scheduler, tokenizer, text_encoder, images: torch.Tensor, noise_seeds: list[int],
+                       prompts: list[str], timesteps: list[int], layers: list[str], pooling: Pooling = "mean",
+                       batch_size: int = 32, chunk: int = 256) -> dict[str, np.ndarray]:
+    """`encode_images` with image i under `prompts[i]`; text embeddings are made a chunk at a time (bounded memory).
+
+    `vae=None` takes `images` as latents already (see `image_latents`).
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
+    if text_encoder is None:
+        return encode_images(unet, vae, scheduler, images, noise_seeds, timesteps, layers, pooling, None, batch_size)
+    parts = []
+    for i in range(0, max(len(images), 1), chunk):
+        texts = prompts[i:i + chunk]
+        with torch.no_grad():
+            cond = embed_prompts(tokenizer, text_encoder, texts[:1] if len(set(texts)) == 1 else texts)
+        parts.append(encode_images(unet, vae, scheduler, images[i:i + chunk], noise_seeds[i:i + chunk], timesteps,
+                                   layers, pooling, cond, batch_size))
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

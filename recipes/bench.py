@@ -193,7 +193,7 @@ def run_query_latency(sizes: tuple[int, ...] = (100, 1000, 10000), epochs: int =
             t = time.perf_counter()
             for _ in range(repeats):
                 g = gradients.lora_gradient_features(unet, att.model.components.vae, att.model.components.scheduler, q,
-                                                     att.model.cond, [100, 300, 500, 700, 900], [0], proj_dim=256)
+                                                     att.model.cond([""]), [100, 300, 500, 700, 900], [0], proj_dim=256)
                 gradients.trak_scores(g, np.random.default_rng(0).normal(size=(n, 256)).astype(np.float32))
             trak_ms = (time.perf_counter() - t) / repeats * 1000
             att.close()

@@ -151,6 +151,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     train = att.train
     train_pix = ConceptImageDataset(train, sm.resolution).pixels
     concept_names = sorted(tokens)
+    q_prompts = [p for p, _ in queries.items()]  # every method that reads text sees the query's prompt
+    t_prompts = [e.caption for e in train]        # and each training image's caption
     methods: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
 
@@ -159,12 +161,12 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         methods[name] = np.asarray(fn())
         seconds[name] = time.time() - t
 
-    timed("montrage", lambda: att.image_scores(qpix, fast=False))
-    timed("montrage-final-epoch", lambda: att.image_scores(qpix, fast=True))
+    timed("montrage", lambda: att.image_scores(qpix, fast=False, prompts=q_prompts))
+    timed("montrage-final-epoch", lambda: att.image_scores(qpix, fast=True, prompts=q_prompts))
 
     def final_similarity():
         last = att.store.num_epochs - 1
-        q = sm.trajectory(qpix, _seeds(qpix), [last])
+        q = sm.trajectory(qpix, _seeds(qpix), [last], q_prompts)
         t = {layer: att.store.train_features(layer)[last:] for layer in att.store.layers}
         centre = {k: v[last:] for k, v in att.centre.items()}
         return pair_features(q, t, centre, "final").mean(axis=-1)
@@ -179,7 +181,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
 
     def grads(pix, keys, output, row):
         sm.set_epoch(row)
-        return gradients.lora_gradient_features(unet, vae, sched, pix, sm.cond, grad_t, keys, output=output,
+        cond = sm.cond(sm.prompts(len(pix), q_prompts if pix is qpix else t_prompts))
+        return gradients.lora_gradient_features(unet, vae, sched, pix, cond, grad_t, keys, output=output,
                                                 proj_dim=256, proj_seed=seed)
 
     train_seeds = [int(s) for s in _seeds(train_pix)]
@@ -235,7 +238,8 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
         "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
         "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
                    "repeats": repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
-                   "query_seeds": QUERY_SEEDS, "template": TEMPLATE, "layers": LAYERS, "pooling": "mean_max"},
+                   "query_seeds": QUERY_SEEDS, "template": TEMPLATE, "layers": LAYERS, "pooling": "mean_max",
+                   "encode_prompt": "{caption}"},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     with open(out, "w") as fh:

@@ -146,7 +146,8 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
         generated = att.model.generate(ProbeSet(prompts, tuple({} for _ in prompts), (1234,)), att.store.num_epochs - 1)
         unseen = int(np.flatnonzero(_digits()[1] == digits[-1])[-1])  # the last image of a class is never trained on
         pixels = torch.cat([generated, digits_pixels([unseen], att.model.resolution)])
-        results = att.query(pixels, top_k=5)
+        # generations are encoded under their prompts; the real digit's prompt is unknown (the empty prompt)
+        results = att.query(pixels, top_k=5, prompt=list(prompts) + [""])
         att.plot(pixels, results, os.path.join(out, "query.png"))
     finally:
         att.close()

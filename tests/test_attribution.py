@@ -91,8 +91,11 @@ def test_fit_save_load_query(run_store, tmp_path):
         assert set(res[0]["concepts"]) == {"digit1", "digit7"} and res[0]["prompt_concepts"] == ["digit7"]
         assert all(0.0 <= item["score"] <= 1.0 for item in res[0]["top_images"])
         assert sum(v["share"] for v in res[0]["concepts"].values()) == pytest.approx(1.0, abs=1e-3)
-    scores = att.image_scores(px)
+    with pytest.warns(UserWarning, match="no prompt was given"):
+        scores = att.image_scores(px)
     assert scores.shape == (2, 6) and np.array_equal(scores, att.image_scores(px))
+    # the store is captioned: queries are encoded under their prompt, which changes what they look like to the model
+    assert not np.allclose(scores, att.image_scores(px, prompts=["a photo of seven", "a photo of one"]), atol=1e-6)
     png = att.plot(px, res, str(tmp_path / "panel.png"))
     assert (tmp_path / "panel.png").stat().st_size > 1000 and png.endswith(".png")
     att.close()

@@ -115,6 +115,24 @@ def test_gradient_features_leave_the_model_as_it_was(lora_parts):
     unet.eval()
 
 
+def test_gradient_features_with_one_condition_per_image(lora_parts):
+    from montrage.components import embed_prompts
+
+    parts, cond, pixels = lora_parts
+    prompts = ["a photo of seven", "", "a photo of one"]
+    per_image = embed_prompts(parts.tokenizer, parts.text_encoder, prompts)
+    args = (parts.unet, parts.vae, parts.scheduler)
+    mixed = lora_gradient_features(*args, pixels, per_image, TIMESTEPS, [0, 1, 2], proj_dim=16, batch_size=2)
+    for i in range(3):  # equal to each image alone under its own condition
+        alone = lora_gradient_features(*args, pixels[i:i + 1], per_image[i:i + 1], TIMESTEPS, [i], proj_dim=16)
+        np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-3, atol=1e-5)
+    shared = lora_gradient_features(*args, pixels, cond, TIMESTEPS, [0, 1, 2], proj_dim=16)
+    np.testing.assert_allclose(mixed[1], shared[1], rtol=1e-3, atol=1e-5)  # image 1's prompt is the shared "" one
+    assert np.abs(mixed[0] - shared[0]).max() > 1e-4
+    with pytest.raises(ValueError, match="text conditions"):
+        lora_gradient_features(*args, pixels, per_image[:2], TIMESTEPS, [0, 1, 2], proj_dim=16)
+
+
 def test_gradient_features_reject_bad_input(lora_parts):
     parts, cond, pixels = lora_parts
     with pytest.raises(ValueError, match="noise seeds"):

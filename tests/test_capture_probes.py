@@ -69,6 +69,27 @@ def test_encode_is_deterministic_per_image_and_layer_shapes(tiny_model_dir):
     assert stable_seed("x") == stable_seed("x") != stable_seed("y")
 
 
+def test_encode_conditioned_uses_each_images_own_prompt(tiny_model_dir):
+    from montrage.components import embed_prompts, load_components
+    from montrage.encode import CAPTION, condition_prompts, encode_conditioned
+
+    c = load_components(tiny_model_dir)
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seeds = [stable_seed(f"img{i}") for i in range(3)]
+    prompts = ["a photo of seven", "a photo of one", "a photo of seven"]
+    args = (c.unet, c.vae, c.scheduler, c.tokenizer, c.text_encoder, imgs, seeds)
+    mixed = encode_conditioned(*args, prompts, [100, 900], ["mid_block"], "mean", chunk=2)["mid_block"]
+    for i, p in enumerate(prompts):  # equal to encoding the image alone under its own prompt
+        alone = encode_images(c.unet, c.vae, c.scheduler, imgs[i:i + 1], seeds[i:i + 1], [100, 900], ["mid_block"], "mean",
+                              embed_prompts(c.tokenizer, c.text_encoder, [p]))["mid_block"]
+        np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-4, atol=1e-5)
+    empty = encode_conditioned(*args, [""] * 3, [100, 900], ["mid_block"], "mean")["mid_block"]
+    assert np.abs(empty - mixed).max() > 1e-3  # the text condition reaches the features
+    assert condition_prompts(CAPTION, prompts) == prompts and condition_prompts("", prompts) == [""] * 3
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        encode_conditioned(*args, prompts[:2], [100], ["mid_block"])
+
+
 def test_default_probes_weights():
     p = default_probes({"digit1": "one", "digit7": "seven", "digit9": "nine"}, "a photo of {token}", [0, 1])
     assert len(p.prompts) == 3 + 3 and len(p) == 12

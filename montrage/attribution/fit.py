@@ -30,7 +30,8 @@ def probe_trajectories(sm: StoreModel) -> dict[str, np.ndarray]:
     """{layer: (E, P, T, F)}: the final probe generations encoded at every stored epoch."""
     probes = sm.store.probes
     images = sm.generate(probes, sm.num_epochs - 1)
-    return sm.trajectory(images, [stable_seed(f"probe/{p}/{s}") for p, s in probes.items()])
+    items = probes.items()
+    return sm.trajectory(images, [stable_seed(f"probe/{p}/{s}") for p, s in items], prompts=[p for p, _ in items])
 
 
 def table(store: StoreReader, queries: dict[str, np.ndarray], centre: dict, mode: Mode) -> np.ndarray:

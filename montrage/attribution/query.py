@@ -97,12 +97,12 @@ class Attributor:
             raise ValueError("no query images given.")
         return torch.stack([load_image(str(p), self.model.resolution) for p in images])
 
-    def image_scores(self, pixels: torch.Tensor, fast: bool = False) -> np.ndarray:
-        """(Q, N) influence scores of every training image on each query."""
+    def image_scores(self, pixels: torch.Tensor, fast: bool = False, prompts: list[str] | None = None) -> np.ndarray:
+        """(Q, N) influence scores of every training image on each query (generated from `prompts`, if known)."""
         seeds = [query_seed(p) for p in pixels]
         last = self.store.num_epochs - 1
         rows = [last] if fast else list(range(self.store.num_epochs))
-        traj = self.model.trajectory(pixels, seeds, rows)
+        traj = self.model.trajectory(pixels, seeds, rows, prompts)
         mode: Mode = "final" if fast else "trajectory"
         if fast:  # the final-epoch model reads only the last epoch; pad the trajectory axis to the stored length
             traj = {k: np.repeat(v, self.store.num_epochs, axis=0) for k, v in traj.items()}
@@ -113,9 +113,11 @@ class Attributor:
         labels = np.array([e.concept for e in self.train])
         return np.stack([scores[:, labels == c].mean(axis=1) for c in self.concepts], axis=1)
 
-    def query(self, images, top_k: int = 5, fast: bool = False, prompt: str | None = None) -> list[dict]:
+    def query(self, images, top_k: int = 5, fast: bool = False, prompt: str | list[str] | None = None) -> list[dict]:
+        """`prompt`: the text the images were generated from (one for all, or one per image), if known."""
         pixels = self.load_images(images)
-        scores = self.image_scores(pixels, fast)
+        prompts = [prompt] * len(pixels) if isinstance(prompt, str) else prompt
+        scores = self.image_scores(pixels, fast, prompts)
         concept = self.concept_scores(scores)
         names = [str(p) for p in images] if not isinstance(images, torch.Tensor) else [f"image{i}" for i in range(len(pixels))]
         results = []
@@ -130,9 +132,9 @@ class Attributor:
                 "top_images": [{"id": self.train[i].id, "path": self.train[i].path, "concept": self.train[i].concept,
                                 "score": round(float(scores[q, i]), 5)} for i in order],
             }
-            if prompt:
-                result["prompt"] = prompt
-                result["prompt_concepts"] = [c for c in self.concepts if re.search(rf"\b{re.escape(c)}\b", prompt)]
+            if prompts:
+                result["prompt"] = prompts[q]
+                result["prompt_concepts"] = [c for c in self.concepts if re.search(rf"\b{re.escape(c)}\b", prompts[q])]
             results.append(result)
         return results
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from montrage.components import embed_prompts, load_components, model_identity
-from montrage.encode import encode_images, image_latents
+from montrage.encode import CAPTION, condition_prompts, encode_conditioned, image_latents
 from montrage.generate import build_pipeline, generate_probes
 from montrage.probes import ProbeSet
 from montrage.store import StoreError, StoreMismatchError, StoreReader
@@ -39,7 +41,7 @@ class StoreModel:
         self.device = torch.device(device)
         for part in (unet, self.components.vae, self.components.text_encoder):
             part.to(self.device).eval().requires_grad_(False)
-        self.cond = embed_prompts(self.components.tokenizer, self.components.text_encoder, [cfg.get("encode_prompt", "")])
+        self.encode_prompt = cfg.get("encode_prompt", "")
         self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
         self.row: int | None = None
 
@@ -57,16 +59,34 @@ class StoreModel:
         set_peft_model_state_dict(self.components.unet, sd)
         self.row = row
 
-    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32,
-               latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    def prompts(self, n: int, prompts: list[str] | None) -> list[str]:
+        """The texts n images are encoded under, as the store's training images were (see `encode_prompt`)."""
+        if prompts is not None and len(prompts) != n:
+            raise ValueError(f"{n} images but {len(prompts)} prompts (give one per image).")
+        if prompts is None and self.encode_prompt == CAPTION:
+            warnings.warn(f"store {self.store.path!r} encodes images under their captions/prompts, but no prompt was "
+                          "given: using the empty prompt, which weakens attribution. Pass the generation's prompt "
+                          "(CLI: --prompt).", stacklevel=3)
+        return condition_prompts(self.encode_prompt, prompts if prompts is not None else [""] * n)
+
+    def cond(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (n, seq, dim) of `prompts` (for gradient baselines that condition like the encoder)."""
+        c = self.components
+        with torch.no_grad():
+            return embed_prompts(c.tokenizer, c.text_encoder, prompts).to(self.device)
+
+    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32, latents: torch.Tensor | None = None,
+               prompts: list[str] | None = None) -> dict[str, np.ndarray]:
         """Encode with the current weights; pass `latents` (from `image_latents`) to skip the VAE."""
         c, cfg = self.components, self.store.spec
         vae, x = (None, latents) if latents is not None else (c.vae, images)
-        return encode_images(c.unet, vae, c.scheduler, x, seeds, cfg["timesteps"], cfg["layers"], cfg["pooling"],
-                             self.cond, batch_size)
+        return encode_conditioned(c.unet, vae, c.scheduler, c.tokenizer, c.text_encoder, x, seeds,
+                                  self.prompts(len(x), prompts), cfg["timesteps"], cfg["layers"], cfg["pooling"],
+                                  batch_size)
 
-    def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None) -> dict[str, np.ndarray]:
-        """{layer: (len(rows), n, T, F)}: the images encoded with each stored epoch's weights."""
+    def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None,
+                   prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+        """{layer: (len(rows), n, T, F)}: the images (under `prompts`, if the store is captioned) at each stored epoch."""
         rows = list(range(self.num_epochs)) if rows is None else list(rows)
         if self.num_epochs == 0:
             raise StoreError(f"store {self.store.path!r} holds no complete epoch.")
@@ -74,10 +94,11 @@ class StoreModel:
             raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
                              "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
         latents = image_latents(self.components.vae, images)  # the VAE is not adapted: encode once, not per epoch
+        prompts = self.prompts(len(images), prompts)
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(self.encode(images, seeds, latents=latents))
+            per_epoch.append(self.encode(images, seeds, latents=latents, prompts=prompts))
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()

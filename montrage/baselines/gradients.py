@@ -90,10 +90,10 @@ def lora_gradient_features(
     """Projected per-image gradients (B, proj_dim) of a diffusion output function w.r.t. the trainable parameters.
 
     pixels (B, 3, H, W) in [-1, 1] are VAE-encoded (posterior mean x scaling factor); image i is noised at each
-    timestep t_j with `fixed_noise(noise_seeds[i], len(timesteps), latent_shape)[j]` under the shared text embedding
-    `cond` (1, seq, dim). `output="loss"` differentiates the training loss, the MSE between the UNet prediction and
-    its target (ε, or the velocity for a v-prediction scheduler), as TRAK and TracIn do; `output="sq_norm"` the
-    mean square of the predicted noise, D-TRAK's best output function (its ||ε_θ||², divided by the latent size).
+    timestep t_j with `fixed_noise(noise_seeds[i], len(timesteps), latent_shape)[j]` under the text embedding
+    `cond`: one shared (1, seq, dim) or one per image (B, seq, dim), e.g. its caption or prompt. `output="loss"`
+    differentiates the training loss, the MSE between the UNet prediction and its target (ε, or the velocity for a
+    v-prediction scheduler), as TRAK and TracIn do; `output="sq_norm"` the mean square of the predicted noise, D-TRAK's best output function (its ||ε_θ||², divided by the latent size).
     The gradient is averaged over the timesteps, flattened over the trainable parameters in module order, and
     projected with `GaussianProjection(dim, proj_dim, proj_seed)`. Each call runs the UNet on batch_size x
     len(timesteps) latents.
@@ -111,17 +111,19 @@ def lora_gradient_features(
     latents = image_latents(vae, pixels, batch_size)
     T = len(timesteps)
     t_all = torch.tensor(timesteps, dtype=torch.long)
-    cond_T = cond.to(device, dtype).expand(T, -1, -1)
+    if len(cond) not in (1, len(pixels)):
+        raise ValueError(f"{len(pixels)} images but {len(cond)} text conditions (give one, or one per image).")
+    cond = cond.to(device, dtype)
     v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
 
-    def objective(p: dict, noisy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def objective(p: dict, noisy: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # one image: its T noised latents in one UNet batch; the mean over them = the mean of per-timestep values
-        kwargs = {"encoder_hidden_states": cond_T, "return_dict": False}
+        kwargs = {"encoder_hidden_states": c.expand(T, -1, -1), "return_dict": False}
         pred = functional_call(unet, p, (noisy, t_all.to(device)), kwargs)[0]
         pred = pred.float()
         return ((pred - target) ** 2).mean() if output == "loss" else (pred ** 2).mean()
 
-    per_sample = vmap(grad(objective), in_dims=(None, 0, 0))
+    per_sample = vmap(grad(objective), in_dims=(None, 0, 0, 0))
     feats = []
     with _frozen_eval(unet), _attention_backend(device):
         for i in range(0, len(latents), batch_size):
@@ -132,7 +134,8 @@ def lora_gradient_features(
             t_rep = t_all.repeat(len(z))
             noisy = scheduler.add_noise(z_rep, eps.reshape(-1, *shape), t_rep).reshape(eps.shape)
             target = scheduler.get_velocity(z_rep, eps.reshape(-1, *shape), t_rep).reshape(eps.shape) if v_pred else eps
-            g = per_sample(params, noisy.to(device, dtype), target.to(device, torch.float32))
+            c = (cond if len(cond) > 1 else cond.expand(len(pixels), -1, -1))[i:i + batch_size, None]
+            g = per_sample(params, noisy.to(device, dtype), target.to(device, torch.float32), c)
             flat = torch.cat([g[n].reshape(len(z), -1).float() for n in params], dim=1)
             feats.append(projection(flat).cpu())
     return torch.cat(feats).numpy()
