@@ -1,0 +1,46 @@
+"""Shared by the callbacks that read the store MontrageCallback writes during training (attribution curves, guard).
+
+They read the committed snapshots with a fresh SWMR `StoreReader` on global rank 0, after MontrageCallback's
+`on_train_epoch_end` has written and flushed the epoch. Lightning calls callbacks in list order, so such a callback
+must come after MontrageCallback in `callbacks=[...]`; `monitor_store_path` checks that before training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from montrage.callbacks.montrage_callback import MontrageCallback, MontrageConfigError
+
+
+def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[str]) -> str:
+    """The store to follow: `store_path`, or that of the MontrageCallback placed before `me` in the trainer."""
+    callbacks = list(trainer.callbacks)
+    name = type(me).__name__
+    monitors = [cb for cb in callbacks if isinstance(cb, MontrageCallback)]
+    if store_path is not None:
+        monitors = [cb for cb in monitors if cb.store_path == store_path]
+        if not monitors:
+            return store_path  # a store written elsewhere (e.g. by another process)
+    if not monitors:
+        raise MontrageConfigError(
+            f"{name} reads the store that MontrageCallback writes, but the trainer has no MontrageCallback: add one "
+            f"before {name} in callbacks=[...], or pass store_path= of a store another process writes.")
+    if len(monitors) > 1:
+        raise MontrageConfigError(
+            f"{name}: the trainer has {len(monitors)} MontrageCallbacks ({', '.join(cb.store_path for cb in monitors)}); "
+            "pass store_path= to say which store to read.")
+    monitor = monitors[0]
+    if callbacks.index(monitor) > callbacks.index(me):
+        raise MontrageConfigError(
+            f"{name} comes before MontrageCallback in the trainer's callbacks, so it would read each epoch before it is "
+            f"written (Lightning calls callbacks in list order): put {name} after MontrageCallback.")
+    return monitor.store_path
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list:
+    from pytorch_lightning.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -1,0 +1,145 @@
+"""MemorizationGuard: fires when a probe generation is a near-copy of a training image, stays silent otherwise.
+
+Unit tests never wait for learning (the tiny model is untrained), so the over-trained case is made by
+construction: the training image of concept "seven" is the model's own generation for the probe "a photo of
+seven", seed 0, and training repeats it many times. Real over-training on the pre-trained tiny base is measured
+by `python -m montrage.recipes.memorization_check` (README figures).
+"""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+import helpers
+from montrage.callbacks import MemorizationGuard, MontrageConfigError
+from montrage.generate import build_pipeline, generate_probes
+from montrage.memorization import near_copies, pixel_similarity, read_alerts, representation_similarity, to_thumbnails
+from montrage.probes import ProbeSet
+
+
+def test_similarity_measures_on_hand_made_cases():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    b = np.stack([a[0] // 2 + 10, rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)])  # a[0] darker; unrelated
+    pix = pixel_similarity(a, b)
+    assert pix[0, 0] > 0.99 and abs(pix[0, 1]) < 0.3 and pix.shape == (2, 2)
+    feats = rng.normal(size=(3, 2, 4))
+    rep = representation_similarity(feats[:1], feats)
+    assert np.argmax(rep[0]) == 0 and rep[0, 0] == pytest.approx(1.0)
+    # "all" needs both measures over their threshold for the same image; "any" one of them
+    pix_m, rep_m = np.array([[0.99, 0.1], [0.5, 0.2]]), np.array([[0.2, 0.95], [0.1, 0.1]])
+    assert near_copies(pix_m, rep_m, 0.97, 0.9, "all") == []
+    assert near_copies(pix_m, rep_m, 0.97, 0.9, "any") == [(0, 0)]
+    assert near_copies(pix_m, None, 0.97, None) == [(0, 0)]
+    with pytest.raises(ValueError, match="thumbnail shapes differ"):
+        pixel_similarity(a, b[:, :4])
+
+
+def copy_data_dir(model_dir, root, resolution=16) -> str:
+    """seven/ holds the model's own generation for 'a photo of seven' (seed 0, the callback's sampler); one/ a digit."""
+    m = helpers.module(model_dir)
+    pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    probes = ProbeSet(("a photo of seven",), ({"seven": 1.0},), (0,))
+    with torch.no_grad():
+        img = generate_probes(pipe, probes, resolution, 2, 1.0)[0]
+    for concept, pixels in (("seven", img), ("one", torch.rand(3, resolution, resolution) * 2 - 1)):
+        os.makedirs(os.path.join(root, concept), exist_ok=True)
+        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(os.path.join(root, concept, "0.png"))
+    return str(root)
+
+
+class FakeExperiment:
+    """Records what a WandbLogger's run is asked to log (wandb itself is disabled in tests)."""
+
+    def __init__(self):
+        self.logged = []
+        self.config = types.SimpleNamespace(update=lambda *a, **k: None)
+
+    def __getattr__(self, name):  # define_metric, watch, ...: no-ops
+        return lambda *a, **k: None
+
+    def log(self, payload, **kw):
+        self.logged.append(payload)
+
+
+def fake_wandb_logger():
+    from pytorch_lightning.loggers import WandbLogger
+
+    class Fake(WandbLogger):
+        @property
+        def experiment(self):
+            return self._fake
+
+    lg = Fake(offline=True)
+    lg._fake = FakeExperiment()
+    return lg
+
+
+def test_guard_fires_on_a_copy_and_stops_training(tiny_model_dir, tmp_path):
+    data_dir = copy_data_dir(tiny_model_dir, tmp_path / "data")
+    store = tmp_path / "over.h5"
+    guard = MemorizationGuard(stop_training=True)
+    logger = fake_wandb_logger()
+    pl.seed_everything(0)
+    trainer = helpers.trainer(4, [helpers.callback(store, thumbnail_size=16), guard], logger=logger)
+    trainer.fit(helpers.module(tiny_model_dir, learning_rate=1e-4),
+                helpers.data(data_dir=data_dir, repeats=8, batch_size=8))
+    assert trainer.current_epoch == 1  # the epoch-0 alert stops the run after its first training epoch
+    # the untrained model ignores its prompt, so every probe reproduces the same image: all are copies of seven/0.png
+    assert "a photo of seven" in {a["prompt"] for a in guard.alerts}
+    assert all(a["train_id"] == "seven/0.png" and a["pixel"] >= 0.97 for a in guard.alerts)
+    assert sorted({a["epoch"] for a in guard.alerts}) == [0, 1]
+    record = read_alerts(str(tmp_path / "over_memorization.json"))
+    assert record["alerts"] == guard.alerts and [h["epoch"] for h in record["history"]] == [0, 1]
+    images = [p["montrage/memorization/alerts_images"] for p in logger.experiment.logged if "montrage/memorization/alerts_images" in p]
+    assert len(images) == 2 and "seven/0.png" in images[0][0]._caption  # one log call per snapshot with alerts
+    # the resumable state round-trips
+    again = MemorizationGuard()
+    again.load_state_dict(guard.state_dict())
+    assert again.alerts == guard.alerts and again.rows_checked == 2
+
+
+def test_guard_stays_silent_on_a_normal_run(tiny_model_dir, tmp_path):
+    store = tmp_path / "normal.h5"
+    guard = MemorizationGuard(stop_training=True)
+    pl.seed_everything(0)
+    trainer = helpers.trainer(2, [helpers.callback(store, thumbnail_size=16), guard])
+    trainer.fit(helpers.module(tiny_model_dir), helpers.data())
+    assert trainer.current_epoch == 2 and guard.alerts == []
+    record = json.loads((tmp_path / "normal_memorization.json").read_text())
+    assert record["alerts"] == [] and len(record["history"]) == 3
+    assert all(h["max_pixel"] < 0.97 for h in record["history"])
+
+
+def test_guard_failure_is_a_warning_not_a_crash(tiny_model_dir, tmp_path, caplog):
+    guard = MemorizationGuard(layer="no_such_layer", representation_threshold=0.9)
+    trainer = helpers.trainer(1, [helpers.callback(tmp_path / "s.h5"), guard])
+    trainer.fit(helpers.module(tiny_model_dir), helpers.data())
+    assert trainer.current_epoch == 1
+    assert "check skipped" in caplog.text and "no_such_layer" in caplog.text
+
+
+def test_guard_configuration_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(MontrageConfigError, match="set at least one"):
+        MemorizationGuard(pixel_threshold=None)
+    with pytest.raises(MontrageConfigError, match="in \\[-1, 1\\]"):
+        MemorizationGuard(pixel_threshold=1.5)
+    guard = MemorizationGuard()
+    with pytest.raises(MontrageConfigError, match="put MemorizationGuard after MontrageCallback"):
+        helpers.trainer(1, [guard, helpers.callback(tmp_path / "s.h5")]).fit(helpers.module(tiny_model_dir), helpers.data())
+    with pytest.raises(MontrageConfigError, match="no MontrageCallback"):
+        helpers.trainer(1, [MemorizationGuard()]).fit(helpers.module(tiny_model_dir), helpers.data())
+
+
+def test_thumbnails_match_the_callbacks(tiny_model_dir):
+    from montrage.callbacks.montrage_callback import _to_uint8
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert np.array_equal(to_thumbnails(x, 8), _to_uint8(x, 8))
