@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_origin_parser(sub)
 
+    from montrage.report import add_report_parser
+
+    add_report_parser(sub)
+
     sub.add_parser("fit", help="fine-tune with LightningCLI, e.g. `montrage fit --config demo.yaml`", add_help=False)
     return p
 
