@@ -158,6 +158,10 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         mem = binary_report(p, y_te[mx_te] == "member", predictions=p >= 0.5)
         return tern, vs_rest, mem
 
+    def ternary_and_membership(X: np.ndarray) -> tuple[dict, dict]:
+        tern, _, mem = probe_results(X)
+        return tern, mem
+
     matrices = {
         "trajectory": feature_matrix(full)[0],
         "trajectory_loss": feature_matrix(full, ("loss",))[0],
@@ -192,8 +196,7 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     claims = {
         "a_generated_flagged_more_than_members": _claim_a(attacks["loss_threshold"], full, tr, te, y_tr, y_te, labels,
                                                           sources[te]),
-        "b_whole_trajectory_beats_windows": _claim_b(loss_only, grid, wgrids,
-                                                     lambda X: (lambda r: (r[0], r[2]))(probe_results(X))),
+        "b_whole_trajectory_beats_windows": _claim_b(loss_only, grid, wgrids, ternary_and_membership),
         "c_gradients_add_over_loss": {
             "holds": bool(m["trajectory"]["auc"] > m["trajectory_loss"]["auc"]),
             "ternary": {"all_features": m["trajectory"], "loss_only": m["trajectory_loss"]},
