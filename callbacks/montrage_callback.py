@@ -6,13 +6,19 @@ hooks on named UNet modules, and appends the pooled activations to the store. It
 (which examples each optimizer step saw) and, for LoRA runs, a per-epoch adapter snapshot.
 
 Distributed: every rank runs every hook and reaches every collective; encoding work is split across ranks and
-gathered; only global rank 0 opens and writes the store.
+gathered; only global rank 0 opens and writes the store. A failure on any rank is made known to all ranks before
+the next collective, so that they skip (or, with strict=True, stop) together and nobody waits at a barrier.
+
+Failures: configuration errors (module, data, probes, store path or mismatch) raise before the first training
+step. A failure while monitoring (a snapshot, non-finite activations, the training order, W&B) skips that piece
+with a logged warning and training goes on, unless strict=True.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from typing import Any, Literal, Optional
@@ -25,18 +31,41 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from montrage.capture import resolve_modules
-from montrage.components import embed_prompts, model_identity
-from montrage.encode import encode_images, stable_seed
+from montrage.components import model_identity
+from montrage.encode import CAPTION, condition_prompts, encode_conditioned, stable_seed
 from montrage.generate import build_pipeline, generate_probes
 from montrage.probes import ProbeSet, default_probes, load_probe_file
 from montrage.similarity import concept_similarity, flatten_features
 from montrage.store import StoreSpec, StoreWriter
 
 REQUIRED_ATTRS = ("unet", "vae", "text_encoder", "tokenizer", "noise_scheduler")
+log = logging.getLogger(__name__)
 
 
 class MontrageConfigError(ValueError):
     """The callback cannot monitor this module or data (named attribute, file or field, and the fix)."""
+
+
+class MontrageSnapshotError(RuntimeError):
+    """Monitoring failed during training (on some rank); skipped with a warning unless strict=True."""
+
+
+def _non_finite(probe_feats: dict, train_feats: dict, lora, probe_names: list[str], train_ids: list[str]) -> str:
+    """'' when every value is finite, else which layers, probes, training images (or the adapter) are not."""
+
+    def rows(arr, names):
+        bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+        shown = [names[i] for i in np.flatnonzero(bad)[:3]]
+        return f"{int(bad.sum())} of {len(arr)} ({', '.join(shown)}{', ...' if bad.sum() > 3 else ''})" if bad.any() else ""
+
+    found = []
+    for layer in probe_feats:
+        for kind, arr, names in (("probes", probe_feats[layer], probe_names), ("training images", train_feats[layer], train_ids)):
+            if r := rows(arr, names):
+                found.append(f"layer {layer!r}, {kind} {r}")
+    if lora is not None and not np.isfinite(lora).all():
+        found.append("the LoRA weights")
+    return "; ".join(found)
 
 
 def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
@@ -57,13 +86,17 @@ class MontrageCallback(Callback):
         layers: UNet modules to hook, by dotted name (default the bottleneck, "h-space").
         timesteps: timesteps at which images are noised (fixed epsilon per image) and encoded.
         pooling: how activations are reduced to a vector.
-        encode_prompt: text condition used when encoding images ("" = the empty prompt, so that attribution
-            reflects image content rather than the concept token).
+        encode_prompt: text condition used when encoding images: "{caption}" (default) = each training image under
+            its caption and each probe under its prompt, as the model processes them; any other string = that one
+            prompt for all ("" = the empty prompt: an image-only space, for queries whose prompt is unknown).
         num_inference_steps, guidance_scale: the probe sampler (DDIM).
         thumbnail_size: side of the probe image thumbnails kept in the store.
         save_lora_snapshots: keep the adapter weights of every snapshot (so queries can be re-encoded per epoch).
         overwrite: replace an existing store of a finished run instead of refusing.
         log_to_wandb: log similarity curves, a probe grid and the store artifact to an attached WandbLogger.
+        strict: stop training when monitoring fails (a snapshot, non-finite activations, the training order, W&B).
+            Default False: the failing piece is skipped with a logged warning and training goes on. Configuration
+            errors raise before training starts either way.
     """
 
     def __init__(
@@ -78,7 +111,7 @@ class MontrageCallback(Callback):
         layers: list[str] = ["mid_block"],
         timesteps: list[int] = [200, 500, 800],
         pooling: Literal["mean", "max", "mean_max"] = "mean",
-        encode_prompt: str = "",
+        encode_prompt: str = CAPTION,
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         thumbnail_size: int = 64,
@@ -86,8 +119,14 @@ class MontrageCallback(Callback):
         encode_batch_size: int = 32,
         overwrite: bool = False,
         log_to_wandb: bool = True,
+        strict: bool = False,
     ):
         super().__init__()
+        if probe_prompts is not None and len(probe_prompts) == 0:
+            raise MontrageConfigError("probe_prompts is empty: list at least one prompt, or leave it unset (null) for "
+                                      "one probe per training concept from probe_template.")
+        if len(probe_seeds) == 0:
+            raise MontrageConfigError("probe_seeds is empty: give at least one seed, e.g. [0, 1].")
         if every_n_epochs < 1:
             raise MontrageConfigError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
         if not layers:
@@ -112,6 +151,7 @@ class MontrageCallback(Callback):
         self.encode_batch_size = int(encode_batch_size)
         self.overwrite = overwrite
         self.log_to_wandb = log_to_wandb
+        self.strict = bool(strict)
         # run state (the resumable part is in state_dict)
         self.epochs_written = 0
         self.order_rows = 0
@@ -150,6 +190,26 @@ class MontrageCallback(Callback):
             )
         return dataset
 
+    @staticmethod
+    def _check_pixels(dataset, vae) -> None:
+        """Training pixels the encoder can take: (N, 3, H, W), finite, H and W multiples of the VAE's downsampling."""
+        px, n = dataset.pixels, len(dataset.examples)
+        shape = tuple(px.shape) if hasattr(px, "shape") else type(px).__name__
+        if not isinstance(px, torch.Tensor) or px.ndim != 4 or px.shape[1] != 3 or len(px) != n:
+            raise MontrageConfigError(
+                f"dataset.pixels must be a tensor of shape ({n}, 3, H, W) in [-1, 1], one row per example; got {shape}. "
+                "Convert every image to RGB first (montrage.data.load_image does, whatever its mode)."
+            )
+        factor = 2 ** (len(getattr(vae.config, "block_out_channels", [0])) - 1)
+        if px.shape[-1] % factor or px.shape[-2] % factor:
+            raise MontrageConfigError(f"dataset.pixels are {px.shape[-2]}x{px.shape[-1]}; the VAE needs sides that are "
+                                      f"multiples of {factor}. Resize the images (e.g. resolution: 512).")
+        finite = torch.isfinite(px.reshape(n, -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = [dataset.examples[i].id for i in torch.nonzero(~finite).flatten().tolist()[:3]]
+            raise MontrageConfigError(f"dataset.pixels of {int((~finite).sum())} training image(s) are not finite "
+                                      f"(e.g. {', '.join(bad)}); fix or drop them.")
+
     def _build_probes(self, dataset) -> ProbeSet:
         concepts = sorted({e.concept for e in dataset.examples})
         tokens = self._tokens
@@ -172,28 +232,37 @@ class MontrageCallback(Callback):
             return out
         return [obj]
 
-    def _rank0_do(self, trainer: pl.Trainer, fn) -> None:
-        """Run fn on global rank 0 only; an error there is raised on every rank (nobody waits at a barrier)."""
+    def _rank0_do(self, trainer: pl.Trainer, fn) -> Optional[Exception]:
+        """Run fn on global rank 0 only and return its error on every rank (None if it worked): all ranks then act
+        alike, and nobody waits at a barrier that another rank skipped."""
         error = None
         if trainer.is_global_zero:
             try:
                 fn()
-            except Exception as err:  # re-raised below on every rank
+            except Exception as err:  # returned below on every rank
                 error = err
         message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
-        if error is not None:
+        if message is None:
+            return None
+        return error if error is not None else MontrageSnapshotError(f"MontrageCallback failed on global rank 0: {message}")
+
+    def _monitoring_failed(self, trainer: pl.Trainer, what: str, error: Exception) -> None:
+        """strict: raise (on every rank, as every rank gets here); otherwise warn once and let training go on."""
+        if self.strict:
             raise error
-        if message is not None:
-            raise RuntimeError(f"MontrageCallback failed on global rank 0: {message}")
+        if trainer.is_global_zero:
+            log.warning("montrage: %s failed and was skipped; training goes on (strict=False). %s: %s",
+                        what, type(error).__name__, error)
 
     # --- store lifecycle -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._dataset(trainer)
+        self._check_pixels(dataset, pl_module.vae)
         # concept name -> the token its captions use; a data module may say (default: the concept name)
         self._tokens = dict(getattr(trainer.datamodule, "concept_tokens", dict)()) if trainer.datamodule is not None else {}
         self._probes = self._build_probes(dataset)
         self._resolution = int(dataset.pixels.shape[-1])
-        dims = {k: v.shape[-1] for k, v in self._encode(pl_module, dataset.pixels[:1], ["dims"]).items()}
+        dims = {k: v.shape[-1] for k, v in self._encode(pl_module, dataset.pixels[:1], ["dims"], [dataset.examples[0].caption]).items()}
         lora_names, lora_shapes = [], []
         if self.save_lora_snapshots and getattr(pl_module.unet, "peft_config", None):
             sd = self._lora_state(pl_module)
@@ -209,10 +278,12 @@ class MontrageCallback(Callback):
 
         def open_store():
             self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=resume)
+            self.epochs_written, self.order_rows = self._writer.committed  # resume: at most the checkpoint's
 
-        self._rank0_do(trainer, open_store)
-        if resume is not None:
-            self.epochs_written, self.order_rows = resume
+        error = self._rank0_do(trainer, open_store)
+        if error is not None:  # a configuration error: before the first training step, so raise
+            raise error
+        self.epochs_written, self.order_rows = trainer.strategy.broadcast((self.epochs_written, self.order_rows), src=0)
         if self.epochs_written == 0:
             self._snapshot(trainer, pl_module, epoch=0)
 
@@ -240,8 +311,9 @@ class MontrageCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
-        if trainer.is_global_zero:
-            self._log_artifact(trainer)
+        error = self._rank0_do(trainer, lambda: self._log_artifact(trainer))
+        if error is not None:
+            self._monitoring_failed(trainer, "logging the store artifact to W&B", error)
         trainer.strategy.barrier("montrage-train-end")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -266,8 +338,11 @@ class MontrageCallback(Callback):
             def write():
                 self.order_rows = self._writer.append_order(epoch, arr[:, 0], arr[:, 1])
 
-            self._rank0_do(trainer, write)
-            self.order_rows = trainer.strategy.broadcast(self.order_rows, src=0)
+            error = self._rank0_do(trainer, write)
+            if error is not None:
+                self._monitoring_failed(trainer, f"recording the training order of epoch {epoch}", error)
+            else:
+                self.order_rows = trainer.strategy.broadcast(self.order_rows, src=0)
         done = epoch + 1
         last = trainer.max_epochs is not None and done >= trainer.max_epochs
         if done % self.every_n_epochs == 0 or last:
@@ -286,12 +361,13 @@ class MontrageCallback(Callback):
             for m, mode in modes:
                 m.training = mode
 
-    def _encode(self, pl_module, images: torch.Tensor, keys: list[str]) -> dict[str, np.ndarray]:
+    def _encode(self, pl_module, images: torch.Tensor, keys: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+        """Pooled activations of images under their texts (captions / probe prompts) or the fixed `encode_prompt`."""
         with self._probe_mode(pl_module):
-            cond = embed_prompts(pl_module.tokenizer, pl_module.text_encoder, [self.encode_prompt])
-            return encode_images(
-                pl_module.unet, pl_module.vae, pl_module.noise_scheduler, images,
-                [stable_seed(k) for k in keys], self.timesteps, self.layers, self.pooling, cond, self.encode_batch_size,
+            return encode_conditioned(
+                pl_module.unet, pl_module.vae, pl_module.noise_scheduler, pl_module.tokenizer, pl_module.text_encoder,
+                images, [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts), self.timesteps,
+                self.layers, self.pooling, self.encode_batch_size,
             )
 
     def _lora_state(self, pl_module) -> dict[str, torch.Tensor]:
@@ -299,8 +375,8 @@ class MontrageCallback(Callback):
 
         return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(pl_module.unet).items()}
 
-    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        dataset = self._dataset(trainer)
+    def _local_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset) -> dict:
+        """This rank's share: its probes generated and encoded, its training images encoded, the adapter weights."""
         rank, world = trainer.global_rank, trainer.world_size
         probes = self._probes
         p_idx = list(range(rank, len(probes), world))
@@ -311,16 +387,33 @@ class MontrageCallback(Callback):
             images = generate_probes(pipe, probes, self._resolution, self.num_inference_steps, self.guidance_scale,
                                      indices=p_idx)
         probe_keys = [f"probe/{prompt}/{seed}" for prompt, seed in probes.items()]
-        local = {
-            "p_idx": p_idx, "t_idx": t_idx,
-            "probe": self._encode(pl_module, images, [probe_keys[k] for k in p_idx]),
-            "train": self._encode(pl_module, dataset.pixels[t_idx], [dataset.examples[k].id for k in t_idx]),
-            "thumbs": _to_uint8(images, self.thumbnail_size),
-        }
-        parts = self._gather(trainer, local)
         lora = None
-        if self.save_lora_snapshots and getattr(pl_module.unet, "peft_config", None):
+        if trainer.is_global_zero and self.save_lora_snapshots and getattr(pl_module.unet, "peft_config", None):
             lora = torch.cat([v.flatten() for v in self._lora_state(pl_module).values()]).numpy()
+        return {
+            "p_idx": p_idx, "t_idx": t_idx,
+            "probe": self._encode(pl_module, images, [probe_keys[k] for k in p_idx], [probes.prompts[k // len(probes.seeds)] for k in p_idx]),
+            "train": self._encode(pl_module, dataset.pixels[t_idx], [dataset.examples[k].id for k in t_idx],
+                                  [dataset.examples[k].caption for k in t_idx]),
+            "thumbs": _to_uint8(images, self.thumbnail_size),
+            "lora": lora,
+        }
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Take and write one snapshot; a failure on any rank skips it on every rank (or raises, when strict)."""
+        dataset = self._dataset(trainer)
+        probes = self._probes
+        error = None
+        try:
+            local = self._local_snapshot(trainer, pl_module, dataset)
+        except Exception as err:  # told to every rank by the gather below
+            error, local = err, {"error": f"rank {trainer.global_rank}: {type(err).__name__}: {err}"}
+        lora = local.pop("lora", None)  # rank 0's, kept out of the gather
+        parts = self._gather(trainer, local)
+        failed = [p["error"] for p in parts if "error" in p]
+        if failed:
+            return self._monitoring_failed(trainer, f"the snapshot of epoch {epoch}",
+                                           error or MontrageSnapshotError("; ".join(failed)))
 
         def assemble(kind: str, n: int, idx_key: str) -> dict[str, np.ndarray]:
             out = {}
@@ -332,18 +425,31 @@ class MontrageCallback(Callback):
                 out[layer] = arr
             return out
 
+        written = {}
+
         def write():
             probe_feats = assemble("probe", len(probes), "p_idx")
             train_feats = assemble("train", len(dataset.examples), "t_idx")
+            bad = _non_finite(probe_feats, train_feats, lora, [f"{p} (seed {s})" for p, s in probes.items()],
+                              [e.id for e in dataset.examples])
+            if bad:
+                raise MontrageSnapshotError(f"non-finite values, nothing written for epoch {epoch}: {bad}. The "
+                                            "model may have diverged (check the loss and learning rate).")
             thumbs = np.zeros((len(probes), self.thumbnail_size, self.thumbnail_size, 3), np.uint8)
             for part in parts:
                 thumbs[part["p_idx"]] = part["thumbs"]
             self.epochs_written = self._writer.append_epoch(epoch, trainer.global_step, probe_feats, train_feats, thumbs, lora)
-            self._log_epoch(trainer, epoch, probe_feats, train_feats, thumbs, dataset)
+            written.update(probe_feats=probe_feats, train_feats=train_feats, thumbs=thumbs)
 
-        self._rank0_do(trainer, write)
+        error = self._rank0_do(trainer, write)
+        if error is not None:
+            return self._monitoring_failed(trainer, f"the snapshot of epoch {epoch}", error)
         self.epochs_written = trainer.strategy.broadcast(self.epochs_written, src=0)
         rank_zero_info(f"montrage: snapshot of epoch {epoch} written to {self.store_path}")
+        error = self._rank0_do(trainer, lambda: self._log_epoch(trainer, epoch, written["probe_feats"],
+                                                               written["train_feats"], written["thumbs"], dataset))
+        if error is not None:
+            self._monitoring_failed(trainer, f"logging epoch {epoch} to W&B", error)
 
     # --- W&B -----------------------------------------------------------------------------------------------
     def _wandb_loggers(self, trainer: pl.Trainer) -> list:

@@ -31,13 +31,20 @@ class TrainExample:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """Read an image file as a (3, size, size) float tensor in [-1, 1] (RGB, center-cropped, resized)."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file as a (3, size, size) float tensor in [-1, 1] (RGB, center-cropped, resized).
+
+    Any mode and size Pillow reads: EXIF rotation applied, transparency composited on white (transparent pixels
+    hold arbitrary colours), 16-bit greyscale scaled rather than clipped, the first frame of an animation.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+            im = _to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image {path!r} is too large to decode safely ({err}). Downscale it, or raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read image {path!r}: {err}. Remove or replace the file.") from err
     w, h = im.size
     side = min(w, h)
@@ -45,6 +52,18 @@ def load_image(path: str, size: int) -> torch.Tensor:
     im = im.resize((size, size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # 16/32-bit integer greyscale: Pillow's convert would clip at 255
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr / 257.0 if arr.max() > 255 else arr, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
 
 
 def scan_concept_folder(root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None) -> list[TrainExample]:

@@ -129,4 +129,8 @@ def load_probe_file(path: str, seeds: list[int] | None = None) -> ProbeSet:
             f"probe file {path!r}: expected a list `probes` of {{prompt, concepts}} entries ({err})."
         ) from err
     seeds = tuple(int(s) for s in (seeds if seeds is not None else data.get("seeds", [0])))
+    if not prompts:
+        raise ProbeError(f"probe file {path!r}: field 'probes' is empty; list at least one {{prompt, concepts}} entry.")
+    if not seeds:
+        raise ProbeError(f"probe file {path!r}: field 'seeds' is empty (and no probe_seeds were given); give at least one.")
     return ProbeSet(prompts, weights, seeds, exemplars=exemplars)

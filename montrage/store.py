@@ -100,7 +100,7 @@ def _float_ds(group, name, row_shape, dtype="float16", rows_per_chunk=None):
         inner[0] = max(1, int(inner[0] * (1 << 20) // row_bytes))  # keep chunks near 1 MiB
     return group.create_dataset(
         name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(1, *inner),
-        compression="lzf", shuffle=True,
+        compression="lzf", shuffle=True, fletcher32=True,  # a checksum per chunk: damaged data fails, not misleads
     )
 
 
@@ -111,15 +111,27 @@ def _grow(group, name, dtype, chunk=64):
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def left_open_for_write(path: str) -> bool:
-    """Whether the superblock still says "open for write": its writer was killed or crashed before closing it.
-
-    HDF5 then refuses to open the file for writing (readers in SWMR mode still can). Superblock versions 2 and 3
-    (what libver="latest" writes) keep these flags in byte 11.
-    """
+def _superblock(path: str) -> tuple[int, int] | None:
+    """(consistency flags, end-of-file address) of an HDF5 superblock version 2 or 3 (what libver="latest" writes)
+    at the start of the file; None for anything else."""
     with open(path, "rb") as fh:
         head = fh.read(12)
-    return len(head) == 12 and head[:8] == HDF5_SIGNATURE and head[8] in (2, 3) and head[11] != 0
+        if len(head) < 12 or head[:8] != HDF5_SIGNATURE or head[8] not in (2, 3):
+            return None
+        size = head[9]  # bytes per address; then base, extension and end-of-file addresses
+        addresses = fh.read(3 * size)
+    if len(addresses) < 3 * size:
+        return None
+    return head[11], int.from_bytes(addresses[2 * size:], "little")
+
+
+def left_open_for_write(path: str) -> bool:
+    """Whether the superblock still says "open for write": a writer has it open, or was killed before closing it.
+
+    HDF5 then refuses to open the file for writing, and to read it other than through SWMR.
+    """
+    sb = _superblock(path)
+    return sb is not None and sb[0] != 0
 
 
 def _committed_rows(name: str, committed: tuple[int, int]) -> int | None:
@@ -150,7 +162,8 @@ def rebuild_committed(path: str) -> tuple[int, int]:
                 dst.create_dataset(name, data=obj[...], dtype=obj.dtype)
             else:
                 out = dst.create_dataset(name, shape=(rows, *obj.shape[1:]), maxshape=obj.maxshape, dtype=obj.dtype,
-                                         chunks=obj.chunks, compression=obj.compression, shuffle=obj.shuffle)
+                                         chunks=obj.chunks, compression=obj.compression, shuffle=obj.shuffle,
+                                         fletcher32=obj.fletcher32)
                 for i in range(0, rows, obj.chunks[0]):  # a chunk at a time: bounded memory
                     j = min(rows, i + obj.chunks[0])
                     out[i:j] = obj[i:j]
@@ -229,7 +242,12 @@ class StoreWriter:
                 log.warning("store %s: its last writer stopped without closing it (killed or crashed); recovered its "
                             "%d complete epoch(s) and %d training-order rows, a partly written epoch is dropped.",
                             path, epochs, rows)
-            self.f = h5py.File(path, "a", libver="latest")
+            try:
+                self.f = h5py.File(path, "a", libver="latest")
+            except BlockingIOError as err:
+                raise StoreError(f"store {path!r} is open in another process ({err}): a reader opened while no writer "
+                                 "had it (montrage inspect, an Attributor) blocks writers. Close it and start again; "
+                                 "readers started after the writer (inspect --follow) do not block it.") from err
             held = int(self.f["committed"][0])
             if truncate_to is None and held > 0:
                 raise StoreError(
@@ -314,6 +332,8 @@ class StoreWriter:
                 if a is None or a.shape[0] != n or not np.all(np.isfinite(a)):
                     raise StoreError(f"refusing to write epoch {epoch}: {name} features of layer {layer!r} are "
                                      f"missing, of the wrong size or not finite.")
+        if lora_params is not None and not np.all(np.isfinite(lora_params)):
+            raise StoreError(f"refusing to write epoch {epoch}: the LoRA snapshot is not finite.")
         e, o = self.committed
         values = {"epoch": epoch, "global_step": global_step, "probes/images": probe_images,
                   "lora/params": lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)}
@@ -352,21 +372,66 @@ class StoreWriter:
 
 
 def _open_read(path: str) -> h5py.File:
+    """Open for reading: through SWMR while a writer has the file open, plainly otherwise (a damaged closed file then
+    fails at once instead of in HDF5's SWMR retry loop, which sleeps for minutes on bad checksums)."""
     if not os.path.isfile(path):
         raise StoreError(f"store {path!r} does not exist.")
+    sb = _superblock(path)
+    live = sb is not None and sb[0] != 0
+    if sb is not None and not live and os.path.getsize(path) < sb[1]:
+        raise StoreError(f"{path!r} is truncated: {os.path.getsize(path)} bytes where its HDF5 superblock says {sb[1]} "
+                         "(an interrupted copy or download, or a full disk). Copy it again from its source.")
     try:
-        f = h5py.File(path, "r", libver="latest", swmr=True)
+        f = h5py.File(path, "r", libver="latest", swmr=live)
     except OSError as err:
         raise StoreError(f"{path!r} is not a readable HDF5 file ({err}); it may be truncated or not a montrage store.") from err
-    if f.attrs.get("format") != "montrage-store" or "spec" not in f.attrs:
+    try:
+        _check_header(f)
+        _check_layout(f)
+    except BaseException:
         f.close()
+        raise
+    return f
+
+
+def _check_header(f: h5py.File) -> None:
+    path = f.filename
+    try:
+        fmt, has_spec, version = f.attrs.get("format"), "spec" in f.attrs, int(f.attrs.get("schema_version", -1))
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise StoreError(f"store {path!r} is damaged: its root attributes do not read ({err}). Copy it again from "
+                         "its source, or re-run the monitoring.") from err
+    if fmt != "montrage-store" or not has_spec:
         raise StoreError(f"{path!r} is an HDF5 file but not a montrage store (attribute 'format' is missing).")
-    version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
-        f.close()
         raise StoreError(f"store {path!r} has schema_version {version}; this montrage reads version {SCHEMA_VERSION}. "
                          "Use the montrage release that wrote it, or re-run the monitoring.")
-    return f
+
+
+REQUIRED = ("committed", "epoch", "global_step", "concepts", "probes/prompt", "probes/seed", "probes/weights",
+            "probes/images", "train/id", "train/concept", "train/caption", "train/path", "order/epoch",
+            "order/global_step", "order/example_index", "lora/params")
+
+
+def _check_layout(f: h5py.File) -> None:
+    """Every dataset the schema promises is there and its metadata reads: damage fails here, named, not later."""
+    path = f.filename
+    try:
+        spec = json.loads(f.attrs["spec"])
+        names = list(REQUIRED) + [f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]]
+        for name in names:
+            if name not in f:
+                raise StoreError(f"store {path!r} lacks the dataset {name!r}: it was not written by a complete montrage "
+                                 "run of this schema. Re-run the monitoring into a new store.")
+            f[name].id.get_storage_size()
+        committed = f["committed"][...]
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        if isinstance(err, StoreError):
+            raise
+        raise StoreError(f"store {path!r} is damaged ({err}). Copy it again from its source, or re-run the monitoring.") from err
+    if committed.shape != (2,) or committed[0] > f["epoch"].shape[0] or committed[1] > f["order/epoch"].shape[0]:
+        raise StoreError(f"store {path!r}: field 'committed' ({committed.tolist()}) does not match its datasets; the "
+                         "file is damaged. Copy it again from its source, or re-run the monitoring.")
 
 
 def check_compatible(path: str, spec: StoreSpec) -> None:
@@ -436,18 +501,24 @@ class StoreReader:
         cols = [self.strings(f"train/{k}") for k in ("id", "concept", "caption", "path")]
         return [TrainExample(*row) for row in zip(*cols)]
 
-    def probe_features(self, layer: str) -> np.ndarray:
-        ds = self.f[f"probes/features/{layer}"]
+    def _read(self, name: str, sel) -> np.ndarray:
+        """Committed values of a growing dataset; a damaged chunk becomes a StoreError naming file and dataset."""
+        ds = self.f[name]
         ds.refresh()
-        return ds[: self.num_epochs].astype(np.float32)
+        try:
+            return ds[sel]
+        except (OSError, RuntimeError) as err:
+            raise StoreError(f"store {self.path!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
+                             "from its source, or re-run the monitoring.") from err
+
+    def probe_features(self, layer: str) -> np.ndarray:
+        return self._read(f"probes/features/{layer}", np.s_[: self.num_epochs]).astype(np.float32)
 
     def train_features(self, layer: str, rows: slice = slice(None)) -> np.ndarray:
-        ds = self.f[f"train/features/{layer}"]
-        ds.refresh()
-        return ds[: self.num_epochs, rows].astype(np.float32)
+        return self._read(f"train/features/{layer}", np.s_[: self.num_epochs, rows]).astype(np.float32)
 
     def probe_images(self) -> np.ndarray:
-        return self.f["probes/images"][: self.num_epochs]
+        return self._read("probes/images", np.s_[: self.num_epochs])
 
     def training_order(self) -> dict[str, np.ndarray]:
         rows = int(self.f["committed"][1])
@@ -459,7 +530,7 @@ class StoreReader:
         if not g.attrs.get("enabled", False):
             return {}
         names, shapes = json.loads(g.attrs["names"]), json.loads(g.attrs["shapes"])
-        flat = g["params"][epoch_row]
+        flat = self._read("lora/params", epoch_row)
         out, at = {}, 0
         for name, shape in zip(names, shapes):
             n = int(np.prod(shape))
