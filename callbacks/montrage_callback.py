@@ -68,6 +68,23 @@ def _non_finite(probe_feats: dict, train_feats: dict, lora, probe_names: list[st
     return "; ".join(found)
 
 
+def _refuse_sharded(strategy) -> None:
+    """FSDP, ModelParallel and DeepSpeed ZeRO-3 shard the UNet's parameters: a probe pass outside the training step
+    would see parameter shards, every forward is a collective that the uneven split of probes across ranks would
+    leave unmatched (a hang), and the LoRA snapshot would be a shard. Refuse before training instead."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
+        isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False))
+    if sharded:
+        raise MontrageConfigError(
+            f"MontrageCallback does not support {type(strategy).__name__} (parameters sharded across ranks): its probe "
+            "passes run the UNet outside the training step and need whole parameters on every rank. Use "
+            "strategy='ddp' (a LoRA run trains few weights, so each GPU holding the frozen base is the usual set-up), "
+            "or DeepSpeed ZeRO stage 1 or 2, which shard optimizer state and gradients but not the parameters."
+        )
+
+
 def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
     x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -169,6 +186,7 @@ class MontrageCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _refuse_sharded(getattr(trainer, "strategy", None))
         missing = [a for a in REQUIRED_ATTRS if getattr(pl_module, a, None) is None]
         if missing:
             raise MontrageConfigError(

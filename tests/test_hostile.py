@@ -137,6 +137,24 @@ def test_empty_probe_lists_are_named(tmp_path):
         load_probe_file(str(probe_file))
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel", "deepspeed3"])
+def test_sharded_strategies_are_refused_before_training(tmp_path, strategy):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    class ZeRO3(DeepSpeedStrategy):  # without the deepspeed package: only the stage matters here
+        zero_stage_3 = True
+
+        def __init__(self):
+            pass
+
+    made = {"fsdp": FSDPStrategy, "model_parallel": ModelParallelStrategy, "deepspeed3": ZeRO3}[strategy]()
+    with pytest.raises(MontrageConfigError, match="does not support (FSDPStrategy|ModelParallelStrategy|ZeRO3).*strategy=.ddp."):
+        helpers.callback(tmp_path / "s.h5").setup(SimpleNamespace(strategy=made), None, "fit")
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.mark.parametrize("damage", ["nan", "grey"])
 def test_bad_training_pixels_fail_before_training(tiny_model_dir, tmp_path, damage):
     data = helpers.data()
