@@ -154,17 +154,22 @@ class ConceptImageDataset(torch.utils.data.Dataset):
     Images are decoded once up front so that a bad file fails before training starts, not mid-epoch.
     """
 
-    def __init__(self, examples: list[TrainExample], size: int, repeats: int = 1):
+    def __init__(self, examples: list[TrainExample], size: int, repeats: int = 1, weights: list[int] | None = None):
+        """`weights[j]`: how many times example j is seen per pass (default once each; e.g. to over-sample one image)."""
         if not examples:
             raise DataError("no training examples: the image folder or concept list is empty.")
         self.examples = list(examples)
         self.size = size
         self.repeats = max(1, int(repeats))
+        weights = [1] * len(self.examples) if weights is None else [int(w) for w in weights]
+        if len(weights) != len(self.examples) or min(weights) < 0 or sum(weights) == 0:
+            raise DataError(f"weights must be {len(self.examples)} non-negative counts, not all 0; got {weights[:8]}...")
+        self._order = [j for j, w in enumerate(weights) for _ in range(w)]
         self.pixels = torch.stack([read_example(ex, size) for ex in self.examples])
 
     def __len__(self) -> int:
-        return len(self.examples) * self.repeats
+        return len(self._order) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
-        j = i % len(self.examples)
+        j = self._order[i % len(self._order)]
         return {"pixel_values": self.pixels[j], "caption": self.examples[j].caption, "index": j}

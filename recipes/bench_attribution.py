@@ -27,28 +27,38 @@ from montrage.probes import ProbeSet
 
 TEMPLATE = "a photo of {token} {image_token}"
 LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
-QUERY_SEEDS = [100, 101, 102, 103]
+QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
+EXEMPLAR_REPEATS = 8
 
 
-def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True) -> ProbeSet:
-    """Concept, mixture and per-image prompts with their ground truth. `per_image`: (example, its image token)."""
+def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True,
+                 exemplars: dict[str, str] | None = None) -> tuple[ProbeSet, list[str]]:
+    """Concept, mixture and per-image prompts with their ground truth, and each prompt's kind.
+
+    `per_image`: (example, its image token). `exemplars`: concept -> id of the image over-sampled in training
+    (AbC-style customization toward an exemplar), the within-concept ground truth of that concept's prompts.
+    """
     concepts = sorted(tokens)
-    prompts, weights, exemplars = [], [], []
+    exemplars = exemplars or {}
+    prompts, weights, within, kinds = [], [], [], []
     for c in concepts:
         prompts.append(f"a photo of {tokens[c]}")
         weights.append({c: 1.0})
-        exemplars.append({})
+        within.append({exemplars[c]: 1.0} if c in exemplars else {})
+        kinds.append("concept")
     if mixtures:
         for i, a in enumerate(concepts):
             for b in concepts[i + 1:]:
                 prompts.append(f"a photo of {tokens[a]} and {tokens[b]}")
                 weights.append({a: 0.5, b: 0.5})
-                exemplars.append({})
+                within.append({})
+                kinds.append("mixture")
     for ex, tok in per_image:
         prompts.append(f"a photo of {tokens[ex.concept]} {tok}")
         weights.append({ex.concept: 1.0})
-        exemplars.append({ex.id: 1.0})
-    return ProbeSet(tuple(prompts), tuple(weights), tuple(seeds), tuple(concepts), tuple(exemplars))
+        within.append({ex.id: 1.0})
+        kinds.append("image")
+    return ProbeSet(tuple(prompts), tuple(weights), tuple(seeds), tuple(concepts), tuple(within)), kinds
 
 
 def split_images(examples) -> tuple[list, list]:
@@ -65,17 +75,16 @@ def split_images(examples) -> tuple[list, list]:
     return probe, held
 
 
-def evaluate(scores: np.ndarray, queries: ProbeSet, train, concepts: list[str]) -> dict:
-    """All metrics of one method's (Q, N) image scores on the held-out queries."""
+def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, concepts: list[str]) -> dict:
+    """All metrics of one method's (Q, N) image scores on the held-out queries (`kinds` from `build_probes`)."""
     train_concepts = [e.concept for e in train]
     ids = [e.id for e in train]
     cs = metrics.concept_scores_from_images(scores, train_concepts, concepts)
     w = np.array(queries.weight_matrix())
+    kind = np.array([k for k in kinds for _ in queries.seeds])
     ex = [d for d in queries.exemplars for _ in queries.seeds]
-    n_named = (w > 0).sum(axis=1)
-    single = (n_named == 1) & np.array([not d for d in ex])
-    mixture = n_named == 2
-    within = np.array([bool(d) for d in ex])
+    has_exemplar = np.array([bool(d) for d in ex])
+    single, mixture = kind == "concept", kind == "mixture"
     own = np.array(train_concepts)[None, :] == np.array(concepts)[np.argmax(w, axis=1)][:, None]
     out = {
         "top1": metrics.top1_accuracy(cs[single], np.argmax(w[single], axis=1)),
@@ -83,15 +92,17 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, train, concepts: list[str]) 
         "mixture_spearman": metrics.mixture_spearman(cs[mixture], w[mixture]) if mixture.any() else float("nan"),
     }
     exemplar = np.array([[i in d for i in ids] for d in ex])
-    if within.any():
-        out["within_recall@1"] = metrics.within_recall_at_k(scores[within], exemplar[within], own[within], 1)
-        out["within_recall@5"] = metrics.within_recall_at_k(scores[within], exemplar[within], own[within], 5)
-        out["within_map"] = metrics.within_map(scores[within], exemplar[within], own[within])
+    for prefix, rows in (("within", single & has_exemplar), ("within_token", kind == "image")):
+        if rows.any():
+            out[f"{prefix}_recall@1"] = metrics.within_recall_at_k(scores[rows], exemplar[rows], own[rows], 1)
+            out[f"{prefix}_recall@5"] = metrics.within_recall_at_k(scores[rows], exemplar[rows], own[rows], 5)
+            out[f"{prefix}_map"] = metrics.within_map(scores[rows], exemplar[rows], own[rows])
     return {k: float(v) for k, v in out.items()}
 
 
-def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, repeats: int, data_dir: str | None,
-             workdir: str, query_seeds: list[int], progress: bool = False, steps: int = 400) -> dict:
+def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, data_dir: str | None,
+             workdir: str, query_seeds: list[int], exemplar_repeats: int = EXEMPLAR_REPEATS, progress: bool = False,
+             steps: int = 400, repeats: int | None = None) -> dict:
     import pytorch_lightning as pl
 
     from montrage.attribution.fit import fit_attribution
@@ -110,8 +121,12 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         examples = digits_examples(concepts, images_per_concept, TEMPLATE, offset=seed * images_per_concept)
         tokens = {f"digit{d}": digit_token(d) for d in concepts}
     probe_images, held_images = split_images(examples)
-    probes = build_probes(examples, tokens, probe_images, seeds=[0, 1])
-    queries = build_probes(examples, tokens, held_images, seeds=query_seeds)
+    # the first image of each concept is its exemplar, seen `exemplar_repeats` times as often as the others
+    exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens} if exemplar_repeats > 1 else {}
+    weights = [exemplar_repeats if e.id in exemplars.values() else 1 for e in examples]
+    repeats = repeats or max(1, round(2560 / sum(weights)))  # ~80 steps of 32 per epoch
+    probes, _ = build_probes(examples, tokens, probe_images, seeds=[0, 1], exemplars=exemplars)
+    queries, kinds = build_probes(examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars)
     probe_file = os.path.join(workdir, "probes.json")
     with open(probe_file, "w") as fh:
         json.dump({"probes": [{"prompt": p, "concepts": w, "exemplars": e}
@@ -123,6 +138,9 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
 
         def concept_tokens(self):
             return tokens
+
+        def setup(self, stage="fit"):
+            self.dataset = self.dataset or ConceptImageDataset(examples, 16, repeats, weights)
 
     timings = {}
     t0 = time.time()
@@ -195,10 +213,10 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
                                                     [grads(train_pix, train_seeds, "loss", r) for r in rows], lrs[: len(rows)]))
     if hasattr(gradients, "datainf_scores"):
         timed("datainf", lambda: gradients.datainf_scores(grads(qpix, q_seeds, "loss", last), grads(train_pix, train_seeds, "loss", last)))
-    results = {name: {**evaluate(s, queries, train, concept_names), "seconds": seconds[name]} for name, s in methods.items()}
+    results = {name: {**evaluate(s, queries, kinds, train, concept_names), "seconds": seconds[name]} for name, s in methods.items()}
     att.close()
     return {"methods": results, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
-            "num_train_images": len(train)}
+            "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars}
 
 
 def _seeds(pixels: torch.Tensor) -> list[int]:
@@ -209,14 +227,13 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
                           repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
-                          keep: str | None = None) -> dict:
+                          keep: str | None = None, exemplar_repeats: int = EXEMPLAR_REPEATS) -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept."""
     from montrage.recipes.tiny_base import tiny_base_path
 
     if data_dir is None and len(concepts) < 2:
         raise DataError("--concepts needs at least two digits, e.g. 1,4,7,9.")
     tiny_base_path(progress=progress)
-    repeats = repeats or max(1, round(2560 / (len(concepts) * images_per_concept)))  # ~80 steps of 32 per epoch
     per_seed = {}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -224,8 +241,8 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                 tmp = os.path.join(keep, f"seed{seed}")
                 os.makedirs(tmp, exist_ok=True)
             t = time.time()
-            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, repeats, data_dir, tmp,
-                                      query_seeds=QUERY_SEEDS, progress=progress)
+            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS,
+                                      exemplar_repeats, progress=progress, repeats=repeats)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
@@ -237,7 +254,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
         "methods": {m: {k: v[0] for k, v in agg[m].items()} for m in names},
         "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
         "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
-                   "repeats": repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
+                   "repeats": repeats, "exemplar_repeats": exemplar_repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
                    "query_seeds": QUERY_SEEDS, "template": TEMPLATE, "layers": LAYERS, "pooling": "mean_max",
                    "encode_prompt": "{caption}"},
         "per_seed": {str(s): r for s, r in per_seed.items()},
@@ -249,7 +266,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
 
 
 def format_table(agg: dict) -> str:
-    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "seconds"]
+    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "within_token_map", "seconds"]
     lines = [f"{'method':24s}" + "".join(f"{k:>20s}" for k in keys)]
     for m, vals in agg.items():
         cells = []

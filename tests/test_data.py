@@ -68,3 +68,15 @@ def test_model_path_that_is_not_a_diffusers_model(tmp_path):
         load_components(str(tmp_path / "model"))
     with pytest.raises(ModelLoadError, match="could not load"):
         load_components(str(tmp_path / "no-such-model-here"))
+
+
+def test_dataset_weights_oversample_one_example():
+    from montrage.data import ConceptImageDataset, digits_examples
+
+    examples = digits_examples([1, 7], 2)
+    ds = ConceptImageDataset(examples, 8, repeats=2, weights=[3, 1, 1, 1])
+    seen = [ds[i]["index"] for i in range(len(ds))]
+    assert len(ds) == 12 and seen.count(0) == 6 and seen.count(3) == 2
+    assert len(ds.pixels) == 4  # the store still sees each image once
+    with pytest.raises(DataError, match="weights must be 4"):
+        ConceptImageDataset(examples, 8, weights=[1, 1])
