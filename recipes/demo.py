@@ -66,7 +66,7 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     """
     import pytorch_lightning as pl
 
-    from montrage.callbacks import MontrageCallback
+    from montrage.callbacks import MemorizationGuard, MontrageCallback
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
     from montrage.recipes.tiny_base import tiny_base_path
@@ -84,7 +84,8 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     store_path = os.path.join(out, "store.h5")
     callback = MontrageCallback(store_path=store_path, probe_seeds=[0, 1], num_inference_steps=10, guidance_scale=3.0,
                                 thumbnail_size=16, overwrite=True, timesteps=[200, 500, 800])
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
+    guard = MemorizationGuard()  # after the callback: reads each snapshot once written; alerts on near-copies
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, guard], logger=False, enable_checkpointing=False,
                          enable_progress_bar=progress, enable_model_summary=False, deterministic=True)
     t1 = time.time()
     trainer.fit(module, data)
@@ -124,7 +125,12 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     t2 = time.time()
     result["attribution"] = attribution_step(store_path, out, digits, seed)
     result["origin"] = origin_step(store_path, base, os.path.join(out, "lora"), digits, images_per_concept, seed, progress)
-    result["seconds"]["attribution_and_origin"] = round(time.time() - t2, 1)
+    from montrage.report import build_report
+
+    result["memorization_alerts"] = len(guard.alerts)
+    result["report_html"] = os.path.join(out, "report.html")
+    build_report(store_path, result["report_html"])
+    result["seconds"]["attribution_origin_report"] = round(time.time() - t2, 1)
     result["seconds"]["total"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "demo_summary.json"), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -45,14 +45,14 @@ def test_inspect_bad_file_is_a_clear_error(tmp_path, capsys):
     assert "not a readable HDF5 file" in capsys.readouterr().err
 
 
-def test_demo_writes_its_three_files(tmp_path):
+def test_demo_writes_its_files(tmp_path):
     from montrage.recipes.demo import run_demo
     from montrage.recipes.tiny_base import TinyBaseConfig
 
     out = tmp_path / "demo"
     result = run_demo(str(out), digits=[1, 4, 7, 9], images_per_concept=2, epochs=5, repeats=1, progress=False,
                       base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
-    for name in ("store.h5", "demo_summary.json", "curves.png", "query.png"):
+    for name in ("store.h5", "demo_summary.json", "curves.png", "query.png", "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["epochs"] == [0, 1, 2, 3, 4, 5] and summary["concepts"] == ["digit1", "digit4", "digit7", "digit9"]
@@ -62,6 +62,7 @@ def test_demo_writes_its_three_files(tmp_path):
     assert set(summary["attribution"]["queries"][0]["shares"]) == {"digit1", "digit4", "digit7", "digit9"}
     assert summary["origin"]["classes"] == ["member", "generated", "external"]
     assert 0.0 <= summary["origin"]["balanced_accuracy"] <= 1.0
+    assert summary["memorization_alerts"] >= 0 and "<img" in (out / "report.html").read_text()
     with StoreReader(str(out / "store.h5")) as r:
         assert r.num_epochs == 6
 
