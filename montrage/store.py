@@ -417,6 +417,8 @@ def _check_layout(f: h5py.File) -> None:
     """Every dataset the schema promises is there and its metadata reads: damage fails here, named, not later."""
     path = f.filename
     try:
+        # committed first: a live writer only grows the datasets after it, so their shapes read later cover it
+        committed = f["committed"][...] if "committed" in f else None
         spec = json.loads(f.attrs["spec"])
         names = list(REQUIRED) + [f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]]
         for name in names:
@@ -424,7 +426,6 @@ def _check_layout(f: h5py.File) -> None:
                 raise StoreError(f"store {path!r} lacks the dataset {name!r}: it was not written by a complete montrage "
                                  "run of this schema. Re-run the monitoring into a new store.")
             f[name].id.get_storage_size()
-        committed = f["committed"][...]
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         if isinstance(err, StoreError):
             raise
