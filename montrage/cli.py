@@ -95,7 +95,7 @@ def cmd_bench(args) -> int:
         run_attribution_bench(args.out or "attribution_results.json", [int(c) for c in args.concepts.split(",")],
                               images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
-                              keep=args.keep, exemplar_repeats=args.exemplar_repeats)
+                              keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats)
         return 0
     if args.what == "origin":
         from montrage.recipes.bench_origin import main as origin_bench_main
@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
     s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
+    s.add_argument("--within", default="exemplar", choices=["exemplar", "tokens"],
+                   help="attribution: within-concept ground truth (an over-sampled exemplar, or per-image tokens)")
     s.add_argument("--exemplar-repeats", type=int, default=8,
-                   help="attribution: how many times more often each concept's exemplar image is seen (1 = no exemplar)")
+                   help="attribution: how many times more often each concept's exemplar image is seen")
     s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
     s.add_argument("--out", default=None, help="write the result JSON here too")
     s.set_defaults(fn=cmd_bench)

@@ -1,14 +1,18 @@
 """`montrage bench attribution`: MONTRAGE against post-hoc baselines on ground truth built by construction.
 
-Per seed: customize the tiny base (LoRA) to digit concepts whose captions carry a per-image token
-("a photo of seven kb"), with MontrageCallback monitoring probes of three kinds -- one concept ("a photo of seven"),
-two concepts ("a photo of one and seven", 0.5 each) and one training image ("a photo of seven kb", exemplar kb).
-Then generate held-out queries with the final model (seeds never used by probes; per-image prompts only for
-images that no probe named), and score every method on them:
+Per seed: LoRA-customize the tiny base to digit concepts with MontrageCallback monitoring probes -- one concept
+("a photo of seven") and two concepts ("a photo of one and seven", 0.5 each) -- then generate held-out queries with
+the final model (seeds never used by probes) and score every method on them. Every method that reads text gets the
+query's prompt and the training captions. Within-concept ground truth comes from one of two constructions:
+
+  exemplar (default): each concept's first image is over-sampled in training (AbC-style customization toward an
+                      exemplar); it is the within-concept target of that concept's prompts.
+  tokens:             captions carry a per-image token ("a photo of seven kb"); probes also name half of the images
+                      ("a photo of seven kb", exemplar kb), queries name the other half.
 
   between-concept: top-1 concept accuracy and AUC (images of the query's concept are positives) on one-concept
                    queries; Spearman between concept scores and the prompt's weights on two-concept queries;
-  within-concept:  recall@1 and mAP of the exemplar among the images of its concept on per-image queries.
+  within-concept:  recall@1/@5 and mAP of the exemplar among the images of its concept.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from montrage import metrics
 from montrage.data import DataError, digit_token, image_token, scan_concept_folder
 from montrage.probes import ProbeSet
 
-TEMPLATE = "a photo of {token} {image_token}"
+TEMPLATES = {"exemplar": "a photo of {token}", "tokens": "a photo of {token} {image_token}"}
+TEMPLATE = TEMPLATES["tokens"]
+PROBE_SEEDS = {"exemplar": [0, 1, 2, 3], "tokens": [0, 1]}
 LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
 QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
 EXEMPLAR_REPEATS = 8
@@ -101,8 +107,16 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, con
 
 
 def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, data_dir: str | None,
-             workdir: str, query_seeds: list[int], exemplar_repeats: int = EXEMPLAR_REPEATS, progress: bool = False,
-             steps: int = 400, repeats: int | None = None) -> dict:
+             workdir: str, query_seeds: list[int], within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
+             progress: bool = False, steps: int = 400, repeats: int | None = None) -> dict:
+    """One customization run monitored by the callback, then every method on its held-out queries.
+
+    within="exemplar": each concept's first image is over-sampled `exemplar_repeats` x in training (AbC-style
+    customization toward an exemplar); one-concept prompts carry it as within-concept ground truth.
+    within="tokens": captions carry a per-image token ("a photo of seven kb"); per-image prompts carry their image.
+    The two are separate runs because they contradict each other: in an exemplar run, "seven kb" still looks like
+    the exemplar, not like kb.
+    """
     import pytorch_lightning as pl
 
     from montrage.attribution.fit import fit_attribution
@@ -114,23 +128,29 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
 
+    if within not in TEMPLATES:
+        raise DataError(f"within must be one of {sorted(TEMPLATES)}, not {within!r}.")
+    template, probe_seeds = TEMPLATES[within], PROBE_SEEDS[within]
     if data_dir:
-        examples = scan_concept_folder(data_dir, TEMPLATE)
+        examples = scan_concept_folder(data_dir, template)
         tokens = {c: c for c in sorted({e.concept for e in examples})}
     else:
-        examples = digits_examples(concepts, images_per_concept, TEMPLATE, offset=seed * images_per_concept)
+        examples = digits_examples(concepts, images_per_concept, template, offset=seed * images_per_concept)
         tokens = {f"digit{d}": digit_token(d) for d in concepts}
-    probe_images, held_images = split_images(examples)
-    # the first image of each concept is its exemplar, seen `exemplar_repeats` times as often as the others
-    exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens} if exemplar_repeats > 1 else {}
+    if within == "exemplar":
+        exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens}
+        probe_images = held_images = []
+    else:
+        exemplars = {}
+        probe_images, held_images = split_images(examples)
     weights = [exemplar_repeats if e.id in exemplars.values() else 1 for e in examples]
     repeats = repeats or max(1, round(2560 / sum(weights)))  # ~80 steps of 32 per epoch
-    probes, _ = build_probes(examples, tokens, probe_images, seeds=[0, 1], exemplars=exemplars)
+    probes, _ = build_probes(examples, tokens, probe_images, seeds=probe_seeds, exemplars=exemplars)
     queries, kinds = build_probes(examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars)
     probe_file = os.path.join(workdir, "probes.json")
     with open(probe_file, "w") as fh:
         json.dump({"probes": [{"prompt": p, "concepts": w, "exemplars": e}
-                              for p, w, e in zip(probes.prompts, probes.weights, probes.exemplars)], "seeds": [0, 1]}, fh)
+                              for p, w, e in zip(probes.prompts, probes.weights, probes.exemplars)], "seeds": probe_seeds}, fh)
 
     class FixedData(ConceptDataModule):
         def examples(self):
@@ -227,7 +247,7 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
                           repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
-                          keep: str | None = None, exemplar_repeats: int = EXEMPLAR_REPEATS) -> dict:
+                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS) -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept."""
     from montrage.recipes.tiny_base import tiny_base_path
 
@@ -241,7 +261,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                 tmp = os.path.join(keep, f"seed{seed}")
                 os.makedirs(tmp, exist_ok=True)
             t = time.time()
-            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS,
+            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
                                       exemplar_repeats, progress=progress, repeats=repeats)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
@@ -254,8 +274,9 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
         "methods": {m: {k: v[0] for k, v in agg[m].items()} for m in names},
         "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
         "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
-                   "repeats": repeats, "exemplar_repeats": exemplar_repeats, "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": [0, 1],
-                   "query_seeds": QUERY_SEEDS, "template": TEMPLATE, "layers": LAYERS, "pooling": "mean_max",
+                   "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
+                   "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
+                   "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
                    "encode_prompt": "{caption}"},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
