@@ -31,7 +31,7 @@ Reported per half (one block each), every figure as the mean over seeds with its
 
 Each seed's result is cached in `<out>_work/` by its config, so a later run with more seeds only computes the new
 ones. Run: `montrage bench origin --seed 0,1,2 --out origin_results.json` (= `python -m montrage.recipes.bench_origin`;
-2 CPU cores: per seed ≈ 6 min to train the pixel DDPM, ≈ 1 min to fine-tune the LoRA, then a few minutes of
+2 CPU cores: per seed ≈ 6 min to train the pixel DDPM, ≈ 1.5 min to fine-tune the LoRA, then 5-10 min of sampling and
 features). Smoke: `--members 24 --steps 30 --timesteps 4 --sample-steps 10 --lora-per-concept 6 --lora-epochs 1`.
 """
 

@@ -468,6 +468,7 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path, capsys):
     r = run_throughput("tiny", "cpu", images=2, timesteps=6, batch_size=5, progress=False)
     assert r["images"] == 2 and r["timesteps"] == 6 and r["features_finite"] and r["images_per_second"] > 0
     assert r["pairs_per_second"] == pytest.approx(12 / r["seconds"], rel=0.01)
+    assert r["paper_budget_hours"] == pytest.approx(3000 * 1000 / (12 / r["seconds"]) / 3600, rel=0.01)
     main(["--size", "tiny", "--images", "1", "--timesteps", "3", "--quiet", "--out", str(tmp_path / "t.json")])
     with open(tmp_path / "t.json") as fh:
         assert json.load(fh)["timesteps"] == 3
