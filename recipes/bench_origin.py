@@ -310,7 +310,7 @@ def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
             raise ValueError(f"digit {d} has {len(idx)} images; --lora-per-concept must be at most {len(idx) // 2}.")
         member += idx[:cfg.per_concept].tolist()
         held += idx[cfg.per_concept:cfg.per_concept + half].tolist()
-        shifted += idx[cfg.per_concept + half:2 * cfg.per_concept - (cfg.per_concept - 2 * half)].tolist()
+        shifted += idx[cfg.per_concept + half:cfg.per_concept + 2 * half].tolist()
     return member, held, shifted
 
 
@@ -327,13 +327,11 @@ def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True) -> tup
         return base, weights
     import pytorch_lightning as pl
 
-    from montrage.data import TrainExample, digit_token
+    from montrage.data import TrainExample, _digits, digit_token
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
 
     members, _, _ = lora_split(cfg)
-    from montrage.data import _digits
-
     target = _digits()[1]
     examples = [TrainExample(id=f"digits/{i}", concept=f"digit{target[i]}",
                              caption=f"a photo of {digit_token(int(target[i]))}", path=f"sklearn:digits/{i}")
