@@ -53,6 +53,7 @@ BLOCKS = ("methods", "member_vs_rest", "membership")
 PROBES = ("trajectory", "trajectory_loss", "pia_trajectory", "gsa", "pixels")
 ATTACKS = ("loss_threshold", "pia")
 CACHE_VERSION = "v2"
+LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
 
 
 def window_grids(num_train_timesteps: int, count: int, windows: int) -> list[list[int]]:
@@ -102,9 +103,10 @@ def parse_seeds(text) -> list[int]:
 
 # --- features and evaluation shared by both halves ------------------------------------------------------------------
 def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[list[int]], draws: int,
-                     batch_size: int, progress: bool) -> tuple[dict, dict]:
+                     batch_size: int, progress: bool, captions: list[str] | None = None) -> tuple[dict, dict]:
     """The trajectory features (with per-tensor norms for GSA), PIA-noise losses, and losses on the union of the
-    uniform grid and the windows (claim b); seconds for each."""
+    uniform grid and the windows (claim b); seconds for each. `captions`: one text condition per image (latent
+    models), the same for every feature set, so every model-based method sees the same conditioning."""
     from montrage.origin.baselines import pia_spec
     from montrage.origin.features import FeatureSpec, trajectory_features
 
@@ -114,7 +116,8 @@ def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[
              "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
     for name, spec in specs.items():
         t = time.time()
-        sets[name] = trajectory_features(model, pixels, spec, batch_size=batch_size, progress=progress)
+        sets[name] = trajectory_features(model, pixels, spec, captions=captions, batch_size=batch_size,
+                                         progress=progress)
         seconds[name] = time.time() - t
     return sets, seconds
 
@@ -356,15 +359,21 @@ def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True) -> tup
 def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int = 32, epochs: int = 6,
               repeats: int = 25, learning_rate: float = 1e-2, rank: int = 8, timesteps: int = 20, gen_steps: int = 25,
               guidance: float = 3.0, windows: int = 4, batch_size: int = 64, C: float = 1.0, draws: int = 1,
-              progress: bool = True) -> dict:
-    """One seed of the LoRA half: fine-tune (or reuse), generate from the concept prompts, extract, evaluate."""
-    from montrage.data import digit_token
+              prompt: str = "empty", progress: bool = True) -> dict:
+    """One seed of the LoRA half: fine-tune (or reuse), generate from the concept prompts, extract, evaluate.
+
+    `prompt`: the text condition of every model-based feature. "empty": the empty prompt for all images; "caption":
+    each image's natural caption, "a photo of <word>" of its digit: the training caption for members, the generation
+    prompt for generations, the concept caption of the digit's class for external images."""
+    from montrage.data import _digits, digit_token
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
     from montrage.origin.model import load_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.recipes.pixel_ddpm import digits_images, quantize
 
+    if prompt not in LORA_PROMPTS:
+        raise ValueError(f"prompt must be one of {LORA_PROMPTS}, not {prompt!r}.")
     cfg = LoraBenchConfig(tuple(int(c) for c in concepts), per_concept, epochs, repeats, learning_rate, rank, seed)
     t = time.time()
     base, weights = train_lora(cfg, workdir, progress)
@@ -388,7 +397,14 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     T = int(model.scheduler.config.num_train_timesteps)
     grid = default_timesteps(T, timesteps)
     wgrids = window_grids(T, timesteps, windows)
-    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress)
+    captions = None
+    if prompt == "caption":
+        target = _digits()[1]
+        caption = lambda i: f"a photo of {digit_token(int(target[i]))}"  # noqa: E731 (the training caption)
+        captions = ([caption(i) for i in member_idx] + [p for p, _ in probes.items()]
+                    + [caption(i) for i in list(held_idx) + list(shifted_idx)])
+        assert len(captions) == len(pixels)
+    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, captions)
     seconds.update({f"features_{k}": v for k, v in secs.items()})
     result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
     n_lora = sum(p.numel() for n, p in model.unet.named_parameters() if p.requires_grad)
@@ -397,7 +413,10 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     result["config"] = {**dataclasses.asdict(cfg), "timesteps": grid, "draws": draws, "windows": wgrids,
                         "generation": {"prompts": list(prompts), "sampler": "ddim", "steps": gen_steps,
                                        "guidance_scale": guidance},
-                        "base": base, "lora": weights, "condition": "empty prompt", "batch_size": batch_size, "C": C,
+                        "base": base, "lora": weights,
+                        "condition": "empty prompt" if captions is None else
+                        "per-image caption 'a photo of <word>' (members: training caption, generated: generation "
+                        "prompt, external: the digit's concept caption)", "batch_size": batch_size, "C": C,
                         "external": f"{len(held_idx)} held-out digits of the concepts + {len(shifted_idx)} rotated by 90°"}
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return result
@@ -501,9 +520,15 @@ def run_origin_bench(out: str, seeds=(0,), members: int = 200, timesteps: int = 
                      C: float = 1.0, draws: int = 1, workdir: str | None = None, threads: int | None = None,
                      attribution: bool = False, lora: bool = True, lora_concepts=(1, 4, 7, 9),
                      lora_per_concept: int = 32, lora_epochs: int = 6, lora_repeats: int = 25,
-                     lora_gen_steps: int = 25, progress: bool = True) -> dict:
+                     lora_gen_steps: int = 25, lora_prompt: str = "empty", pixel: bool = True,
+                     progress: bool = True) -> dict:
     """Run the benchmark for every seed (each cached in `workdir`), aggregate, write `out` (JSON) and a figure
-    next to it (`.png`), and return the result."""
+    next to it (`.png`), and return the result. `pixel=False` runs only the LoRA half (its block is then `lora`,
+    the top level holds no pixel figures)."""
+    if not (pixel or lora):
+        raise ValueError("both halves are off: drop --no-pixel or --no-lora.")
+    if lora_prompt not in LORA_PROMPTS:
+        raise ValueError(f"lora_prompt must be one of {LORA_PROMPTS}, not {lora_prompt!r}.")
     if threads:
         torch.set_num_threads(int(threads))
     seeds = parse_seeds(",".join(str(s) for s in seeds) if not isinstance(seeds, (str, int)) else seeds)
@@ -514,13 +539,16 @@ def run_origin_bench(out: str, seeds=(0,), members: int = 200, timesteps: int = 
     lora_args = dict(concepts=tuple(int(c) for c in lora_concepts), per_concept=lora_per_concept, epochs=lora_epochs,
                      repeats=lora_repeats, timesteps=timesteps, gen_steps=lora_gen_steps, windows=windows,
                      batch_size=batch_size, C=C, draws=draws)
+    if lora_prompt != "empty":  # only then part of the cache key, so the empty-prompt results stay cached
+        lora_args["prompt"] = lora_prompt
     pixel_runs, lora_runs = [], []
     for seed in seeds:
-        key = {"half": "pixel", "seed": seed, **pixel_args, "version": CACHE_VERSION}
-        pixel_runs.append(_cached(_key_path(workdir, "pixel", seed, key), key,
-                                  lambda: pixel_seed(seed, workdir, progress=progress, **pixel_args)))
-        if progress:
-            print(f"seed {seed} pixel: done")
+        if pixel:
+            key = {"half": "pixel", "seed": seed, **pixel_args, "version": CACHE_VERSION}
+            pixel_runs.append(_cached(_key_path(workdir, "pixel", seed, key), key,
+                                      lambda: pixel_seed(seed, workdir, progress=progress, **pixel_args)))
+            if progress:
+                print(f"seed {seed} pixel: done")
         if lora:
             key = {"half": "lora", "seed": seed, **{k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in lora_args.items()}, "version": CACHE_VERSION}
@@ -528,15 +556,18 @@ def run_origin_bench(out: str, seeds=(0,), members: int = 200, timesteps: int = 
                                      lambda: lora_seed(seed, workdir, progress=progress, **lora_args)))
             if progress:
                 print(f"seed {seed} lora: done")
-    figure_data = pixel_runs[0].get("_figure_data")
+    figure_data = pixel_runs[0].get("_figure_data") if pixel_runs else None
     for r in pixel_runs:
         r.pop("_figure_data", None)
-    result = aggregate(pixel_runs)
-    result["per_seed"] = {str(s): r for s, r in zip(seeds, pixel_runs)}
-    config = {k: v for k, v in pixel_runs[0]["config"].items() if k not in ("seed", "model")}
-    result["config"] = {**config, "seeds": seeds, "test_per_class": pixel_runs[0]["test_per_class"],
-                        "train_per_class": pixel_runs[0]["train_per_class"], "std": "population (ddof 0) over seeds",
-                        "classifier": "z-scored log features + L2 logistic regression (sklearn lbfgs)"}
+    result = {}
+    if pixel:
+        result = aggregate(pixel_runs)
+        result["per_seed"] = {str(s): r for s, r in zip(seeds, pixel_runs)}
+        config = {k: v for k, v in pixel_runs[0]["config"].items() if k not in ("seed", "model")}
+        result["config"] = {**config, "seeds": seeds, "test_per_class": pixel_runs[0]["test_per_class"],
+                            "train_per_class": pixel_runs[0]["train_per_class"],
+                            "std": "population (ddof 0) over seeds",
+                            "classifier": "z-scored log features + L2 logistic regression (sklearn lbfgs)"}
     if lora:
         result["lora"] = aggregate(lora_runs)
         result["lora"]["per_seed"] = {str(s): r for s, r in zip(seeds, lora_runs)}
@@ -676,7 +707,7 @@ def _figure(path: str, data: dict, result: dict) -> str:
 def format_table(result: dict) -> str:
     """Every block of both halves as `mean ± std`, then the claims."""
     lines = []
-    halves = [("pixel DDPM", result)] + ([("LoRA-customized tiny text-to-image", result["lora"])] if result.get("lora") else [])
+    halves = ([("pixel DDPM", result)] if result.get("per_seed") else []) + ([("LoRA-customized tiny text-to-image", result["lora"])] if result.get("lora") else [])
     for title, half in halves:
         lines.append(f"== {title} ({len(half['per_seed'])} seeds) ==")
         lines.append(f"{'method [block]':34s} {'task':19s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS))
@@ -723,6 +754,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--C", type=float, default=1.0)
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA-customized half")
+    p.add_argument("--no-pixel", action="store_true", help="skip the pixel-DDPM half (run only the LoRA half)")
+    p.add_argument("--lora-prompt", default="empty", choices=list(LORA_PROMPTS),
+                   help="text condition of the LoRA half's features (every model-based method): the empty prompt, "
+                        "or each image's caption 'a photo of <word>' (training caption / generation prompt / the "
+                        "external digit's concept caption)")
     p.add_argument("--lora-concepts", default="1,4,7,9")
     p.add_argument("--lora-per-concept", type=int, default=32, help="LoRA members per concept")
     p.add_argument("--lora-epochs", type=int, default=6)
@@ -739,7 +775,8 @@ def main(argv: list[str] | None = None) -> None:
         C=args.C, draws=args.draws, workdir=args.workdir, threads=args.threads, attribution=args.attribution,
         lora=not args.no_lora, lora_concepts=[int(c) for c in args.lora_concepts.split(",")],
         lora_per_concept=args.lora_per_concept, lora_epochs=args.lora_epochs, lora_repeats=args.lora_repeats,
-        lora_gen_steps=args.lora_gen_steps, progress=not args.quiet)
+        lora_gen_steps=args.lora_gen_steps, lora_prompt=args.lora_prompt, pixel=not args.no_pixel,
+        progress=not args.quiet)
     if args.quiet:
         print(format_table(result))
 

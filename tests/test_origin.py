@@ -2,6 +2,7 @@
 round trips, clear errors, the CLI end to end, and the pixel-DDPM recipe. Untrained tiny models only."""
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -89,6 +90,34 @@ def test_latent_features_match_naive_loop(tiny_model_dir):
     assert after[0] == before[0] and after[2] == before[2] and all(g is None for g in after[1])
     assert not any(p.requires_grad for p in model.vae.parameters())
     assert all(p.grad is None for p in model.vae.parameters())
+
+
+def test_per_image_captions_equal_per_group_prompts(tiny_model_dir):
+    """`captions` (one text condition per image, in any order) gives each image exactly what one run per distinct
+    prompt (`spec.prompt`) gives it: every family, the per-tensor norms and PIA's noise."""
+    from peft import LoraConfig
+
+    from montrage.origin.baselines import pia_spec
+
+    model = load_diffusion_model(tiny_model_dir)
+    model.unet.requires_grad_(False)
+    model.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    captions = ["a photo of one", "", "a photo of seven", "a photo of one"]
+    timesteps = (5, 500)
+    for spec in (FeatureSpec(timesteps, layer_norms=True), pia_spec(timesteps)):
+        mixed = trajectory_features(model, images, spec, captions=captions, batch_size=3, progress=False)
+        for prompt in sorted(set(captions)):
+            rows = [i for i, c in enumerate(captions) if c == prompt]
+            group = trajectory_features(model, images[rows], dataclasses.replace(spec, prompt=prompt), batch_size=5,
+                                        progress=False)
+            for f in spec.families:
+                _close(mixed.values[f][rows], group.values[f])
+            if spec.layer_norms:
+                _close(mixed.layer_norms[rows], group.layer_norms)
+        # and the condition matters: the empty prompt for all gives other losses to the captioned images
+        empty = trajectory_features(model, images, spec, batch_size=4, progress=False)
+        assert not np.allclose(empty.values["loss"][[0, 2]], mixed.values["loss"][[0, 2]], rtol=1e-4)
 
 
 def test_noise_is_per_image_and_timestep_not_per_batch():
