@@ -32,7 +32,7 @@ from pytorch_lightning.utilities.seed import isolate_rng
 
 from montrage.capture import resolve_modules
 from montrage.components import model_identity
-from montrage.encode import CAPTION, condition_prompts, encode_conditioned, stable_seed
+from montrage.encode import condition_prompts, encode_conditioned, stable_seed
 from montrage.generate import build_pipeline, generate_probes
 from montrage.probes import ProbeSet, default_probes, load_probe_file
 from montrage.similarity import concept_similarity, flatten_features
@@ -103,9 +103,10 @@ class MontrageCallback(Callback):
         layers: UNet modules to hook, by dotted name (default the bottleneck, "h-space").
         timesteps: timesteps at which images are noised (fixed epsilon per image) and encoded.
         pooling: how activations are reduced to a vector.
-        encode_prompt: text condition used when encoding images: "{caption}" (default) = each training image under
-            its caption and each probe under its prompt, as the model processes them; any other string = that one
-            prompt for all ("" = the empty prompt: an image-only space, for queries whose prompt is unknown).
+        encode_prompt: text condition used when encoding images: "" (default) = the empty prompt for all, an
+            image-only space that serves queries whose prompt is unknown; "{caption}" = each training image under
+            its caption and each probe under its prompt, as the model processes them -- stronger when queries come
+            with the prompt that made them (your own model's generations), weak without it.
         num_inference_steps, guidance_scale: the probe sampler (DDIM).
         thumbnail_size: side of the probe image thumbnails kept in the store.
         save_lora_snapshots: keep the adapter weights of every snapshot (so queries can be re-encoded per epoch).
@@ -128,7 +129,7 @@ class MontrageCallback(Callback):
         layers: list[str] = ["mid_block"],
         timesteps: list[int] = [200, 500, 800],
         pooling: Literal["mean", "max", "mean_max"] = "mean",
-        encode_prompt: str = CAPTION,
+        encode_prompt: str = "",
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         thumbnail_size: int = 64,

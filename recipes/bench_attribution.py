@@ -27,6 +27,7 @@ import torch
 
 from montrage import metrics
 from montrage.data import DataError, digit_token, image_token, scan_concept_folder
+from montrage.encode import CAPTION
 from montrage.probes import ProbeSet
 
 TEMPLATES = {"exemplar": "a photo of {token}", "tokens": "a photo of {token} {image_token}"}
@@ -175,7 +176,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"] * trainer.num_training_batches)
 
     cb = MontrageCallback(store_path=store_path, probe_file=probe_file, num_inference_steps=10, guidance_scale=3.0,
-                          thumbnail_size=16, overwrite=True, log_to_wandb=False, layers=LAYERS, pooling="mean_max")
+                          thumbnail_size=16, overwrite=True, log_to_wandb=False, layers=LAYERS, pooling="mean_max",
+                          encode_prompt=CAPTION)  # queries come with their prompts
     pl.Trainer(max_epochs=epochs, callbacks=[cb, LrLog()], logger=False, enable_checkpointing=False,
                enable_progress_bar=progress, enable_model_summary=False, deterministic=True).fit(module, data)
     timings["fine_tune"] = time.time() - t0
@@ -277,7 +279,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                    "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
                    "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
                    "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
-                   "encode_prompt": "{caption}"},
+                   "encode_prompt": CAPTION},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     with open(out, "w") as fh:

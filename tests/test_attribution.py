@@ -28,7 +28,8 @@ def run_store(tiny_model_dir, tmp_path_factory):
     (tmp / "probes.json").write_text(json.dumps(probes))
     store = tmp / "store.h5"
     pl.seed_everything(0)
-    helpers.trainer(3, [helpers.callback(store, probe_file=str(tmp / "probes.json"), probe_seeds=[0, 1])]).fit(
+    cb = helpers.callback(store, probe_file=str(tmp / "probes.json"), probe_seeds=[0, 1], encode_prompt="{caption}")
+    helpers.trainer(3, [cb]).fit(
         helpers.module(tiny_model_dir, learning_rate=2e-2), helpers.data())
     return str(store)
 
