@@ -161,3 +161,20 @@ def test_corrupted_attribution_model_file(run_store, tmp_path):
         Attributor.from_store(run_store, model_dir=str(tmp_path / "m"))
     with pytest.raises(AttributionModelError, match="missing"):
         Attributor.from_store(run_store, model_dir=str(tmp_path / "nothing"))
+
+
+def test_store_model_prompts_follow_the_store_space():
+    import types
+    import warnings
+
+    image_only = types.SimpleNamespace(encode_prompt="", store=types.SimpleNamespace(path="s.h5"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an image-only store needs no prompt and ignores one
+        assert StoreModel.prompts(image_only, 2, None) == ["", ""]
+        assert StoreModel.prompts(image_only, 2, ["a photo of one", "x"]) == ["", ""]
+    captioned = types.SimpleNamespace(encode_prompt="{caption}", store=types.SimpleNamespace(path="s.h5"))
+    assert StoreModel.prompts(captioned, 2, ["a photo of one", "x"]) == ["a photo of one", "x"]
+    with pytest.warns(UserWarning, match="no prompt was given"):
+        assert StoreModel.prompts(captioned, 1, None) == [""]
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        StoreModel.prompts(captioned, 2, ["a"])
