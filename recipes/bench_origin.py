@@ -50,7 +50,7 @@ import torch
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
 BLOCKS = ("methods", "member_vs_rest", "membership")
-PROBES = ("trajectory", "trajectory_loss", "pia_trajectory", "gsa", "pixels")
+PROBES = ("trajectory", "trajectory_loss", "pia_trajectory", "trajectory_pia", "gsa", "pixels")
 ATTACKS = ("loss_threshold", "pia")
 CACHE_VERSION = "v2"
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
@@ -169,6 +169,8 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         "trajectory": feature_matrix(full)[0],
         "trajectory_loss": feature_matrix(full, ("loss",))[0],
         "pia_trajectory": feature_matrix(pia, ("loss",))[0],
+        # the paper's features plus the losses under PIA's deterministic noise: the random-ε features are noisy
+        "trajectory_pia": np.hstack([feature_matrix(full)[0], feature_matrix(pia, ("loss",))[0]]),
         "gsa": gsa_features(full)[0],
         "pixels": pixel_features(pixels),
     }
