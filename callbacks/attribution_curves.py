@@ -23,14 +23,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError
+from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
 from montrage.callbacks.store_follower import monitor_store_path, wandb_loggers
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
-
-
-def live_model_dir(store_path: str) -> str:
-    return os.path.splitext(store_path)[0] + "_attribution_live"
 
 
 def probe_labels(store: StoreReader) -> list[str]:
@@ -92,8 +89,6 @@ class AttributionCurves(Callback):
             log.warning("montrage AttributionCurves: skipped, training goes on. %s: %s", type(err).__name__, err)
 
     def _update_rank0(self, trainer: pl.Trainer) -> None:
-        from montrage.attribution_curves import attribution_curves, fit_live_model, load_final_model
-
         with StoreReader(self._store) as store:
             n = store.num_epochs
             if n == self.rows_seen:
@@ -128,7 +123,7 @@ class AttributionCurves(Callback):
             return
         import wandb
 
-        from montrage.memorization import to_thumbnails
+        from montrage.data import to_thumbnails
 
         train = store.train
         dataset = getattr(trainer.train_dataloader, "dataset", None)

@@ -21,8 +21,9 @@ from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError
 from montrage.callbacks.store_follower import monitor_store_path, wandb_loggers
+from montrage.data import to_thumbnails
 from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
-                                   representation_similarity, to_thumbnails, write_alerts)
+                                   representation_similarity, write_alerts)
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)

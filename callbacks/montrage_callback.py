@@ -32,6 +32,7 @@ from pytorch_lightning.utilities.seed import isolate_rng
 
 from montrage.capture import resolve_modules
 from montrage.components import model_identity
+from montrage.data import to_thumbnails
 from montrage.encode import condition_prompts, encode_conditioned, stable_seed
 from montrage.generate import build_pipeline, generate_probes
 from montrage.probes import ProbeSet, default_probes, load_probe_file
@@ -83,11 +84,6 @@ def _refuse_sharded(strategy) -> None:
             "strategy='ddp' (a LoRA run trains few weights, so each GPU holding the frozen base is the usual set-up), "
             "or DeepSpeed ZeRO stage 1 or 2, which shard optimizer state and gradients but not the parameters."
         )
-
-
-def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
-    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class MontrageCallback(Callback):
@@ -414,7 +410,7 @@ class MontrageCallback(Callback):
             "probe": self._encode(pl_module, images, [probe_keys[k] for k in p_idx], [probes.prompts[k // len(probes.seeds)] for k in p_idx]),
             "train": self._encode(pl_module, dataset.pixels[t_idx], [dataset.examples[k].id for k in t_idx],
                                   [dataset.examples[k].caption for k in t_idx]),
-            "thumbs": _to_uint8(images, self.thumbnail_size),
+            "thumbs": to_thumbnails(images, self.thumbnail_size),
             "lora": lora,
         }
 

@@ -19,6 +19,11 @@ from montrage.attribution.table import feature_names, pair_features, per_query_s
 from montrage.store import StoreError, StoreReader
 
 
+def live_model_dir(store_path: str) -> str:
+    """Where live fits (the AttributionCurves callback) keep their model, beside `<store>_attribution`."""
+    return os.path.splitext(store_path)[0] + "_attribution_live"
+
+
 def _epoch_table(store: StoreReader, row: int, probe: dict | None = None, train: dict | None = None) -> np.ndarray:
     """(P, N, 2D) final-mode features of the probes of stored epoch `row` against that epoch's training images."""
     probe = probe or {layer: store.probe_features(layer) for layer in store.layers}

@@ -173,3 +173,9 @@ class ConceptImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         j = self._order[i % len(self._order)]
         return {"pixel_values": self.pixels[j], "caption": self.examples[j].caption, "index": j}
+
+
+def to_thumbnails(pixels: torch.Tensor, size: int) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, size, size, 3) uint8: how the store keeps probe thumbnails, and how they are compared."""
+    x = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -18,17 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import numpy as np
-import torch
 
 from montrage.similarity import flatten_features
 
 Require = Literal["any", "all"]
-
-
-def to_thumbnails(pixels: torch.Tensor, size: int) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, size, size, 3) uint8, resized exactly as the callback stores probe thumbnails."""
-    x = torch.nn.functional.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

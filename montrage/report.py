@@ -44,11 +44,11 @@ def _png(fig) -> bytes:
 def find_model_dir(store_path: str, model_dir: str | None = None) -> str | None:
     """The attribution model folder to use: the given one, the fitted one, else the live one (None if neither)."""
     from montrage.attribution.fit import default_model_dir
+    from montrage.attribution_curves import live_model_dir
 
     if model_dir is not None:
         return model_dir
-    live = os.path.splitext(store_path)[0] + "_attribution_live"
-    for d in (default_model_dir(store_path), live):
+    for d in (default_model_dir(store_path), live_model_dir(store_path)):
         if os.path.isfile(os.path.join(d, "final.json")):
             return d
     return None
@@ -58,8 +58,7 @@ def train_thumbnails(store: StoreReader, size: int) -> tuple[np.ndarray, list[st
     """(N, size, size, 3) uint8 training images read from their paths (grey where unreadable) and the ids missing."""
     import torch
 
-    from montrage.data import read_example
-    from montrage.memorization import to_thumbnails
+    from montrage.data import read_example, to_thumbnails
 
     pixels, missing = [], []
     for ex in store.train:

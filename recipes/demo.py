@@ -34,29 +34,6 @@ def read_digits(clf, thumbs: np.ndarray) -> np.ndarray:
     return clf.predict(x.reshape(len(x), -1).numpy())
 
 
-def plot_curves(curves: np.ndarray, epochs: np.ndarray, concepts: list[str], path: str, title: str) -> None:
-    """One panel per probe concept: its mean shifted-cosine similarity to each training concept over epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(concepts)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), sharey=True, squeeze=False)
-    for i, (ax, pc) in enumerate(zip(axes[0], concepts)):
-        for j, tc in enumerate(concepts):
-            ax.plot(epochs, curves[:, i, j], marker="o", lw=2.5 if i == j else 1.2, label=tc)
-        ax.set_title(f"probes of {pc}")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("similarity to training concept\n(centred shifted cosine)")
-    axes[0][-1].legend(title="training concept", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int = 16, epochs: int = 6,
              repeats: int = 40, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True,
              base_config=None) -> dict:
@@ -70,6 +47,7 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
     from montrage.recipes.tiny_base import tiny_base_path
+    from montrage.report import concept_curves_figure
     from montrage.similarity import concept_curves
     from montrage.store import StoreReader
 
@@ -100,8 +78,8 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
                                 [e.concept for e in store.train], concepts, centre=True)
         thumbs = store.probe_images()
         epochs_arr = store.epochs
-    plot_curves(curves, epochs_arr, concepts, os.path.join(out, "curves.png"),
-                f"MONTRAGE demo: probe vs training similarity ({layer})")
+        with open(os.path.join(out, "curves.png"), "wb") as fh:  # the same figure as the report's first section
+            fh.write(concept_curves_figure(store))
     clf = digit_classifier()
     single = [k for k, p in enumerate(primary) if sum(w > 0 for w in store.probes.weight_matrix()[k]) == 1]
     want = np.array([int(primary[k].removeprefix("digit")) for k in single])

@@ -18,8 +18,9 @@ from PIL import Image
 
 import helpers
 from montrage.callbacks import MemorizationGuard, MontrageConfigError
+from montrage.data import to_thumbnails
 from montrage.generate import build_pipeline, generate_probes
-from montrage.memorization import near_copies, pixel_similarity, read_alerts, representation_similarity, to_thumbnails
+from montrage.memorization import near_copies, pixel_similarity, read_alerts, representation_similarity
 from montrage.probes import ProbeSet
 
 
@@ -138,8 +139,8 @@ def test_guard_configuration_errors(tiny_model_dir, tmp_path):
         helpers.trainer(1, [MemorizationGuard()]).fit(helpers.module(tiny_model_dir), helpers.data())
 
 
-def test_thumbnails_match_the_callbacks(tiny_model_dir):
-    from montrage.callbacks.montrage_callback import _to_uint8
-
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert np.array_equal(to_thumbnails(x, 8), _to_uint8(x, 8))
+def test_thumbnails_are_the_stores_uint8_layout():
+    # one function makes the store's probe thumbnails and the guard's training thumbnails, so they compare alike
+    x = torch.stack([torch.full((3, 16, 16), -1.0), torch.full((3, 16, 16), 1.0)])
+    t = to_thumbnails(x, 8)
+    assert t.shape == (2, 8, 8, 3) and t.dtype == np.uint8 and t[0].max() == 0 and t[1].min() == 255
