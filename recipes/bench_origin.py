@@ -12,17 +12,20 @@ Two halves, each scored on a per-class half split (train / test) of member / gen
 
 Reported per half (one block each), every figure as the mean over seeds with its std (population, ddof 0):
   methods         ternary member / generated / external (one-vs-rest, member and generated positive, averaged;
-                  balanced accuracy of the predicted class): trajectory (loss + ‖∇x L‖² + ‖∇θ L‖²), trajectory_loss
-                  (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient norms), pixels
-                  (model-blind); loss_threshold and pia (single-t threshold attacks, t and τ fit on train members vs
-                  external) scored as member-vs-rest.
+                  balanced accuracy of the predicted class): trajectory (montrage's classifier: every default
+                  feature family, C by cross-validation), trajectory_paper (the paper's loss + ‖∇x L‖² + ‖∇θ L‖²,
+                  C fixed), ablations between the two (trajectory_paper_cv, trajectory_no_pia, trajectory_no_ref),
+                  trajectory_loss (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient
+                  norms), pixels (model-blind); loss_threshold and pia (single-t threshold attacks, t and τ fit on
+                  train members vs external) scored as member-vs-rest.
   member_vs_rest  the same-task comparison: every probe's ternary classifier scored by its member probability
                   (predicted member = argmax) against the threshold attacks with t and τ fit on members vs rest,
                   all on the full test split.
   membership      member vs external only (the paper's Table 2 setting; probes trained on those two classes).
   claims          (a) generated images are flagged as members by loss thresholding more often than members are;
                   (b) loss features spread over the whole trajectory beat every contiguous window of the same size
-                  ("Goldilocks" ablation, Table 3); (c) gradient features add over loss-only features; and the
+                  ("Goldilocks" ablation, Table 3); (c) gradient features add over loss-only features (the paper's
+                  features, trajectory_paper vs trajectory_loss); and the
                   acceptance check: trajectory vs loss_threshold and pia on AUC and TPR@1%FPR, as the issue states
                   it (ternary vs member-vs-rest) and on the same task (member_vs_rest).
   model_attribution  (pixel, with --attribution) a second model B of the same recipe: generations of A / of B /
@@ -50,9 +53,10 @@ import torch
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
 BLOCKS = ("methods", "member_vs_rest", "membership")
-PROBES = ("trajectory", "trajectory_loss", "pia_trajectory", "trajectory_pia", "gsa", "pixels")
+PROBES = ("trajectory", "trajectory_paper", "trajectory_paper_cv", "trajectory_no_pia", "trajectory_no_ref",
+          "trajectory_loss", "pia_trajectory", "gsa", "pixels")
 ATTACKS = ("loss_threshold", "pia")
-CACHE_VERSION = "v2"
+CACHE_VERSION = "v3"
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
 
 
@@ -104,21 +108,25 @@ def parse_seeds(text) -> list[int]:
 # --- features and evaluation shared by both halves ------------------------------------------------------------------
 def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[list[int]], draws: int,
                      batch_size: int, progress: bool, captions: list[str] | None = None) -> tuple[dict, dict]:
-    """The trajectory features (with per-tensor norms for GSA), PIA-noise losses, and losses on the union of the
-    uniform grid and the windows (claim b); seconds for each. `captions`: one text condition per image (latent
-    models), the same for every feature set, so every model-based method sees the same conditioning."""
+    """montrage's default trajectory features (with per-tensor norms for GSA; their PIA-noise losses are also PIA's
+    input), and losses on the union of the uniform grid and the windows (claim b); seconds for each. `captions`: one
+    text condition per image (latent models), the same for every feature set, so every model-based method sees the
+    same conditioning."""
     from montrage.origin.baselines import pia_spec
-    from montrage.origin.features import FeatureSpec, trajectory_features
+    from montrage.origin.features import FeatureSpec, default_families, trajectory_features
 
     seconds, sets = {}, {}
     union = sorted(set(grid).union(*wgrids))
-    specs = {"trajectory": FeatureSpec(tuple(grid), layer_norms=True, draws=draws), "pia": pia_spec(grid),
+    specs = {"trajectory": FeatureSpec(tuple(grid), families=default_families(model), layer_norms=True, draws=draws),
              "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
     for name, spec in specs.items():
         t = time.time()
         sets[name] = trajectory_features(model, pixels, spec, captions=captions, batch_size=batch_size,
                                          progress=progress)
         seconds[name] = time.time() - t
+    full = sets["trajectory"]
+    sets["pia"] = dataclasses.replace(full, spec=pia_spec(grid), values={"loss": full.values["loss_pia"]},
+                                      layer_norms=None, layer_names=None)
     return sets, seconds
 
 
@@ -138,7 +146,8 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     """Every method on the test split: the methods / member_vs_rest / membership blocks, per-class figures of the
     probes, and the claims."""
     from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_features
-    from montrage.origin.classifier import LinearProbe, feature_matrix
+    from montrage.origin.classifier import LinearProbe, feature_matrix, present_families
+    from montrage.origin.features import FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
     full, pia, loss_only = sets["trajectory"], sets["pia"], sets["loss_windows"]
@@ -148,7 +157,7 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     mx_tr = np.isin(y_tr, ("member", "external"))  # membership task: members vs external only
     mx_te = np.isin(y_te, ("member", "external"))
 
-    def probe_results(X: np.ndarray) -> tuple[dict, dict, dict]:
+    def probe_results(X: np.ndarray, C=C) -> tuple[dict, dict, dict]:
         """Ternary report, its member-vs-rest report (member probability), and the member-vs-external report of a
         probe trained on those two classes only."""
         probe = LinearProbe(C=C).fit(X[tr], y_tr)
@@ -165,19 +174,26 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         tern, _, mem = probe_results(X)
         return tern, mem
 
+    everything = present_families(full)
+    # name: (matrix, C). `trajectory` is montrage's classifier (every default family, C by cross-validation);
+    # `trajectory_paper` the paper's recipe (loss, ∇x, ∇θ; C fixed); the rest are ablations between the two.
     matrices = {
-        "trajectory": feature_matrix(full)[0],
-        "trajectory_loss": feature_matrix(full, ("loss",))[0],
-        "pia_trajectory": feature_matrix(pia, ("loss",))[0],
-        # the paper's features plus the losses under PIA's deterministic noise: the random-ε features are noisy
-        "trajectory_pia": np.hstack([feature_matrix(full)[0], feature_matrix(pia, ("loss",))[0]]),
-        "gsa": gsa_features(full)[0],
-        "pixels": pixel_features(pixels),
+        "trajectory": (feature_matrix(full, everything)[0], "auto"),
+        "trajectory_paper": (feature_matrix(full, FAMILIES)[0], C),
+        "trajectory_paper_cv": (feature_matrix(full, FAMILIES)[0], "auto"),
+        "trajectory_no_pia": (feature_matrix(full, tuple(f for f in everything if f not in PIA_FAMILIES))[0], "auto"),
+        "trajectory_loss": (feature_matrix(full, ("loss",))[0], C),
+        "pia_trajectory": (feature_matrix(pia, ("loss",))[0], C),
+        "gsa": (gsa_features(full)[0], C),
+        "pixels": (pixel_features(pixels), C),
     }
+    if any(f in everything for f in REFERENCE_FAMILIES):
+        no_ref = tuple(f for f in everything if f not in REFERENCE_FAMILIES)
+        matrices["trajectory_no_ref"] = (feature_matrix(full, no_ref)[0], "auto")
     blocks = {b: {} for b in BLOCKS}
     per_class = {}
-    for name, X in matrices.items():
-        tern, vs_rest, mem = probe_results(X)
+    for name, (X, c) in matrices.items():
+        tern, vs_rest, mem = probe_results(X, c)
         blocks["methods"][name] = {**_metrics(tern), "task": "ternary"}
         blocks["member_vs_rest"][name] = {**_metrics(vs_rest), "task": "member-vs-rest"}
         blocks["membership"][name] = {**_metrics(mem), "task": "member-vs-external"}
@@ -202,10 +218,10 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         "a_generated_flagged_more_than_members": _claim_a(attacks["loss_threshold"], full, tr, te, y_tr, y_te, labels,
                                                           sources[te]),
         "b_whole_trajectory_beats_windows": _claim_b(loss_only, grid, wgrids, ternary_and_membership),
-        "c_gradients_add_over_loss": {
-            "holds": bool(m["trajectory"]["auc"] > m["trajectory_loss"]["auc"]),
-            "ternary": {"all_features": m["trajectory"], "loss_only": m["trajectory_loss"]},
-            "membership": {"all_features": blocks["membership"]["trajectory"],
+        "c_gradients_add_over_loss": {  # the paper's features against their loss-only part, both at the fixed C
+            "holds": bool(m["trajectory_paper"]["auc"] > m["trajectory_loss"]["auc"]),
+            "ternary": {"all_features": m["trajectory_paper"], "loss_only": m["trajectory_loss"]},
+            "membership": {"all_features": blocks["membership"]["trajectory_paper"],
                            "loss_only": blocks["membership"]["trajectory_loss"]},
         },
         "acceptance_trajectory_beats_thresholds": acceptance(blocks),
@@ -266,7 +282,8 @@ def pixel_seed(seed: int, workdir: str, members: int = 200, timesteps: int = 20,
                                                          sampler, sample_steps, batch_size, C, progress)
         seconds["model_attribution"] = time.time() - t
     result["throughput"] = _throughput(len(pixels), grid, draws, secs["trajectory"],
-                                       "loss, ‖∇x L‖², ‖∇θ L‖² (all UNet parameters, per-tensor norms kept)")
+                                       f"{', '.join(sets['trajectory'].spec.families)} (θ = all UNet parameters, "
+                                       "per-tensor norms kept)")
     result["config"] = {"members": members, "seed": seed, "timesteps": grid, "draws": draws, "steps": steps,
                         "sampler": sampler, "sample_steps": sample_steps, "windows": wgrids, "batch_size": batch_size,
                         "C": C, "model": model_dir, "external": f"{n_held} held-out digits + {members - n_held} "
@@ -411,7 +428,8 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
     n_lora = sum(p.numel() for n, p in model.unet.named_parameters() if p.requires_grad)
     result["throughput"] = _throughput(len(pixels), grid, draws, secs["trajectory"],
-                                       f"loss, ‖∇x L‖², ‖∇θ L‖² (θ = the LoRA, {n_lora} parameters), via the VAE")
+                                       f"{', '.join(sets['trajectory'].spec.families)} (θ = the LoRA, {n_lora} "
+                                       "parameters), via the VAE")
     result["config"] = {**dataclasses.asdict(cfg), "timesteps": grid, "draws": draws, "windows": wgrids,
                         "generation": {"prompts": list(prompts), "sampler": "ddim", "steps": gen_steps,
                                        "guidance_scale": guidance},
@@ -503,12 +521,13 @@ def aggregate_claims(claims: list[dict], agg: dict) -> dict:
                "uniform": {k: {"mean": m, "std": s} for k, (m, s) in uni.items()},
                "windows": {w: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for w, v in wins.items()}}
     m = agg["methods"]
-    claim_c = {"holds": bool(m["trajectory"]["auc"] > m["trajectory_loss"]["auc"]),
+    claim_c = {"holds": bool(m["trajectory_paper"]["auc"] > m["trajectory_loss"]["auc"]),
                "holds_in_seeds": f"{sum(c['c_gradients_add_over_loss']['holds'] for c in claims)}/{n}",
-               **{f"{k}_{name}": {"all_features": (m["trajectory"][k], m["trajectory"]["std"][k]),
+               "features": "the paper's (loss, ∇x, ∇θ) against their loss part, both at the fixed C",
+               **{f"{k}_{name}": {"all_features": (m["trajectory_paper"][k], m["trajectory_paper"]["std"][k]),
                                   "loss_only": (m["trajectory_loss"][k], m["trajectory_loss"]["std"][k])}
                   for name, k in (("ternary", "auc"), ("ternary", "tpr@1%fpr"))},
-               "membership_auc": {"all_features": agg["membership"]["trajectory"]["auc"],
+               "membership_auc": {"all_features": agg["membership"]["trajectory_paper"]["auc"],
                                   "loss_only": agg["membership"]["trajectory_loss"]["auc"]}}
     return {"a_generated_flagged_more_than_members": claim_a, "b_whole_trajectory_beats_windows": claim_b,
             "c_gradients_add_over_loss": claim_c,
@@ -754,7 +773,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-steps", type=int, default=100)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--C", type=float, default=1.0)
+    p.add_argument("--C", type=float, default=1.0, help="fixed C of the paper-recipe probes and baselines "
+                                                        "(montrage's `trajectory` chooses its own by cross-validation)")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA-customized half")
     p.add_argument("--no-pixel", action="store_true", help="skip the pixel-DDPM half (run only the LoRA half)")
     p.add_argument("--lora-prompt", default="empty", choices=list(LORA_PROMPTS),

@@ -120,6 +120,66 @@ def test_per_image_captions_equal_per_group_prompts(tiny_model_dir):
         assert not np.allclose(empty.values["loss"][[0, 2]], mixed.values["loss"][[0, 2]], rtol=1e-4)
 
 
+def test_pia_and_reference_families_equal_their_separate_computations(tiny_model_dir):
+    """`loss_pia` is the loss under PIA's noise; `loss_ref`/`grad_x_ref` are loss and ‖∇x L‖² of the UNet with its
+    adapter disabled, with the very ε of the main families; the adapter is active again afterwards."""
+    from peft import LoraConfig
+
+    from montrage.origin.baselines import pia_spec
+    from montrage.origin.features import ALL_FAMILIES, FAMILIES, default_families
+
+    model = load_diffusion_model(tiny_model_dir)
+    assert default_families(model) == FAMILIES + ("loss_pia",)
+    with pytest.raises(OriginError, match="no PEFT adapter"):
+        trajectory_features(model, torch.zeros(1, 3, 16, 16), FeatureSpec((5,), families=("loss_ref",)), progress=False)
+    model.unet.requires_grad_(False)
+    model.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    assert default_families(model) == ALL_FAMILIES
+    with torch.no_grad():  # peft starts B at zero, which would make the adapter a no-op
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    timesteps = (5, 500, 999)
+    spec = FeatureSpec(timesteps, families=ALL_FAMILIES, draws=2)
+    fs = trajectory_features(model, images, spec, batch_size=5, progress=False)
+    paper = trajectory_features(model, images, FeatureSpec(timesteps, draws=2), batch_size=4, progress=False)
+    pia = trajectory_features(model, images, pia_spec(timesteps), batch_size=4, progress=False)
+    for f in FAMILIES:
+        _close(fs.values[f], paper.values[f])
+    _close(fs.values["loss_pia"], pia.values["loss"])
+    model.unet.disable_adapters()
+    base = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss", "grad_x"), draws=2),
+                               batch_size=4, progress=False)
+    model.unet.enable_adapters()
+    for f in ("loss", "grad_x"):
+        _close(fs.values[f + "_ref"], base.values[f])
+        assert not np.allclose(fs.values[f + "_ref"], fs.values[f], rtol=1e-3)  # the adapter does change them
+    again = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",), draws=2), progress=False)
+    _close(again.values["loss"], fs.values["loss"])  # the adapter is back on
+
+
+def test_cross_validated_C(tmp_path):
+    """C="auto" (the default) picks C from the grid by cross-validation, keeps it through save/load, and a fixed C
+    is kept as given; a bad C is refused."""
+    from montrage.origin.classifier import C_GRID, LinearProbe, choose_C
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 40)
+    signal = (y == "a")[:, None] * 0.8 + rng.normal(0, 1, (80, 2))
+    noisy = np.hstack([signal, rng.normal(0, 1, (80, 60))])  # 2 informative columns among 62
+    chosen = choose_C(noisy, y)
+    assert chosen in C_GRID and chosen < 1.0  # many noise columns, few rows: stronger regularisation wins
+    assert choose_C(noisy[[0, 40]], y[[0, 40]]) == 1.0  # one row per class: nothing to cross-validate
+    clf = OriginClassifier().fit(_sets())
+    assert clf.probe.C in C_GRID
+    loaded = OriginClassifier.load(clf.save(str(tmp_path / "clf")))
+    assert loaded.probe.C == clf.probe.C and loaded.probe.auto
+    assert OriginClassifier(C=0.5).fit(_sets()).probe.C == 0.5
+    with pytest.raises(OriginError, match="positive number or 'auto'"):
+        LinearProbe(C=-1)
+
+
 def test_noise_is_per_image_and_timestep_not_per_batch():
     model = H.tiny_pixel_model()
     images = torch.rand(4, 3, 8, 8) * 2 - 1
@@ -420,7 +480,8 @@ def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
     blocks = {}
     for block in BLOCKS:
         task = "ternary" if block == "methods" else "member-vs-rest"
-        blocks[block] = {"trajectory": entry(auc_traj, tpr_traj, task), "trajectory_loss": entry(0.6, 0.05, task),
+        blocks[block] = {"trajectory": entry(auc_traj, tpr_traj, task), "trajectory_paper": entry(0.65, 0.06, task),
+                         "trajectory_loss": entry(0.6, 0.05, task),
                          "loss_threshold": {**entry(0.7, 0.10, "member-vs-rest"), "t": 100},
                          "pia": {**entry(0.8, 0.30, "member-vs-rest"), "t": 200}}
     assert set(blocks["methods"]["trajectory"]) >= set(METRIC_KEYS)

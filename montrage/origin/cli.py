@@ -11,9 +11,14 @@ import json
 import os
 
 
-def _spec_from_args(args, num_train_timesteps: int):
-    from montrage.origin.features import FeatureSpec, default_timesteps
+def _families(text: str) -> tuple[str, ...] | None:
+    return tuple(f.strip() for f in text.split(",") if f.strip()) or None
 
+
+def _spec_from_args(args, model):
+    from montrage.origin.features import FeatureSpec, default_families, default_timesteps
+
+    num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
     if args.t_grid:
         try:
             timesteps = [int(t) for t in args.t_grid.split(",") if t.strip()]
@@ -22,7 +27,7 @@ def _spec_from_args(args, num_train_timesteps: int):
     else:
         timesteps = default_timesteps(num_train_timesteps, args.timesteps)
     params = args.params if args.params in ("trainable", "all") else tuple(p for p in args.params.split(",") if p)
-    return FeatureSpec(tuple(timesteps), families=tuple(f for f in args.families.split(",") if f), params=params,
+    return FeatureSpec(tuple(timesteps), families=_families(args.families) or default_families(model), params=params,
                        noise=args.noise, noise_seed=args.noise_seed, prompt=args.prompt, layer_norms=args.layer_norms,
                        draws=getattr(args, "draws", 1))
 
@@ -40,7 +45,7 @@ def features_main(args) -> int:
 
     paths = expand_image_paths(args.images)
     model = load_diffusion_model(_model_arg(args.model), lora=args.lora, device=args.device)
-    spec = _spec_from_args(args, int(model.scheduler.config.num_train_timesteps))
+    spec = _spec_from_args(args, model)
     pixels = load_images(paths, model.image_size, model.image_channels, resize=args.resize)
     fs = trajectory_features(model, pixels, spec, ids=paths, batch_size=args.batch_size, label=args.label,
                              progress=not args.quiet)
@@ -61,8 +66,8 @@ def fit_main(args) -> int:
 
     sets = [read_features(p) for p in args.features]
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    clf = OriginClassifier(families=tuple(f for f in args.families.split(",") if f), transform=args.transform,
-                           task=args.task, C=args.C)
+    clf = OriginClassifier(families=_families(args.families), transform=args.transform, task=args.task,
+                           C=args.C if args.C == "auto" else float(args.C))
     model_path = _model_arg(args.model) if args.model else sets[0].identity.get("model_id")
     clf.fit(sets, labels, model_path=model_path)
     clf.save(args.out)
@@ -104,7 +109,9 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--label", default=None, help="origin of these images, for `origin fit`: member, generated or external")
     s.add_argument("--timesteps", type=int, default=20, help="number of uniformly spaced timesteps (default 20)")
     s.add_argument("--t-grid", default=None, help="explicit comma-separated timesteps (overrides --timesteps)")
-    s.add_argument("--families", default="loss,grad_x,grad_theta", help="feature families to compute")
+    s.add_argument("--families", default="", help="feature families to compute, from loss, grad_x, grad_theta "
+                   "(the paper's), loss_pia (PIA-noise losses), loss_ref, grad_x_ref (under the base, adapter models "
+                   "only); default: all of them that apply")
     s.add_argument("--params", default="trainable", help="θ for ∇θ: trainable (requires_grad, e.g. LoRA), all, or "
                                                          "comma-separated parameter-name prefixes")
     s.add_argument("--noise", default="random", choices=["random", "pia"], help="fresh seeded ε per (image, t), or "
@@ -125,9 +132,10 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="classifier folder to write (classifier.json + classifier.npz)")
     s.add_argument("--labels", default=None, help="comma-separated label per features file (overrides theirs)")
     s.add_argument("--task", default="ternary", choices=["ternary", "membership", "generated"])
-    s.add_argument("--families", default="loss,grad_x,grad_theta")
+    s.add_argument("--families", default="", help="families to use (default: all in the features files)")
     s.add_argument("--transform", default="log", choices=["log", "none"])
-    s.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength of the logistic regression")
+    s.add_argument("--C", default="auto", help="inverse L2 regularisation strength of the logistic regression, or "
+                                               "auto (chosen by 5-fold cross-validation, the default)")
     s.add_argument("--model", default=None, help="model path to record for predict (default: the features' model)")
     s.set_defaults(fn=fit_main)
 

@@ -16,12 +16,21 @@ Conventions (constant factors do not matter after the classifier's standardisati
 - `draws` > 1 (not in the paper, which draws one ε per (image, t)): each feature is the mean over that many seeded ε
   at the same t (draw 0 is the single-draw ε), which lowers the noise of every feature at `draws` times the cost.
 
+Two families beyond the paper's, chosen by ablation on the origin benchmark (README, "Origin attribution"):
+- `loss_pia`: L_t with PIA's deterministic ε = ε_θ(x, 0) at every t. A random ε makes each L_t noisy; the model's
+  own ε gives a low-variance trajectory (on the LoRA half it lifted the ternary AUC more than any other change).
+- `loss_ref`, `grad_x_ref`: L_t and ‖∇x L_t‖² under the *reference* model, i.e. the UNet with its adapters disabled
+  (the base a LoRA was trained from), with the same ε. What the fine-tune changed is what tells its members apart;
+  an image's own difficulty, which the base model sees too, is the noise. Only for models with a PEFT adapter.
+`default_families(model)` picks the paper's three plus these (the reference pair only where an adapter exists).
+
 The model is put in eval mode for the extraction and every module's mode is restored afterwards; requires_grad
 flags and `.grad` are never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -36,7 +45,20 @@ from montrage.origin.errors import OriginError
 from montrage.origin.images import check_images, image_keys
 from montrage.origin.model import DiffusionModel, check_same_model
 
-FAMILIES = ("loss", "grad_x", "grad_theta")
+FAMILIES = ("loss", "grad_x", "grad_theta")  # the paper's
+PIA_FAMILIES = ("loss_pia",)
+REFERENCE_FAMILIES = ("loss_ref", "grad_x_ref")
+ALL_FAMILIES = FAMILIES + PIA_FAMILIES + REFERENCE_FAMILIES
+
+
+def has_adapter(unet: torch.nn.Module) -> bool:
+    """Whether the UNet carries a PEFT adapter (LoRA) that can be switched off to give the reference model."""
+    return bool(getattr(unet, "_hf_peft_config_loaded", False))
+
+
+def default_families(model: "DiffusionModel") -> tuple[str, ...]:
+    """montrage's default: the paper's families, the PIA-noise losses, and the reference pair for adapter models."""
+    return FAMILIES + PIA_FAMILIES + (REFERENCE_FAMILIES if has_adapter(model.unet) else ())
 
 
 def default_timesteps(num_train_timesteps: int = 1000, count: int = 20) -> list[int]:
@@ -67,9 +89,9 @@ class FeatureSpec:
             object.__setattr__(self, "params", tuple(self.params))
         if not self.timesteps:
             raise OriginError("the timestep grid is empty: give at least one timestep.")
-        bad = [f for f in self.families if f not in FAMILIES]
+        bad = [f for f in self.families if f not in ALL_FAMILIES]
         if bad or not self.families:
-            raise OriginError(f"unknown feature families {bad}: choose from {', '.join(FAMILIES)}.")
+            raise OriginError(f"unknown feature families {bad}: choose from {', '.join(ALL_FAMILIES)}.")
         if int(self.draws) < 1:
             raise OriginError(f"draws (ε per image and timestep) must be at least 1, not {self.draws}.")
         object.__setattr__(self, "draws", int(self.draws))
@@ -84,6 +106,10 @@ class FeatureSpec:
     @property
     def needs_theta(self) -> bool:
         return "grad_theta" in self.families or self.layer_norms
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(f in self.families for f in REFERENCE_FAMILIES)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -220,7 +246,8 @@ def trajectory_features(
     """
     from tqdm.auto import tqdm
 
-    spec = spec or FeatureSpec(tuple(default_timesteps(model.scheduler.config.num_train_timesteps)))
+    spec = spec or FeatureSpec(tuple(default_timesteps(model.scheduler.config.num_train_timesteps)),
+                               families=default_families(model))
     if isinstance(images, (list, tuple)):
         from montrage.origin.images import load_images
 
@@ -236,6 +263,10 @@ def trajectory_features(
     bad = [t for t in spec.timesteps if not 0 <= t < num_train]
     if bad:
         raise OriginError(f"timesteps {bad} are outside the model's range 0..{num_train - 1}.")
+    if spec.needs_reference and not has_adapter(model.unet):
+        raise OriginError(f"families {list(REFERENCE_FAMILIES)} compare the model with its base (the UNet with its "
+                          "adapter disabled), but this UNet has no PEFT adapter (or it was fused into the weights): "
+                          "load the LoRA with `--lora`, or drop these families.")
     t0 = time.perf_counter()
     unet, device = model.unet, model.device
     dtype = next(unet.parameters()).dtype
@@ -247,7 +278,18 @@ def trajectory_features(
     ac = model.scheduler.alphas_cumprod
 
     D = spec.draws
-    out = {f: np.zeros((n, T), np.float64) for f in FAMILIES}  # sums over draws, divided by D at the end
+    main = tuple(f for f in spec.families if f in FAMILIES)
+    # passes over (image, t, draw) pairs: families computed, noise, reference model?, output name per family,
+    # draws, per-tensor norms kept?
+    passes = []
+    if main or spec.layer_norms:
+        passes.append((main, spec.noise, False, {f: f for f in main}, D, spec.layer_norms))
+    if "loss_pia" in spec.families:
+        passes.append((("loss",), "pia", False, {"loss": "loss_pia"}, 1, False))
+    ref = tuple(f for f in spec.families if f in REFERENCE_FAMILIES)
+    if ref:
+        passes.append((tuple(f[:-4] for f in ref), spec.noise, True, {f[:-4]: f for f in ref}, D, False))
+    out = {f: np.zeros((n, T), np.float64) for f in spec.families}  # sums over draws, divided by draws at the end
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with _eval_mode(unet, model.vae, model.text_encoder), _math_attention(device):
         latents = image_latents(model.vae, images, batch_size).float()
@@ -257,37 +299,58 @@ def trajectory_features(
         where = {p: k for k, p in enumerate(unique)}
         prompt_index = torch.tensor([where[p] for p in prompts]) if captions is not None \
             else torch.zeros(n, dtype=torch.long)
-        if spec.noise == "pia":
+        pia = None
+        if any(p[1] == "pia" for p in passes):
             pia = _pia_noise(model, latents, conds, prompt_index, batch_size)
-        pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(D)]
-        bar = tqdm(total=len(pairs), desc="origin features", unit="pair", disable=not progress)
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            ii = torch.tensor([p[0] for p in chunk])
-            tt = torch.tensor([spec.timesteps[p[1]] for p in chunk], dtype=torch.long)
-            z = latents[ii]
-            shape = tuple(z.shape[1:])
-            if spec.noise == "pia":
-                eps = pia[ii]
-            else:
-                eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2]) for p in chunk])
-            a = ac[tt].float().view(-1, *([1] * len(shape)))
-            noisy = a.sqrt() * z + (1 - a).sqrt() * eps
-            target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
-            cond = None if conds is None else conds[prompt_index[ii].to(conds.device)].to(device, dtype)
-            res = _pair_features(unet, spec, theta, rest, noisy.to(device, dtype), tt.to(device),
-                                 target.to(device, torch.float32), cond)
-            rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
-            for f, v in res.items():  # unbuffered adds: a chunk may hold several draws of one (image, t)
-                np.add.at(layers if f == "layers" else out[f], (rows, cols), v)
-            bar.update(len(chunk))
+        bar = tqdm(total=sum(n * T * p[4] for p in passes), desc="origin features", unit="pair",
+                   disable=not progress)
+        for families, noise, reference, names, draws, keep_layers in passes:
+            pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(draws)]
+            with _reference_model(unet, reference):
+                for start in range(0, len(pairs), batch_size):
+                    chunk = pairs[start:start + batch_size]
+                    ii = torch.tensor([p[0] for p in chunk])
+                    tt = torch.tensor([spec.timesteps[p[1]] for p in chunk], dtype=torch.long)
+                    z = latents[ii]
+                    shape = tuple(z.shape[1:])
+                    if noise == "pia":
+                        eps = pia[ii]
+                    else:
+                        eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
+                                           for p in chunk])
+                    a = ac[tt].float().view(-1, *([1] * len(shape)))
+                    noisy = a.sqrt() * z + (1 - a).sqrt() * eps
+                    target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
+                    cond = None if conds is None else conds[prompt_index[ii].to(conds.device)].to(device, dtype)
+                    res = _pair_features(unet, families, keep_layers, theta, rest,
+                                         noisy.to(device, dtype), tt.to(device), target.to(device, torch.float32),
+                                         cond)
+                    rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
+                    for f, v in res.items():  # unbuffered adds: a chunk may hold several draws of one (image, t)
+                        np.add.at(layers if f == "layers" else out[names[f]], (rows, cols), v)
+                    bar.update(len(chunk))
+            for f in names.values():
+                out[f] /= draws
         bar.close()
-    values = {f: (out[f] / D).astype(np.float32) for f in spec.families}
+    values = {f: out[f].astype(np.float32) for f in spec.families}
     if layers is not None:
         layers = (layers / D).astype(np.float32)
     return FeatureSet(spec=spec, identity=model.identity(), ids=list(ids) if ids is not None else keys, values=values,
                       layer_norms=layers, layer_names=list(theta) if spec.layer_norms else None, label=label,
                       seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _reference_model(unet: torch.nn.Module, reference: bool):
+    """The UNet with its adapters disabled (the base model) inside the block when `reference`, as it was after."""
+    if not reference:
+        yield
+        return
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 def _unet_kwargs(cond: torch.Tensor | None) -> dict:
@@ -312,14 +375,15 @@ def _pia_noise(model: DiffusionModel, latents: torch.Tensor, conds, prompt_index
     return torch.cat(out)
 
 
-def _pair_features(unet, spec: FeatureSpec, theta: dict, rest: dict, noisy: torch.Tensor, t: torch.Tensor,
-                   target: torch.Tensor, cond: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """Loss and squared gradient norms for a batch of (image, t) pairs, each pair its own sample."""
+def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: dict, rest: dict, noisy: torch.Tensor,
+                   t: torch.Tensor, target: torch.Tensor, cond: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Loss and squared gradient norms (of the paper's `families`) for a batch of (image, t) pairs, each pair its
+    own sample; `layers`, the per-tensor ‖∇θ L‖², too when `layer_norms`."""
     from torch.func import functional_call, grad, vmap
 
     dims = tuple(range(1, noisy.ndim))
-    want_x = "grad_x" in spec.families
-    if spec.needs_theta:
+    want_x = "grad_x" in families
+    if "grad_theta" in families or layer_norms:
         def loss_one(th, x, tt, tgt, c):
             kw = _unet_kwargs(None if c is None else c[None])
             pred = functional_call(unet, (th, rest), (x[None], tt[None]), kw)[0][:, :x.shape[0]]
@@ -334,7 +398,7 @@ def _pair_features(unet, spec: FeatureSpec, theta: dict, rest: dict, noisy: torc
         in_dims = (None, 0, 0, 0, None if cond is None else 0)
         loss, gx, per_tensor = vmap(one, in_dims=in_dims)(theta, noisy, t, target, cond)
         res = {"loss": loss, "grad_x": gx, "grad_theta": per_tensor.sum(dim=1)}
-        if spec.layer_norms:
+        if layer_norms:
             res["layers"] = per_tensor
     elif want_x:
         params = {**theta, **rest}
@@ -348,4 +412,4 @@ def _pair_features(unet, spec: FeatureSpec, theta: dict, rest: dict, noisy: torc
         with torch.no_grad():
             pred = functional_call(unet, {**theta, **rest}, (noisy, t), _unet_kwargs(cond))[0][:, :noisy.shape[1]]
             res = {"loss": ((pred.float() - target) ** 2).mean(dim=dims)}
-    return {k: v.detach().float().cpu().numpy() for k, v in res.items() if k in spec.families or k == "layers"}
+    return {k: v.detach().float().cpu().numpy() for k, v in res.items() if k in families or k == "layers"}
