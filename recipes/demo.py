@@ -153,7 +153,7 @@ def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], im
     from montrage.attribution.reencode import StoreModel
     from montrage.data import _digits, digit_token, read_example
     from montrage.origin.classifier import OriginClassifier
-    from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
+    from montrage.origin.features import FeatureSpec, default_families, default_timesteps, trajectory_features
     from montrage.origin.model import load_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.store import StoreReader
@@ -169,7 +169,7 @@ def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], im
     unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])[:n]
     external = digits_pixels(unseen, 16)
     model = load_diffusion_model(base, lora=lora_dir)
-    spec = FeatureSpec(tuple(default_timesteps(1000, 10)), noise_seed=seed)
+    spec = FeatureSpec(tuple(default_timesteps(1000, 10)), families=default_families(model), noise_seed=seed)
     sets = {name: trajectory_features(model, x, spec, label=name, progress=progress)
             for name, x in (("member", members), ("generated", generated), ("external", external))}
     halves = {k: (fs.subset(np.arange(0, len(fs), 2)), fs.subset(np.arange(1, len(fs), 2))) for k, fs in sets.items()}

@@ -1,7 +1,8 @@
 """Origin attribution: is an image a training member, a generation of this model, or external? Which model made it?
 
 Following Floros et al., "Tracing the Roots" (NeurIPS 2025): per-timestep loss and gradient norms along the whole
-diffusion trajectory (`features`), standardised and fed to a linear softmax classifier (`classifier`); the same
+diffusion trajectory (`features`; montrage adds PIA-noise losses and, for adapters, the same measures under the
+base model), standardised and fed to a linear softmax classifier (`classifier`); the same
 features under several candidate models attribute a generation to its model (`model_attribution`). The paper's
 baselines (`baselines`) and metrics (`metrics`) come with it; `cli` holds the `montrage origin` commands.
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "FeatureSpec": "montrage.origin.features",
     "FeatureSet": "montrage.origin.features",
     "default_timesteps": "montrage.origin.features",
+    "default_families": "montrage.origin.features",
     "trajectory_features": "montrage.origin.features",
     "write_features": "montrage.origin.featurefile",
     "read_features": "montrage.origin.featurefile",
