@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
-    s.add_argument("--concepts", default="1,4,7,9", help="attribution: digit concepts")
+    s.add_argument("--concepts", default="0,1,2,3,4,5,6,7,8,9", help="attribution: digit concepts (default: all ten)")
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
