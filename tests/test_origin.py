@@ -120,7 +120,7 @@ def test_per_image_captions_equal_per_group_prompts(tiny_model_dir):
         assert not np.allclose(empty.values["loss"][[0, 2]], mixed.values["loss"][[0, 2]], rtol=1e-4)
 
 
-def test_pia_and_reference_families_equal_their_separate_computations(tiny_model_dir):
+def test_pia_and_reference_families_equal_their_separate_computations(tiny_model_dir, tmp_path):
     """`loss_pia` is the loss under PIA's noise; `loss_ref`/`grad_x_ref` are loss and ‖∇x L‖² of the UNet with its
     adapter disabled, with the very ε of the main families; the adapter is active again afterwards."""
     from peft import LoraConfig
@@ -157,6 +157,15 @@ def test_pia_and_reference_families_equal_their_separate_computations(tiny_model
         assert not np.allclose(fs.values[f + "_ref"], fs.values[f], rtol=1e-3)  # the adapter does change them
     again = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",), draws=2), progress=False)
     _close(again.values["loss"], fs.values["loss"])  # the adapter is back on
+    model.unet.disable_adapters()  # ... and stays off when the caller had switched it off
+    trajectory_features(model, images[:1], FeatureSpec((5,), families=("loss_ref",)), progress=False)
+    off = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",), draws=2), progress=False)
+    _close(off.values["loss"], base.values["loss"])
+    model.unet.enable_adapters()
+    # the new families survive the features file
+    back = read_features(write_features(str(tmp_path / "all.h5"), fs))
+    assert set(back.values) == set(ALL_FAMILIES)
+    _close(back.values["loss_ref"], fs.values["loss_ref"])
 
 
 def test_cross_validated_C(tmp_path):

@@ -340,17 +340,26 @@ def trajectory_features(
                       seconds=time.perf_counter() - t0)
 
 
+def _adapters_enabled(unet: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in unet.modules())
+
+
 @contextlib.contextmanager
 def _reference_model(unet: torch.nn.Module, reference: bool):
-    """The UNet with its adapters disabled (the base model) inside the block when `reference`, as it was after."""
+    """The UNet with its adapters disabled (the base model) inside the block when `reference`; afterwards they are
+    enabled again only if they were enabled before."""
     if not reference:
         yield
         return
+    was_enabled = _adapters_enabled(unet)
     unet.disable_adapters()
     try:
         yield
     finally:
-        unet.enable_adapters()
+        if was_enabled:
+            unet.enable_adapters()
 
 
 def _unet_kwargs(cond: torch.Tensor | None) -> dict:
