@@ -66,8 +66,7 @@ def fit_main(args) -> int:
 
     sets = [read_features(p) for p in args.features]
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    clf = OriginClassifier(families=_families(args.families), transform=args.transform, task=args.task,
-                           C=args.C if args.C == "auto" else float(args.C))
+    clf = OriginClassifier(families=_families(args.families), transform=args.transform, task=args.task, C=args.C)
     model_path = _model_arg(args.model) if args.model else sets[0].identity.get("model_id")
     clf.fit(sets, labels, model_path=model_path)
     clf.save(args.out)
