@@ -108,11 +108,10 @@ def parse_seeds(text) -> list[int]:
 # --- features and evaluation shared by both halves ------------------------------------------------------------------
 def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[list[int]], draws: int,
                      batch_size: int, progress: bool, captions: list[str] | None = None) -> tuple[dict, dict]:
-    """montrage's default trajectory features (with per-tensor norms for GSA; their PIA-noise losses are also PIA's
-    input), and losses on the union of the uniform grid and the windows (claim b); seconds for each. `captions`: one
+    """montrage's default trajectory features (with per-tensor norms for GSA; their PIA-noise losses `loss_pia` are
+    also PIA's input), and losses on the union of the uniform grid and the windows (claim b); seconds for each. `captions`: one
     text condition per image (latent models), the same for every feature set, so every model-based method sees the
     same conditioning."""
-    from montrage.origin.baselines import pia_spec
     from montrage.origin.features import FeatureSpec, default_families, trajectory_features
 
     seconds, sets = {}, {}
@@ -124,18 +123,15 @@ def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[
         sets[name] = trajectory_features(model, pixels, spec, captions=captions, batch_size=batch_size,
                                          progress=progress)
         seconds[name] = time.time() - t
-    full = sets["trajectory"]
-    sets["pia"] = dataclasses.replace(full, spec=pia_spec(grid), values={"loss": full.values["loss_pia"]},
-                                      layer_norms=None, layer_names=None)
     return sets, seconds
 
 
-def class_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def class_split(labels: np.ndarray, seed: int, classes=ORIGINS, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Half of each class for training, the other half for testing; the same rows for every method."""
     train_rows, test_rows = [], []
-    for k, o in enumerate(ORIGINS):
+    for k, o in enumerate(classes):
         rows = np.flatnonzero(labels == o)
-        a, b = _split(len(rows), seed * 7919 + k)
+        a, b = _split(len(rows), seed * 7919 + offset + k)
         train_rows.append(rows[a])
         test_rows.append(rows[b])
     return np.concatenate(train_rows), np.concatenate(test_rows)
@@ -150,7 +146,7 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     from montrage.origin.features import FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
-    full, pia, loss_only = sets["trajectory"], sets["pia"], sets["loss_windows"]
+    full, loss_only = sets["trajectory"], sets["loss_windows"]
     tr, te = class_split(labels, seed)
     y_tr, y_te = labels[tr], labels[te]
     is_member_te = y_te == "member"
@@ -183,7 +179,7 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         "trajectory_paper_cv": (feature_matrix(full, FAMILIES)[0], "auto"),
         "trajectory_no_pia": (feature_matrix(full, tuple(f for f in everything if f not in PIA_FAMILIES))[0], "auto"),
         "trajectory_loss": (feature_matrix(full, ("loss",))[0], C),
-        "pia_trajectory": (feature_matrix(pia, ("loss",))[0], C),
+        "pia_trajectory": (feature_matrix(full, ("loss_pia",))[0], C),
         "gsa": (gsa_features(full)[0], C),
         "pixels": (pixel_features(pixels), C),
     }
@@ -199,16 +195,15 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         blocks["membership"][name] = {**_metrics(mem), "task": "member-vs-external"}
         per_class[name] = tern["per_class"]
     attacks = {}
-    for name, fs in (("loss_threshold", full), ("pia", pia)):
-        losses = fs.values["loss"]
-        attack = ThresholdAttack().fit(losses[tr][mx_tr], y_tr[mx_tr] == "member", fs.timesteps)
+    for name, losses in (("loss_threshold", full.values["loss"]), ("pia", full.values["loss_pia"])):
+        attack = ThresholdAttack().fit(losses[tr][mx_tr], y_tr[mx_tr] == "member", full.timesteps)
         attacks[name] = attack
         s, flagged = attack.score(losses[te]), attack.predict(losses[te])
         blocks["methods"][name] = {**_metrics(binary_report(s, is_member_te, flagged)), "task": "member-vs-rest",
                                    "t": attack.t}
         blocks["membership"][name] = {**_metrics(binary_report(s[mx_te], is_member_te[mx_te], flagged[mx_te])),
                                       "task": "member-vs-external", "t": attack.t}
-        rest = ThresholdAttack().fit(losses[tr], y_tr == "member", fs.timesteps)  # the same data as the probes
+        rest = ThresholdAttack().fit(losses[tr], y_tr == "member", full.timesteps)  # the same data as the probes
         blocks["member_vs_rest"][name] = {**_metrics(binary_report(rest.score(losses[te]), is_member_te,
                                                                    rest.predict(losses[te]))),
                                           "task": "member-vs-rest", "t": rest.t}
@@ -631,13 +626,7 @@ def _model_attribution(model_a, full, images, labels, cfg, workdir, sampler, sam
     pixels = torch.cat([images["generated"], gen_b, images["external"]])
     under_b = trajectory_features(model_b, pixels, full.spec, batch_size=batch_size, progress=progress)
     y = np.concatenate([["A"] * len(images["generated"]), ["B"] * len(gen_b), ["external"] * len(images["external"])])
-    tr, te = [], []
-    for k, c in enumerate(("A", "B", "external")):
-        rows = np.flatnonzero(y == c)
-        a, b = _split(len(rows), cfg.seed * 7919 + 100 + k)
-        tr.append(rows[a])
-        te.append(rows[b])
-    tr, te = np.concatenate(tr), np.concatenate(te)
+    tr, te = class_split(y, cfg.seed, ("A", "B", "external"), offset=100)
     att = ModelAttributor(["A", "B"], C=C).fit([under_a.subset(tr), under_b.subset(tr)], y[tr])
     pred = att.predict([under_a.subset(te), under_b.subset(te)])
     gen = np.isin(y[te], ("A", "B"))

@@ -213,9 +213,8 @@ def load_probe(folder: str, kind: str) -> tuple[dict, LinearProbe]:
         raise OriginError(f"{jpath!r} holds a {meta.get('kind')!r} classifier, not {kind!r}.")
     if int(meta.get("schema_version", -1)) > SCHEMA_VERSION:
         raise OriginError(f"{jpath!r} has schema_version {meta.get('schema_version')}; upgrade montrage to read it.")
-    for key in ("classes",):
-        if not isinstance(meta.get(key), list) or len(meta[key]) < 2:
-            raise OriginError(f"classifier file {jpath!r}: field `{key}` is missing or invalid; refit the classifier.")
+    if not isinstance(meta.get("classes"), list) or len(meta["classes"]) < 2:
+        raise OriginError(f"classifier file {jpath!r}: field `classes` is missing or invalid; refit the classifier.")
     try:
         with np.load(npath, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -238,7 +237,8 @@ class OriginClassifier:
         probe's inverse L2 strength, "auto" = chosen by cross-validation."""
         if task not in TASKS:
             raise OriginError(f"unknown task {task!r}: choose from {', '.join(TASKS)}.")
-        transform_values(np.ones(1), transform)  # validates the name
+        if transform not in TRANSFORMS:
+            raise OriginError(f"unknown transform {transform!r}: choose from {', '.join(TRANSFORMS)}.")
         self.families = None if families is None else tuple(families)
         self.transform, self.task = transform, task
         self.probe = LinearProbe(C=C)
@@ -270,11 +270,11 @@ class OriginClassifier:
         y = self.row_labels(feature_sets, labels)
         if self.families is None:
             self.families = present_families(first)
-        X = np.concatenate([feature_matrix(fs, self.families, self.transform)[0] for fs in feature_sets])
+        blocks = [feature_matrix(fs, self.families, self.transform) for fs in feature_sets]
         y = relabel(y, self.task)
-        self.probe.fit(X, y)
+        self.probe.fit(np.concatenate([X for X, _ in blocks]), y)
         self.spec, self.identity, self.model_path = first.spec, dict(first.identity), model_path
-        self.feature_names = feature_matrix(first.subset([0]), self.families, self.transform)[1]
+        self.feature_names = blocks[0][1]
         self.train_counts = {c: int(np.sum(y == c)) for c in self.probe.classes}
         return self
 

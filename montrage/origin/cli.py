@@ -29,7 +29,7 @@ def _spec_from_args(args, model):
     params = args.params if args.params in ("trainable", "all") else tuple(p for p in args.params.split(",") if p)
     return FeatureSpec(tuple(timesteps), families=_families(args.families) or default_families(model), params=params,
                        noise=args.noise, noise_seed=args.noise_seed, prompt=args.prompt, layer_norms=args.layer_norms,
-                       draws=getattr(args, "draws", 1))
+                       draws=args.draws)
 
 
 def _model_arg(path: str) -> str:

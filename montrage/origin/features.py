@@ -198,10 +198,6 @@ def concat_feature_sets(sets: Sequence[FeatureSet], label: str | None = None) ->
         seconds=sum(fs.seconds for fs in sets))
 
 
-
-
-
-
 def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dict[str, torch.Tensor]:
     """θ for ∇θ: 'trainable' (requires_grad, e.g. a LoRA adapter), 'all', or names starting with given prefixes."""
     named = dict(unet.named_parameters())
@@ -274,8 +270,8 @@ def trajectory_features(
     theta = select_parameters(unet, spec.params) if spec.needs_theta else {}
     theta = {k: v.detach() for k, v in theta.items()}
     rest = {k: v.detach() for k, v in unet.named_parameters() if k not in theta}
-    v_pred = model.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-    ac = model.scheduler.alphas_cumprod
+    scheduler = model.scheduler
+    v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
 
     D = spec.draws
     main = tuple(f for f in spec.families if f in FAMILIES)
@@ -318,9 +314,8 @@ def trajectory_features(
                     else:
                         eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
                                            for p in chunk])
-                    a = ac[tt].float().view(-1, *([1] * len(shape)))
-                    noisy = a.sqrt() * z + (1 - a).sqrt() * eps
-                    target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
+                    noisy = scheduler.add_noise(z, eps, tt)
+                    target = scheduler.get_velocity(z, eps, tt) if v_pred else eps
                     cond = None if conds is None else conds[prompt_index[ii].to(conds.device)].to(device, dtype)
                     res = _pair_features(unet, families, keep_layers, theta, rest,
                                          noisy.to(device, dtype), tt.to(device), target.to(device, torch.float32),

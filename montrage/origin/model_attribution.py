@@ -11,20 +11,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from montrage.origin.classifier import JSON_NAME, LinearProbe, feature_matrix, load_probe, save_probe
 from montrage.origin.errors import OriginError
-from montrage.origin.features import FAMILIES, FeatureSet, FeatureSpec, trajectory_features
-from montrage.origin.model import DiffusionModel, check_same_model
-
-
-def attribution_features(models: list[DiffusionModel], images: torch.Tensor, spec: FeatureSpec,
-                         batch_size: int = 32, progress: bool = True) -> list[FeatureSet]:
-    """The same images under each candidate model (one FeatureSet per candidate, rows aligned)."""
-    if not models:
-        raise OriginError("no candidate models given: pass at least one.")
-    return [trajectory_features(m, images, spec, batch_size=batch_size, progress=progress) for m in models]
+from montrage.origin.features import FAMILIES, FeatureSet, FeatureSpec
+from montrage.origin.model import check_same_model
 
 
 def _check_aligned(per_candidate: list[FeatureSet], n_candidates: int) -> None:
