@@ -31,27 +31,36 @@ class TrainExample:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """Read an image file as a (3, size, size) float tensor in [-1, 1] (RGB, center-cropped, resized).
+    """Read an image file as a (3, size, size) float tensor in [-1, 1] (RGB, center-cropped, resized)."""
+    im = center_crop_resize(open_rgb(path), size)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
 
-    Any mode and size Pillow reads: EXIF rotation applied, transparency composited on white (transparent pixels
-    hold arbitrary colours), 16-bit greyscale scaled rather than clipped, the first frame of an animation.
-    """
+
+def open_rgb(path: str):
+    """An image file as an RGB PIL image, from any mode and size Pillow reads: EXIF rotation applied, transparency
+    composited on white (transparent pixels hold arbitrary colours), 16-bit greyscale scaled rather than clipped,
+    the first frame of an animation. Unreadable files raise a DataError naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = _to_rgb(ImageOps.exif_transpose(im))
+            return _to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as err:
         raise DataError(f"image {path!r} is too large to decode safely ({err}). Downscale it, or raise "
                         "PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read image {path!r}: {err}. Remove or replace the file.") from err
+
+
+def center_crop_resize(im, size: int):
+    """The largest centred square of a PIL image, resized (bicubic) to size x size."""
+    from PIL import Image
+
     w, h = im.size
     side = min(w, h)
-    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    im = im.resize((size, size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
 
 
 def _to_rgb(im):

@@ -350,6 +350,18 @@ def test_model_attribution_and_baselines(tmp_path):
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
+def test_files_are_read_as_training_reads_them(tmp_path):
+    """Origin features score a file on the pixels training saw: transparency on white, as montrage.data does."""
+    from PIL import Image
+
+    from montrage.data import load_image
+
+    path = str(tmp_path / "clear.png")
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(path)
+    torch.testing.assert_close(load_images([path], 8)[0], load_image(path, 8))
+    assert torch.allclose(load_images([path], 8), torch.ones(1, 3, 8, 8))
+
+
 def test_clear_errors_for_bad_input(tmp_path):
     model = H.tiny_pixel_model()
     spec = FeatureSpec((1, 2), families=("loss",))

@@ -1,7 +1,9 @@
 """Images for origin attribution: files or tensors, checked against the model's size and channels.
 
 Membership signal lives in fine pixel detail, so images are not silently resized: an image of another size is an
-error unless the caller asks for `resize=True` (centre crop + bicubic, as `montrage.data.load_image` does).
+error unless the caller asks for `resize=True` (centre crop + bicubic). Files are read as training images are
+(`montrage.data.open_rgb`: EXIF rotation, transparency on white, 16-bit greyscale scaled), so a member scores on
+the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from montrage.data import IMAGE_SUFFIXES
+from montrage.data import IMAGE_SUFFIXES, DataError, center_crop_resize, open_rgb
 from montrage.origin.errors import OriginError
 
 
@@ -36,11 +38,9 @@ def expand_image_paths(items: list[str]) -> list[str]:
 def load_images(paths: list[str], size: int, channels: int = 3, resize: bool = False) -> torch.Tensor:
     """Read image files as (N, channels, size, size) floats in [-1, 1].
 
-    Colour mode is converted (RGBA/palette/greyscale -> RGB for a 3-channel model, -> L for 1 channel); a file whose
-    size is not size x size is an error unless `resize` (then centre-cropped and resized).
+    Colour mode is converted as for training images (`montrage.data.open_rgb`; -> L for a 1-channel model); a file
+    whose size is not size x size is an error unless `resize` (then centre-cropped and resized).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not paths:
         raise OriginError("no images given: pass at least one image file or folder.")
     if channels not in (1, 3):
@@ -49,18 +49,17 @@ def load_images(paths: list[str], size: int, channels: int = 3, resize: bool = F
     out = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if channels == 3 else "L")
-        except (UnidentifiedImageError, OSError) as err:
-            raise OriginError(f"cannot read image {path!r}: {err}. Remove or replace the file.") from err
+            im = open_rgb(path)
+        except DataError as err:
+            raise OriginError(str(err)) from err
+        if channels == 1:
+            im = im.convert("L")
         w, h = im.size
         if (w, h) != (size, size):
             if not resize:
                 raise OriginError(f"image {path!r} is {w}x{h} but the model works on {size}x{size} images: resize it "
                                   f"to {size}x{size} first, or pass resize=True (--resize) to centre-crop and resize.")
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            im = center_crop_resize(im, size)
         arr = np.asarray(im, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         out.append(torch.from_numpy(arr.copy()) / 127.5 - 1.0)
