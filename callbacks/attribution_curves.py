@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from montrage.callbacks.montrage_callback import MontrageConfigError
+from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
-from montrage.callbacks.store_follower import monitor_store_path, wandb_loggers
+from montrage.callbacks.store_follower import monitor_store_path
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class AttributionCurves(Callback):
                 return
             curves = attribution_curves(store, self._model, self.top_k)
             curves["labels"] = probe_labels(store)
-            curves["probe_thumbs"] = store.probe_images()[-1]
+            curves["probe_thumbs"] = store.probe_images(slice(-1, None))[0]
             self.last = curves
             self._log_wandb(trainer, store, curves)
 
@@ -149,9 +149,3 @@ class AttributionCurves(Callback):
         payload["montrage/attribution/top_images"] = table
         for lg in loggers:
             lg.experiment.log(payload)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fitted_at": self.fitted_at}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fitted_at = int(state_dict.get("fitted_at", 0))

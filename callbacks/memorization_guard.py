@@ -19,8 +19,8 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from montrage.callbacks.montrage_callback import MontrageConfigError
-from montrage.callbacks.store_follower import monitor_store_path, wandb_loggers
+from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
+from montrage.callbacks.store_follower import monitor_store_path
 from montrage.data import to_thumbnails
 from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
                                    representation_similarity, write_alerts)
@@ -141,15 +141,19 @@ class MemorizationGuard(Callback):
             layer = self.layer or store.layers[0]
             if layer not in store.layers:
                 raise MontrageConfigError(f"layer {layer!r} is not in the store (layers: {store.layers}).")
-            thumbs = store.probe_images()
+            start = self.rows_checked  # only the new rows are read
+            new_rows = slice(start, n)
+            thumbs = store.probe_images(new_rows)
             train_thumbs = self._training_thumbnails(trainer, store, thumbs.shape[2])
-            probe_feats = store.probe_features(layer) if self.representation_threshold is not None else None
-            train_feats = store.train_features(layer) if self.representation_threshold is not None else None
+            with_rep = self.representation_threshold is not None
+            probe_feats = store.probe_features(layer, new_rows) if with_rep else None
+            train_feats = store.train_features(layer, epochs=new_rows) if with_rep else None
             epochs, steps, train, items = store.epochs, store.global_steps, store.train, store.probes.items()
             new: list[Alert] = []
-            for row in range(self.rows_checked, n):
-                pix = pixel_similarity(thumbs[row], train_thumbs) if self.pixel_threshold is not None else None
-                rep = representation_similarity(probe_feats[row], train_feats[row]) if probe_feats is not None else None
+            for row in range(start, n):
+                k = row - start
+                pix = pixel_similarity(thumbs[k], train_thumbs) if self.pixel_threshold is not None else None
+                rep = representation_similarity(probe_feats[k], train_feats[k]) if with_rep else None
                 self.history.append({"row": row, "epoch": int(epochs[row]), "global_step": int(steps[row]),
                                      "max_pixel": None if pix is None else round(float(pix.max()), 5),
                                      "max_representation": None if rep is None else round(float(rep.max()), 5)})
@@ -165,7 +169,7 @@ class MemorizationGuard(Callback):
             log.warning("montrage MemorizationGuard: %s", alert.describe())
         write_alerts(self.alerts_path or default_alerts_path(self._store), self.record())
         if self.log_to_wandb:
-            self._log_wandb(trainer, new, thumbs, train_thumbs)
+            self._log_wandb(trainer, new, thumbs, start, train_thumbs)
         return new
 
     def record(self) -> dict:
@@ -173,7 +177,9 @@ class MemorizationGuard(Callback):
                 "config": {"pixel_threshold": self.pixel_threshold, "representation_threshold": self.representation_threshold,
                            "require": self.require, "layer": self.layer, "stop_training": self.stop_training}}
 
-    def _log_wandb(self, trainer: pl.Trainer, new: list[Alert], thumbs: np.ndarray, train_thumbs: np.ndarray) -> None:
+    def _log_wandb(self, trainer: pl.Trainer, new: list[Alert], thumbs: np.ndarray, first_row: int,
+                   train_thumbs: np.ndarray) -> None:
+        """`thumbs`: the probe thumbnails of the stored rows from `first_row` on (those the alerts come from)."""
         loggers = wandb_loggers(trainer)
         if not loggers:
             return
@@ -185,7 +191,7 @@ class MemorizationGuard(Callback):
         images = []
         row_of = {h["epoch"]: h["row"] for h in self.history}
         for a in new[:16]:
-            pair = np.concatenate([thumbs[row_of[a.epoch], a.probe], train_thumbs[a.train_index]], axis=1)
+            pair = np.concatenate([thumbs[row_of[a.epoch] - first_row, a.probe], train_thumbs[a.train_index]], axis=1)
             pair = np.kron(pair, np.ones((4, 4, 1), np.uint8)) if pair.shape[0] < 64 else pair  # visible when tiny
             images.append(wandb.Image(pair, caption="probe | training image. " + a.describe()))
         for lg in loggers:

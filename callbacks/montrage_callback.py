@@ -47,6 +47,13 @@ class MontrageConfigError(ValueError):
     """The callback cannot monitor this module or data (named attribute, file or field, and the fix)."""
 
 
+def wandb_loggers(trainer: pl.Trainer) -> list:
+    """The trainer's WandbLoggers (shared by every montrage callback that logs)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
 class MontrageSnapshotError(RuntimeError):
     """Monitoring failed during training (on some rank); skipped with a warning unless strict=True."""
 
@@ -401,13 +408,14 @@ class MontrageCallback(Callback):
                                   pl_module.noise_scheduler)
             images = generate_probes(pipe, probes, self._resolution, self.num_inference_steps, self.guidance_scale,
                                      indices=p_idx)
-        probe_keys = [f"probe/{prompt}/{seed}" for prompt, seed in probes.items()]
+        items = probes.items()
+        probe_keys = [f"probe/{prompt}/{seed}" for prompt, seed in items]
         lora = None
         if trainer.is_global_zero and self.save_lora_snapshots and getattr(pl_module.unet, "peft_config", None):
             lora = torch.cat([v.flatten() for v in self._lora_state(pl_module).values()]).numpy()
         return {
             "p_idx": p_idx, "t_idx": t_idx,
-            "probe": self._encode(pl_module, images, [probe_keys[k] for k in p_idx], [probes.prompts[k // len(probes.seeds)] for k in p_idx]),
+            "probe": self._encode(pl_module, images, [probe_keys[k] for k in p_idx], [items[k][0] for k in p_idx]),
             "train": self._encode(pl_module, dataset.pixels[t_idx], [dataset.examples[k].id for k in t_idx],
                                   [dataset.examples[k].caption for k in t_idx]),
             "thumbs": to_thumbnails(images, self.thumbnail_size),
@@ -468,11 +476,7 @@ class MontrageCallback(Callback):
 
     # --- W&B -----------------------------------------------------------------------------------------------
     def _wandb_loggers(self, trainer: pl.Trainer) -> list:
-        if not self.log_to_wandb:
-            return []
-        from pytorch_lightning.loggers import WandbLogger
-
-        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        return wandb_loggers(trainer) if self.log_to_wandb else []
 
     def _log_epoch(self, trainer, epoch, probe_feats, train_feats, thumbs, dataset) -> None:
         loggers = self._wandb_loggers(trainer)

@@ -38,9 +38,3 @@ def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[s
             f"{name} comes before MontrageCallback in the trainer's callbacks, so it would read each epoch before it is "
             f"written (Lightning calls callbacks in list order): put {name} after MontrageCallback.")
     return monitor.store_path
-
-
-def wandb_loggers(trainer: pl.Trainer) -> list:
-    from pytorch_lightning.loggers import WandbLogger
-
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from montrage.attribution.fit import default_model_dir, fit_model
+from montrage.attribution.fit import check_fittable, default_model_dir, fit_model
 from montrage.attribution.model import AttributionModel, AttributionModelError
 from montrage.attribution.table import feature_names, pair_features, per_query_standardize
 from montrage.store import StoreError, StoreReader
@@ -24,13 +24,17 @@ def live_model_dir(store_path: str) -> str:
     return os.path.splitext(store_path)[0] + "_attribution_live"
 
 
-def _epoch_table(store: StoreReader, row: int, probe: dict | None = None, train: dict | None = None) -> np.ndarray:
-    """(P, N, 2D) final-mode features of the probes of stored epoch `row` against that epoch's training images."""
-    probe = probe or {layer: store.probe_features(layer) for layer in store.layers}
-    train = train or {layer: store.train_features(layer) for layer in store.layers}
-    q = {layer: probe[layer][row:row + 1] for layer in store.layers}
-    t = {layer: train[layer][row:row + 1] for layer in store.layers}
-    centre = {layer: t[layer].mean(axis=1) for layer in store.layers}
+def _features(store: StoreReader, epochs: slice = slice(None)) -> tuple[dict, dict]:
+    """Probe and training features per layer, (E, P, T, F) and (E, N, T, F), of the stored epoch rows `epochs`."""
+    return ({layer: store.probe_features(layer, epochs) for layer in store.layers},
+            {layer: store.train_features(layer, epochs=epochs) for layer in store.layers})
+
+
+def _epoch_table(probe: dict, train: dict, row: int) -> np.ndarray:
+    """(P, N, 2D) final-mode features of the probes of epoch row `row` of `probe` against that row's training images."""
+    q = {layer: v[row:row + 1] for layer, v in probe.items()}
+    t = {layer: v[row:row + 1] for layer, v in train.items()}
+    centre = {layer: v.mean(axis=1) for layer, v in t.items()}
     return per_query_standardize(pair_features(q, t, centre, "final"))
 
 
@@ -40,12 +44,10 @@ def fit_live_model(store: StoreReader, steps: int = 200, seed: int = 0) -> Attri
     Same construction as `montrage attribute fit`'s final model, but on the probe features the callback stored
     instead of regenerated ones, so it needs no model and no re-encoding.
     """
-    if store.num_epochs < 2:
-        raise StoreError(f"store {store.path!r} holds {store.num_epochs} complete epoch(s); fitting attribution needs at "
-                         "least 2 (epoch 0 and one monitored epoch).")
+    check_fittable(store)
     train = store.train
     y = np.array(store.probes.ground_truth([e.concept for e in train], [e.id for e in train]), np.float32)
-    model, _ = fit_model(_epoch_table(store, store.num_epochs - 1), y, steps=steps, seed=seed)
+    model, _ = fit_model(_epoch_table(*_features(store, slice(-1, None)), 0), y, steps=steps, seed=seed)
     return model
 
 
@@ -69,8 +71,7 @@ def attribution_curves(store: StoreReader, model: AttributionModel, top_k: int =
     Returns `scores` (E, P, C) mean image score per concept, `concepts`, `epochs`, and `top` (P, K) training-image
     indices with `top_scores` (P, K) at the last stored epoch.
     """
-    probe = {layer: store.probe_features(layer) for layer in store.layers}
-    train_feats = {layer: store.train_features(layer) for layer in store.layers}
+    probe, train_feats = _features(store)
     train = store.train
     concepts = sorted({e.concept for e in train})
     labels = np.array([e.concept for e in train])
@@ -79,7 +80,7 @@ def attribution_curves(store: StoreReader, model: AttributionModel, top_k: int =
         raise StoreError(f"store {store.path!r} holds no complete epoch yet.")
     scores = np.zeros((E, len(store.probes), len(concepts)), np.float32)
     for row in range(E):
-        s = model.score(_epoch_table(store, row, probe, train_feats)).numpy()  # (P, N)
+        s = model.score(_epoch_table(probe, train_feats, row)).numpy()  # (P, N)
         scores[row] = np.stack([s[:, labels == c].mean(axis=1) for c in concepts], axis=1)
     k = min(top_k, len(train))
     top = np.argsort(-s, axis=1)[:, :k]

@@ -70,13 +70,23 @@ def train_thumbnails(store: StoreReader, size: int) -> tuple[np.ndarray, list[st
     return to_thumbnails(torch.stack(pixels), size), missing
 
 
-def concept_curves_figure(store: StoreReader) -> bytes:
+def store_concept_curves(store: StoreReader) -> tuple[np.ndarray, list[str]]:
+    """(E, C, C) centred similarity of each probe concept to each training concept in the first layer, per stored
+    epoch, and the (sorted training) concepts that index it."""
     from montrage.similarity import concept_curves
 
-    plt = _plt()
     layer, concepts = store.layers[0], sorted({e.concept for e in store.train})
     curves = concept_curves(store.probe_features(layer), store.train_features(layer), store.probes.primary_concepts(),
                             [e.concept for e in store.train], concepts, centre=True)
+    return curves, concepts
+
+
+def concept_curves_figure(store: StoreReader, curves: tuple[np.ndarray, list[str]] | None = None) -> bytes:
+    """One panel per probe concept: its similarity to every training concept over epochs (`curves`: what
+    `store_concept_curves(store)` returns, when the caller has it already)."""
+    plt = _plt()
+    layer = store.layers[0]
+    curves, concepts = curves or store_concept_curves(store)
     shown = [i for i, c in enumerate(concepts) if not np.all(np.isnan(curves[:, i]))]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.0), sharey=True, squeeze=False)
     for ax, i in zip(axes[0], shown):

@@ -512,14 +512,19 @@ class StoreReader:
             raise StoreError(f"store {self.path!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
                              "from its source, or re-run the monitoring.") from err
 
-    def probe_features(self, layer: str) -> np.ndarray:
-        return self._read(f"probes/features/{layer}", np.s_[: self.num_epochs]).astype(np.float32)
+    def _epochs(self, epochs: slice) -> slice:
+        """A slice over the committed epoch rows (negative bounds count from the last committed one)."""
+        return slice(*epochs.indices(self.num_epochs))
 
-    def train_features(self, layer: str, rows: slice = slice(None)) -> np.ndarray:
-        return self._read(f"train/features/{layer}", np.s_[: self.num_epochs, rows]).astype(np.float32)
+    def probe_features(self, layer: str, epochs: slice = slice(None)) -> np.ndarray:
+        """(E, P, T, F) probe features of the committed epochs, or of the rows `epochs` selects (e.g. slice(-1, None))."""
+        return self._read(f"probes/features/{layer}", self._epochs(epochs)).astype(np.float32)
 
-    def probe_images(self) -> np.ndarray:
-        return self._read("probes/images", np.s_[: self.num_epochs])
+    def train_features(self, layer: str, rows: slice = slice(None), epochs: slice = slice(None)) -> np.ndarray:
+        return self._read(f"train/features/{layer}", np.s_[self._epochs(epochs), rows]).astype(np.float32)
+
+    def probe_images(self, epochs: slice = slice(None)) -> np.ndarray:
+        return self._read("probes/images", self._epochs(epochs))
 
     def training_order(self) -> dict[str, np.ndarray]:
         rows = int(self.f["committed"][1])

@@ -47,8 +47,7 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
     from montrage.recipes.tiny_base import tiny_base_path
-    from montrage.report import concept_curves_figure
-    from montrage.similarity import concept_curves
+    from montrage.report import concept_curves_figure, store_concept_curves
     from montrage.store import StoreReader
 
     os.makedirs(out, exist_ok=True)
@@ -71,15 +70,12 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
 
     with StoreReader(store_path) as store:
         summary = store.summary()
-        concepts = list(store.probes.concepts)
         primary = store.probes.primary_concepts()
-        layer = store.layers[0]
-        curves = concept_curves(store.probe_features(layer), store.train_features(layer), primary,
-                                [e.concept for e in store.train], concepts, centre=True)
+        curves, concepts = store_concept_curves(store)
         thumbs = store.probe_images()
         epochs_arr = store.epochs
         with open(os.path.join(out, "curves.png"), "wb") as fh:  # the same figure as the report's first section
-            fh.write(concept_curves_figure(store))
+            fh.write(concept_curves_figure(store, (curves, concepts)))
     clf = digit_classifier()
     single = [k for k, p in enumerate(primary) if sum(w > 0 for w in store.probes.weight_matrix()[k]) == 1]
     want = np.array([int(primary[k].removeprefix("digit")) for k in single])
