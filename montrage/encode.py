@@ -108,8 +108,7 @@ def encode_conditioned(unet, vae, scheduler, tokenizer, text_encoder, images: to
     parts = []
     for i in range(0, max(len(images), 1), chunk):
         texts = prompts[i:i + chunk]
-        with torch.no_grad():
-            cond = embed_prompts(tokenizer, text_encoder, texts[:1] if len(set(texts)) == 1 else texts)
+        cond = embed_prompts(tokenizer, text_encoder, texts[:1] if len(set(texts)) == 1 else texts)
         parts.append(encode_images(unet, vae, scheduler, images[i:i + chunk], noise_seeds[i:i + chunk], timesteps,
                                    layers, pooling, cond, batch_size))
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

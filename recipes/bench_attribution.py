@@ -31,7 +31,6 @@ from montrage.encode import CAPTION
 from montrage.probes import ProbeSet
 
 TEMPLATES = {"exemplar": "a photo of {token}", "tokens": "a photo of {token} {image_token}"}
-TEMPLATE = TEMPLATES["tokens"]
 PROBE_SEEDS = {"exemplar": [0, 1, 2, 3], "tokens": [0, 1]}
 LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
 QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
@@ -160,14 +159,12 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         def concept_tokens(self):
             return tokens
 
-        def setup(self, stage="fit"):
-            self.dataset = self.dataset or ConceptImageDataset(examples, 16, repeats, weights)
-
     timings = {}
     t0 = time.time()
     pl.seed_everything(seed, verbose=False)
     module = DiffusionFineTune(lora_rank=8, lora_alpha=8, learning_rate=1e-2)
     data = FixedData(batch_size=32, repeats=repeats, seed=seed)
+    data.dataset = ConceptImageDataset(examples, data.hparams.resolution, repeats, weights)  # setup() keeps it
     store_path = os.path.join(workdir, "store.h5")
     lrs = []
 
@@ -219,22 +216,23 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         p.requires_grad_("lora_" in name)
     grad_t = [100, 300, 500, 700, 900]
 
-    def grads(pix, keys, output, row):
+    # the text encoder is not adapted, so each side's conditions are the same at every epoch
+    query = (qpix, [int(s) for s in _seeds(qpix)], sm.cond(sm.prompts(len(qpix), q_prompts)))
+    training = (train_pix, [int(s) for s in _seeds(train_pix)], sm.cond(sm.prompts(len(train_pix), t_prompts)))
+
+    def grads(side, output, row):
+        pix, keys, cond = side
         sm.set_epoch(row)
-        cond = sm.cond(sm.prompts(len(pix), q_prompts if pix is qpix else t_prompts))
         return gradients.lora_gradient_features(unet, vae, sched, pix, cond, grad_t, keys, output=output,
                                                 proj_dim=256, proj_seed=seed)
 
-    train_seeds = [int(s) for s in _seeds(train_pix)]
-    q_seeds = [int(s) for s in _seeds(qpix)]
     last = att.store.num_epochs - 1
-    timed("trak", lambda: gradients.trak_scores(grads(qpix, q_seeds, "loss", last), grads(train_pix, train_seeds, "loss", last)))
-    timed("d-trak", lambda: gradients.trak_scores(grads(qpix, q_seeds, "sq_norm", last), grads(train_pix, train_seeds, "sq_norm", last)))
+    timed("trak", lambda: gradients.trak_scores(grads(query, "loss", last), grads(training, "loss", last)))
+    timed("d-trak", lambda: gradients.trak_scores(grads(query, "sq_norm", last), grads(training, "sq_norm", last)))
     rows = list(range(1, att.store.num_epochs))
-    timed("tracin", lambda: gradients.tracin_scores([grads(qpix, q_seeds, "loss", r) for r in rows],
-                                                    [grads(train_pix, train_seeds, "loss", r) for r in rows], lrs[: len(rows)]))
-    if hasattr(gradients, "datainf_scores"):
-        timed("datainf", lambda: gradients.datainf_scores(grads(qpix, q_seeds, "loss", last), grads(train_pix, train_seeds, "loss", last)))
+    timed("tracin", lambda: gradients.tracin_scores([grads(query, "loss", r) for r in rows],
+                                                    [grads(training, "loss", r) for r in rows], lrs[: len(rows)]))
+    timed("datainf", lambda: gradients.datainf_scores(grads(query, "loss", last), grads(training, "loss", last)))
     results = {name: {**evaluate(s, queries, kinds, train, concept_names), "seconds": seconds[name]} for name, s in methods.items()}
     att.close()
     return {"methods": results, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),

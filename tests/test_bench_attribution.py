@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 
 from montrage.data import digit_token, digits_examples
-from montrage.recipes.bench_attribution import TEMPLATE, build_probes, evaluate, split_images
+from montrage.recipes.bench_attribution import TEMPLATES, build_probes, evaluate, split_images
 
 
 @pytest.fixture()
 def setup():
-    examples = digits_examples([1, 7], 4, TEMPLATE)
+    examples = digits_examples([1, 7], 4, TEMPLATES["tokens"])
     tokens = {"digit1": digit_token(1), "digit7": digit_token(7)}
     probe, held = split_images(examples)
     return examples, tokens, probe, held

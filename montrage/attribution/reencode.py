@@ -71,18 +71,7 @@ class StoreModel:
 
     def cond(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (n, seq, dim) of `prompts` (for gradient baselines that condition like the encoder)."""
-        c = self.components
-        with torch.no_grad():
-            return embed_prompts(c.tokenizer, c.text_encoder, prompts).to(self.device)
-
-    def encode(self, images: torch.Tensor, seeds: list[int], batch_size: int = 32, latents: torch.Tensor | None = None,
-               prompts: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Encode with the current weights; pass `latents` (from `image_latents`) to skip the VAE."""
-        c, cfg = self.components, self.store.spec
-        vae, x = (None, latents) if latents is not None else (c.vae, images)
-        return encode_conditioned(c.unet, vae, c.scheduler, c.tokenizer, c.text_encoder, x, seeds,
-                                  self.prompts(len(x), prompts), cfg["timesteps"], cfg["layers"], cfg["pooling"],
-                                  batch_size)
+        return embed_prompts(self.components.tokenizer, self.components.text_encoder, prompts)
 
     def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None,
                    prompts: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -93,12 +82,14 @@ class StoreModel:
         if len(rows) > 1 and not self.lora:
             raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
                              "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
-        latents = image_latents(self.components.vae, images)  # the VAE is not adapted: encode once, not per epoch
+        c, cfg = self.components, self.store.spec
+        latents = image_latents(c.vae, images)  # the VAE is not adapted: encode once, not per epoch
         prompts = self.prompts(len(images), prompts)
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(self.encode(images, seeds, latents=latents, prompts=prompts))
+            per_epoch.append(encode_conditioned(c.unet, None, c.scheduler, c.tokenizer, c.text_encoder, latents, seeds,
+                                                prompts, cfg["timesteps"], cfg["layers"], cfg["pooling"]))
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()

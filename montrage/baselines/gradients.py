@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from montrage.encode import fixed_noise, image_latents
-from montrage.funcgrad import eval_without_checkpointing as _frozen_eval, vmap_safe_attention as _attention_backend
+from montrage.funcgrad import eval_without_checkpointing, vmap_safe_attention
 
 PROJ_CHUNK_ROWS = 4096  # rows of the projection generated per seeded chunk; part of the projection's definition
 
@@ -60,10 +60,6 @@ class GaussianProjection:
         for c, start in enumerate(range(0, self.dim, PROJ_CHUNK_ROWS)):
             out += x[:, start:start + PROJ_CHUNK_ROWS] @ self.chunk(c, x.device)
         return out
-
-
-
-
 
 
 def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -125,7 +121,7 @@ def lora_gradient_features(
 
     per_sample = vmap(grad(objective), in_dims=(None, 0, 0, 0))
     feats = []
-    with _frozen_eval(unet), _attention_backend(device):
+    with eval_without_checkpointing(unet), vmap_safe_attention(device):
         for i in range(0, len(latents), batch_size):
             z = latents[i:i + batch_size]
             shape = tuple(z.shape[1:])

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from montrage.encode import fixed_noise, image_latents, stable_seed
-from montrage.funcgrad import eval_without_checkpointing as _eval_mode, vmap_safe_attention as _math_attention
+from montrage.funcgrad import eval_without_checkpointing, vmap_safe_attention
 from montrage.origin.errors import OriginError
 from montrage.origin.images import check_images, image_keys
 from montrage.origin.model import DiffusionModel, check_same_model
@@ -287,7 +287,7 @@ def trajectory_features(
         passes.append((tuple(f[:-4] for f in ref), spec.noise, True, {f[:-4]: f for f in ref}, D, False))
     out = {f: np.zeros((n, T), np.float64) for f in spec.families}  # sums over draws, divided by draws at the end
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
-    with _eval_mode(unet, model.vae, model.text_encoder), _math_attention(device):
+    with eval_without_checkpointing(unet, model.vae, model.text_encoder), vmap_safe_attention(device):
         latents = image_latents(model.vae, images, batch_size).float()
         prompts = list(captions) if captions is not None else [spec.prompt]
         unique = sorted(set(prompts))
