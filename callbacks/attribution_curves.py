@@ -18,13 +18,12 @@ import logging
 import os
 from typing import Optional
 
-import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
-from montrage.callbacks.store_follower import monitor_store_path
+from montrage.callbacks.store_follower import monitor_store_path, training_thumbnails
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ class AttributionCurves(Callback):
         self.last: Optional[dict] = None  # the last curves computed (for tests and programmatic use)
         self._store: Optional[str] = None
         self._model = None
+        self._train_thumbs = None  # (N, size, size, 3) uint8, made once for the W&B table
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -123,17 +123,10 @@ class AttributionCurves(Callback):
             return
         import wandb
 
-        from montrage.data import to_thumbnails
-
         train = store.train
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        pixels = getattr(dataset, "pixels", None)
         size = curves["probe_thumbs"].shape[1]
-        if pixels is not None and len(pixels) == len(train):
-            train_thumbs = to_thumbnails(pixels[np.unique(curves["top"]).tolist()], size)
-            thumb_of = dict(zip(np.unique(curves["top"]).tolist(), train_thumbs))
-        else:
-            thumb_of = {}
+        if self._train_thumbs is None or self._train_thumbs.shape[1] != size:
+            self._train_thumbs = training_thumbnails(trainer, store, size)
         epoch = curves["epochs"][-1]
         payload = {}
         for p, label in enumerate(curves["labels"]):
@@ -143,9 +136,8 @@ class AttributionCurves(Callback):
         table = wandb.Table(columns=["epoch", "probe", "probe image", "rank", "train id", "concept", "score", "train image"])
         for p, label in enumerate(curves["labels"]):
             for r, (i, s) in enumerate(zip(curves["top"][p], curves["top_scores"][p])):
-                img = thumb_of.get(int(i))
                 table.add_data(epoch, label, wandb.Image(curves["probe_thumbs"][p]), r + 1, train[i].id, train[i].concept,
-                               float(s), wandb.Image(img) if img is not None else None)
+                               float(s), wandb.Image(self._train_thumbs[i]))
         payload["montrage/attribution/top_images"] = table
         for lg in loggers:
             lg.experiment.log(payload)

@@ -20,8 +20,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
-from montrage.callbacks.store_follower import monitor_store_path
-from montrage.data import to_thumbnails
+from montrage.callbacks.store_follower import monitor_store_path, training_thumbnails
 from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
                                    representation_similarity, write_alerts)
 from montrage.store import StoreReader
@@ -116,16 +115,7 @@ class MemorizationGuard(Callback):
 
     def _training_thumbnails(self, trainer: pl.Trainer, store: StoreReader, size: int) -> np.ndarray:
         if self._train_thumbs is None or self._train_thumbs.shape[1] != size:
-            from montrage.data import read_example
-
-            dataset = getattr(trainer.train_dataloader, "dataset", None)
-            pixels = getattr(dataset, "pixels", None)
-            train = store.train
-            if pixels is None or len(pixels) != len(train):
-                import torch
-
-                pixels = torch.stack([read_example(e, size) for e in train])
-            self._train_thumbs = to_thumbnails(pixels, size)
+            self._train_thumbs = training_thumbnails(trainer, store, size)
         return self._train_thumbs
 
     def _check_new_rows(self, trainer: pl.Trainer) -> list[Alert]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageCallback, MontrageConfigError
+from montrage.store import StoreReader
 
 
 def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[str]) -> str:
@@ -38,3 +40,15 @@ def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[s
             f"{name} comes before MontrageCallback in the trainer's callbacks, so it would read each epoch before it is "
             f"written (Lightning calls callbacks in list order): put {name} after MontrageCallback.")
     return monitor.store_path
+
+
+def training_thumbnails(trainer: pl.Trainer, store: StoreReader, size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8 thumbnails of the store's training images: from the training dataset's pixels when
+    it holds one row per stored image, else read from their paths (grey where a file is unreadable)."""
+    from montrage.data import to_thumbnails
+    from montrage.report import train_thumbnails
+
+    pixels = getattr(getattr(trainer.train_dataloader, "dataset", None), "pixels", None)
+    if pixels is not None and len(pixels) == len(store.train):
+        return to_thumbnails(pixels, size)
+    return train_thumbnails(store, size)[0]

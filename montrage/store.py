@@ -135,9 +135,10 @@ def left_open_for_write(path: str) -> bool:
 
 
 def _committed_rows(name: str, committed: tuple[int, int]) -> int | None:
-    if name in ("epoch", "global_step", "lora/params", "probes/images") or "/features/" in name:
+    """How many rows of a growing dataset are committed (the writer's own lists say which grow with what)."""
+    if name in StoreWriter.EPOCH_DATASETS or name.startswith(("probes/features/", "train/features/")):
         return committed[0]
-    if name.startswith("order/"):
+    if name in StoreWriter.ORDER_DATASETS:
         return committed[1]
     return None  # fixed-size: copied whole
 

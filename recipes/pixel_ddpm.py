@@ -154,40 +154,30 @@ def train_pixel_ddpm(out_dir: str, cfg: PixelDDPMConfig = PixelDDPMConfig(), pro
 
 
 @torch.no_grad()
-def sample_images(model, n: int, seed: int = 0, sampler: str = "ddpm", steps: int = 100, batch_size: int = 256,
-                  progress: bool = True) -> torch.Tensor:
-    """n generations (n, C, H, W) in [-1, 1], 8-bit quantised, from a model folder or a UNet2DModel.
+def sample_images(model_dir: str, n: int, seed: int = 0, sampler: str = "ddpm", steps: int = 100,
+                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """n generations (n, C, H, W) in [-1, 1], 8-bit quantised, of the pixel DDPM saved in `model_dir`.
 
-    `sampler="ddpm"`: ancestral sampling on `steps` respaced timesteps (1000 = the full chain); "ddim": DDIM (η=0).
-    Deterministic for a seed.
+    `sampler="ddpm"`: ancestral sampling on `steps` respaced timesteps (1000 = the full chain); "ddim": DDIM (η=0,
+    which draws no noise). Deterministic for a seed.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
-    if isinstance(model, str):
-        unet = UNet2DModel.from_pretrained(model, subfolder="unet").eval()
-        train_sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    else:
-        unet, train_sched = model, build_scheduler(PixelDDPMConfig())
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', not {sampler!r}")
-    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet").eval()
+    train_sched = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    sched = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler).from_config(train_sched.config)
+    sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     size, ch = unet.config.sample_size, unet.config.in_channels
     out = []
-    was_training = unet.training
-    unet.eval()
-    try:
-        for start in tqdm(range(0, n, batch_size), desc=f"sampling ({sampler}, {steps} steps)", disable=not progress):
-            sched = cls.from_config(train_sched.config)
-            sched.set_timesteps(steps)
-            x = torch.randn((min(batch_size, n - start), ch, size, size), generator=g)
-            for t in sched.timesteps:
-                eps = unet(x, t).sample
-                x = sched.step(eps, t, x, generator=g).prev_sample if sampler == "ddpm" else sched.step(eps, t, x).prev_sample
-            out.append(x)
-    finally:
-        unet.train(was_training)
+    for start in tqdm(range(0, n, batch_size), desc=f"sampling ({sampler}, {steps} steps)", disable=not progress):
+        x = torch.randn((min(batch_size, n - start), ch, size, size), generator=g)
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, generator=g).prev_sample
+        out.append(x)
     return quantize(torch.cat(out))
 
 
