@@ -34,7 +34,7 @@ def stop_inside_epoch(row: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "live":
-        from test_store import epoch_arrays, make_spec
+        from helpers import epoch_arrays, make_spec
 
         from montrage.store import StoreWriter
 
@@ -48,7 +48,7 @@ if __name__ == "__main__":
         print("CLOSED", flush=True)
         sys.exit(0)
     if sys.argv[1] == "store":
-        from test_store import epoch_arrays, make_spec
+        from helpers import epoch_arrays, make_spec
 
         from montrage.store import StoreWriter
 

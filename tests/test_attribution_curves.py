@@ -10,7 +10,7 @@ import helpers
 from montrage.callbacks import AttributionCurves, MontrageConfigError
 from montrage.callbacks.attribution_curves import live_model_dir
 from montrage.store import StoreReader
-from test_guard import fake_wandb_logger
+from helpers import fake_wandb_logger
 
 
 def run(tiny_model_dir, store, curves, epochs=2, logger=None, **cb):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import helpers
+from helpers import epoch_arrays, make_spec
 from montrage.store import StoreError, StoreReader, StoreWriter, left_open_for_write
-from test_store import epoch_arrays, make_spec
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
+SCRIPT = helpers.CRASH_WRITER
 
 
 def start_until_mid_write(*args, timeout=120):

@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 
+import helpers
 from montrage import store as store_mod
 from montrage.cli import main
 from montrage.store import follow_epochs
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
+SCRIPT = helpers.CRASH_WRITER
 
 
 def live_writer(path, epochs, go_dir):

@@ -7,21 +7,17 @@ by `python -m montrage.recipes.memorization_check` (README figures).
 """
 
 import json
-import os
-import types
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 
 import helpers
+from helpers import copy_data_dir, fake_wandb_logger
 from montrage.callbacks import MemorizationGuard, MontrageConfigError
 from montrage.data import to_thumbnails
-from montrage.generate import build_pipeline, generate_probes
 from montrage.memorization import near_copies, pixel_similarity, read_alerts, representation_similarity
-from montrage.probes import ProbeSet
 
 
 def test_similarity_measures_on_hand_made_cases():
@@ -40,47 +36,6 @@ def test_similarity_measures_on_hand_made_cases():
     assert near_copies(pix_m, None, 0.97, None) == [(0, 0)]
     with pytest.raises(ValueError, match="thumbnail shapes differ"):
         pixel_similarity(a, b[:, :4])
-
-
-def copy_data_dir(model_dir, root, resolution=16) -> str:
-    """seven/ holds the model's own generation for 'a photo of seven' (seed 0, the callback's sampler); one/ a digit."""
-    m = helpers.module(model_dir)
-    pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
-    probes = ProbeSet(("a photo of seven",), ({"seven": 1.0},), (0,))
-    with torch.no_grad():
-        img = generate_probes(pipe, probes, resolution, 2, 1.0)[0]
-    for concept, pixels in (("seven", img), ("one", torch.rand(3, resolution, resolution) * 2 - 1)):
-        os.makedirs(os.path.join(root, concept), exist_ok=True)
-        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(arr).save(os.path.join(root, concept, "0.png"))
-    return str(root)
-
-
-class FakeExperiment:
-    """Records what a WandbLogger's run is asked to log (wandb itself is disabled in tests)."""
-
-    def __init__(self):
-        self.logged = []
-        self.config = types.SimpleNamespace(update=lambda *a, **k: None)
-
-    def __getattr__(self, name):  # define_metric, watch, ...: no-ops
-        return lambda *a, **k: None
-
-    def log(self, payload, **kw):
-        self.logged.append(payload)
-
-
-def fake_wandb_logger():
-    from pytorch_lightning.loggers import WandbLogger
-
-    class Fake(WandbLogger):
-        @property
-        def experiment(self):
-            return self._fake
-
-    lg = Fake(offline=True)
-    lg._fake = FakeExperiment()
-    return lg
 
 
 def test_guard_fires_on_a_copy_and_stops_training(tiny_model_dir, tmp_path):

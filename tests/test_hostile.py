@@ -23,7 +23,7 @@ from montrage.callbacks import montrage_callback as cb_mod
 from montrage.data import DataError, load_image
 from montrage.probes import ProbeError, load_probe_file
 from montrage.store import StoreError, StoreReader, StoreWriter
-from test_store import epoch_arrays, make_spec
+from helpers import epoch_arrays, make_spec
 
 
 class LossRecorder(pl.Callback):

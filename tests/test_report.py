@@ -10,7 +10,7 @@ import helpers
 from montrage.callbacks import AttributionCurves, MemorizationGuard
 from montrage.cli import main
 from montrage.report import build_report
-from test_guard import copy_data_dir
+from helpers import copy_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,8 @@ import h5py
 import numpy as np
 import pytest
 
-from montrage.data import TrainExample
-from montrage.probes import ProbeSet
-from montrage.store import StoreError, StoreMismatchError, StoreReader, StoreSpec, StoreWriter
-
-
-def make_spec(prompts=("a photo of one", "a photo of seven"), model_id="m", layers=("mid_block",), lora=True) -> StoreSpec:
-    probes = ProbeSet(tuple(prompts), tuple({"digit1": 1.0} if "one" in p else {"digit7": 1.0} for p in prompts), (0, 1))
-    train = [TrainExample(f"digits/{i}", "digit1" if i < 3 else "digit7", "cap", f"p{i}") for i in range(5)]
-    return StoreSpec(model={"model_id": model_id}, layers=list(layers), feature_dims={l: 6 for l in layers},
-                     timesteps=[100, 500], pooling="mean", probes=probes, train=train, thumbnail_size=4,
-                     lora_names=["a", "b"] if lora else [], lora_shapes=[[2, 3], [3]] if lora else [])
-
-
-def epoch_arrays(spec, value):
-    P, N = len(spec.probes), len(spec.train)
-    probe = {l: np.full((P, 2, 6), value, np.float32) for l in spec.layers}
-    train = {l: np.full((N, 2, 6), value + 0.5, np.float32) for l in spec.layers}
-    return probe, train, np.full((P, 4, 4, 3), int(value) % 255, np.uint8), np.arange(9, dtype=np.float32) + value
+from helpers import epoch_arrays, make_spec
+from montrage.store import StoreError, StoreMismatchError, StoreReader, StoreWriter
 
 
 def test_append_read_roundtrip(tmp_path):
