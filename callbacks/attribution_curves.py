@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
-from montrage.callbacks.store_follower import monitor_store_path, training_thumbnails
+from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ class AttributionCurves(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._update(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = snapshot_count(trainer, self._store)
+        if n is not None and n != self.rows_seen:  # a step-scheduled snapshot was just written
+            self._update(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._update(trainer)

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
-from montrage.callbacks.store_follower import monitor_store_path, training_thumbnails
+from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails
 from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
                                    representation_similarity, write_alerts)
 from montrage.store import StoreReader
@@ -80,6 +80,7 @@ class MemorizationGuard(Callback):
         self.history: list[dict] = []
         self._store: Optional[str] = None
         self._train_thumbs: Optional[np.ndarray] = None
+        self._seen: Optional[int] = None  # the monitor's snapshot count at the last check (equal on every rank)
 
     @property
     def state_key(self) -> str:
@@ -94,12 +95,20 @@ class MemorizationGuard(Callback):
         # reproduces a training image: alerted, but the run is not stopped before it trained at all.
         self._check(trainer, may_stop=False)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = snapshot_count(trainer, self._store)
+        if n is not None and n != self._seen:  # a step-scheduled snapshot was just written
+            self._check(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer)
+        n = snapshot_count(trainer, self._store)
+        if n is None or n != self._seen:
+            self._check(trainer)
 
     # --- the check -----------------------------------------------------------------------------------------
     def _check(self, trainer: pl.Trainer, may_stop: bool = True) -> None:
         """Rank 0 checks the new snapshots; the stop decision is broadcast so every rank stops together."""
+        self._seen = snapshot_count(trainer, self._store)
         stop = False
         if trainer.is_global_zero:
             try:

@@ -43,12 +43,19 @@ def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[s
 
 
 def training_thumbnails(trainer: pl.Trainer, store: StoreReader, size: int) -> np.ndarray:
-    """(N, size, size, 3) uint8 thumbnails of the store's training images: from the training dataset's pixels when
-    it holds one row per stored image, else read from their paths (grey where a file is unreadable)."""
-    from montrage.data import to_thumbnails
+    """(M, size, size, 3) uint8 thumbnails of the store's monitored images: from the MontrageCallback's image
+    source when it writes this store, else read from their paths (grey where a file is unreadable)."""
     from montrage.report import train_thumbnails
 
-    pixels = getattr(getattr(trainer.train_dataloader, "dataset", None), "pixels", None)
-    if pixels is not None and len(pixels) == len(store.train):
-        return to_thumbnails(pixels, size)
+    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, MontrageCallback) and cb.store_path == store.path
+                    and cb.monitor is not None), None)
+    if monitor is not None:
+        return monitor.train_thumbnails(size)
     return train_thumbnails(store, size)[0]
+
+
+def snapshot_count(trainer: pl.Trainer, store_path: Optional[str]) -> Optional[int]:
+    """Snapshots the MontrageCallback writing `store_path` has written (equal on every rank), or None when the store
+    is written elsewhere. Followers check the store only when it moves, also after step-scheduled snapshots."""
+    cb = next((cb for cb in trainer.callbacks if isinstance(cb, MontrageCallback) and cb.store_path == store_path), None)
+    return None if cb is None else cb.snapshots_written

@@ -27,16 +27,29 @@ def pool(x: torch.Tensor, how: Pooling) -> torch.Tensor:
     raise ValueError(f"unknown pooling {how!r}: use 'mean', 'max' or 'mean_max'.")
 
 
+def block_names(model: torch.nn.Module) -> list[str]:
+    """Names worth hooking: top-level modules and the entries of top-level module lists (e.g. 'up_blocks.1')."""
+    names = []
+    for name, child in model.named_children():
+        names.append(name)
+        if isinstance(child, torch.nn.ModuleList):
+            names += [f"{name}.{k}" for k in range(len(child))]
+    return names
+
+
 def resolve_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """Modules by dotted name, on the unwrapped model (DDP/compile/peft prefixes in `names` are ignored)."""
+    from montrage.components import strip_wrapper_prefixes, unwrap
+
+    model = unwrap(model)
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    missing = [n for n in names if strip_wrapper_prefixes(n) not in modules]
     if missing:
-        top = sorted({n.split(".")[0] for n in modules if n})
         raise UnknownModuleError(
             f"unknown hooked module(s) {missing} in {type(model).__name__}. Use dotted names from "
-            f"`model.named_modules()`, e.g. 'mid_block' or 'up_blocks.1'; top-level modules are: {', '.join(top)}."
+            f"`model.named_modules()`; the available blocks are: {', '.join(block_names(model))}."
         )
-    return {n: modules[n] for n in names}
+    return {n: modules[strip_wrapper_prefixes(n)] for n in names}
 
 
 class FeatureHooks:

@@ -117,6 +117,12 @@ def cmd_bench(args) -> int:
                               rounds=args.rounds, out=args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
         return 0
+    if args.what == "memory":
+        from montrage.recipes.bench_memory import run_memory
+
+        result = run_memory(images=args.images, small=args.small, out=args.out)
+        print(json.dumps(result, indent=1))
+        return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -187,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "query", "origin"])
+    s.add_argument("what", choices=["overhead", "attribution", "query", "origin", "memory"])
+    s.add_argument("--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run")
+    s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
     s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")
     s.add_argument("--timesteps", type=int, default=None, help="origin: timesteps in the trajectory grid (20)")
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")

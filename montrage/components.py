@@ -84,3 +84,68 @@ def embed_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) 
     ).input_ids
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device))[0]
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+
+
+def unwrap(module):
+    """The model inside DDP / DataParallel (`.module`), torch.compile (`._orig_mod`) and peft's PeftModel
+    (`.base_model.model`) wrappers: the module whose names users see and whose forward hooks fire."""
+    while module is not None:
+        if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+            module = module._orig_mod
+        elif type(module).__name__.startswith("Peft") and isinstance(getattr(getattr(module, "base_model", None), "model", None), torch.nn.Module):
+            module = module.base_model.model
+        else:
+            return module
+    return module
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """A layer name as the unwrapped model spells it ('module._orig_mod.mid_block' -> 'mid_block')."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+# what each part may be called in a pipeline, a mapping or a LightningModule
+ALIASES = {"unet": ("unet", "transformer"), "vae": ("vae",), "text_encoder": ("text_encoder",),
+           "tokenizer": ("tokenizer",), "scheduler": ("scheduler", "noise_scheduler")}
+
+
+def resolve_components(model, model_id: str | None = None, where: str = "pipeline") -> Components:
+    """Components of a diffusers pipeline (built over the live training modules) or of a mapping {name: module}.
+
+    Accepted names: unet (or transformer), vae, text_encoder, tokenizer, scheduler (or noise_scheduler). Wrapped
+    modules (DDP, torch.compile, PeftModel) are unwrapped. Missing parts raise a ModelLoadError naming them.
+    """
+    if isinstance(model, dict):
+        parts = dict(model)
+    elif isinstance(getattr(model, "components", None), dict):
+        parts = dict(model.components)
+    else:
+        parts = {k: getattr(model, k) for names in ALIASES.values() for k in names if getattr(model, k, None) is not None}
+    found = {}
+    for key, names in ALIASES.items():
+        found[key] = next((parts[n] for n in names if parts.get(n) is not None), None)
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        have = ", ".join(sorted(k for k, v in parts.items() if v is not None)) or "nothing"
+        raise ModelLoadError(
+            f"the {where} lacks {', '.join('denoiser (unet or transformer)' if m == 'unet' else m for m in missing)} "
+            f"(it has: {have}). Give a diffusers pipeline built from the live training modules, e.g. "
+            "StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, "
+            "scheduler=noise_scheduler, safety_checker=None, feature_extractor=None), or a mapping with these names.")
+    unet = unwrap(found["unet"])
+    if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "config"):
+        raise ModelLoadError(f"the {where}'s denoiser is a {type(found['unet']).__name__}, not a diffusers model.")
+    ident = model_id or str(getattr(unet.config, "_name_or_path", "") or "unknown")
+    return Components(found["tokenizer"], unwrap(found["text_encoder"]), unwrap(found["vae"]), unet, found["scheduler"],
+                      model_id=ident)

@@ -10,8 +10,9 @@ Layout (E = committed epochs, P = probes, N = training images, T = timesteps, F 
     probes/prompt, probes/seed, probes/weights (P, C)
     probes/features/<layer>  (E, P, T, F) float16
     probes/images            (E, P, S, S, 3) uint8 thumbnails of the generations
-    train/id, train/concept, train/caption, train/path   (N,) str
-    train/features/<layer>   (E, N, T, F) float16
+    train/id, train/concept, train/caption, train/path   (N,) str   every training image (the order refers to them)
+    train/monitored          (M,) int64   rows of the monitored images (all N, or a stable subset)
+    train/features/<layer>   (E, M, T, F) float16
     order/epoch, order/global_step, order/example_index  one row per training example seen
     lora/params              (E, K) float32 adapter snapshot per epoch (optional; names/shapes in attrs)
 
@@ -38,7 +39,7 @@ import numpy as np
 from montrage.data import TrainExample
 from montrage.probes import ProbeSet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STR = h5py.string_dtype()
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ class StoreSpec:
     lora_names: list[str] = field(default_factory=list)
     lora_shapes: list[list[int]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    monitored: list[int] | None = None  # rows of `train` whose features are stored (None: all)
+
+    def __post_init__(self):
+        if self.monitored is None:
+            self.monitored = list(range(len(self.train)))
+        self.monitored = [int(i) for i in self.monitored]
+
+    @property
+    def monitored_train(self) -> list[TrainExample]:
+        return [self.train[i] for i in self.monitored]
 
     def identity(self) -> dict:
         """The fields checked before appending, each as a comparable value."""
@@ -78,11 +89,12 @@ class StoreSpec:
             "pooling": self.pooling,
             "probes": self.probes.fingerprint(),
             "train_ids": _digest([e.id for e in self.train]),
+            "monitored": _digest([self.train[i].id for i in self.monitored]),
             "lora_names": _digest(self.lora_names),
         }
 
     def to_json(self) -> str:
-        d = {k: v for k, v in asdict(self).items() if k not in ("probes", "train")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("probes", "train", "monitored")}
         d["identity"] = self.identity()
         return json.dumps(d, sort_keys=True, default=str)
 
@@ -286,11 +298,12 @@ class StoreWriter:
         tg = f.create_group("train")
         for key in ("id", "concept", "caption", "path"):
             tg.create_dataset(key, data=np.array([getattr(e, key) for e in s.train], dtype=object), dtype=STR)
+        tg.create_dataset("monitored", data=np.array(s.monitored, dtype=np.int64))
         tf = tg.create_group("features")
         T = len(s.timesteps)
         for layer in s.layers:
             _float_ds(pf, layer, (len(items), T, s.feature_dims[layer]))
-            _float_ds(tf, layer, (len(s.train), T, s.feature_dims[layer]))
+            _float_ds(tf, layer, (len(s.monitored), T, s.feature_dims[layer]))
         _float_ds(pg, "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3), dtype="uint8")
         og = f.create_group("order")
         for key in ("epoch", "global_step", "example_index"):
@@ -328,7 +341,7 @@ class StoreWriter:
                      probe_images: np.ndarray, lora_params: np.ndarray | None = None) -> int:
         """Write one snapshot; it counts only once the commit counter is written (after a flush)."""
         for layer in self.spec.layers:
-            for name, arr, n in (("probe", probe_features, len(self.spec.probes)), ("train", train_features, len(self.spec.train))):
+            for name, arr, n in (("probe", probe_features, len(self.spec.probes)), ("train", train_features, len(self.spec.monitored))):
                 a = arr.get(layer)
                 if a is None or a.shape[0] != n or not np.all(np.isfinite(a)):
                     raise StoreError(f"refusing to write epoch {epoch}: {name} features of layer {layer!r} are "
@@ -351,11 +364,14 @@ class StoreWriter:
         self.f.flush()
         return e + 1
 
-    def append_order(self, epoch: int, global_steps: np.ndarray, example_index: np.ndarray) -> int:
-        """Record which examples the optimizer steps of one training epoch saw."""
+    def append_order(self, epoch, global_steps: np.ndarray, example_index: np.ndarray) -> int:
+        """Record which examples (rows of train/id) optimizer steps saw; `epoch` is one value or one per row."""
         e, o = self.committed
         n = len(example_index)
-        for name, value in (("order/epoch", np.full(n, epoch)), ("order/global_step", global_steps), ("order/example_index", example_index)):
+        if n == 0:
+            return o
+        epochs = np.broadcast_to(np.asarray(epoch, dtype=np.int64), (n,))
+        for name, value in (("order/epoch", epochs), ("order/global_step", global_steps), ("order/example_index", example_index)):
             ds = self.f[name]
             ds.resize(o + n, axis=0)
             ds[o:o + n] = value
@@ -410,7 +426,7 @@ def _check_header(f: h5py.File) -> None:
 
 
 REQUIRED = ("committed", "epoch", "global_step", "concepts", "probes/prompt", "probes/seed", "probes/weights",
-            "probes/images", "train/id", "train/concept", "train/caption", "train/path", "order/epoch",
+            "probes/images", "train/id", "train/concept", "train/caption", "train/path", "train/monitored", "order/epoch",
             "order/global_step", "order/example_index", "lora/params")
 
 
@@ -499,9 +515,26 @@ class StoreReader:
         return [s.decode() if isinstance(s, bytes) else s for s in self.f[name][...]]
 
     @property
-    def train(self) -> list[TrainExample]:
+    def all_train(self) -> list[TrainExample]:
+        """Every training image of the run (what `training_order()['example_index']` refers to)."""
         cols = [self.strings(f"train/{k}") for k in ("id", "concept", "caption", "path")]
         return [TrainExample(*row) for row in zip(*cols)]
+
+    @property
+    def monitored_rows(self) -> np.ndarray:
+        """Rows of `all_train` whose features are stored, in feature order."""
+        return self.f["train/monitored"][...]
+
+    @property
+    def train(self) -> list[TrainExample]:
+        """The monitored training images, one per row of `train_features` (all of them unless a subset was set)."""
+        everything = self.all_train
+        return [everything[i] for i in self.monitored_rows]
+
+    @property
+    def num_train(self) -> int:
+        """Rows of `train_features` (monitored images)."""
+        return int(self.f["train/monitored"].shape[0])
 
     def _read(self, name: str, sel) -> np.ndarray:
         """Committed values of a growing dataset; a damaged chunk becomes a StoreError naming file and dataset."""
@@ -565,6 +598,7 @@ class StoreReader:
             "probe_prompts": list(probes.prompts),
             "probe_seeds": list(probes.seeds),
             "num_train_images": len(self.f["train/id"]),
+            "num_monitored_images": self.num_train,
             "concepts": self.concepts,
             "layers": self.layers,
             "feature_dims": self.spec["feature_dims"],

@@ -19,7 +19,7 @@ from PIL import Image
 
 import helpers
 from montrage.callbacks import MontrageCallback, MontrageConfigError
-from montrage.callbacks import montrage_callback as cb_mod
+from montrage import monitor as cb_mod  # where the callback's monitoring work lives
 from montrage.data import DataError, load_image
 from montrage.probes import ProbeError, load_probe_file
 from montrage.store import StoreError, StoreReader, StoreWriter
@@ -113,7 +113,7 @@ def test_order_write_failure_is_skipped(tiny_model_dir, tmp_path, monkeypatch, c
     def broken(self, *a, **kw):
         raise OSError("injected disk error")
 
-    monkeypatch.setattr(cb_mod.StoreWriter, "append_order", broken)
+    monkeypatch.setattr(StoreWriter, "append_order", broken)
     store = tmp_path / "s.h5"
     with caplog.at_level(logging.WARNING, logger=cb_mod.__name__):
         helpers.trainer(1, [helpers.callback(store)]).fit(helpers.module(tiny_model_dir), helpers.data())
@@ -157,17 +157,27 @@ def test_sharded_strategies_are_refused_before_training(tmp_path, strategy):
 
 @pytest.mark.parametrize("damage", ["nan", "grey"])
 def test_bad_training_pixels_fail_before_training(tiny_model_dir, tmp_path, damage):
-    data = helpers.data()
-    data.setup("fit")
+    """The monitor reads images from the source, not a pixel tensor: a non-finite image fails before training with
+    its id named; a one-channel (grey) image is read as RGB."""
+    from montrage.data import digits_pixels
+
+    items = [{"image": digits_pixels([i], 16)[0], "caption": "a photo of one", "concept": "digit1", "id": f"d{i}"}
+             for i in range(6)]  # one per training example: the batches' `index` refers to them
     if damage == "nan":
-        data.dataset.pixels[4, 0, 2, 2] = float("nan")
-        match = "1 training image.*not finite.*digits/"
+        items[2]["image"][0, 2, 2] = float("nan")
     else:
-        data.dataset.pixels = data.dataset.pixels[:, :1]
-        match = r"shape \(6, 3, H, W\).*got \(6, 1, 16, 16\)"
-    with pytest.raises(MontrageConfigError, match=match):
-        helpers.trainer(1, [helpers.callback(tmp_path / "s.h5")]).fit(helpers.module(tiny_model_dir), data)
-    assert not (tmp_path / "s.h5").exists()
+        items[2]["image"] = items[2]["image"][:1]
+    cb = helpers.callback(tmp_path / "s.h5", images=None)
+    cb.images = items
+    trainer = helpers.trainer(1, [cb])
+    if damage == "nan":
+        with pytest.raises(DataError, match="item 2: the image holds non-finite values"):
+            trainer.fit(helpers.module(tiny_model_dir), helpers.data())
+        assert not (tmp_path / "s.h5").exists()
+    else:
+        trainer.fit(helpers.module(tiny_model_dir), helpers.data())
+        with StoreReader(str(tmp_path / "s.h5")) as r:
+            assert r.num_train == 6 and np.isfinite(r.train_features("mid_block")).all()
 
 
 def test_store_with_wrong_schema_version_is_refused_untouched(tiny_model_dir, tmp_path):

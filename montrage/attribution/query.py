@@ -34,7 +34,7 @@ def score_pairs(model: AttributionModel, store: StoreReader, queries: dict[str, 
     Two passes when the training set spans several blocks: the first gathers the per-query statistics used by
     `per_query_standardize`, the second scores.
     """
-    n = len(store.f["train/id"])
+    n = store.num_train
     if n <= block:
         _, train = next(iter_train_blocks(store, block))
         return model.score(per_query_standardize(pair_features(queries, train, centre, mode))).numpy()

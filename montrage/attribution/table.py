@@ -85,7 +85,7 @@ def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], 
 def iter_train_blocks(store, block: int = 4096, layers: list[str] | None = None) -> Iterator[tuple[slice, dict]]:
     """Training trajectories {layer: (E, rows, T, F)} read from the store `block` images at a time."""
     layers = layers or store.layers
-    n = len(store.f["train/id"])
+    n = store.num_train
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         yield rows, {layer: store.train_features(layer, rows) for layer in layers}
