@@ -132,7 +132,8 @@ class MontrageCallback(Callback):
             vae: model.vae, text_encoder: model.text_encoder, tokenizer: model.tokenizer, scheduler: model.sched}.
         pipeline: name of a LightningModule attribute holding a diffusers pipeline over the live modules.
         images: the training images, if not the train dataloader's dataset (a folder or a list of paths).
-        image_key, caption_key, id_key, concept_key: item keys (column names) of dict datasets.
+        image_key, caption_key, id_key, concept_key: item keys (column names) of dict datasets (default: image,
+            caption, id, concept; for a Hugging Face Dataset: image, text, no id, no concept).
         monitor_images: None (all), a count, a fraction in (0, 1], or a list of ids; a stable subset.
         subset_seed: seed of the stable subset.
         resolution: side of the monitored images (default: the dataset's `size`, else the model's native size).
@@ -167,10 +168,10 @@ class MontrageCallback(Callback):
         components: Optional[dict[str, str]] = None,
         pipeline: Optional[str] = None,
         images: Optional[Union[str, list[str]]] = None,
-        image_key: str = "image",
-        caption_key: str = "caption",
-        id_key: str = "id",
-        concept_key: str = "concept",
+        image_key: Optional[str] = None,
+        caption_key: Optional[str] = None,
+        id_key: Optional[str] = None,
+        concept_key: Optional[str] = None,
         monitor_images: Optional[Union[int, float, list[str]]] = None,
         subset_seed: int = 0,
         resolution: Optional[int] = None,
@@ -194,7 +195,8 @@ class MontrageCallback(Callback):
             layers=layers, timesteps=timesteps, pooling=pooling, encode_prompt=encode_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, thumbnail_size=thumbnail_size,
             save_lora_snapshots=save_lora_snapshots, encode_batch_size=encode_batch_size,
-            image_keys={"image_key": image_key, "caption_key": caption_key, "id_key": id_key, "concept_key": concept_key},
+            image_keys={k: v for k, v in (("image_key", image_key), ("caption_key", caption_key), ("id_key", id_key),
+                                          ("concept_key", concept_key)) if v is not None},
             monitor_images=monitor_images, subset_seed=subset_seed, latent_cache=latent_cache, overwrite=overwrite,
             strict=strict, log_to_wandb=log_to_wandb)
         Monitor(store_path, **self._monitor_args)  # argument errors surface here, at construction

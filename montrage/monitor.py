@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -52,18 +53,22 @@ def probe_noise_key(prompt: str, seed: int) -> str:
     return f"probe/{prompt}/{seed}"
 
 
-def non_finite(probe_feats: dict, train_feats: dict, lora, probe_names: list[str], train_ids: list[str]) -> str:
-    """'' when every value is finite, else which layers, probes, training images (or the adapter) are not."""
+def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str], train_ids: list[str]) -> str:
+    """'' when every value is finite, else which layers, probes, training images (or the adapter) are not.
 
-    def rows(arr, names):
-        bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-        shown = [names[i] for i in np.flatnonzero(bad)[:3]]
-        return f"{int(bad.sum())} of {len(arr)} ({', '.join(shown)}{', ...' if bad.sum() > 3 else ''})" if bad.any() else ""
+    `train_bad`: per layer, the monitored positions whose features are not finite (found block by block)."""
+
+    def describe(bad: list[int], n: int, names: list[str]) -> str:
+        shown = [names[i] for i in sorted(bad)[:3]]
+        return f"{len(bad)} of {n} ({', '.join(shown)}{', ...' if len(bad) > 3 else ''})" if bad else ""
 
     found = []
     for layer in probe_feats:
-        for kind, arr, names in (("probes", probe_feats[layer], probe_names), ("training images", train_feats[layer], train_ids)):
-            if r := rows(arr, names):
+        arr = probe_feats[layer]
+        probe_bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)).tolist()
+        for kind, bad, n, names in (("probes", probe_bad, len(arr), probe_names),
+                                    ("training images", train_bad.get(layer, []), len(train_ids), train_ids)):
+            if r := describe(bad, n, names):
                 found.append(f"layer {layer!r}, {kind} {r}")
     if lora is not None and not np.isfinite(lora).all():
         found.append("the LoRA weights")
@@ -74,6 +79,20 @@ def default_resolution(c: Components) -> int:
     factor = 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
     size = c.unet.config.sample_size
     return int((size[0] if isinstance(size, (list, tuple)) else size) * factor)
+
+
+ORDER_FLUSH_STEPS = 50  # training-order rows reach the store at least this often (and at every snapshot)
+
+
+def kept_up_to(store_path: str, step: int) -> tuple[int, int]:
+    """(snapshots, order rows) of a store that belong to optimizer steps <= `step`: what a run resumed at `step`
+    keeps when it brings no state of the monitor (both are written in step order)."""
+    from montrage.store import StoreReader
+
+    with StoreReader(store_path) as r:
+        snaps = int(np.searchsorted(r.global_steps, step, side="right"))
+        rows = int(np.searchsorted(r.training_order()["global_step"], step, side="right"))
+    return snaps, rows
 
 
 def base_model_path(pipeline, unet) -> str:
@@ -200,11 +219,11 @@ class Monitor:
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.thumbnail_size, self.latent_cache = int(thumbnail_size), bool(latent_cache)
         self.save_lora_snapshots, self.encode_batch_size = bool(save_lora_snapshots), int(encode_batch_size)
+        self.encode_chunk = max(self.encode_batch_size, 256)  # monitored images per gathered, written block
         self.overwrite, self.strict, self.log_to_wandb = bool(overwrite), bool(strict), bool(log_to_wandb)
         self.model_id, self.progress = model_id, progress
         self.dist: Distributed = dist or TorchDistributed()
         self.wandb_runs: Callable[[], list] = _active_wandb_runs
-        self.on_snapshot: list[Callable[[dict], None]] = []  # called on rank 0 after each written snapshot
         # run state; the resumable part is in state_dict
         self.snapshots_written = 0
         self.order_rows = 0
@@ -245,10 +264,10 @@ class Monitor:
         self.epoch = int(epoch)
         c = self.components = resolve_components(self.pipeline, self.model_id)
         resolve_modules(c.unet, self.layers)  # unknown layer names fail here, listing the available blocks
-        self.source = image_source(self.images, **self.image_keys) if self.images is not None else None
-        if self.source is None:
+        if self.images is None:
             raise MontrageConfigError("Monitor needs the training images (images=...): a folder, a list of paths, a "
                                       "dataset of dicts or a Hugging Face Dataset.")
+        self.source = image_source(self.images, **self.image_keys)
         self._index = self.source.index_of()
         self.monitored = select_monitored(self.source.examples, self.monitor_images, self.subset_seed)
         self.resolution = int(self.resolution or default_resolution(c))
@@ -276,15 +295,20 @@ class Monitor:
         truncate = (int(resume["snapshots_written"]), int(resume["order_rows"])) if resume else None
 
         def open_store():
-            self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=truncate)
+            cut = truncate
+            if cut is None and step > 0 and os.path.exists(self.store_path):
+                cut = kept_up_to(self.store_path, int(step))  # resumed without the monitor's state: cut by step
+            self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=cut)
             self.snapshots_written, self.order_rows = self._writer.committed
+            if self.snapshots_written:
+                self.last_snapshot_step = int(self._writer.f["global_step"][self.snapshots_written - 1])
 
         error = self._rank0_do(open_store)
         if error is not None:  # a configuration error, before the first training step: raise on every rank
             raise error
-        self.snapshots_written, self.order_rows = self.dist.broadcast((self.snapshots_written, self.order_rows), src=0)
+        self.snapshots_written, self.order_rows, self.last_snapshot_step = self.dist.broadcast(
+            (self.snapshots_written, self.order_rows, self.last_snapshot_step), src=0)
         if resume:
-            self.last_snapshot_step = resume.get("last_snapshot_step")
             self.epoch = int(resume.get("epoch", self.epoch))
             # the unwritten rows are rank 0's gathered union (every rank loads the same checkpoint)
             self._rows = [tuple(r) for r in resume.get("rows", [])] if self.is_writer else []
@@ -382,8 +406,6 @@ class Monitor:
             for _ in self._pixel_batches(rows, self.encode_batch_size):  # still read each once: fail before training
                 pass
             return
-        import os
-
         pre = {"resolution": self.resolution, "crop": "centre-square/bicubic", "scaling_factor": vae.config.get("scaling_factor"),
                "shift_factor": vae.config.get("shift_factor"), "rank": self.dist.rank, "world": self.dist.world_size}
         directory = os.path.splitext(self.store_path)[0] + "_latents"
@@ -508,6 +530,8 @@ class Monitor:
             self.epoch = int(epoch)
         self._collect_rows(int(step))
         if not self.due(int(step), epoch):
+            if int(step) % ORDER_FLUSH_STEPS == 0:
+                self._write_rows()
             return False
         return self._snapshot(int(step), self.epoch, at_epoch_end=epoch is not None)
 
@@ -582,22 +606,24 @@ class Monitor:
                                   [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
                                   self.timesteps, self.layers, self.pooling, self.encode_batch_size)
 
-    def _encode_share(self) -> dict[str, np.ndarray]:
-        """This rank's monitored images, encoded a chunk at a time from their cached latents."""
-        rows = self._share_rows()
-        chunk = max(self.encode_batch_size, 256)
-        parts = []
-        for i in range(0, len(rows), chunk):
-            sl = slice(i, min(len(rows), i + chunk))
-            ex = [self.source.examples[r] for r in rows[sl]]
-            parts.append(self._encode_latents(self._latents(sl), [e.id for e in ex], [e.caption for e in ex]))
-        if not parts:
-            dims = {k: v.shape[-1] for k, v in self._encode_latents(self._blank_latents(), ["dims"], [""]).items()}
-            return {k: np.zeros((0, len(self.timesteps), d), np.float32) for k, d in dims.items()}
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def _chunks(self) -> int:
+        """Blocks every rank walks through in step (the same count everywhere: one gather per block)."""
+        per_rank = -(-len(self.monitored) // self.dist.world_size)
+        return -(-per_rank // self.encode_chunk)
 
-    def _local_snapshot(self) -> dict:
-        """This rank's share: its probes generated and encoded, its monitored images encoded, the adapter weights."""
+    def _encode_chunk(self, k: int) -> dict:
+        """This rank's monitored images of block k: their global positions and features {layer: (n, T, F)}."""
+        share = self._share(len(self.monitored))
+        sl = slice(k * self.encode_chunk, min(len(share), (k + 1) * self.encode_chunk))
+        if sl.start >= sl.stop:
+            return {"pos": [], "feats": None}
+        ex = [self.source.examples[self.monitored[p]] for p in share[sl]]
+        with self._quiet():
+            feats = self._encode_latents(self._latents(sl), [e.id for e in ex], [e.caption for e in ex])
+        return {"pos": share[sl], "feats": feats}
+
+    def _local_probes(self) -> dict:
+        """This rank's probes, generated and encoded, and (rank 0) the adapter weights."""
         c, probes = self.components, self.probes
         p_idx = self._share(len(probes))
         items = probes.items()
@@ -606,24 +632,27 @@ class Monitor:
             images = generate_probes(pipe, probes, self.resolution, self.num_inference_steps, self.guidance_scale,
                                      indices=p_idx)
             probe_latents = image_latents(c.vae, images, self.encode_batch_size)
-            probe = self._encode_latents(probe_latents, [probe_noise_key(*items[k]) for k in p_idx],
+            feats = self._encode_latents(probe_latents, [probe_noise_key(*items[k]) for k in p_idx],
                                          [items[k][0] for k in p_idx])
-            train = self._encode_share()
         lora = None
         if self.is_writer and self._has_lora():
             lora = torch.cat([v.flatten() for v in self._lora_state().values()]).numpy()
-        return {"p_idx": p_idx, "t_idx": self._share(len(self.monitored)), "probe": probe, "train": train,
-                "thumbs": to_thumbnails(images, self.thumbnail_size), "lora": lora}
+        return {"p_idx": p_idx, "probe": feats, "thumbs": to_thumbnails(images, self.thumbnail_size), "lora": lora}
 
     def _snapshot(self, step: int, epoch: int, at_epoch_end: bool = False) -> bool:
-        """Take and write one snapshot; a failure on any rank skips it on every rank (or raises, when strict)."""
+        """Take and write one snapshot; a failure on any rank skips it on every rank (or raises, when strict).
+
+        Probes are generated and gathered first; the monitored images are then encoded a block at a time, gathered
+        and written into the open snapshot row by rank 0, so memory stays O(block), not O(images). The row counts
+        only once rank 0 commits it, after every block arrived finite.
+        """
         self._collect_rows(step)
         self._write_rows()
         probes = self.probes
         label = f"epoch {epoch}" if at_epoch_end or step == 0 else f"step {step}"
         error = None
         try:
-            local = self._local_snapshot()
+            local = self._local_probes()
         except Exception as err:  # told to every rank by the gather below
             error, local = err, {"error": f"rank {self.rank}: {type(err).__name__}: {err}"}
         lora = local.pop("lora", None)  # rank 0's, kept out of the gather
@@ -632,63 +661,98 @@ class Monitor:
         if failed:
             self._failed(f"the snapshot of {label}", error or MontrageSnapshotError("; ".join(failed)))
             return False
-
-        def assemble(kind: str, n: int, idx_key: str) -> dict[str, np.ndarray]:
-            out = {}
-            for layer in self.layers:
-                first = parts[0][kind][layer]
-                arr = np.zeros((n, *first.shape[1:]), np.float32)
-                for part in parts:
-                    arr[part[idx_key]] = part[kind][layer]
-                out[layer] = arr
-            return out
-
-        written = {}
-
-        def write():
-            probe_feats = assemble("probe", len(probes), "p_idx")
-            train_feats = assemble("train", len(self.monitored), "t_idx")
-            bad = non_finite(probe_feats, train_feats, lora, [f"{p} (seed {s})" for p, s in probes.items()],
-                             [self.source.examples[i].id for i in self.monitored])
-            if bad:
-                raise MontrageSnapshotError(f"non-finite values, nothing written for {label}: {bad}. The model "
-                                            "may have diverged (check the loss and learning rate).")
-            thumbs = np.zeros((len(probes), self.thumbnail_size, self.thumbnail_size, 3), np.uint8)
+        probe_feats = {}
+        for layer in self.layers:
+            first = parts[0]["probe"][layer]
+            probe_feats[layer] = np.zeros((len(probes), *first.shape[1:]), np.float32)
             for part in parts:
-                thumbs[part["p_idx"]] = part["thumbs"]
-            self.snapshots_written = self._writer.append_epoch(epoch, step, probe_feats, train_feats, thumbs, lora)
-            written.update(step=step, epoch=epoch, row=self.snapshots_written - 1, probe_feats=probe_feats,
-                           train_feats=train_feats, thumbs=thumbs)
+                probe_feats[layer][part["p_idx"]] = part["probe"][layer]
+        thumbs = np.zeros((len(probes), self.thumbnail_size, self.thumbnail_size, 3), np.uint8)
+        for part in parts:
+            thumbs[part["p_idx"]] = part["thumbs"]
+        ids = [self.source.examples[i].id for i in self.monitored]
+        bad = {layer: [] for layer in self.layers}  # rank 0: monitored positions with non-finite features
+        write_error: Optional[Exception] = None
+        if self.is_writer:
+            try:
+                self._writer.begin_epoch()
+            except Exception as err:  # reported with the commit below
+                write_error = err
+        for k in range(self._chunks()):
+            try:
+                block = self._encode_chunk(k) if error is None else {"pos": [], "feats": None}
+            except Exception as err:
+                error, block = err, {"error": f"rank {self.rank}: {type(err).__name__}: {err}"}
+            blocks = self.dist.all_gather(block)
+            failed += [b["error"] for b in blocks if "error" in b]
+            if not self.is_writer or failed or write_error is not None:
+                continue
+            try:
+                self._write_block(blocks, bad)
+            except Exception as err:
+                write_error = err
 
-        error = self._rank0_do(write)
-        if error is not None:
-            self._failed(f"the snapshot of {label}", error)
+        def commit():
+            if failed:
+                raise MontrageSnapshotError("; ".join(failed))
+            if write_error is not None:
+                raise write_error
+            message = non_finite(probe_feats, bad, lora, [f"{p} (seed {s})" for p, s in probes.items()], ids)
+            if message:
+                raise MontrageSnapshotError(f"non-finite values, nothing written for {label}: {message}. The model "
+                                            "may have diverged (check the loss and learning rate).")
+            self.snapshots_written = self._writer.commit_epoch(epoch, step, probe_feats, thumbs, lora)
+
+        failure = self._rank0_do(commit)
+        if failure is not None:
+            self._failed(f"the snapshot of {label}", error or failure)
             return False
         self.snapshots_written = self.dist.broadcast(self.snapshots_written, src=0)
         self.last_snapshot_step = step
         if self.is_writer:
             log.info("montrage: snapshot of step %d (epoch %d) written to %s", step, epoch, self.store_path)
-        error = self._rank0_do(lambda: self._after_snapshot(written))
-        if error is not None:
-            self._failed(f"logging the snapshot of {label} to W&B", error)
+        info = {"step": step, "epoch": epoch, "row": self.snapshots_written - 1, "probe_feats": probe_feats,
+                "thumbs": thumbs}
+        failure = self._rank0_do(lambda: self._log_wandb(info) if self.log_to_wandb else None)
+        if failure is not None:
+            self._failed(f"logging the snapshot of {label} to W&B", failure)
         return True
 
-    def _after_snapshot(self, info: dict) -> None:
-        if self.log_to_wandb:
-            self._log_wandb(info)
-        for fn in self.on_snapshot:
-            fn(info)
+    def _write_block(self, blocks: list[dict], bad: dict) -> None:
+        """Rank 0: one block's features from every rank, as one contiguous slice of the open row."""
+        pos = np.concatenate([np.asarray(b["pos"], dtype=np.int64) for b in blocks])
+        if not len(pos):
+            return
+        order = np.argsort(pos)
+        lo, hi = int(pos[order[0]]), int(pos[order[-1]]) + 1
+        if hi - lo != len(pos):
+            raise MontrageSnapshotError(f"a block of monitored images is not contiguous ({lo}..{hi}, {len(pos)} rows).")
+        for layer in self.layers:
+            values = np.concatenate([b["feats"][layer] for b in blocks if b["feats"] is not None])[order]
+            finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            bad[layer] += pos[order][~finite].tolist()
+            self._writer.write_train_rows(layer, slice(lo, hi), values)
 
     # --- W&B -----------------------------------------------------------------------------------------------
-    def snapshot_metrics(self, info: dict) -> dict:
-        """Mean centred shifted cosine of each probe concept's probes to each training concept's images (layer 0)."""
-        from montrage.similarity import concept_similarity, flatten_features
+    def snapshot_metrics(self, info: dict, block: int = 4096) -> dict:
+        """Mean centred shifted cosine of each probe concept's probes to each training concept's images (layer 0),
+        read back from the written row a block at a time."""
+        from montrage.similarity import flatten_features, shifted_cosine
 
         layer, concepts = self.layers[0], list(self.probes.concepts)
-        train_flat = flatten_features(info["train_feats"][layer])
-        mu = train_flat.mean(axis=0, keepdims=True)
-        sim = concept_similarity(flatten_features(info["probe_feats"][layer]) - mu, train_flat - mu,
-                                 [self.source.examples[i].concept for i in self.monitored], concepts)
+        ds, row, m = self._writer.f[f"train/features/{layer}"], info["row"], len(self.monitored)
+        blocks = [(i, min(m, i + block)) for i in range(0, m, block)]
+        mu = sum(flatten_features(ds[row, i:j].astype(np.float64)).sum(axis=0) for i, j in blocks) / max(m, 1)
+        probe = flatten_features(info["probe_feats"][layer]) - mu
+        labels = np.asarray([self.source.examples[i].concept for i in self.monitored])
+        sums, counts = np.zeros((len(probe), len(concepts))), np.zeros(len(concepts))
+        for i, j in blocks:
+            sim = shifted_cosine(probe, flatten_features(ds[row, i:j].astype(np.float64)) - mu)
+            for c, name in enumerate(concepts):
+                mask = labels[i:j] == name
+                sums[:, c] += sim[:, mask].sum(axis=1)
+                counts[c] += mask.sum()
+        sim = sums / np.where(counts > 0, counts, np.nan)
         primary = np.asarray(self.probes.primary_concepts())
         metrics = {"montrage/epoch": info["epoch"], "montrage/global_step": info["step"]}
         for i, pc in enumerate(concepts):
@@ -715,8 +779,6 @@ class Monitor:
             run.log(payload)
 
     def _log_artifact(self) -> None:
-        import os
-
         runs = self.wandb_runs() if self.log_to_wandb else []
         if not runs or not os.path.isfile(self.store_path):
             return

@@ -122,17 +122,19 @@ def folder_source(root: str, caption_template: str = "a photo of {token}", token
         raise DataError(f"image folder {root!r} does not exist: pass a folder of images (one subfolder per concept, "
                         "or flat with sidecar .txt captions).")
     flat = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
-    if flat:
+    if flat:  # one concept (e.g. a DreamBooth instance folder), named after the folder
         return paths_source([os.path.join(root, f) for f in flat], root=root)
     examples = scan_concept_folder(root, caption_template, tokens)
     return ImageSource(examples, lambda i, size: read_example(examples[i], size), f"folder {root!r}")
 
 
 def paths_source(paths: Sequence[str], root: str | None = None) -> ImageSource:
-    """Image files; the id is the path (relative to `root` when given), the caption a sidecar .txt if present."""
+    """Image files, in the given order; the id is the path (relative to `root` when given), the concept the name of
+    the file's folder (as torchvision's ImageFolder has it), the caption a sidecar .txt if present."""
     paths = [str(p) for p in paths]
-    examples = [TrainExample(id=os.path.relpath(p, root) if root else p, concept="", caption=_sidecar_caption(p), path=p)
-                for p in paths]
+    examples = [TrainExample(id=os.path.relpath(p, root) if root else p,
+                             concept=os.path.basename(os.path.dirname(os.path.abspath(p))), caption=_sidecar_caption(p),
+                             path=p) for p in paths]
     return ImageSource(examples, lambda i, size: read_example(examples[i], size), f"{len(paths)} paths")
 
 
@@ -192,8 +194,9 @@ def hf_source(ds, image_column: str = "image", caption_column: str = "text", id_
     cols = list(ds.column_names)
     for field, col in (("image_column", image_column), ("caption_column", caption_column), ("id_column", id_column),
                        ("concept_column", concept_column)):
-        if col is not None and col not in cols and not (field == "caption_column" and caption_column == "text"):
-            raise DataError(f"Hugging Face dataset: {field}={col!r} is not a column (columns: {', '.join(cols)}).")
+        if col is not None and col not in cols and (field, col) != ("caption_column", "text"):  # captions optional
+            raise DataError(f"Hugging Face dataset: {field}={col!r} is not a column (columns: {', '.join(cols)}); "
+                            "name the dataset's columns (image_key, caption_key, id_key, concept_key).")
     raw = ds.cast_column(image_column, HFImage(decode=False)) if isinstance(ds.features.get(image_column), HFImage) else ds
     captions = ds[caption_column] if caption_column in cols else [""] * len(ds)
     concepts = ds[concept_column] if concept_column else [""] * len(ds)

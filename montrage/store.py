@@ -341,24 +341,58 @@ class StoreWriter:
                      probe_images: np.ndarray, lora_params: np.ndarray | None = None) -> int:
         """Write one snapshot; it counts only once the commit counter is written (after a flush)."""
         for layer in self.spec.layers:
-            for name, arr, n in (("probe", probe_features, len(self.spec.probes)), ("train", train_features, len(self.spec.monitored))):
-                a = arr.get(layer)
-                if a is None or a.shape[0] != n or not np.all(np.isfinite(a)):
-                    raise StoreError(f"refusing to write epoch {epoch}: {name} features of layer {layer!r} are "
-                                     f"missing, of the wrong size or not finite.")
+            a = train_features.get(layer)
+            if a is None or a.shape[0] != len(self.spec.monitored) or not np.all(np.isfinite(a)):
+                raise StoreError(f"refusing to write epoch {epoch}: train features of layer {layer!r} are missing, of "
+                                 "the wrong size or not finite.")
+        self._check_probe_values(epoch, probe_features, lora_params)
+        self.begin_epoch()
+        for layer in self.spec.layers:
+            self.write_train_rows(layer, slice(None), train_features[layer])
+        return self.commit_epoch(epoch, global_step, probe_features, probe_images, lora_params)
+
+    def _check_probe_values(self, epoch: int, probe_features: dict, lora_params) -> None:
+        for layer in self.spec.layers:
+            a = probe_features.get(layer)
+            if a is None or a.shape[0] != len(self.spec.probes) or not np.all(np.isfinite(a)):
+                raise StoreError(f"refusing to write epoch {epoch}: probe features of layer {layer!r} are missing, of "
+                                 "the wrong size or not finite.")
         if lora_params is not None and not np.all(np.isfinite(lora_params)):
             raise StoreError(f"refusing to write epoch {epoch}: the LoRA snapshot is not finite.")
-        e, o = self.committed
+
+    def begin_epoch(self) -> int:
+        """Open the next snapshot's row in every per-snapshot dataset (readers ignore it until it is committed), so
+        that training features can be written a block at a time; returns the row. Re-opening overwrites a row that a
+        failed snapshot left uncommitted."""
+        e, _ = self.committed
+        for ds in self._epoch_datasets():
+            ds.resize(e + 1, axis=0)
+        return e
+
+    def write_train_rows(self, layer: str, rows: slice, values: np.ndarray) -> None:
+        """Training features of monitored rows `rows` into the open snapshot row (see `begin_epoch`)."""
+        e, _ = self.committed
+        ds = self.f[f"train/features/{layer}"]
+        if ds.shape[0] != e + 1:
+            raise StoreError(f"store {self.path!r}: no snapshot row is open (call begin_epoch first).")
+        ds[e, rows] = np.asarray(values, dtype=np.float16)
+
+    def commit_epoch(self, epoch: int, global_step: int, probe_features: dict, probe_images: np.ndarray,
+                     lora_params: np.ndarray | None = None) -> int:
+        """Write the open snapshot's remaining values and commit it (flush first, the counter last)."""
+        self._check_probe_values(epoch, probe_features, lora_params)
+        e, _ = self.committed
         values = {"epoch": epoch, "global_step": global_step, "probes/images": probe_images,
                   "lora/params": lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)}
         for layer in self.spec.layers:
             values[f"probes/features/{layer}"] = probe_features[layer].astype(np.float16)
-            values[f"train/features/{layer}"] = train_features[layer].astype(np.float16)
         for name, value in values.items():
             ds = self.f[name]
             ds.resize(e + 1, axis=0)
             ds[e] = value
             ds.flush()
+        for layer in self.spec.layers:
+            self.f[f"train/features/{layer}"].flush()
         self.f["committed"][0] = e + 1
         self.f["committed"].flush()
         self.f.flush()

@@ -158,7 +158,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def accelerate_loop(model_dir, data_root, store, out_dir, epochs=2, accumulation=2, batch_size=2, resume_from=None,
-                    save_at=None, stop_at=None, lr=1e-2, **monitor_kw):
+                    save_at=None, stop_at=None, lr=1e-2, register=True, **monitor_kw):
     """The shape of diffusers' train_text_to_image_lora.py with montrage's six added lines (marked)."""
     from accelerate import Accelerator
 
@@ -174,7 +174,8 @@ def accelerate_loop(model_dir, data_root, store, out_dir, epochs=2, accumulation
     loader = monitor.wrap_dataloader(loader)
     opt = torch.optim.AdamW([p for p in pipe.unet.parameters() if p.requires_grad], lr=lr)
     unet, opt, loader = accelerator.prepare(pipe.unet, opt, loader)
-    accelerator.register_for_checkpointing(monitor)  # montrage (2)
+    if register:
+        accelerator.register_for_checkpointing(monitor)  # montrage (2): exact resume (without it: cut by step)
     global_step, first_epoch, skip = 0, 0, 0
     steps_per_epoch = -(-len(loader) // accumulation)
     if resume_from is not None:

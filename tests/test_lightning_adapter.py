@@ -1,5 +1,7 @@
 """MontrageCallback on LightningModules that name their parts their own way, with a dict dataset and max_steps."""
 
+import os
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -78,3 +80,21 @@ def test_module_without_a_denoiser_is_refused_naming_the_fix(tiny_model_dir, tmp
     assert not (tmp_path / "s.h5").exists()
     with pytest.raises(MontrageConfigError, match="never fires before the final step 5"):  # known at train start
         fit(PipeModule(tiny_model_dir), data_root, helpers.callback(tmp_path / "s.h5", at_steps=[10]))
+
+
+def test_subset_store_serves_guard_curves_and_report(tiny_model_dir, tmp_path):
+    from montrage.callbacks import AttributionCurves, MemorizationGuard
+    from montrage.report import build_report
+
+    store = tmp_path / "s.h5"
+    guard, curves = MemorizationGuard(pixel_threshold=0.5), AttributionCurves(fit_steps=5)
+    cb = helpers.callback(store, monitor_images=4, every_n_steps=1)
+    helpers.trainer(2, [cb, guard, curves]).fit(helpers.module(tiny_model_dir), helpers.data())
+    with StoreReader(str(store)) as r:
+        assert list(r.global_steps) == [0, 1, 2, 3, 4] and r.num_train == 4 and len(r.all_train) == 6
+        monitored = [e.id for e in r.train]
+    assert [h["global_step"] for h in guard.history] == [0, 1, 2, 3, 4]  # every step-scheduled snapshot checked
+    assert all(a["train_id"] in monitored for a in guard.alerts)
+    assert curves.last is not None and curves.last["scores"].shape[-1] == 2  # two concepts
+    build_report(str(store), str(tmp_path / "r.html"))
+    assert os.path.getsize(tmp_path / "r.html") > 1000

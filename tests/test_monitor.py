@@ -73,6 +73,17 @@ def test_accelerate_loop_order_and_resume(tiny_model_dir, data_root, tmp_path):
         got = list(zip(order["global_step"].tolist(), order["example_index"].tolist()))
     assert got == sorted([row for row in first if row[0] <= 2] + second)
     assert sorted(i for s, i in got if s > 2) == list(range(6))
+    # without register_for_checkpointing the resumed monitor cuts the store back by step: the same result here
+    store2 = tmp_path / "crash2.h5"
+    first, _ = loops.accelerate_loop(tiny_model_dir, data_root, store2, tmp_path / "d", every_n_steps=1, save_at=2,
+                                     stop_at=3, register=False)
+    second, _ = loops.accelerate_loop(tiny_model_dir, data_root, store2, tmp_path / "e", every_n_steps=1,
+                                      resume_from=str(tmp_path / "d" / "checkpoint-2"), register=False)
+    with StoreReader(str(store2)) as r:
+        assert list(r.global_steps) == [0, 1, 2, 3, 4]
+        order = r.training_order()
+        assert list(zip(order["global_step"].tolist(), order["example_index"].tolist())) == sorted(
+            [row for row in first if row[0] <= 2] + second)
 
 
 def test_two_process_accelerate_run_stores_what_one_process_computes(tiny_model_dir, data_root, tmp_path):
@@ -156,9 +167,9 @@ def test_sources_folder_paths_dicts_and_hf(tmp_path):
         os.link(os.path.join(root, "digit7", "0.png"), flat / name)
     (flat / "a.txt").write_text("a sidecar caption")
     fs = image_source(str(flat))
-    assert [(e.id, e.caption, e.concept) for e in fs.examples] == [("a.png", "a sidecar caption", ""), ("b.png", "", "")]
+    assert [(e.id, e.caption, e.concept) for e in fs.examples] == [("a.png", "a sidecar caption", "flat"), ("b.png", "", "flat")]
     ps = image_source([str(flat / "b.png")])
-    assert ps.examples[0].id == str(flat / "b.png")
+    assert ps.examples[0].id == str(flat / "b.png") and ps.examples[0].concept == "flat"
     # dict items with tensors and no id: content ids, stable and distinct
     tensors = [torch.rand(3, 20, 24) * 2 - 1 for _ in range(3)]
     ds = [{"img": t, "text": f"cap {i}"} for i, t in enumerate(tensors)]
@@ -263,3 +274,29 @@ def test_wrapped_loader_keeps_the_users_batches_and_sampler(data_root):
         assert torch.equal(p["pixel_values"], w["pixel_values"]) and p["caption"] == w["caption"]
         assert set(w) == {"pixel_values", "caption", INDEX_KEY}
         assert [ds[i]["caption"] for i in w[INDEX_KEY].tolist()] == w["caption"]
+
+
+def test_wrapped_denoisers_and_prefixed_layer_names(tiny_model_dir, data_root, tmp_path, caplog):
+    """DataParallel, torch.compile and PeftModel wrappers are looked through; 'module.'-style names resolve."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+
+    from montrage.components import unwrap
+
+    pipe = loops.lora_pipeline(tiny_model_dir)
+    compiled = torch.compile(torch.nn.DataParallel(pipe.unet))
+    assert unwrap(compiled) is pipe.unet
+    plain = loops.lora_pipeline(tiny_model_dir, dropout=0.0).unet
+    peft_wrapped = get_peft_model(plain, LoraConfig(r=2, target_modules=["to_q"]))
+    assert unwrap(peft_wrapped) is plain
+    parts = dict(unet=compiled, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                 scheduler=pipe.scheduler)
+    m = Monitor(str(tmp_path / "s.h5"), parts, loops.DiskDataset(data_root), every_n_steps=1,
+                layers=["_orig_mod.module.mid_block", "up_blocks.0"], **loops.monitor_args())
+    with caplog.at_level(logging.INFO, logger="montrage.monitor"):
+        m.start()
+    m.close()
+    assert "denoiser forwards" in caplog.text and "6 monitored images x 2 timesteps" in caplog.text  # the cost
+    with StoreReader(str(tmp_path / "s.h5")) as r:
+        assert r.layers == ["mid_block", "up_blocks.0"] and r.lora_params(0)  # the adapter seen through the wrappers
