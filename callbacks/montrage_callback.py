@@ -118,7 +118,8 @@ class MontrageCallback(Callback):
         probe_file: JSON/YAML file of `{probes: [{prompt, concepts: {name: weight}}]}`; overrides `probe_prompts`.
         every_n_epochs, every_n_steps, at_steps: the schedule (default every epoch); step 0 and the final step are
             always snapshotted, also under `max_steps` with `max_epochs=-1`.
-        layers: denoiser modules to hook, by dotted name (default the bottleneck, "h-space").
+        layers: denoiser modules to hook, by dotted name (default: the family's, e.g. the UNet bottleneck
+            "mid_block", the "h-space", or a middle joint block of SD3/Flux, whose image tokens are pooled).
         timesteps: timesteps at which images are noised (fixed epsilon per image) and encoded.
         pooling: how activations are reduced to a vector.
         encode_prompt: text condition used when encoding images: "" (default) = the empty prompt for all, an
@@ -156,7 +157,7 @@ class MontrageCallback(Callback):
         every_n_epochs: Optional[int] = None,
         every_n_steps: Optional[int] = None,
         at_steps: Optional[list[int]] = None,
-        layers: list[str] = ["mid_block"],
+        layers: Optional[list[str]] = None,
         timesteps: list[int] = [200, 500, 800],
         pooling: Literal["mean", "max", "mean_max"] = "mean",
         encode_prompt: str = "",
@@ -186,7 +187,7 @@ class MontrageCallback(Callback):
         self.store_path = store_path
         self.components, self.pipeline = components, pipeline
         self.log_to_wandb = log_to_wandb
-        self.probe_file, self.layers = probe_file, list(layers)
+        self.probe_file, self.layers = probe_file, list(layers) if layers is not None else None
         self.images = images
         self.resolution = resolution
         self._monitor_args = dict(
@@ -227,7 +228,8 @@ class MontrageCallback(Callback):
                 f"{err} On a LightningModule, assign the parts as attributes (self.unet = ..., as "
                 "montrage.recipes.DiffusionFineTune does), or set components: {unet: model.unet, ...} (dotted paths), "
                 "or pipeline: <attribute holding a diffusers pipeline>.") from err
-        resolve_modules(c.unet, self.layers)  # unknown module names fail before training starts
+        if self.layers:
+            resolve_modules(c.unet, self.layers)  # unknown module names fail before training starts
         if self.probe_file is not None:
             load_probe_file(self.probe_file, self._monitor_args["probe_seeds"])
 

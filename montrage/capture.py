@@ -55,18 +55,23 @@ def resolve_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch
 class FeatureHooks:
     """Collect pooled outputs of named modules while active; handles are removed on exit.
 
-    Tuple outputs (e.g. down blocks' (hidden, residuals)) are unwrapped to their first element.
+    Tuple outputs (e.g. down blocks' (hidden, residuals)) are unwrapped to their first element, unless `select`
+    says otherwise (joint transformer blocks return (text, image): the image stream is the second).
     """
 
-    def __init__(self, model: torch.nn.Module, names: list[str], pooling: Pooling = "mean"):
+    def __init__(self, model: torch.nn.Module, names: list[str], pooling: Pooling = "mean", select=None):
+        """`select(module, output)` picks the stream to pool (default: the first element of a tuple output)."""
         self.modules = resolve_modules(model, list(names))
         self.pooling = pooling
+        self.select = select
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self._handles = []
 
     def _hook(self, name):
-        def fn(_module, _inputs, output):
-            if isinstance(output, (tuple, list)):
+        def fn(module, _inputs, output):
+            if self.select is not None:
+                output = self.select(module, output)
+            elif isinstance(output, (tuple, list)):
                 output = output[0]
             if hasattr(output, "sample") and not torch.is_tensor(output):
                 output = output.sample

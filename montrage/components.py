@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ class Components:
     unet: torch.nn.Module
     scheduler: Any
     model_id: str
+    parts: dict = field(default_factory=dict)  # every part by its diffusers name (text_encoder_2, transformer, ...)
 
     def identity(self) -> dict:
         """What makes two runs' representations comparable: the base model and its UNet architecture."""
@@ -73,7 +74,31 @@ def load_components(pretrained: str, revision: str | None = None, torch_dtype: t
             f"could not load a diffusers text-to-image model from {pretrained!r}: {err}. Pass a local folder in the "
             "diffusers layout or a hub id (downloads need network access; set HF_HUB_OFFLINE=0)."
         ) from err
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, model_id=pretrained)
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, model_id=pretrained,
+                      parts={"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                             "scheduler": scheduler})
+
+
+def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> Components:
+    """The parts of any supported family from a `model_index.json` folder or hub id: SD 1.x/2.x through
+    `load_components`, SDXL / SD3 / Flux through their pipelines; UNet families train with a DDPM scheduler."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    try:
+        cfg = DiffusionPipeline.load_config(pretrained)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read model_index.json of {pretrained!r}: {err}. Pass the folder written by "
+                             "`save_pretrained`, or a hub id (downloads need network access).") from err
+    if "transformer" not in cfg and "text_encoder_2" not in cfg:
+        return load_components(pretrained, torch_dtype=torch_dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the {cfg.get('_class_name')} at {pretrained!r}: {err}") from err
+    c = resolve_components(pipe, model_id=pretrained)
+    if "unet" in c.parts:
+        c.scheduler = c.parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+    return c
 
 
 @torch.no_grad()
@@ -118,6 +143,7 @@ def strip_wrapper_prefixes(name: str) -> str:
 # what each part may be called in a pipeline, a mapping or a LightningModule
 ALIASES = {"unet": ("unet", "transformer"), "vae": ("vae",), "text_encoder": ("text_encoder",),
            "tokenizer": ("tokenizer",), "scheduler": ("scheduler", "noise_scheduler")}
+EXTRA_PARTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
 def resolve_components(model, model_id: str | None = None, where: str = "pipeline") -> Components:
@@ -131,7 +157,7 @@ def resolve_components(model, model_id: str | None = None, where: str = "pipelin
     elif isinstance(getattr(model, "components", None), dict):
         parts = dict(model.components)
     else:
-        parts = {k: getattr(model, k) for names in ALIASES.values() for k in names if getattr(model, k, None) is not None}
+        parts = {k: getattr(model, k) for k in sum(ALIASES.values(), ()) + EXTRA_PARTS if getattr(model, k, None) is not None}
     found = {}
     for key, names in ALIASES.items():
         found[key] = next((parts[n] for n in names if parts.get(n) is not None), None)
@@ -147,5 +173,9 @@ def resolve_components(model, model_id: str | None = None, where: str = "pipelin
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "config"):
         raise ModelLoadError(f"the {where}'s denoiser is a {type(found['unet']).__name__}, not a diffusers model.")
     ident = model_id or str(getattr(unet.config, "_name_or_path", "") or "unknown")
-    return Components(found["tokenizer"], unwrap(found["text_encoder"]), unwrap(found["vae"]), unet, found["scheduler"],
-                      model_id=ident)
+    named = {"transformer" if type(unet).__name__.endswith("Transformer2DModel") else "unet": unet,
+             "vae": unwrap(found["vae"]), "text_encoder": unwrap(found["text_encoder"]), "tokenizer": found["tokenizer"],
+             "scheduler": found["scheduler"]}
+    named.update({k: unwrap(parts[k]) for k in EXTRA_PARTS if parts.get(k) is not None})
+    return Components(found["tokenizer"], named["text_encoder"], named["vae"], unet, found["scheduler"], model_id=ident,
+                      parts=named)

@@ -28,8 +28,8 @@ from montrage.capture import resolve_modules
 from montrage.components import Components, model_identity, resolve_components, strip_wrapper_prefixes
 from montrage.data import DataError, to_thumbnails
 from montrage.distributed import Distributed, TorchDistributed
-from montrage.encode import condition_prompts, encode_conditioned, image_latents, stable_seed
-from montrage.generate import build_pipeline, generate_probes
+from montrage.encode import condition_prompts, stable_seed
+from montrage.family import Family, make_family
 from montrage.latent_cache import LatentCache, cache_key, trainable
 from montrage.probes import ProbeSet, default_probes, load_probe_file
 from montrage.rng import isolated_rng
@@ -76,8 +76,11 @@ def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str],
 
 
 def default_resolution(c: Components) -> int:
+    """The denoiser's native image side (sample size x the VAE's downsampling); 1024 when it has no sample size."""
     factor = 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
-    size = c.unet.config.sample_size
+    size = getattr(c.unet.config, "sample_size", None)
+    if size is None:
+        return 1024
     return int((size[0] if isinstance(size, (list, tuple)) else size) * factor)
 
 
@@ -161,7 +164,7 @@ class Monitor:
         every_n_epochs: Optional[int] = None,
         at_steps: Optional[Sequence[int]] = None,
         max_steps: Optional[int] = None,
-        layers: Sequence[str] = ("mid_block",),
+        layers: Optional[Sequence[str]] = None,
         timesteps: Sequence[int] = (200, 500, 800),
         pooling: Literal["mean", "max", "mean_max"] = "mean",
         encode_prompt: str = "",
@@ -175,6 +178,7 @@ class Monitor:
         strict: bool = False,
         log_to_wandb: bool = True,
         model_id: Optional[str] = None,
+        family: Optional[Any] = None,
         dist: Optional[Distributed] = None,
         progress: bool = True,
     ):
@@ -183,8 +187,9 @@ class Monitor:
                                       "one probe per training concept from probe_template.")
         if len(probe_seeds) == 0:
             raise MontrageConfigError("probe_seeds is empty: give at least one seed, e.g. [0, 1].")
-        if not layers:
-            raise MontrageConfigError("layers is empty: name at least one denoiser module to hook, e.g. 'mid_block'.")
+        if layers is not None and not layers:
+            raise MontrageConfigError("layers is empty: name at least one denoiser module to hook, e.g. 'mid_block', "
+                                      "or leave it unset for the model family's default.")
         if not timesteps:
             raise MontrageConfigError("timesteps is empty: give at least one timestep, e.g. [500].")
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
@@ -213,7 +218,8 @@ class Monitor:
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.every_n_epochs = None if every_n_epochs is None else int(every_n_epochs)
         self.at_steps, self.max_steps = at, None if max_steps is None else int(max_steps)
-        self.layers = [strip_wrapper_prefixes(n) for n in layers]
+        self.layers = [strip_wrapper_prefixes(n) for n in layers] if layers else None
+        self.family_arg = family
         self.timesteps = [int(t) for t in timesteps]
         self.pooling, self.encode_prompt = pooling, encode_prompt
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
@@ -263,6 +269,10 @@ class Monitor:
             raise MontrageConfigError("Monitor.start was called twice; call it once per run, before training.")
         self.epoch = int(epoch)
         c = self.components = resolve_components(self.pipeline, self.model_id)
+        self.resolution = int(self.resolution or default_resolution(c))
+        f = self.family_arg
+        self.family: Family = f if isinstance(f, Family) else make_family(c.parts, self.pipeline, f, self.resolution)
+        self.layers = self.layers or self.family.default_layers()
         resolve_modules(c.unet, self.layers)  # unknown layer names fail here, listing the available blocks
         if self.images is None:
             raise MontrageConfigError("Monitor needs the training images (images=...): a folder, a list of paths, a "
@@ -270,7 +280,6 @@ class Monitor:
         self.source = image_source(self.images, **self.image_keys)
         self._index = self.source.index_of()
         self.monitored = select_monitored(self.source.examples, self.monitor_images, self.subset_seed)
-        self.resolution = int(self.resolution or default_resolution(c))
         factor = 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
         if self.resolution % factor:
             raise MontrageConfigError(f"resolution={self.resolution} is not a multiple of the VAE's downsampling "
@@ -287,7 +296,7 @@ class Monitor:
         with self._quiet():
             dims = {k: v.shape[-1] for k, v in self._encode_latents(self._blank_latents(), ["dims"], [""]).items()}
         spec = StoreSpec(
-            model=model_identity(c.unet, c.model_id), layers=self.layers, feature_dims=dims, timesteps=self.timesteps,
+            model={**model_identity(c.unet, c.model_id), "family": self.family.name}, layers=self.layers, feature_dims=dims, timesteps=self.timesteps,
             pooling=self.pooling, probes=self.probes, train=list(self.source.examples), thumbnail_size=self.thumbnail_size,
             monitored=self.monitored, config={**self.config(), **self._model_facts()}, **self._lora_layout(),
         )
@@ -348,21 +357,27 @@ class Monitor:
     def _model_facts(self) -> dict:
         """What an offline query needs to rebuild the model: base path, adapter config, image size."""
         unet = self.components.unet
-        facts = {"model_path": base_model_path(self.pipeline, unet), "resolution": self.resolution}
-        peft_config = getattr(unet, "peft_config", None)
-        if peft_config:
-            cfg = next(iter(peft_config.values()))
-            facts["lora_config"] = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha),
-                                    "target_modules": sorted(cfg.target_modules), "lora_dropout": float(cfg.lora_dropout)}
+        facts = {"model_path": base_model_path(self.pipeline, unet), "resolution": self.resolution,
+                 **self.family.describe(), "noise_points": [self.family.noise_point(t) for t in self.timesteps]}
+        for part, module in self.family.lora_modules().items():
+            cfg = next(iter(module.peft_config.values()))
+            lc = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules),
+                  "lora_dropout": float(cfg.lora_dropout)}
+            facts["lora_config" if module is unet else f"lora_config_{part}"] = lc
         return facts
 
     def _has_lora(self) -> bool:
-        return self.save_lora_snapshots and bool(getattr(self.components.unet, "peft_config", None))
+        return self.save_lora_snapshots and bool(self.family.lora_modules())
 
     def _lora_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter's weights: the denoiser's by their peft names, the text encoders' as `<part>::<name>`."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(self.components.unet).items()}
+        out = {}
+        for part, module in self.family.lora_modules().items():
+            prefix = "" if module is self.components.unet else f"{part}::"
+            out.update({prefix + k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()})
+        return out
 
     def _lora_layout(self) -> dict:
         if not self._has_lora():
@@ -422,7 +437,7 @@ class Monitor:
                        leave=False)
             for sl, px in self._pixel_batches(rows, self.encode_batch_size):
                 with self._quiet():
-                    yield sl, image_latents(vae, px, self.encode_batch_size)
+                    yield sl, self.family.latents(px, self.encode_batch_size)
                 bar.update(sl.stop - sl.start)
             bar.close()
 
@@ -434,12 +449,12 @@ class Monitor:
             return self._cache.read(rows)
         share = self._share_rows()[rows]
         px = self.source.pixels(share, self.resolution)
-        return image_latents(self.components.vae, px, self.encode_batch_size)
+        return self.family.latents(px, self.encode_batch_size)
 
     def _blank_latents(self) -> torch.Tensor:
         c = self.components
         side = self.resolution // 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
-        return torch.zeros(1, c.unet.config.in_channels, side, side)
+        return torch.zeros(1, self.family.latent_channels, side, side)
 
     def train_thumbnails(self, size: int) -> np.ndarray:
         """(M, size, size, 3) uint8 thumbnails of the monitored images, read from the source a batch at a time."""
@@ -588,8 +603,7 @@ class Monitor:
     @contextlib.contextmanager
     def _quiet(self):
         """eval + no_grad + isolated RNG, with every module's train/eval mode restored afterwards."""
-        c = self.components
-        mods = [m for part in (c.unet, c.vae, c.text_encoder) if isinstance(part, torch.nn.Module) for m in part.modules()]
+        mods = [m for part in self.family.modules() for m in part.modules()]
         modes = [(m, m.training) for m in mods]
         for m, _ in modes:
             m.training = False
@@ -601,9 +615,7 @@ class Monitor:
                 m.training = mode
 
     def _encode_latents(self, latents: torch.Tensor, keys: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        c = self.components
-        return encode_conditioned(c.unet, None, c.scheduler, c.tokenizer, c.text_encoder, latents,
-                                  [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
+        return self.family.encode(latents, [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
                                   self.timesteps, self.layers, self.pooling, self.encode_batch_size)
 
     def _chunks(self) -> int:
@@ -624,14 +636,15 @@ class Monitor:
 
     def _local_probes(self) -> dict:
         """This rank's probes, generated and encoded, and (rank 0) the adapter weights."""
-        c, probes = self.components, self.probes
+        probes = self.probes
         p_idx = self._share(len(probes))
         items = probes.items()
+        if any(trainable(m) for k, m in self.components.parts.items() if k.startswith("text_encoder")):
+            self.family.forget_texts()  # a text encoder trains: its cached conditions are stale
         with self._quiet():
-            pipe = build_pipeline(c.tokenizer, c.text_encoder, c.vae, c.unet, c.scheduler)
-            images = generate_probes(pipe, probes, self.resolution, self.num_inference_steps, self.guidance_scale,
-                                     indices=p_idx)
-            probe_latents = image_latents(c.vae, images, self.encode_batch_size)
+            images = self.family.generate(probes, self.resolution, self.num_inference_steps, self.guidance_scale,
+                                          indices=p_idx)
+            probe_latents = self.family.latents(images, self.encode_batch_size)
             feats = self._encode_latents(probe_latents, [probe_noise_key(*items[k]) for k in p_idx],
                                          [items[k][0] for k in p_idx])
         lora = None

@@ -43,8 +43,10 @@ def all_finite(path) -> bool:
 
 # --- failures during training ----------------------------------------------------------------------------------
 def fail_second_call(monkeypatch):
-    """generate_probes raises on its second call: the snapshot of epoch 1 (epoch 0 is the first)."""
-    real, calls = cb_mod.generate_probes, []
+    """generate_probes (the SD family's sampler) raises on its second call: the snapshot of epoch 1."""
+    from montrage import generate
+
+    real, calls = generate.generate_probes, []
 
     def flaky(*args, **kw):
         calls.append(1)
@@ -52,7 +54,7 @@ def fail_second_call(monkeypatch):
             raise RuntimeError("injected probe failure")
         return real(*args, **kw)
 
-    monkeypatch.setattr(cb_mod, "generate_probes", flaky)
+    monkeypatch.setattr(generate, "generate_probes", flaky)
 
 
 def test_monitoring_failure_is_logged_and_training_goes_on(tiny_model_dir, tmp_path, monkeypatch, caplog):

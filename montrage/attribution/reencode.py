@@ -7,42 +7,53 @@ import warnings
 import numpy as np
 import torch
 
-from montrage.components import embed_prompts, load_components, model_identity
-from montrage.encode import CAPTION, condition_prompts, encode_conditioned, image_latents
-from montrage.generate import build_pipeline, generate_probes
+from montrage.components import embed_prompts, load_model, model_identity
+from montrage.encode import CAPTION, condition_prompts
 from montrage.probes import ProbeSet
 from montrage.store import StoreError, StoreMismatchError, StoreReader
 
 
 class StoreModel:
-    """Base model from the store's `model_path` (or `model_path=`), with the run's adapter loaded per epoch."""
+    """Base model from the store's `model_path` (or `model_path=`), with the run's adapters loaded per snapshot;
+    any family the store was written by (its family adapter does the latents, encoding and sampling)."""
 
     def __init__(self, store: StoreReader, model_path: str | None = None, device: str = "cpu"):
+        from montrage.family import make_family
+
         self.store = store
         cfg = store.spec["config"]
         path = model_path or cfg.get("model_path")
         if not path:
             raise StoreError(f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path).")
-        self.components = load_components(path)
+        self.components = load_model(path)
         want = store.spec["model"].get("unet_config_sha")
         have = model_identity(self.components.unet, path)["unet_config_sha"]
         if want and want != have:
             raise StoreMismatchError(
-                f"model {path!r} is not the model store {store.path!r} was made with (UNet config {have} != {want}); "
+                f"model {path!r} is not the model store {store.path!r} was made with (denoiser config {have} != {want}); "
                 "pass the run's base model with --model-path.")
+        self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
+        self.family = make_family(self.components.parts, None, store.spec["model"].get("family") or cfg.get("family"),
+                                  self.resolution)
         self.lora = bool(store.f["lora"].attrs.get("enabled", False))
-        unet = self.components.unet
         if self.lora:
             from peft import LoraConfig
 
+            unet = self.components.unet
             lc = cfg.get("lora_config") or {}
             unet.add_adapter(LoraConfig(r=lc.get("r", 4), lora_alpha=lc.get("lora_alpha", 4),
                                         target_modules=lc.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])))
+            for part, module in self.components.parts.items():
+                tc = cfg.get(f"lora_config_{part}")
+                if tc and isinstance(module, torch.nn.Module):  # a text encoder: peft injects the adapter
+                    from peft import inject_adapter_in_model
+
+                    inject_adapter_in_model(LoraConfig(r=tc["r"], lora_alpha=tc["lora_alpha"],
+                                                       target_modules=tc["target_modules"]), module)
         self.device = torch.device(device)
-        for part in (unet, self.components.vae, self.components.text_encoder):
+        for part in self.family.modules():
             part.to(self.device).eval().requires_grad_(False)
         self.encode_prompt = cfg.get("encode_prompt", "")
-        self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
         self.row: int | None = None
 
     @property
@@ -55,8 +66,13 @@ class StoreModel:
             return
         from peft import set_peft_model_state_dict
 
-        sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.store.lora_params(row).items()}
-        set_peft_model_state_dict(self.components.unet, sd)
+        by_part: dict[str, dict] = {}
+        for k, v in self.store.lora_params(row).items():  # text-encoder adapters are stored as `<part>::<name>`
+            part, name = k.split("::", 1) if "::" in k else ("", k)
+            by_part.setdefault(part, {})[name] = torch.from_numpy(np.ascontiguousarray(v))
+        for part, sd in by_part.items():
+            set_peft_model_state_dict(self.components.parts[part] if part else self.components.unet, sd)
+        self.family.forget_texts()
         self.row = row
 
     def prompts(self, n: int, prompts: list[str] | None) -> list[str]:
@@ -82,21 +98,20 @@ class StoreModel:
         if len(rows) > 1 and not self.lora:
             raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
                              "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
-        c, cfg = self.components, self.store.spec
-        latents = image_latents(c.vae, images)  # the VAE is not adapted: encode once, not per epoch
+        cfg = self.store.spec
+        with torch.no_grad():
+            latents = self.family.latents(images)  # the VAE is not adapted: encode once, not per epoch
         prompts = self.prompts(len(images), prompts)
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(encode_conditioned(c.unet, None, c.scheduler, c.tokenizer, c.text_encoder, latents, seeds,
-                                                prompts, cfg["timesteps"], cfg["layers"], cfg["pooling"]))
+            per_epoch.append(self.family.encode(latents, seeds, prompts, cfg["timesteps"], cfg["layers"], cfg["pooling"]))
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()
     def generate(self, probes: ProbeSet, row: int) -> torch.Tensor:
         """Probe images regenerated with the weights of epoch `row` and the callback's sampler settings."""
         self.set_epoch(row)
-        c, cfg = self.components, self.store.spec["config"]
-        pipe = build_pipeline(c.tokenizer, c.text_encoder, c.vae, c.unet, c.scheduler)
-        return generate_probes(pipe, probes, self.resolution, int(cfg.get("num_inference_steps", 25)),
-                               float(cfg.get("guidance_scale", 7.5)))
+        cfg = self.store.spec["config"]
+        return self.family.generate(probes, self.resolution, int(cfg.get("num_inference_steps", 25)),
+                                    float(cfg.get("guidance_scale", 7.5)))
