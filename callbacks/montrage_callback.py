@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from montrage.capture import resolve_modules
-from montrage.components import ALIASES, ModelLoadError
+from montrage.components import ALIASES, EXTRA_PARTS, ModelLoadError
 from montrage.monitor import Monitor, MontrageConfigError, MontrageSnapshotError
 from montrage.probes import load_probe_file
 
@@ -97,7 +97,7 @@ def module_components(pl_module: pl.LightningModule, components: Optional[dict] 
         return {k: _dotted(pl_module, v, name) for k, v in components.items()}
     if pipeline:
         return _dotted(pl_module, pipeline, name)
-    own = {k: getattr(pl_module, k) for names in ALIASES.values() for k in names if getattr(pl_module, k, None) is not None}
+    own = {k: getattr(pl_module, k) for k in sum(ALIASES.values(), ()) + EXTRA_PARTS if getattr(pl_module, k, None) is not None}
     if any(k in own for k in ALIASES["unet"]):
         return own
     for attr in ("pipe", "pipeline"):

@@ -3,7 +3,9 @@
 Follows diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py: frozen base, peft LoRA on the UNet
 attention (or the full UNet), epsilon or v-prediction targets, an optional prior-preservation term, and LoRA
 weights saved in diffusers format (`pytorch_lora_weights.safetensors`, loadable by `pipeline.load_lora_weights`).
-The module exposes `unet`, `vae`, `text_encoder`, `tokenizer` and `noise_scheduler`, which MontrageCallback reads.
+The module exposes `unet` (the denoiser: a UNet, or the SD3/Flux transformer), `vae`, `text_encoder`, `tokenizer`,
+`noise_scheduler` (and `text_encoder_2`, `tokenizer_2`, ... for SDXL, SD3 and Flux), which MontrageCallback reads;
+SDXL, SD3 and Flux train through their family adapter (`montrage.family`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from montrage.components import embed_prompts, load_components, model_identity
+from montrage.components import EXTRA_PARTS, embed_prompts, load_components, load_model, model_identity
+from montrage.family import make_family
 
 TINY = "tiny"
 
@@ -58,7 +61,13 @@ class DiffusionFineTune(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        parts = load_components(resolve_pretrained(pretrained_model), revision=revision)
+        path = resolve_pretrained(pretrained_model)
+        parts = load_components(path, revision=revision) if revision else load_model(path)
+        self.family = make_family(parts.parts)  # SD 1.x/2.x, SDXL, SD3 or Flux, from the model's classes
+        for extra in EXTRA_PARTS:  # SDXL / SD3 / Flux: the second (and third) text encoder and tokenizer
+            if parts.parts.get(extra) is not None:
+                value = parts.parts[extra]
+                setattr(self, extra, value.requires_grad_(False).eval() if isinstance(value, torch.nn.Module) else value)
         self.tokenizer = parts.tokenizer
         self.text_encoder = parts.text_encoder.requires_grad_(False).eval()
         self.vae = parts.vae.requires_grad_(False).eval()
@@ -84,6 +93,8 @@ class DiffusionFineTune(pl.LightningModule):
     # --- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pixels = batch["pixel_values"].to(self.device, self.unet.dtype)
+        if self.family.name != "sd":
+            return self._family_step(batch, pixels)
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
             cond = embed_prompts(self.tokenizer, self.text_encoder, batch["caption"])
@@ -104,6 +115,21 @@ class DiffusionFineTune(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(latents))
         return loss
 
+    def _family_step(self, batch: dict, pixels: torch.Tensor) -> torch.Tensor:
+        """SDXL / SD3 / Flux: the family's latents, noising, conditioning, denoiser call and target."""
+        fam = self.family
+        if hasattr(fam, "resolution"):
+            fam.resolution = int(pixels.shape[-1])  # SDXL's time_ids: the training crop
+        with torch.no_grad():
+            latents = fam.latents(pixels, sample=True)
+            cond = fam.embed(list(batch["caption"]))
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+        pred = fam.denoise(fam.noise(latents, noise, t), t, cond)
+        loss = F.mse_loss(pred.float(), fam.target(latents, noise, t).float())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(latents))
+        return loss
+
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -115,25 +141,24 @@ class DiffusionFineTune(pl.LightningModule):
 
     # --- generation and export ---------------------------------------------------------------------------------
     def pipeline(self):
-        from montrage.generate import build_pipeline
-
-        return build_pipeline(self.tokenizer, self.text_encoder, self.vae, self.unet, self.noise_scheduler)
+        """The family's pipeline over the live modules (a DDIM or flow-matching copy of the scheduler)."""
+        return self.family.pipeline()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 7.5,
                  height: Optional[int] = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from fixed per-seed initial latents."""
-        from montrage.generate import generate_probes
         from montrage.probes import ProbeSet
 
         was_training = self.unet.training
         self.unet.eval()
         try:
-            height = height or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+            size = getattr(self.unet.config, "sample_size", None) or 128
+            height = height or size * 2 ** (len(self.vae.config.block_out_channels) - 1)
             images = []
             for prompt, seed in zip(prompts, seeds):
                 probes = ProbeSet((prompt,), ({},), (int(seed),))
-                images.append(generate_probes(self.pipeline(), probes, height, num_inference_steps, guidance_scale))
+                images.append(self.family.generate(probes, height, num_inference_steps, guidance_scale))
             return torch.cat(images)
         finally:
             self.unet.train(was_training)
@@ -148,12 +173,15 @@ class DiffusionFineTune(pl.LightningModule):
         """LoRA: `pytorch_lora_weights.safetensors` in diffusers format; full: a `unet/` folder."""
         os.makedirs(directory, exist_ok=True)
         if self.hparams.train_mode == "lora":
-            from diffusers import StableDiffusionPipeline
+            import diffusers
 
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True)
+            pipeline = getattr(diffusers, self.family.pipeline_class)
+            key = "unet_lora_layers" if self.family.name in ("sd", "sdxl") else "transformer_lora_layers"
+            pipeline.save_lora_weights(directory, **{key: self.lora_state_dict()}, safe_serialization=True)
             return os.path.join(directory, "pytorch_lora_weights.safetensors")
-        self.unet.save_pretrained(os.path.join(directory, "unet"))
-        return os.path.join(directory, "unet")
+        sub = "unet" if self.family.name in ("sd", "sdxl") else "transformer"
+        self.unet.save_pretrained(os.path.join(directory, sub))
+        return os.path.join(directory, sub)
 
     def on_train_end(self) -> None:
         if self.hparams.output_dir and self.trainer.is_global_zero:

@@ -147,17 +147,14 @@ def family_loop(model_dir, data_root, store=None, steps=3, text_lora=False, **mo
     for step in range(1, steps + 1):
         idx = [(2 * step) % len(dataset), (2 * step + 1) % len(dataset)]
         batch = loops.train_collate([dataset[i] for i in idx])
-        z = fam.latents(batch["pixel_values"])
+        z = fam.latents(batch["pixel_values"], sample=True)
         noise = torch.randn_like(z)
         t = torch.randint(0, 1000, (len(z),))
-        cond = fam._stack(fam._encode_texts(batch["caption"]))  # with gradients, as the scripts do each step
+        cond = fam.embed(batch["caption"])  # with gradients, as the scripts do each step
         pred = fam.denoise(fam.noise(z, noise, t), t, cond)
-        if fam.noise_kind == "flow":
-            target = noise - z
-        elif sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(z, noise, t)
-        else:
-            target = noise
+        target = noise - z if fam.noise_kind == "flow" else (
+            sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise)
+        torch.testing.assert_close(fam.target(z, noise, t), target)
         loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,3 +241,18 @@ def test_unknown_model_and_other_family_store_are_refused(family_dirs, data_root
     family_loop(family_dirs["sd3"], data_root, tmp_path / "s.h5", steps=2)
     with pytest.raises(StoreMismatchError, match="family"):
         family_loop(family_dirs["flux"], data_root, tmp_path / "s.h5", steps=2)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_recipe_fine_tunes_the_family_with_the_callback(family_dirs, tmp_path, name):
+    """DiffusionFineTune on SDXL and Flux (what sdxl-lora.yaml / flux-lora.yaml run), monitored, saving diffusers LoRA."""
+    import helpers
+
+    store = tmp_path / "s.h5"
+    module = helpers.module(family_dirs[name], output_dir=str(tmp_path / "lora"), learning_rate=1e-2)
+    assert module.family.name == name
+    helpers.trainer(-1, [helpers.callback(store, every_n_steps=1)], max_steps=2).fit(module, helpers.data(batch_size=2))
+    with StoreReader(str(store)) as r:
+        assert list(r.global_steps) == [0, 1, 2] and r.spec["model"]["family"] == name
+        assert any(not np.allclose(r.lora_params(0)[k], r.lora_params(2)[k]) for k in r.lora_params(0))
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0

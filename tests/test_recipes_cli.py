@@ -82,13 +82,14 @@ def test_lightning_cli_runs_the_demo_config(tiny_model_dir, tmp_path):
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-dreambooth.yaml"])
+@pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-dreambooth.yaml", "sdxl-lora.yaml", "flux-lora.yaml"])
 def test_real_model_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", config_path(name), "--print_config"])
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["pretrained_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert printed["model"]["pretrained_model"] == yaml.safe_load(open(config_path(name)))["model"]["pretrained_model"]
+    assert printed["model"]["pretrained_model"].split("/")[0] in ("stable-diffusion-v1-5", "stabilityai", "black-forest-labs")
     assert printed["trainer"]["callbacks"][0]["class_path"] == "montrage.callbacks.MontrageCallback"
 
 

@@ -56,14 +56,16 @@ class Family:
 
     # --- latents and noise -------------------------------------------------------------------------------
     @torch.no_grad()
-    def latents(self, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Posterior-mean latents in the denoiser's training space: (z - shift) * scale, or with latents_mean/std."""
+    def latents(self, pixels: torch.Tensor, batch_size: int = 32, sample: bool = False) -> torch.Tensor:
+        """Latents in the denoiser's training space: (z - shift) * scale, or with latents_mean/std. The posterior
+        mean (monitoring: deterministic), or a sample of it (`sample`, as training draws)."""
         vae = self.parts["vae"]
         p = next(vae.parameters())
         cfg = vae.config
         out = []
         for i in range(0, len(pixels), batch_size):
-            z = vae.encode(pixels[i:i + batch_size].to(p.device, p.dtype)).latent_dist.mean.float()
+            dist = vae.encode(pixels[i:i + batch_size].to(p.device, p.dtype)).latent_dist
+            z = (dist.sample() if sample else dist.mean).float()
             mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
             if mean is not None and std is not None:
                 m = torch.tensor(mean, device=z.device).view(1, -1, 1, 1)
@@ -71,7 +73,7 @@ class Family:
                 z = (z - m) * float(cfg.scaling_factor) / s
             else:
                 z = (z - float(getattr(cfg, "shift_factor", None) or 0.0)) * float(cfg.scaling_factor)
-            out.append(z.cpu())
+            out.append(z if sample else z.cpu())
         return torch.cat(out) if out else torch.empty(0)
 
     def noise_point(self, t: int) -> float:
@@ -99,8 +101,21 @@ class Family:
                     self._text_cache[p] = c
         return self._stack([self._text_cache[p] for p in prompts])
 
+    def embed(self, prompts: list[str]):
+        """Conditions of `prompts`, uncached and with gradients where the text encoders train (for training steps)."""
+        return self._stack(self._encode_texts(prompts))
+
     def _encode_texts(self, prompts: list[str]) -> list:
         raise NotImplementedError
+
+    def target(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict: eps - x (flow), the velocity (v-prediction) or eps."""
+        if self.noise_kind == "flow":
+            return eps - x
+        sched = self.parts["scheduler"]
+        if sched.config.get("prediction_type", "epsilon") == "v_prediction":
+            return sched.get_velocity(x, eps, t)
+        return eps
 
     @staticmethod
     def _stack(conds: list):

@@ -38,9 +38,11 @@ class SDFamily(Family):
         return build_pipeline(p["tokenizer"], p["text_encoder"], p["vae"], p["unet"], p["scheduler"])
 
     # SD keeps montrage's original encoding and sampling paths, which the offline store model shares
-    def latents(self, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    def latents(self, pixels: torch.Tensor, batch_size: int = 32, sample: bool = False) -> torch.Tensor:
         from montrage.encode import image_latents
 
+        if sample:
+            return super().latents(pixels, batch_size, sample=True)
         return image_latents(self.parts["vae"], pixels, batch_size)
 
     def encode(self, latents, noise_seeds, prompts, timesteps, layers, pooling="mean", batch_size=32):
