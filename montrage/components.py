@@ -91,6 +91,11 @@ def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> Compo
                              "`save_pretrained`, or a hub id (downloads need network access).") from err
     if "transformer" not in cfg and "text_encoder_2" not in cfg:
         return load_components(pretrained, torch_dtype=torch_dtype)
+    from montrage.family import PIPELINES
+
+    if cfg.get("_class_name") not in PIPELINES:
+        raise ModelLoadError(f"{pretrained!r} holds a {cfg.get('_class_name')}, which no montrage family adapter knows "
+                             f"(supported: {', '.join(PIPELINES)}); for another model subclass montrage.family.Family.")
     try:
         pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype)
     except (OSError, ValueError) as err:

@@ -256,3 +256,26 @@ def test_recipe_fine_tunes_the_family_with_the_callback(family_dirs, tmp_path, n
         assert list(r.global_steps) == [0, 1, 2] and r.spec["model"]["family"] == name
         assert any(not np.allclose(r.lora_params(0)[k], r.lora_params(2)[k]) for k in r.lora_params(0))
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_origin_features_through_the_family(family_dirs, data_root, tmp_path, name):
+    """`montrage origin features` on a fine-tune of each family: loss and gradient families (the flow-matching loss
+    for SD3/Flux), PIA noise and the base-model reference, from the LoRA the recipe saved."""
+    import os
+
+    import helpers
+    from montrage.cli import main
+    from montrage.origin.featurefile import read_features
+
+    module = helpers.module(family_dirs[name], output_dir=str(tmp_path / "lora"), learning_rate=1e-2)
+    helpers.trainer(-1, [], max_steps=2).fit(module, helpers.data(batch_size=2))
+    images = [os.path.join(data_root, "digit7", f"{k}.png") for k in range(2)]
+    out = tmp_path / "f.h5"
+    assert main(["origin", "features", *images, "--model", family_dirs[name], "--lora", str(tmp_path / "lora"),
+                 "--out", str(out), "--t-grid", "100,600", "--resolution", "16", "--quiet"]) == 0
+    fs = read_features(str(out))
+    assert set(fs.values) >= {"loss", "grad_x", "grad_theta", "loss_pia", "loss_ref", "grad_x_ref"}
+    for f, v in fs.values.items():
+        assert v.shape == (2, 2) and np.isfinite(v).all() and (v > 0).all(), f
+    assert not np.allclose(fs.values["loss"], fs.values["loss_ref"])  # the adapter changes the loss

@@ -44,7 +44,7 @@ def features_main(args) -> int:
     from montrage.origin.model import load_diffusion_model
 
     paths = expand_image_paths(args.images)
-    model = load_diffusion_model(_model_arg(args.model), lora=args.lora, device=args.device)
+    model = load_diffusion_model(_model_arg(args.model), lora=args.lora, device=args.device, resolution=args.resolution)
     spec = _spec_from_args(args, model)
     pixels = load_images(paths, model.image_size, model.image_channels, resize=args.resize)
     fs = trajectory_features(model, pixels, spec, ids=paths, batch_size=args.batch_size, label=args.label,
@@ -123,6 +123,8 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32, help="(image, timestep) pairs per UNet call / vmap width")
     s.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size")
     s.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (CPU)")
+    s.add_argument("--resolution", type=int, default=None, help="image side (default: the model's native size; "
+                   "Flux, whose transformer has none: 1024)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=features_main)
 

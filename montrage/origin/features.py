@@ -272,6 +272,10 @@ def trajectory_features(
     rest = {k: v.detach() for k, v in unet.named_parameters() if k not in theta}
     scheduler = model.scheduler
     v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+    fam = model.family
+    net = FamilyNet(fam) if fam is not None else unet  # SDXL / SD3 / Flux: the family's call, one module
+    prefix = "model." if fam is not None else ""
+    net_theta, net_rest = ({prefix + k: v for k, v in d.items()} for d in (theta, rest))
 
     D = spec.draws
     main = tuple(f for f in spec.families if f in FAMILIES)
@@ -288,7 +292,7 @@ def trajectory_features(
     out = {f: np.zeros((n, T), np.float64) for f in spec.families}  # sums over draws, divided by draws at the end
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with eval_without_checkpointing(unet, model.vae, model.text_encoder), vmap_safe_attention(device):
-        latents = image_latents(model.vae, images, batch_size).float()
+        latents = (fam.latents(images, batch_size) if fam is not None else image_latents(model.vae, images, batch_size)).float()
         prompts = list(captions) if captions is not None else [spec.prompt]
         unique = sorted(set(prompts))
         conds = model.condition(unique)  # one embedding per distinct prompt, indexed per pair
@@ -314,10 +318,13 @@ def trajectory_features(
                     else:
                         eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
                                            for p in chunk])
-                    noisy = scheduler.add_noise(z, eps, tt)
-                    target = scheduler.get_velocity(z, eps, tt) if v_pred else eps
-                    cond = None if conds is None else conds[prompt_index[ii].to(conds.device)].to(device, dtype)
-                    res = _pair_features(unet, families, keep_layers, theta, rest,
+                    if fam is not None:
+                        noisy, target = fam.noise(z, eps, tt), fam.target(z, eps, tt)
+                    else:
+                        noisy = scheduler.add_noise(z, eps, tt)
+                        target = scheduler.get_velocity(z, eps, tt) if v_pred else eps
+                    cond = _take(conds, prompt_index[ii], device, dtype)
+                    res = _pair_features(net, families, keep_layers, net_theta, net_rest,
                                          noisy.to(device, dtype), tt.to(device), target.to(device, torch.float32),
                                          cond)
                     rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
@@ -357,9 +364,55 @@ def _reference_model(unet: torch.nn.Module, reference: bool):
             unet.enable_adapters()
 
 
-def _unet_kwargs(cond: torch.Tensor | None) -> dict:
+class FamilyNet(torch.nn.Module):
+    """A family's denoiser call (SDXL added conditions, SD3/Flux joint transformers, Flux packing) as one module, so
+    that `functional_call` and per-sample gradients treat every family like a UNet."""
+
+    def __init__(self, family):
+        super().__init__()
+        self.model = family.denoiser
+        self.family = family
+
+    def forward(self, x, t, cond=None, return_dict=False):
+        return (self.family.denoise(x, t, cond),)
+
+
+# per-image entries of a family condition (a dict); `txt_ids` (Flux) is shared by all
+SHARED_COND_KEYS = ("txt_ids",)
+
+
+def _take(conds, index: torch.Tensor, device, dtype):
+    """The conditions of rows `index` (a tensor, or a family's dict of tensors), on the model's device."""
+    if conds is None:
+        return None
+    if isinstance(conds, dict):
+        return {k: v.to(device, dtype) if k in SHARED_COND_KEYS else v[index.to(v.device)].to(device, dtype)
+                for k, v in conds.items()}
+    return conds[index.to(conds.device)].to(device, dtype)
+
+
+def _cond_one(c):
+    """One sample's condition with its batch axis back (inside vmap)."""
+    if c is None:
+        return None
+    if isinstance(c, dict):
+        return {k: v if k in SHARED_COND_KEYS else v[None] for k, v in c.items()}
+    return c[None]
+
+
+def _cond_dims(cond):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: None if k in SHARED_COND_KEYS else 0 for k in cond}
+    return 0
+
+
+def _unet_kwargs(cond) -> dict:
     kw = {"return_dict": False}
-    if cond is not None:
+    if isinstance(cond, dict):
+        kw["cond"] = cond
+    elif cond is not None:
         kw["encoder_hidden_states"] = cond
     return kw
 
@@ -370,11 +423,18 @@ def _pia_noise(model: DiffusionModel, latents: torch.Tensor, conds, prompt_index
     """PIA's deterministic noise: the model's prediction at t = 0 on the clean input, ε = ε_θ(x, 0)."""
     device = model.device
     dtype = next(model.unet.parameters()).dtype
+    fam = model.family
     out = []
     for i in range(0, len(latents), batch_size):
         z = latents[i:i + batch_size].to(device, dtype)
-        cond = None if conds is None else conds[prompt_index[i:i + batch_size].to(conds.device)].to(device, dtype)
-        pred = model.unet(z, torch.zeros(len(z), dtype=torch.long, device=device), **_unet_kwargs(cond))[0]
+        cond = _take(conds, prompt_index[i:i + batch_size], device, dtype)
+        t0 = torch.zeros(len(z), dtype=torch.long, device=device)
+        if fam is not None:
+            pred = fam.denoise(z, t0, cond)
+            if fam.noise_kind == "flow":  # a velocity eps - x: the model's eps at sigma = 0 is v + x
+                pred = pred + z
+        else:
+            pred = model.unet(z, t0, **_unet_kwargs(cond))[0]
         out.append(pred[:, :z.shape[1]].float().cpu())
     return torch.cat(out)
 
@@ -389,7 +449,7 @@ def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: di
     want_x = "grad_x" in families
     if "grad_theta" in families or layer_norms:
         def loss_one(th, x, tt, tgt, c):
-            kw = _unet_kwargs(None if c is None else c[None])
+            kw = _unet_kwargs(_cond_one(c))
             pred = functional_call(unet, (th, rest), (x[None], tt[None]), kw)[0][:, :x.shape[0]]
             loss = ((pred.float() - tgt[None]) ** 2).mean()
             return loss, loss
@@ -399,7 +459,7 @@ def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: di
             per_tensor = torch.stack([(g.float() ** 2).sum() for g in g_th.values()])
             return loss, (g_x.float() ** 2).sum(), per_tensor
 
-        in_dims = (None, 0, 0, 0, None if cond is None else 0)
+        in_dims = (None, 0, 0, 0, _cond_dims(cond))
         loss, gx, per_tensor = vmap(one, in_dims=in_dims)(theta, noisy, t, target, cond)
         res = {"loss": loss, "grad_x": gx, "grad_theta": per_tensor.sum(dim=1)}
         if layer_norms:

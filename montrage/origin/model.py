@@ -30,6 +30,8 @@ class DiffusionModel:
     text_encoder: torch.nn.Module | None = None
     tokenizer: Any = None
     lora: str | None = None
+    family: Any = None  # an SDXL / SD3 / Flux adapter (montrage.family): latents, noising, conditioning, call
+    resolution: int | None = None  # image side, where the denoiser's config has no sample size (Flux)
 
     @property
     def kind(self) -> str:
@@ -41,6 +43,11 @@ class DiffusionModel:
 
     @property
     def image_size(self) -> int:
+        if self.resolution:
+            return int(self.resolution)
+        size = getattr(self.unet.config, "sample_size", None)
+        if size is None:
+            return 1024
         size = self.unet.config.sample_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         if self.vae is not None:
@@ -67,6 +74,8 @@ class DiffusionModel:
         """Text embeddings (B, seq, dim) for a latent model, None for an unconditional pixel model."""
         if self.text_encoder is None:
             return None
+        if self.family is not None:
+            return self.family.condition(list(prompts))  # a dict of batched tensors (per family)
         from montrage.components import embed_prompts
 
         unique = sorted(set(prompts))
@@ -134,7 +143,7 @@ def _pipeline_config(path: str) -> dict:
 
 
 def load_diffusion_model(path: str, lora: str | None = None, device: str | torch.device | None = None,
-                         torch_dtype: torch.dtype | None = None) -> DiffusionModel:
+                         torch_dtype: torch.dtype | None = None, resolution: int | None = None) -> DiffusionModel:
     """Load a pixel DDPM (model_index.json with unet + scheduler) or a latent text-to-image model (+ vae, text
     encoder, tokenizer) from a local folder or hub id, with a DDPM scheduler for the training noise schedule.
 
@@ -142,6 +151,8 @@ def load_diffusion_model(path: str, lora: str | None = None, device: str | torch
     weights are then frozen and only the adapter has requires_grad, so that ∇θ defaults to the LoRA parameters.
     """
     cfg = _pipeline_config(path)
+    if "transformer" in cfg or "text_encoder_2" in cfg:  # SDXL, SD3, Flux: through their family adapter
+        return _load_family_model(path, lora, device, torch_dtype, resolution)
     if "unet" not in cfg:
         raise OriginError(f"{path!r} holds a {cfg.get('_class_name', 'diffusers')} pipeline without a `unet` "
                           "component; origin attribution needs a UNet denoiser (UNet2DModel or UNet2DConditionModel).")
@@ -176,7 +187,28 @@ def load_diffusion_model(path: str, lora: str | None = None, device: str | torch
     return model
 
 
-def _load_lora(unet: torch.nn.Module, lora: str) -> None:
+def _load_family_model(path, lora, device, torch_dtype, resolution) -> DiffusionModel:
+    from montrage.components import ModelLoadError, load_model
+    from montrage.family import make_family
+
+    try:
+        c = load_model(path, torch_dtype=torch_dtype)
+    except ModelLoadError as err:
+        raise OriginError(str(err)) from err
+    family = make_family(c.parts, None, None, resolution)
+    model = DiffusionModel(c.unet, c.scheduler, str(path), c.vae, c.text_encoder, c.tokenizer, family=family,
+                           resolution=resolution)
+    for m in family.modules():
+        m.requires_grad_(False).eval()
+        if device is not None:
+            m.to(device)
+    if lora:
+        _load_lora(model.unet, lora, prefix="unet" if "unet" in c.parts else "transformer")
+        model.lora = os.path.abspath(lora)
+    return model
+
+
+def _load_lora(unet: torch.nn.Module, lora: str, prefix: str = "unet") -> None:
     if not os.path.exists(lora):
         raise OriginError(f"LoRA weights {lora!r} do not exist: pass the folder or the .safetensors file written by "
                           "`save_lora_weights` (e.g. pytorch_lora_weights.safetensors).")
@@ -192,7 +224,7 @@ def _load_lora(unet: torch.nn.Module, lora: str) -> None:
     try:
         from safetensors.torch import load_file
 
-        unet.load_lora_adapter(load_file(lora), prefix="unet", adapter_name="default")
+        unet.load_lora_adapter(load_file(lora), prefix=prefix, adapter_name="default")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise OriginError(f"could not load LoRA weights {lora!r} into the UNet: {err}") from err
     n = 0
