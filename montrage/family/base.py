@@ -30,6 +30,7 @@ class Family:
     noise_kind = "ddpm"  # or "flow"
     pipeline_class = ""  # the diffusers pipeline that samples probes
     lora_parts: tuple[str, ...] = ("unet",)
+    conditional = True  # the denoiser takes a text condition
 
     def __init__(self, parts: dict[str, Any]):
         self.parts = parts
@@ -92,14 +93,23 @@ class Family:
         return ac ** 0.5 * x + (1 - ac) ** 0.5 * eps
 
     # --- text and the denoiser ---------------------------------------------------------------------------
+    max_cached_texts = 64  # probe prompts and the fixed encode prompt stay; a run's many captions rotate through
+
     def condition(self, prompts: list[str]) -> Any:
-        """The condition of each prompt (family-specific, batched along dim 0), computed once per distinct text."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        """The condition of each prompt (family-specific, batched along dim 0), computed once per distinct text and
+        kept (up to `max_cached_texts`, oldest dropped first: T5 embeddings are megabytes each)."""
+        distinct = list(dict.fromkeys(prompts))
+        new = [p for p in distinct if p not in self._text_cache]
+        fresh = {}
         if new:
             with torch.no_grad():
-                for p, c in zip(new, self._encode_texts(new)):
-                    self._text_cache[p] = c
-        return self._stack([self._text_cache[p] for p in prompts])
+                fresh = dict(zip(new, self._encode_texts(new)))
+        out = self._stack([self._text_cache[p] if p in self._text_cache else fresh[p] for p in prompts])
+        for p, c in fresh.items():
+            if len(self._text_cache) >= self.max_cached_texts:
+                self._text_cache.pop(next(iter(self._text_cache)))
+            self._text_cache[p] = c
+        return out
 
     def embed(self, prompts: list[str]):
         """Conditions of `prompts`, uncached and with gradients where the text encoders train (for training steps)."""
@@ -151,8 +161,6 @@ class Family:
         t_all = torch.tensor(timesteps, dtype=torch.long)
         result: dict[str, list] = {name: [] for name in layers}
         rows = max(1, batch_size // max(T, 1))
-        if self.conditional:
-            self.condition(list(dict.fromkeys(prompts)))  # every distinct text once
         with FeatureHooks(self.denoiser, layers, pooling, select=self.select_stream) as hooks:
             for i in range(0, n, rows):
                 z = latents[i:i + rows].float()
@@ -166,8 +174,6 @@ class Family:
                 for name, feats in hooks.pop().items():
                     result[name].append(feats.reshape(len(z), T, -1))
         return {name: torch.cat(v).numpy() for name, v in result.items()}
-
-    conditional = True
 
     # --- probes ------------------------------------------------------------------------------------------
     def sampler(self):
