@@ -287,7 +287,7 @@ class MontrageCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor is not None:
-            self.monitor._close_store()
+            self.monitor.close()
 
     def wrap_dataloader(self, loader):
         """A loader whose dict batches carry their dataset indices (for datasets without an `index` key)."""

@@ -456,6 +456,11 @@ class Monitor:
         side = self.resolution // 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
         return torch.zeros(1, self.family.latent_channels, side, side)
 
+    @property
+    def latent_cache_bytes(self) -> int:
+        """Bytes of this rank's latent cache (0 when there is none)."""
+        return self._cache.nbytes if self._cache is not None else 0
+
     def train_thumbnails(self, size: int) -> np.ndarray:
         """(M, size, size, 3) uint8 thumbnails of the monitored images, read from the source a batch at a time."""
         parts = [to_thumbnails(px, size) for _, px in self._pixel_batches(self.monitored, 64)]

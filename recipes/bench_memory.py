@@ -86,7 +86,7 @@ def _variant(folder: str, monitored: int, workdir: str, snapshots: int) -> dict:
     m.start()
     for step in range(1, snapshots):
         m.maybe_snapshot(step)
-    cache = m._cache.nbytes if m._cache is not None else 0
+    cache = m.latent_cache_bytes
     m.close()
     return {"monitored_images": monitored, "rss_before_mib": round(before, 1), "peak_rss_mib": round(_rss_mib(), 1),
             "monitor_peak_mib": round(_rss_mib() - before, 1), "latent_cache_mib": round(cache / 2 ** 20, 1),
