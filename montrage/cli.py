@@ -18,10 +18,12 @@ def _human(n: int) -> str:
 
 def print_summary(s: dict) -> None:
     print(f"store        {s['path']}  ({_human(s['file_bytes'])}, schema {s['schema_version']})")
-    print(f"model        {s['model'].get('model_id')}  [{s['model'].get('unet_class')} {s['model'].get('unet_config_sha')}]")
+    print(f"model        {s['model'].get('model_id')}  [{s['model'].get('family', 'sd')}: {s['model'].get('unet_class')} "
+          f"{s['model'].get('unet_config_sha')}]")
     print(f"epochs       {s['epochs']}  (global steps {s['global_steps']})")
     print(f"probes       {s['num_probes']} = {len(s['probe_prompts'])} prompts x seeds {s['probe_seeds']}")
-    print(f"train images {s['num_train_images']} in concepts {', '.join(s['concepts'])}")
+    print(f"train images {s['num_train_images']} ({s.get('num_monitored_images', s['num_train_images'])} monitored) in "
+          f"concepts {', '.join(s['concepts'])}")
     print(f"layers       {', '.join(f'{k} ({v})' for k, v in s['feature_dims'].items())}; pooling {s['pooling']}")
     print(f"timesteps    {s['timesteps']}")
     print(f"order rows   {s['training_order_rows']}; LoRA snapshots: {'yes' if s['lora_snapshots'] else 'no'}")
