@@ -116,6 +116,11 @@ def embed_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) 
     return text_encoder(ids.to(device))[0]
 
 
+def vae_scale_factor(vae) -> int:
+    """How much the VAE downsamples an image side (2 ** (number of blocks - 1), as diffusers' pipelines compute it)."""
+    return 2 ** (len(getattr(vae.config, "block_out_channels", [0])) - 1)
+
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class LatentCache:
             self._array = np.load(self.path, mmap_mode="r")
         return self._array is not None
 
-    def build(self, n: int, batches: Callable[[], "Iterable[tuple[slice, torch.Tensor]]"]) -> None:
+    def build(self, n: int, batches: Callable[[], Iterable[tuple[slice, torch.Tensor]]]) -> None:
         """Fill from `batches()` -> (rows, latents) in order; the file appears only when complete."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         tmp = self.path + f".tmp{os.getpid()}"

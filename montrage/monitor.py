@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from montrage.capture import resolve_modules
-from montrage.components import Components, model_identity, resolve_components, strip_wrapper_prefixes
+from montrage.components import Components, model_identity, resolve_components, strip_wrapper_prefixes, vae_scale_factor
 from montrage.data import DataError, to_thumbnails
 from montrage.distributed import Distributed, TorchDistributed
 from montrage.encode import condition_prompts, stable_seed
@@ -77,11 +77,10 @@ def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str],
 
 def default_resolution(c: Components) -> int:
     """The denoiser's native image side (sample size x the VAE's downsampling); 1024 when it has no sample size."""
-    factor = 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
     size = getattr(c.unet.config, "sample_size", None)
     if size is None:
         return 1024
-    return int((size[0] if isinstance(size, (list, tuple)) else size) * factor)
+    return int((size[0] if isinstance(size, (list, tuple)) else size) * vae_scale_factor(c.vae))
 
 
 ORDER_FLUSH_STEPS = 50  # training-order rows reach the store at least this often (and at every snapshot)
@@ -101,8 +100,6 @@ def kept_up_to(store_path: str, step: int) -> tuple[int, int]:
 def base_model_path(pipeline, unet) -> str:
     """Where the base model was loaded from: the pipeline's folder or hub id, else the denoiser's (its parent when the
     denoiser was loaded from a pipeline's subfolder)."""
-    import os
-
     path = str(getattr(getattr(pipeline, "config", None), "_name_or_path", "") or "")
     if path:
         return path
@@ -280,7 +277,7 @@ class Monitor:
         self.source = image_source(self.images, **self.image_keys)
         self._index = self.source.index_of()
         self.monitored = select_monitored(self.source.examples, self.monitor_images, self.subset_seed)
-        factor = 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
+        factor = vae_scale_factor(c.vae)
         if self.resolution % factor:
             raise MontrageConfigError(f"resolution={self.resolution} is not a multiple of the VAE's downsampling "
                                       f"({factor}); give e.g. resolution={self.resolution // factor * factor or factor}.")
@@ -409,9 +406,9 @@ class Monitor:
         return [self.monitored[k] for k in self._share(len(self.monitored))]
 
     def _pixel_batches(self, rows: list[int], batch: int):
+        """Pixels of source rows, a batch at a time (dataset sources isolate the RNG of their own reads)."""
         for i in range(0, len(rows), batch):
-            with isolated_rng():
-                yield slice(i, min(len(rows), i + batch)), self.source.pixels(rows[i:i + batch], self.resolution)
+            yield slice(i, min(len(rows), i + batch)), self.source.pixels(rows[i:i + batch], self.resolution)
 
     def _prepare_latents(self) -> None:
         """Build (or find) the latent cache of this rank's monitored images; reads every one, so bad files fail now."""
@@ -452,8 +449,7 @@ class Monitor:
         return self.family.latents(px, self.encode_batch_size)
 
     def _blank_latents(self) -> torch.Tensor:
-        c = self.components
-        side = self.resolution // 2 ** (len(getattr(c.vae.config, "block_out_channels", [0])) - 1)
+        side = self.resolution // vae_scale_factor(self.components.vae)
         return torch.zeros(1, self.family.latent_channels, side, side)
 
     @property

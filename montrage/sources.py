@@ -117,7 +117,7 @@ def _sidecar_caption(path: str, default: str = "") -> str:
 
 def folder_source(root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None) -> ImageSource:
     """One subfolder per concept (captions from the template or sidecar .txt), or a flat folder of images with
-    sidecar captions (no concepts)."""
+    sidecar captions (one concept, named after the folder)."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist: pass a folder of images (one subfolder per concept, "
                         "or flat with sidecar .txt captions).")

@@ -74,10 +74,6 @@ class StoreSpec:
             self.monitored = list(range(len(self.train)))
         self.monitored = [int(i) for i in self.monitored]
 
-    @property
-    def monitored_train(self) -> list[TrainExample]:
-        return [self.train[i] for i in self.monitored]
-
     def identity(self) -> dict:
         """The fields checked before appending, each as a comparable value."""
         return {
@@ -345,8 +341,7 @@ class StoreWriter:
             if a is None or a.shape[0] != len(self.spec.monitored) or not np.all(np.isfinite(a)):
                 raise StoreError(f"refusing to write epoch {epoch}: train features of layer {layer!r} are missing, of "
                                  "the wrong size or not finite.")
-        self._check_probe_values(epoch, probe_features, lora_params)
-        self.begin_epoch()
+        self.begin_epoch()  # commit_epoch checks the probe features and the adapter before anything counts
         for layer in self.spec.layers:
             self.write_train_rows(layer, slice(None), train_features[layer])
         return self.commit_epoch(epoch, global_step, probe_features, probe_images, lora_params)

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from montrage.components import EXTRA_PARTS, embed_prompts, load_components, load_model, model_identity
+from montrage.components import EXTRA_PARTS, embed_prompts, load_components, load_model, model_identity, vae_scale_factor
 from montrage.family import make_family
 
 TINY = "tiny"
@@ -154,7 +154,7 @@ class DiffusionFineTune(pl.LightningModule):
         self.unet.eval()
         try:
             size = getattr(self.unet.config, "sample_size", None) or 128
-            height = height or size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+            height = height or size * vae_scale_factor(self.vae)
             images = []
             for prompt, seed in zip(prompts, seeds):
                 probes = ProbeSet((prompt,), ({},), (int(seed),))

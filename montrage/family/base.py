@@ -19,6 +19,10 @@ import torch
 from montrage.capture import FeatureHooks, Pooling
 
 
+# entries of a family's condition shared by the whole batch instead of one per image (Flux's text position ids)
+SHARED_COND_KEYS = ("txt_ids",)
+
+
 class FamilyError(ValueError):
     """A model no family adapter knows, or one used against a store of another family."""
 
@@ -39,13 +43,14 @@ class Family:
     # --- what the store records --------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.parts.get("unet") or self.parts["transformer"]
+        return self.parts["unet"] if "unet" in self.parts else self.parts["transformer"]
 
     def describe(self) -> dict:
         return {"family": self.name, "noise_kind": self.noise_kind, "denoiser_class": type(self.denoiser).__name__}
 
     def default_layers(self) -> list[str]:
-        raise NotImplementedError
+        """The UNet bottleneck (the "h-space"); transformer families name a middle joint block."""
+        return ["mid_block"]
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in self.parts.values() if isinstance(m, torch.nn.Module)]
@@ -130,8 +135,7 @@ class Family:
     @staticmethod
     def _stack(conds: list):
         if isinstance(conds[0], dict):
-            return {k: torch.cat([c[k] for c in conds]) if conds[0][k].dim() and k != "txt_ids" else conds[0][k]
-                    for k in conds[0]}
+            return {k: conds[0][k] if k in SHARED_COND_KEYS else torch.cat([c[k] for c in conds]) for k in conds[0]}
         return torch.cat(conds)
 
     def forget_texts(self) -> None:
@@ -177,15 +181,23 @@ class Family:
 
     # --- probes ------------------------------------------------------------------------------------------
     def sampler(self):
-        """A copy of the training scheduler for sampling (its state, timesteps and sigmas, stay untouched)."""
+        """A sampler built from the training scheduler's config (its state, timesteps and sigmas, stay untouched):
+        DDIM for DDPM-style families; flow families override it."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.parts["scheduler"].config)
+
+    def _pipe(self, scheduler=None):
+        """The family's diffusers pipeline over the live modules, with `scheduler` (default: the training one)."""
         raise NotImplementedError
 
     def pipeline(self):
-        raise NotImplementedError
+        return self._pipe(self.sampler())
 
     def initial_latents(self, seed: int, height: int) -> torch.Tensor:
-        vae = self.parts["vae"]
-        size = height // 2 ** (len(vae.config.block_out_channels) - 1)
+        from montrage.components import vae_scale_factor
+
+        size = height // vae_scale_factor(self.parts["vae"])
         g = torch.Generator().manual_seed(int(seed))
         return torch.randn((1, self.latent_channels, size, size), generator=g)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from montrage.family.sd3 import JOINT_BLOCKS, SD3Family
+from montrage.family.sd3 import SD3Family
 
 
 class FluxFamily(SD3Family):
@@ -16,9 +16,6 @@ class FluxFamily(SD3Family):
     def __init__(self, parts, max_sequence_length: int = 512, guidance_scale: float = 3.5):
         super().__init__(parts, max_sequence_length)
         self.guidance_scale = float(guidance_scale)  # Flux-dev's embedded guidance (training and probes)
-
-    def default_layers(self) -> list[str]:
-        return [f"transformer_blocks.{len(self.denoiser.transformer_blocks) // 2}"]
 
     @property
     def latent_channels(self) -> int:
@@ -57,7 +54,9 @@ class FluxFamily(SD3Family):
                   pooled_projections=cond["pooled"].to(noisy.device, noisy.dtype),
                   encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
                   txt_ids=cond["txt_ids"].to(noisy.device, noisy.dtype), img_ids=img_ids, return_dict=False)[0]
-        scale = 2 ** (len(self.parts["vae"].config.block_out_channels) - 1)
+        from montrage.components import vae_scale_factor
+
+        scale = vae_scale_factor(self.parts["vae"])
         return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
 
     def initial_latents(self, seed: int, height: int) -> torch.Tensor:
@@ -68,5 +67,3 @@ class FluxFamily(SD3Family):
         return {"num_inference_steps": num_inference_steps, "guidance_scale": self.guidance_scale,
                 "max_sequence_length": self.max_sequence_length}
 
-
-__all__ = ["FluxFamily", "JOINT_BLOCKS"]

@@ -12,9 +12,6 @@ class SDFamily(Family):
     pipeline_class = "StableDiffusionPipeline"
     lora_parts = ("unet", "text_encoder")
 
-    def default_layers(self) -> list[str]:
-        return ["mid_block"]
-
     def _encode_texts(self, prompts: list[str]) -> list:
         from montrage.components import embed_prompts
 
@@ -25,11 +22,6 @@ class SDFamily(Family):
         unet = self.parts["unet"]
         c = cond.to(noisy.device, noisy.dtype) if cond is not None else None
         return unet(noisy, t, encoder_hidden_states=c).sample
-
-    def sampler(self):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(self.parts["scheduler"].config)
 
     def pipeline(self):
         from montrage.generate import build_pipeline

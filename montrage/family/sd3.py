@@ -55,9 +55,6 @@ class SD3Family(Family):
 
         return FlowMatchEulerDiscreteScheduler.from_config(self.parts["scheduler"].config)
 
-    def pipeline(self):
-        return self._pipe(self.sampler())
-
     def sample_kwargs(self, num_inference_steps: int, guidance_scale: float) -> dict:
         return {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                 "max_sequence_length": self.max_sequence_length}

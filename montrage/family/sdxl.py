@@ -43,14 +43,3 @@ class SDXLFamily(Family):
                  "time_ids": self.time_ids(n, noisy.device).to(noisy.dtype)}
         return self.parts["unet"](noisy, t, encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
                                   added_cond_kwargs=added).sample
-
-    def default_layers(self) -> list[str]:
-        return ["mid_block"]
-
-    def sampler(self):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(self.parts["scheduler"].config)
-
-    def pipeline(self):
-        return self._pipe(self.sampler())

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from montrage.encode import fixed_noise, image_latents, stable_seed
+from montrage.family.base import SHARED_COND_KEYS
 from montrage.funcgrad import eval_without_checkpointing, vmap_safe_attention
 from montrage.origin.errors import OriginError
 from montrage.origin.images import check_images, image_keys
@@ -376,9 +377,6 @@ class FamilyNet(torch.nn.Module):
     def forward(self, x, t, cond=None, return_dict=False):
         return (self.family.denoise(x, t, cond),)
 
-
-# per-image entries of a family condition (a dict); `txt_ids` (Flux) is shared by all
-SHARED_COND_KEYS = ("txt_ids",)
 
 
 def _take(conds, index: torch.Tensor, device, dtype):

@@ -51,7 +51,9 @@ class DiffusionModel:
         size = self.unet.config.sample_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         if self.vae is not None:
-            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+            from montrage.components import vae_scale_factor
+
+            size *= vae_scale_factor(self.vae)
         return size
 
     @property
