@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
-from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails
+from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class AttributionCurves(Callback):
                                           "folder `montrage attribute fit` wrote (<store>_attribution), or leave it unset.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_deferred(trainer, self._store, "AttributionCurves")
         self._update(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

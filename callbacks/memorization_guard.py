@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
-from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails
+from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
                                    representation_similarity, write_alerts)
 from montrage.store import StoreReader
@@ -91,6 +91,7 @@ class MemorizationGuard(Callback):
             self._store = monitor_store_path(trainer, self, self.store_path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_deferred(trainer, self._store, "MemorizationGuard")
         # MontrageCallback wrote epoch 0 in its on_train_start, just before. A copy there means the base model already
         # reproduces a training image: alerted, but the run is not stopped before it trained at all.
         self._check(trainer, may_stop=False)

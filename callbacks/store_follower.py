@@ -7,6 +7,7 @@ must come after MontrageCallback in `callbacks=[...]`; `monitor_store_path` chec
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -15,6 +16,8 @@ from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageCallback, MontrageConfigError
 from montrage.store import StoreReader
+
+log = logging.getLogger(__name__)
 
 
 def monitor_store_path(trainer: pl.Trainer, me: Callback, store_path: Optional[str]) -> str:
@@ -59,3 +62,12 @@ def snapshot_count(trainer: pl.Trainer, store_path: Optional[str]) -> Optional[i
     is written elsewhere. Followers check the store only when it moves, also after step-scheduled snapshots."""
     cb = next((cb for cb in trainer.callbacks if isinstance(cb, MontrageCallback) and cb.store_path == store_path), None)
     return None if cb is None else cb.snapshots_written
+
+
+def warn_if_deferred(trainer: pl.Trainer, store_path: Optional[str], name: str) -> None:
+    """A deferred MontrageCallback writes no features during training: say where the follower's input comes from."""
+    cb = next((cb for cb in trainer.callbacks if isinstance(cb, MontrageCallback) and cb.store_path == store_path), None)
+    if cb is not None and cb.monitor is not None and cb.monitor.mode == "deferred" and trainer.is_global_zero:
+        log.warning("montrage %s: MontrageCallback runs deferred (adapter snapshots only), so %s sees each snapshot "
+                    "only once `montrage encode %s --follow` has encoded it; set mode='inline' to check during "
+                    "training.", name, name, store_path)

@@ -27,6 +27,12 @@ def print_summary(s: dict) -> None:
     print(f"layers       {', '.join(f'{k} ({v})' for k, v in s['feature_dims'].items())}; pooling {s['pooling']}")
     print(f"timesteps    {s['timesteps']}")
     print(f"order rows   {s['training_order_rows']}; LoRA snapshots: {'yes' if s['lora_snapshots'] else 'no'}")
+    if s.get("mode") == "deferred":
+        print(f"deferred     {s['adapter_snapshots']} adapter snapshot(s), {len(s['epochs'])} encoded"
+              + ("" if len(s['epochs']) == s['adapter_snapshots'] else f" (run `montrage encode {s['path']}`)"))
+    if s.get("projection"):
+        p = s["projection"]
+        print(f"projection   pooled {p['pooled_dims']} -> {p['width']} (seed {p['seed']})")
     print("datasets:")
     for name, d in s["datasets"].items():
         print(f"  {name:40s} {str(tuple(d['shape'])):24s} {d['dtype']:8s} {_human(d['bytes'])}")
@@ -69,6 +75,41 @@ def follow(args) -> int:
     return 0
 
 
+def _images_arg(path: str | None):
+    """--images: a folder of images, or a directory written by `datasets.Dataset.save_to_disk`."""
+    import os
+
+    if path and os.path.isfile(os.path.join(path, "dataset_info.json")):
+        import datasets
+
+        return datasets.load_from_disk(path)
+    return path
+
+
+def cmd_encode(args) -> int:
+    from montrage.deferred import NothingToEncode, encode_store, launch
+
+    device, dist = launch(args.devices, args.accelerator)
+    runs = None
+    if args.wandb_run_id:
+        import wandb
+
+        run = wandb.init(id=args.wandb_run_id, project=args.wandb_project, resume="allow") if dist.rank == 0 else None
+        runs = lambda: [run] if run is not None else []  # noqa: E731
+    try:
+        result = encode_store(args.store, _images_arg(args.images), args.model_path, follow=args.follow,
+                              timeout=args.timeout or None, interval=args.interval, device=device, dist=dist,
+                              batch_size=args.batch_size, log_to_wandb=runs is not None, wandb_runs=runs)
+    except NothingToEncode as err:
+        print(f"montrage encode: nothing to do: {err}")
+        return 0
+    if dist.rank == 0:
+        print(json.dumps(result) if args.json else
+              f"encoded {result['encoded']} snapshot(s) ({result['already_encoded']} were already) of {args.store} "
+              f"into {result['features']} with {result['processes']} process(es) in {result['seconds']} s")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from montrage.recipes.demo import run_demo
 
@@ -97,7 +138,8 @@ def cmd_bench(args) -> int:
         run_attribution_bench(args.out or "attribution_results.json", [int(c) for c in args.concepts.split(",")],
                               images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
-                              keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats)
+                              keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats,
+                              projection_width=None if args.projection_width in (None, "none") else int(args.projection_width))
         return 0
     if args.what == "origin":
         from montrage.recipes.bench_origin import main as origin_bench_main
@@ -116,7 +158,8 @@ def cmd_bench(args) -> int:
         from montrage.recipes.bench import run_overhead
 
         result = run_overhead(epochs=args.epochs or 3, images_per_concept=args.images_per_concept or 16, repeats=args.repeats,
-                              rounds=args.rounds, out=args.out)
+                              rounds=args.rounds, out=args.out, mode=args.mode, model=args.model,
+                              accelerator=args.accelerator, resolution=args.resolution)
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
         return 0
     if args.what == "memory":
@@ -182,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=0.0, help="stop following after this many seconds (0 = never)")
     s.set_defaults(fn=cmd_inspect)
 
+    s = sub.add_parser("encode", help="encode a deferred store's adapter snapshots (probes and training images)")
+    s.add_argument("store")
+    s.add_argument("--images", default=None, help="the training images, if the store's recorded folder or paths are "
+                   "not here (a folder, or a datasets.save_to_disk directory)")
+    s.add_argument("--model-path", default=None, help="the run's base model, if not where the store says")
+    s.add_argument("--devices", type=int, default=1, help="processes to split each snapshot's work across (DDP)")
+    s.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument("--batch-size", type=int, default=None, help="denoiser forwards per batch (default: the run's)")
+    s.add_argument("--follow", action="store_true", help="keep encoding snapshots as the running job commits them, "
+                   "until it closes the store")
+    s.add_argument("--interval", type=float, default=5.0, help="seconds between polls with --follow")
+    s.add_argument("--timeout", type=float, default=0.0, help="stop following after this many seconds (0 = never)")
+    s.add_argument("--wandb-run-id", default=None, help="log the similarity curves into this W&B run (the training's)")
+    s.add_argument("--wandb-project", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_encode)
+
     s = sub.add_parser("demo", help="offline end-to-end demo on the tiny base and digits")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--digits", default="1,4,7,9", help="digit concepts to customize to (comma-separated)")
@@ -213,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exemplar-repeats", type=int, default=8,
                    help="attribution: how many times more often each concept's exemplar image is seen")
     s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
+    s.add_argument("--projection-width", default="none", help="attribution: store features through a random "
+                   "projection to this width ('none': unprojected; the benchmark's pooled features are 128 wide)")
+    s.add_argument("--mode", default="both", choices=["inline", "deferred", "both"], help="overhead: monitoring modes")
+    s.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sdxl"],
+                   help="overhead: the tiny base, or random-weight SD 1.5 / SDXL architectures (256 / 1024 px)")
+    s.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="overhead: where training runs")
+    s.add_argument("--resolution", type=int, default=None, help="overhead: image side (tiny 16, sd15 256, sdxl 1024)")
     s.add_argument("--out", default=None, help="write the result JSON here too")
     s.set_defaults(fn=cmd_bench)
 

@@ -32,9 +32,10 @@ from montrage.encode import condition_prompts, stable_seed
 from montrage.family import Family, make_family
 from montrage.latent_cache import LatentCache, cache_key, trainable
 from montrage.probes import ProbeSet, default_probes, load_probe_file
+from montrage.projection import DEFAULT_WIDTH, describe as describe_projection, project
 from montrage.rng import isolated_rng
 from montrage.sources import ImageSource, image_source, select_monitored
-from montrage.store import StoreSpec, StoreWriter
+from montrage.store import StoreSpec, StoreWriter, features_path
 from montrage.training_order import batch_indices, wrap_dataloader
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def kept_up_to(store_path: str, step: int) -> tuple[int, int]:
     from montrage.store import StoreReader
 
     with StoreReader(store_path) as r:
-        snaps = int(np.searchsorted(r.global_steps, step, side="right"))
+        snaps = int(np.searchsorted(r.f["global_step"][:r.adapter_snapshots], step, side="right"))
         rows = int(np.searchsorted(r.training_order()["global_step"], step, side="right"))
     return snaps, rows
 
@@ -132,6 +133,11 @@ class Monitor:
         num_inference_steps, guidance_scale, thumbnail_size: the probe sampler and the stored thumbnails.
         latent_cache: keep the monitored images' VAE latents on disk beside the store (frozen VAE only).
         save_lora_snapshots: store the adapter weights at every snapshot.
+        mode: "deferred" (training writes only the adapter snapshots, the training order and the run's description;
+            `montrage encode STORE` computes the rest later, elsewhere), "inline" (everything during training; the
+            only mode for full fine-tunes) or "auto" (deferred when only adapters train, else inline).
+        projection_width, projection_seed: pooled features wider than this are stored through a fixed seeded
+            random projection to this width (None: unprojected).
         overwrite: replace an existing store of a finished run instead of refusing.
         strict: raise when monitoring fails during training instead of skipping that piece with a warning.
         log_to_wandb: log similarity curves, a probe grid and the store artifact to the active W&B run.
@@ -170,6 +176,9 @@ class Monitor:
         thumbnail_size: int = 64,
         latent_cache: bool = True,
         save_lora_snapshots: bool = True,
+        mode: Literal["auto", "inline", "deferred"] = "auto",
+        projection_width: Optional[int] = DEFAULT_WIDTH,
+        projection_seed: int = 0,
         encode_batch_size: int = 32,
         overwrite: bool = False,
         strict: bool = False,
@@ -189,6 +198,14 @@ class Monitor:
                                       "or leave it unset for the model family's default.")
         if not timesteps:
             raise MontrageConfigError("timesteps is empty: give at least one timestep, e.g. [500].")
+        if mode not in ("auto", "inline", "deferred"):
+            raise MontrageConfigError(f"mode={mode!r}: use 'deferred' (encode after training with `montrage encode`), "
+                                      "'inline' (encode during training) or 'auto'.")
+        if mode == "deferred" and not save_lora_snapshots:
+            raise MontrageConfigError("mode='deferred' encodes from the saved adapter snapshots: keep "
+                                      "save_lora_snapshots=True, or use mode='inline'.")
+        if projection_width is not None and int(projection_width) < 1:
+            raise MontrageConfigError(f"projection_width must be >= 1 (or null for unprojected features), got {projection_width}.")
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and int(value) < 1:
                 raise MontrageConfigError(f"{name} must be >= 1 (or unset), got {value}.")
@@ -222,6 +239,11 @@ class Monitor:
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.thumbnail_size, self.latent_cache = int(thumbnail_size), bool(latent_cache)
         self.save_lora_snapshots, self.encode_batch_size = bool(save_lora_snapshots), int(encode_batch_size)
+        self.mode = mode
+        self.projection_width = None if projection_width is None else int(projection_width)
+        self.projection_seed = int(projection_seed)
+        self._projection: dict[str, np.ndarray] = {}
+        self._adapter_check: Optional[int] = None  # set by a deferred encode: the digest of the snapshot it encodes
         self.encode_chunk = max(self.encode_batch_size, 256)  # monitored images per gathered, written block
         self.overwrite, self.strict, self.log_to_wandb = bool(overwrite), bool(strict), bool(log_to_wandb)
         self.model_id, self.progress = model_id, progress
@@ -282,38 +304,34 @@ class Monitor:
             raise MontrageConfigError(f"resolution={self.resolution} is not a multiple of the VAE's downsampling "
                                       f"({factor}); give e.g. resolution={self.resolution // factor * factor or factor}.")
         self.probes = self._build_probes()
+        self.mode = self._resolve_mode()
         error = None
         try:
-            self._prepare_latents()
+            if self.mode == "inline":
+                self._prepare_latents()
         except (DataError, OSError, ValueError) as err:
             error = err
         errors = [e for e in self.dist.all_gather(None if error is None else f"{type(error).__name__}: {error}") if e]
         if errors:  # every rank raises, before training: nobody is left waiting at a collective
             raise error if error is not None else MontrageConfigError(f"another rank could not read its images: {errors[0]}")
         with self._quiet():
-            dims = {k: v.shape[-1] for k, v in self._encode_latents(self._blank_latents(), ["dims"], [""]).items()}
+            pooled = {k: v.shape[-1] for k, v in self.family.encode(
+                self._blank_latents(), [0], [""], self.timesteps[:1], self.layers, self.pooling, 1).items()}
+        projection = describe_projection(pooled, self.projection_width, self.projection_seed)
+        self._projection = projection.get("matrices", {})
+        dims = {k: (self.projection_width if k in self._projection else v) for k, v in pooled.items()}
         spec = StoreSpec(
             model={**model_identity(c.unet, c.model_id), "family": self.family.name}, layers=self.layers, feature_dims=dims, timesteps=self.timesteps,
             pooling=self.pooling, probes=self.probes, train=list(self.source.examples), thumbnail_size=self.thumbnail_size,
-            monitored=self.monitored, config={**self.config(), **self._model_facts()}, **self._lora_layout(),
+            monitored=self.monitored, config={**self.config(), **self._model_facts()}, projection=projection,
+            **self._lora_layout(),
         )
-        resume = self._resume
-        truncate = (int(resume["snapshots_written"]), int(resume["order_rows"])) if resume else None
-
-        def open_store():
-            cut = truncate
-            if cut is None and step > 0 and os.path.exists(self.store_path):
-                cut = kept_up_to(self.store_path, int(step))  # resumed without the monitor's state: cut by step
-            self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=cut)
-            self.snapshots_written, self.order_rows = self._writer.committed
-            if self.snapshots_written:
-                self.last_snapshot_step = int(self._writer.f["global_step"][self.snapshots_written - 1])
-
-        error = self._rank0_do(open_store)
+        error = self._rank0_do(lambda: self._open_store(spec, int(step)))
         if error is not None:  # a configuration error, before the first training step: raise on every rank
             raise error
         self.snapshots_written, self.order_rows, self.last_snapshot_step = self.dist.broadcast(
             (self.snapshots_written, self.order_rows, self.last_snapshot_step), src=0)
+        resume = self._resume
         if resume:
             self.epoch = int(resume.get("epoch", self.epoch))
             # the unwritten rows are rank 0's gathered union (every rank loads the same checkpoint)
@@ -321,8 +339,39 @@ class Monitor:
         self._started = True
         if self.is_writer:
             log.info("montrage: %s", self.describe_cost())
-        if self.snapshots_written == 0:
+        if self.snapshots_written == 0 and self.initial_snapshot:
             self._snapshot(int(step), self.epoch)
+
+    initial_snapshot = True  # start() snapshots the starting step of a store that holds none
+
+    def _open_store(self, spec: StoreSpec, step: int) -> None:
+        """Rank 0: open (or resume) the store, cut back to the checkpoint's state or, without one, to `step`."""
+        resume = self._resume
+        cut = (int(resume["snapshots_written"]), int(resume["order_rows"])) if resume else None
+        if cut is None and step > 0 and os.path.exists(self.store_path):
+            cut = kept_up_to(self.store_path, step)  # resumed without the monitor's state: cut by step
+        self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=cut,
+                                   part="adapter" if self.mode == "deferred" else "all")
+        self.snapshots_written, self.order_rows = self._writer.committed
+        stale = features_path(self.store_path)
+        if self.mode == "deferred" and self.snapshots_written == 0 and os.path.exists(stale):
+            os.remove(stale)  # encoded from another run's (or a cut-back run's) adapters
+        if self.snapshots_written:
+            self.last_snapshot_step = int(self._writer.f["global_step"][self.snapshots_written - 1])
+
+    def _resolve_mode(self) -> str:
+        """'deferred' needs every trained parameter to be an adapter weight that the snapshots save."""
+        trained = [n for part, m in self.components.parts.items() if isinstance(m, torch.nn.Module)
+                   for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n]
+        adapters = self.save_lora_snapshots and bool(self.family.lora_modules())
+        if self.mode == "auto":
+            return "deferred" if adapters and not trained else "inline"
+        if self.mode == "deferred" and (trained or not adapters):
+            what = (f"{len(trained)} non-adapter parameters train (e.g. {trained[0]})" if trained
+                    else "the model carries no adapter")
+            raise MontrageConfigError(f"mode='deferred' re-creates each snapshot from its adapter weights, but {what}; "
+                                      "use mode='inline' for full fine-tunes.")
+        return self.mode
 
     def _build_probes(self) -> ProbeSet:
         if self.probe_set is not None:
@@ -348,8 +397,11 @@ class Monitor:
         keys = ("store_path", "probe_prompts", "probe_seeds", "probe_file", "probe_template", "probe_mixtures",
                 "every_n_steps", "every_n_epochs", "at_steps", "max_steps", "layers", "timesteps", "pooling",
                 "encode_prompt", "num_inference_steps", "guidance_scale", "thumbnail_size", "save_lora_snapshots",
-                "monitor_images", "subset_seed")
-        return {k: getattr(self, k) for k in keys}
+                "monitor_images", "subset_seed", "mode", "projection_width", "projection_seed", "encode_batch_size",
+                "latent_cache", "image_keys")
+        out = {k: getattr(self, k) for k in keys}
+        out["images"] = os.path.abspath(self.images) if isinstance(self.images, (str, os.PathLike)) else None
+        return out
 
     def _model_facts(self) -> dict:
         """What an offline query needs to rebuild the model: base path, adapter config, image size."""
@@ -616,8 +668,9 @@ class Monitor:
                 m.training = mode
 
     def _encode_latents(self, latents: torch.Tensor, keys: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        return self.family.encode(latents, [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
-                                  self.timesteps, self.layers, self.pooling, self.encode_batch_size)
+        feats = self.family.encode(latents, [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
+                                   self.timesteps, self.layers, self.pooling, self.encode_batch_size)
+        return project(feats, self._projection)
 
     def _chunks(self) -> int:
         """Blocks every rank walks through in step (the same count everywhere: one gather per block)."""
@@ -664,6 +717,8 @@ class Monitor:
         self._write_rows()
         probes = self.probes
         label = f"epoch {epoch}" if at_epoch_end or step == 0 else f"step {step}"
+        if self.mode == "deferred":
+            return self._adapter_snapshot(step, epoch, label)
         error = None
         try:
             local = self._local_probes()
@@ -715,7 +770,8 @@ class Monitor:
             if message:
                 raise MontrageSnapshotError(f"non-finite values, nothing written for {label}: {message}. The model "
                                             "may have diverged (check the loss and learning rate).")
-            self.snapshots_written = self._writer.commit_epoch(epoch, step, probe_feats, thumbs, lora)
+            self.snapshots_written = self._writer.commit_epoch(epoch, step, probe_feats, thumbs, lora,
+                                                               adapter_check=self._adapter_check)
 
         failure = self._rank0_do(commit)
         if failure is not None:
@@ -730,6 +786,24 @@ class Monitor:
         failure = self._rank0_do(lambda: self._log_wandb(info) if self.log_to_wandb else None)
         if failure is not None:
             self._failed(f"logging the snapshot of {label} to W&B", failure)
+        return True
+
+    def _adapter_snapshot(self, step: int, epoch: int, label: str) -> bool:
+        """Deferred mode: rank 0 saves the adapter weights; the features are encoded later from them."""
+
+        def commit():
+            lora = torch.cat([v.flatten() for v in self._lora_state().values()]).numpy()
+            if not np.isfinite(lora).all():
+                raise MontrageSnapshotError(f"non-finite adapter weights, nothing written for {label}. The model may "
+                                            "have diverged (check the loss and learning rate).")
+            self.snapshots_written = self._writer.commit_epoch(epoch, step, lora_params=lora)
+
+        failure = self._rank0_do(commit)
+        if failure is not None:
+            self._failed(f"the adapter snapshot of {label}", failure)
+            return False
+        self.snapshots_written = self.dist.broadcast(self.snapshots_written, src=0)
+        self.last_snapshot_step = step
         return True
 
     def _write_block(self, blocks: list[dict], bad: dict) -> None:

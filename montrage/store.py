@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -68,6 +69,7 @@ class StoreSpec:
     lora_shapes: list[list[int]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     monitored: list[int] | None = None  # rows of `train` whose features are stored (None: all)
+    projection: dict = field(default_factory=dict)  # {"width", "seed", "pooled_dims"} when features are projected
 
     def __post_init__(self):
         if self.monitored is None:
@@ -87,10 +89,12 @@ class StoreSpec:
             "train_ids": _digest([e.id for e in self.train]),
             "monitored": _digest([self.train[i].id for i in self.monitored]),
             "lora_names": _digest(self.lora_names),
+            "projection": {k: self.projection[k] for k in ("width", "seed")} if self.projection else None,
         }
 
     def to_json(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in ("probes", "train", "monitored")}
+        d["projection"] = {k: v for k, v in self.projection.items() if k != "matrices"}
         d["identity"] = self.identity()
         return json.dumps(d, sort_keys=True, default=str)
 
@@ -216,13 +220,36 @@ class _WriterLock:
             self.fd = None
 
 
-class StoreWriter:
-    """Creates or re-opens a store for appending; one instance, in one process (global rank 0)."""
+Part = Literal["all", "adapter", "features"]
+FORMATS = {"all": "montrage-store", "adapter": "montrage-store", "features": "montrage-features"}
 
-    EPOCH_DATASETS = ("epoch", "global_step", "probes/images", "lora/params")
+
+def features_path(path: str) -> str:
+    """The file that holds a deferred store's encoded snapshots (written by `montrage encode`, never by training)."""
+    return os.path.splitext(path)[0] + ".features.h5"
+
+
+def adapter_digest(params: np.ndarray) -> int:
+    """A signed 64-bit digest of one adapter snapshot: tells a deferred encode whether a row it encoded is stale."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(np.ascontiguousarray(params, np.float32).tobytes()).digest()[:8], "little",
+                          signed=True)
+
+
+class StoreWriter:
+    """Creates or re-opens a store for appending; one instance, in one process (global rank 0).
+
+    `part`: "all" (inline: one file with everything), "adapter" (deferred training: the adapter snapshots, training
+    order and description, no features) or "features" (`montrage encode`'s file beside a deferred store: probe and
+    training features and probe thumbnails of each encoded snapshot). One writer per file; the reader joins them.
+    """
+
+    EPOCH_DATASETS = ("epoch", "global_step", "probes/images", "lora/params", "adapter_check")
     ORDER_DATASETS = ("order/epoch", "order/global_step", "order/example_index")
 
-    def __init__(self, path: str, spec: StoreSpec, overwrite: bool = False, truncate_to: tuple[int, int] | None = None):
+    def __init__(self, path: str, spec: StoreSpec, overwrite: bool = False, truncate_to: tuple[int, int] | None = None,
+                 part: Part = "all"):
         """Open `path`; a new file gets the schema, an existing one must match `spec`.
 
         `truncate_to=(epochs, order_rows)` cuts an existing store back (resume from a checkpoint); without it, an
@@ -230,6 +257,7 @@ class StoreWriter:
         """
         self.path = path
         self.spec = spec
+        self.part = part
         self.f = None
         self._lock = _WriterLock(path)
         try:
@@ -273,34 +301,40 @@ class StoreWriter:
     def _create(self) -> None:
         f, s = self.f, self.spec
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["format"] = "montrage-store"
+        f.attrs["format"] = FORMATS[self.part]
+        f.attrs["part"] = self.part
         f.attrs["spec"] = s.to_json()
         f.attrs["probes"] = s.probes.to_json()
         f.create_dataset("committed", data=np.zeros(2, np.int64))
         _grow(f, "epoch", "int64")
         _grow(f, "global_step", "int64")
+        items, T = s.probes.items(), len(s.timesteps)
+        if self.part != "adapter":
+            for layer in s.layers:
+                _float_ds(f.require_group("probes/features"), layer, (len(items), T, s.feature_dims[layer]))
+                _float_ds(f.require_group("train/features"), layer, (len(s.monitored), T, s.feature_dims[layer]))
+            _float_ds(f.require_group("probes"), "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3),
+                      dtype="uint8")
+        if self.part == "features":
+            _grow(f, "adapter_check", "int64")  # digest of the adapter snapshot each row was encoded from
+            f.flush()
+            return
         train_concepts = sorted({e.concept for e in s.train})
         concepts = list(s.probes.concepts) + [c for c in train_concepts if c not in s.probes.concepts]
         f.create_dataset("concepts", data=np.array(concepts, dtype=object), dtype=STR)
-        pg = f.create_group("probes")
-        items = s.probes.items()
+        pg = f.require_group("probes")
         pg.create_dataset("prompt", data=np.array([p for p, _ in items], dtype=object), dtype=STR)
         pg.create_dataset("seed", data=np.array([sd for _, sd in items], dtype=np.int64))
         w = np.array(s.probes.weight_matrix(), dtype=np.float32)
         full = np.zeros((len(items), len(concepts)), np.float32)
         full[:, : w.shape[1]] = w
         pg.create_dataset("weights", data=full)
-        pf = pg.create_group("features")
-        tg = f.create_group("train")
+        tg = f.require_group("train")
         for key in ("id", "concept", "caption", "path"):
             tg.create_dataset(key, data=np.array([getattr(e, key) for e in s.train], dtype=object), dtype=STR)
         tg.create_dataset("monitored", data=np.array(s.monitored, dtype=np.int64))
-        tf = tg.create_group("features")
-        T = len(s.timesteps)
-        for layer in s.layers:
-            _float_ds(pf, layer, (len(items), T, s.feature_dims[layer]))
-            _float_ds(tf, layer, (len(s.monitored), T, s.feature_dims[layer]))
-        _float_ds(pg, "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3), dtype="uint8")
+        for layer, matrix in s.projection.get("matrices", {}).items():
+            f.create_dataset(f"projection/{layer}", data=np.asarray(matrix, np.float32))
         og = f.create_group("order")
         for key in ("epoch", "global_step", "example_index"):
             _grow(og, key, "int64", chunk=4096)
@@ -315,7 +349,7 @@ class StoreWriter:
         names = list(self.EPOCH_DATASETS)
         names += [f"probes/features/{layer}" for layer in self.spec.layers]
         names += [f"train/features/{layer}" for layer in self.spec.layers]
-        return [self.f[n] for n in names]
+        return [self.f[n] for n in names if n in self.f]
 
     @property
     def committed(self) -> tuple[int, int]:
@@ -329,7 +363,8 @@ class StoreWriter:
         for ds in self._epoch_datasets():
             ds.resize(epochs, axis=0)
         for n in self.ORDER_DATASETS:
-            self.f[n].resize(order_rows, axis=0)
+            if n in self.f:
+                self.f[n].resize(order_rows, axis=0)
         self.f["committed"][...] = [epochs, order_rows]
         self.f.flush()
 
@@ -346,8 +381,8 @@ class StoreWriter:
             self.write_train_rows(layer, slice(None), train_features[layer])
         return self.commit_epoch(epoch, global_step, probe_features, probe_images, lora_params)
 
-    def _check_probe_values(self, epoch: int, probe_features: dict, lora_params) -> None:
-        for layer in self.spec.layers:
+    def _check_probe_values(self, epoch: int, probe_features: dict | None, lora_params) -> None:
+        for layer in self.spec.layers if self.part != "adapter" else ():
             a = probe_features.get(layer)
             if a is None or a.shape[0] != len(self.spec.probes) or not np.all(np.isfinite(a)):
                 raise StoreError(f"refusing to write epoch {epoch}: probe features of layer {layer!r} are missing, of "
@@ -372,21 +407,28 @@ class StoreWriter:
             raise StoreError(f"store {self.path!r}: no snapshot row is open (call begin_epoch first).")
         ds[e, rows] = np.asarray(values, dtype=np.float16)
 
-    def commit_epoch(self, epoch: int, global_step: int, probe_features: dict, probe_images: np.ndarray,
-                     lora_params: np.ndarray | None = None) -> int:
-        """Write the open snapshot's remaining values and commit it (flush first, the counter last)."""
+    def commit_epoch(self, epoch: int, global_step: int, probe_features: dict | None = None,
+                     probe_images: np.ndarray | None = None, lora_params: np.ndarray | None = None,
+                     adapter_check: int | None = None) -> int:
+        """Write the open snapshot's remaining values and commit it (flush first, the counter last). The adapter
+        part takes no features; the features part no adapter."""
         self._check_probe_values(epoch, probe_features, lora_params)
         e, _ = self.committed
-        values = {"epoch": epoch, "global_step": global_step, "probes/images": probe_images,
-                  "lora/params": lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)}
-        for layer in self.spec.layers:
-            values[f"probes/features/{layer}"] = probe_features[layer].astype(np.float16)
+        values = {"epoch": epoch, "global_step": global_step}
+        if "adapter_check" in self.f:
+            values["adapter_check"] = 0 if adapter_check is None else int(adapter_check)
+        if "lora/params" in self.f:
+            values["lora/params"] = lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)
+        if self.part != "adapter":
+            values["probes/images"] = probe_images
+            for layer in self.spec.layers:
+                values[f"probes/features/{layer}"] = probe_features[layer].astype(np.float16)
         for name, value in values.items():
             ds = self.f[name]
             ds.resize(e + 1, axis=0)
             ds[e] = value
             ds.flush()
-        for layer in self.spec.layers:
+        for layer in self.spec.layers if self.part != "adapter" else ():
             self.f[f"train/features/{layer}"].flush()
         self.f["committed"][0] = e + 1
         self.f["committed"].flush()
@@ -447,7 +489,7 @@ def _check_header(f: h5py.File) -> None:
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise StoreError(f"store {path!r} is damaged: its root attributes do not read ({err}). Copy it again from "
                          "its source, or re-run the monitoring.") from err
-    if fmt != "montrage-store" or not has_spec:
+    if fmt not in FORMATS.values() or not has_spec:
         raise StoreError(f"{path!r} is an HDF5 file but not a montrage store (attribute 'format' is missing).")
     if version != SCHEMA_VERSION:
         raise StoreError(f"store {path!r} has schema_version {version}; this montrage reads version {SCHEMA_VERSION}. "
@@ -455,7 +497,7 @@ def _check_header(f: h5py.File) -> None:
 
 
 REQUIRED = ("committed", "epoch", "global_step", "concepts", "probes/prompt", "probes/seed", "probes/weights",
-            "probes/images", "train/id", "train/concept", "train/caption", "train/path", "train/monitored", "order/epoch",
+            "train/id", "train/concept", "train/caption", "train/path", "train/monitored", "order/epoch",
             "order/global_step", "order/example_index", "lora/params")
 
 
@@ -465,8 +507,10 @@ def _check_layout(f: h5py.File) -> None:
     try:
         # committed first: a live writer only grows the datasets after it, so their shapes read later cover it
         committed = f["committed"][...] if "committed" in f else None
-        spec = json.loads(f.attrs["spec"])
-        names = list(REQUIRED) + [f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]]
+        spec, part = json.loads(f.attrs["spec"]), f.attrs.get("part", "all")
+        features = ["probes/images"] + [f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]]
+        names = {"all": list(REQUIRED) + features, "adapter": list(REQUIRED),
+                 "features": ["committed", "epoch", "global_step"] + features}[part]
         for name in names:
             if name not in f:
                 raise StoreError(f"store {path!r} lacks the dataset {name!r}: it was not written by a complete montrage "
@@ -476,7 +520,8 @@ def _check_layout(f: h5py.File) -> None:
         if isinstance(err, StoreError):
             raise
         raise StoreError(f"store {path!r} is damaged ({err}). Copy it again from its source, or re-run the monitoring.") from err
-    if committed.shape != (2,) or committed[0] > f["epoch"].shape[0] or committed[1] > f["order/epoch"].shape[0]:
+    if committed.shape != (2,) or committed[0] > f["epoch"].shape[0] or (
+            part != "features" and committed[1] > f["order/epoch"].shape[0]):
         raise StoreError(f"store {path!r}: field 'committed' ({committed.tolist()}) does not match its datasets; the "
                          "file is damaged. Copy it again from its source, or re-run the monitoring.")
 
@@ -497,11 +542,27 @@ def check_compatible(path: str, spec: StoreSpec) -> None:
 class StoreReader:
     """Read-only view of the committed part of a store (safe while a writer appends, via SWMR)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, features: bool = True):
+        """`features=False`: leave a deferred store's features file closed (its writer, `montrage encode`, opens it)."""
         self.path = path
+        self._join = features
         self.f = _open_read(path)
         self.spec = json.loads(self.f.attrs["spec"])
         self.probes = ProbeSet.from_json(self.f.attrs["probes"])
+        self.deferred = self.f.attrs.get("part", "all") == "adapter"
+        self.features_path = features_path(path) if self.deferred else path
+        self.ff: h5py.File | None = None if self.deferred else self.f  # the file that holds the features
+        self._open_features()
+
+    def _open_features(self) -> None:
+        if self.ff is not None or not self._join or not os.path.isfile(self.features_path):
+            return
+        ff = _open_read(self.features_path)
+        if json.loads(ff.attrs["spec"]).get("identity") != self.spec.get("identity"):
+            ff.close()
+            raise StoreError(f"{self.features_path!r} holds the encoded features of another run than {self.path!r}; "
+                             f"delete it and run `montrage encode {self.path}` again.")
+        self.ff = ff
 
     def __enter__(self):
         return self
@@ -510,15 +571,34 @@ class StoreReader:
         self.close()
 
     def close(self) -> None:
+        if self.ff is not None and self.ff is not self.f:
+            self.ff.close()
         self.f.close()
 
     def refresh(self) -> None:
-        for ds in ("committed", "epoch", "global_step"):
-            self.f[ds].refresh()
+        self._open_features()
+        for f in {id(self.f): self.f, id(self.ff): self.ff}.values():
+            if f is not None:
+                for ds in ("committed", "epoch", "global_step"):
+                    f[ds].refresh()
+
+    @property
+    def adapter_snapshots(self) -> int:
+        """Snapshots the training run committed (for a deferred store: adapter weights, encoded or not)."""
+        return int(self.f["committed"][0])
 
     @property
     def num_epochs(self) -> int:
-        return int(self.f["committed"][0])
+        """Complete snapshots: for a deferred store, the leading adapter snapshots `montrage encode` has encoded (a
+        snapshot that a resumed run rewrote at another step is not counted)."""
+        n = self.adapter_snapshots
+        if not self.deferred:
+            return n
+        if self.ff is None:
+            return 0
+        k = min(n, int(self.ff["committed"][0]))
+        same = self.ff["global_step"][:k] == self.f["global_step"][:k]
+        return int(k if same.all() else np.argmin(same))
 
     @property
     def layers(self) -> list[str]:
@@ -567,13 +647,23 @@ class StoreReader:
 
     def _read(self, name: str, sel) -> np.ndarray:
         """Committed values of a growing dataset; a damaged chunk becomes a StoreError naming file and dataset."""
-        ds = self.f[name]
+        feature = name == "probes/images" or name.startswith(("probes/features/", "train/features/"))
+        f = self.ff if feature else self.f
+        if f is None:
+            raise StoreError(f"store {self.path!r} is deferred (training saved the adapter snapshots only) and none is "
+                             f"encoded yet: run `montrage encode {self.path}` first.")
+        ds = f[name]
         ds.refresh()
         try:
             return ds[sel]
         except (OSError, RuntimeError) as err:
-            raise StoreError(f"store {self.path!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
+            raise StoreError(f"store {f.filename!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
                              "from its source, or re-run the monitoring.") from err
+
+    def projection(self, layer: str) -> np.ndarray | None:
+        """The fixed (pooled, stored) projection of a layer's features, or None when they are stored unprojected."""
+        name = f"projection/{layer}"
+        return self.f[name][...] if name in self.f else None
 
     def _epochs(self, epochs: slice) -> slice:
         """A slice over the committed epoch rows (negative bounds count from the last committed one)."""
@@ -616,6 +706,8 @@ class StoreReader:
                 datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype), "bytes": int(obj.id.get_storage_size())}
 
         self.f.visititems(visit)
+        if self.ff is not None and self.ff is not self.f:
+            self.ff.visititems(visit)
         probes = self.probes
         return {
             "path": self.path,
@@ -635,7 +727,11 @@ class StoreReader:
             "pooling": self.spec["pooling"],
             "training_order_rows": int(self.f["committed"][1]),
             "lora_snapshots": bool(self.f["lora"].attrs.get("enabled", False)),
-            "file_bytes": os.path.getsize(self.path),
+            "mode": "deferred" if self.deferred else "inline",
+            "adapter_snapshots": self.adapter_snapshots,
+            "projection": self.spec.get("projection") or None,
+            "file_bytes": os.path.getsize(self.path) + (os.path.getsize(self.features_path) if self.deferred and
+                                                        os.path.isfile(self.features_path) else 0),
             "datasets": datasets,
         }
 

@@ -1,7 +1,8 @@
-"""`montrage bench overhead`: epoch wall time with vs without MontrageCallback, side by side in one run.
+"""`montrage bench overhead`: epoch wall time with vs without MontrageCallback (inline and deferred), side by side.
 
-Each variant runs in its own subprocess (so that peak memory is its own), alternating without/with, at the demo's
-defaults (tiny base, 4 digit concepts x 16 images, repeats 40, LoRA rank 8, 20 probes, 10 DDIM steps).
+Each variant runs in its own subprocess (so that peak memory is its own), alternating without / inline / deferred
+in every round, at the demo's settings (4 digit concepts, LoRA rank 8, 20 probes, 10 DDIM steps) on the tiny base,
+or on a random-weight UNet with Stable Diffusion 1.5's architecture at 256 px (`--model sd15`; fewer probes).
 """
 
 from __future__ import annotations
@@ -14,10 +15,88 @@ import sys
 import tempfile
 import time
 
+from typing import Optional
+
 import numpy as np
 
 
-def _variant(with_callback: bool, epochs: int, images_per_concept: int, repeats: int, workdir: str) -> dict:
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def sd15_random_path() -> str:
+    """A pipeline folder with Stable Diffusion 1.5's architecture and random weights (built once, cached)."""
+    from montrage.recipes.tiny_base import default_cache_dir
+
+    path = os.path.join(default_cache_dir(), "sd15-random-v1")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return path
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from montrage.recipes.tiny_base import build_tokenizer, save_pipeline
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    parts = dict(unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE), text_encoder=text, tokenizer=tok,
+                 scheduler=sched)
+    save_pipeline(parts, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def sdxl_random_path() -> str:
+    """A pipeline folder with SDXL's architecture (2.6 B-parameter UNet, CLIP-L + bigG) and random weights."""
+    from montrage.recipes.tiny_base import default_cache_dir
+
+    path = os.path.join(default_cache_dir(), "sdxl-random-v1")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return path
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from montrage.recipes.tiny_base import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+    clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tok), hidden_size=1280, intermediate_size=5120,
+                                                        num_hidden_layers=32, num_attention_heads=20,
+                                                        max_position_embeddings=77, projection_dim=1280))
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**{**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025}), text_encoder=clip_l,
+        text_encoder_2=clip_g, tokenizer=tok, tokenizer_2=tok, unet=UNet2DConditionModel(**SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+    pipe.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+BASES = {"sd15": sd15_random_path, "sdxl": sdxl_random_path}
+VARIANTS = ("without", "inline", "deferred")
+
+
+def _variant(variant: str, epochs: int, images_per_concept: int, repeats: int, workdir: str, model: str = "tiny",
+             accelerator: str = "cpu", resolution: Optional[int] = None) -> dict:
     import pytorch_lightning as pl
     import torch
 
@@ -45,16 +124,25 @@ def _variant(with_callback: bool, epochs: int, images_per_concept: int, repeats:
     timer = EpochTimer()
     store = os.path.join(workdir, "store.h5")
     callbacks = [timer]  # first, so that its on_train_start precedes the epoch-0 snapshot
+    with_callback = variant != "without"
+    big = model != "tiny"
     if with_callback:
-        callbacks.append(MontrageCallback(store_path=store, probe_seeds=[0, 1], num_inference_steps=10,
-                                             guidance_scale=3.0, thumbnail_size=16, overwrite=True, log_to_wandb=False))
+        callbacks.append(MontrageCallback(store_path=store, probe_seeds=[0] if big else [0, 1], num_inference_steps=10,
+                                          probe_mixtures=not big, guidance_scale=3.0, thumbnail_size=16, overwrite=True,
+                                          log_to_wandb=False, mode=variant))
     t0 = time.perf_counter()
+    gpu = accelerator == "gpu"
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-    trainer.fit(DiffusionFineTune(lora_rank=8, lora_alpha=8, learning_rate=1e-2),
-                ConceptDataModule(images_per_concept=images_per_concept, batch_size=32, repeats=repeats))
+                         enable_progress_bar=False, enable_model_summary=False, accelerator=accelerator, devices=1,
+                         precision="bf16-mixed" if gpu else "32-true")
+    base = BASES[model]() if big else "tiny"
+    resolution = resolution or ({"tiny": 16, "sd15": 256, "sdxl": 1024}[model])
+    trainer.fit(DiffusionFineTune(pretrained_model=base, lora_rank=8, lora_alpha=8, learning_rate=1e-4 if big else 1e-2),
+                ConceptDataModule(images_per_concept=images_per_concept, batch_size=4 if big else 32, repeats=repeats,
+                                  resolution=resolution))
     epoch_times = np.diff(timer.marks).tolist()
     out = {
+        "variant": variant,
         "with_callback": with_callback,
         "epoch_seconds": epoch_times,
         "fit_seconds": time.perf_counter() - t0,
@@ -67,44 +155,71 @@ def _variant(with_callback: bool, epochs: int, images_per_concept: int, repeats:
 
         with StoreReader(store) as r:
             out["store_bytes"] = os.path.getsize(store)
-            out["snapshots"] = r.num_epochs
+            out["snapshots"] = r.adapter_snapshots
+            out["monitored_images"] = r.num_train
+        if variant == "deferred":  # encode afterwards, as `montrage encode STORE` would
+            from montrage.deferred import encode_store
+
+            t = time.perf_counter()
+            done = encode_store(store, device="cuda" if gpu else "cpu", progress=False)
+            out["encode_seconds"] = time.perf_counter() - t
+            out["encode_images_per_s"] = done["encoded"] * out["monitored_images"] / out["encode_seconds"]
     return out
 
 
 def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 40, rounds: int = 2,
-                 out: str | None = None) -> dict:
+                 out: str | None = None, mode: str = "both", model: str = "tiny", accelerator: str = "cpu",
+                 resolution: Optional[int] = None) -> dict:
+    """Per round: without, then each monitored mode, each in a fresh process; ratios per round, their median."""
     from montrage.recipes.tiny_base import tiny_base_path
 
-    tiny_base_path()  # build the cached base first, outside the timed runs
+    if model in BASES:
+        BASES[model]()
+    else:
+        tiny_base_path()  # build the cached base first, outside the timed runs
+    modes = ["inline", "deferred"] if mode == "both" else [mode]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for with_cb in (False, True):
+            for variant in ["without"] + modes:
                 args = [sys.executable, "-m", "montrage.recipes.bench", "_variant", json.dumps(
-                    [with_cb, epochs, images_per_concept, repeats, tmp])]
+                    [variant, epochs, images_per_concept, repeats, tmp, model, accelerator, resolution])]
                 proc = subprocess.run(args, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     raise RuntimeError(f"benchmark variant failed:\n{proc.stderr[-3000:]}")
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(f"round {r + 1}/{rounds} {'with' if with_cb else 'without'} callback: "
-                      f"{np.mean(results[-1]['epoch_seconds']):.2f} s/epoch", file=sys.stderr, flush=True)
-    plain = [np.mean(x["epoch_seconds"]) for x in results if not x["with_callback"]]
-    monitored = [np.mean(x["epoch_seconds"]) for x in results if x["with_callback"]]
-    ratios = [m / p for m, p in zip(monitored, plain)]
-    last = [x for x in results if x["with_callback"]][-1]
+                results.append({"round": r, **json.loads(proc.stdout.strip().splitlines()[-1])})
+                print(f"round {r + 1}/{rounds} {variant}: {np.mean(results[-1]['epoch_seconds']):.2f} s/epoch",
+                      file=sys.stderr, flush=True)
+
+    def per_round(variant):
+        return [np.mean(x["epoch_seconds"]) for x in results if x["variant"] == variant]
+
+    plain = per_round("without")
     summary = {
-        "command": f"montrage bench overhead --epochs {epochs} --images-per-concept {images_per_concept} --repeats {repeats}",
+        "command": f"montrage bench overhead --model {model} --mode {mode} --epochs {epochs} --images-per-concept "
+                   f"{images_per_concept} --repeats {repeats} --rounds {rounds} --accelerator {accelerator}"
+                   + (f" --resolution {resolution}" if resolution else ""),
+        "model": model, "repeats": repeats, "accelerator": accelerator, "images": 4 * images_per_concept,
+        "steps_per_epoch": results[0]["steps_per_epoch"],
         "epoch_seconds_without": round(float(np.median(plain)), 3),
-        "epoch_seconds_with": round(float(np.median(monitored)), 3),
-        "ratio": round(float(np.median(ratios)), 3),
-        "ratios_per_round": [round(float(r), 3) for r in ratios],
-        "epoch0_snapshot_seconds": round(float(last["epoch0_snapshot_seconds"]), 3),
-        "steps_per_epoch": last["steps_per_epoch"],
-        "store_bytes_per_epoch": int(last["store_bytes"] / last["snapshots"]),
-        "peak_rss_mib_without": round(max(x["peak_rss_mib"] for x in results if not x["with_callback"]), 1),
-        "peak_rss_mib_with": round(max(x["peak_rss_mib"] for x in results if x["with_callback"]), 1),
+        "peak_rss_mib_without": round(max(x["peak_rss_mib"] for x in results if x["variant"] == "without"), 1),
+        "modes": {},
         "runs": results,
     }
+    for variant in modes:
+        ratios = [m / p for m, p in zip(per_round(variant), plain)]
+        last = [x for x in results if x["variant"] == variant][-1]
+        summary["modes"][variant] = {
+            "ratio": round(float(np.median(ratios)), 4),
+            "ratios_per_round": [round(float(r), 4) for r in ratios],
+            "epoch_seconds": round(float(np.median(per_round(variant))), 3),
+            "epoch0_snapshot_seconds": round(float(last["epoch0_snapshot_seconds"]), 3),
+            "store_bytes_per_snapshot": int(last["store_bytes"] / last["snapshots"]),
+            "peak_rss_mib": round(max(x["peak_rss_mib"] for x in results if x["variant"] == variant), 1),
+        }
+        if variant == "deferred":
+            summary["modes"][variant]["encode_images_per_s"] = round(float(np.median(
+                [x["encode_images_per_s"] for x in results if x["variant"] == "deferred"])), 2)
     if out:
         with open(out, "w") as fh:
             json.dump(summary, fh, indent=1)
@@ -112,8 +227,7 @@ def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 4
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "_variant":
-    w, e, ipc, rep, tmp = json.loads(sys.argv[2])
-    print(json.dumps(_variant(w, e, ipc, rep, tmp)))
+    print(json.dumps(_variant(*json.loads(sys.argv[2]))))
 
 
 def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> None:

@@ -108,7 +108,8 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, con
 
 def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, data_dir: str | None,
              workdir: str, query_seeds: list[int], within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
-             progress: bool = False, steps: int = 400, repeats: int | None = None) -> dict:
+             progress: bool = False, steps: int = 400, repeats: int | None = None,
+             projection_width: int | None = None) -> dict:
     """One customization run monitored by the callback, then every method on its held-out queries.
 
     within="exemplar": each concept's first image is over-sampled `exemplar_repeats` x in training (AbC-style
@@ -174,7 +175,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
 
     cb = MontrageCallback(store_path=store_path, probe_file=probe_file, num_inference_steps=10, guidance_scale=3.0,
                           thumbnail_size=16, overwrite=True, log_to_wandb=False, layers=LAYERS, pooling="mean_max",
-                          encode_prompt=CAPTION)  # queries come with their prompts
+                          encode_prompt=CAPTION, mode="inline",  # queries come with their prompts
+                          projection_width=projection_width)
     pl.Trainer(max_epochs=epochs, callbacks=[cb, LrLog()], logger=False, enable_checkpointing=False,
                enable_progress_bar=progress, enable_model_summary=False, deterministic=True).fit(module, data)
     timings["fine_tune"] = time.time() - t0
@@ -247,7 +249,8 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
                           repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
-                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS) -> dict:
+                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
+                          projection_width: int | None = None) -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept."""
     from montrage.recipes.tiny_base import tiny_base_path
 
@@ -262,7 +265,8 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                 os.makedirs(tmp, exist_ok=True)
             t = time.time()
             per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
-                                      exemplar_repeats, progress=progress, repeats=repeats)
+                                      exemplar_repeats, progress=progress, repeats=repeats,
+                                      projection_width=projection_width)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
@@ -277,7 +281,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                    "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
                    "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
                    "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
-                   "encode_prompt": CAPTION},
+                   "encode_prompt": CAPTION, "projection_width": projection_width},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     with open(out, "w") as fh:

@@ -82,7 +82,7 @@ def _variant(folder: str, monitored: int, workdir: str, snapshots: int) -> dict:
     t0 = time.perf_counter()
     m = Monitor(os.path.join(workdir, f"store{monitored}.h5"), pipe, source, monitor_images=monitored, every_n_steps=1,
                 probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0, thumbnail_size=16, log_to_wandb=False,
-                progress=False, overwrite=True)
+                progress=False, overwrite=True, mode="inline")
     m.start()
     for step in range(1, snapshots):
         m.maybe_snapshot(step)

@@ -60,7 +60,8 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     data = ConceptDataModule(digits=digits, images_per_concept=images_per_concept, batch_size=32, repeats=repeats, seed=seed)
     store_path = os.path.join(out, "store.h5")
     callback = MontrageCallback(store_path=store_path, probe_seeds=[0, 1], num_inference_steps=10, guidance_scale=3.0,
-                                thumbnail_size=16, overwrite=True, timesteps=[200, 500, 800])
+                                thumbnail_size=16, overwrite=True, timesteps=[200, 500, 800],
+                                mode="inline")  # the guard checks each snapshot as it is written (deferred: `montrage encode`)
     guard = MemorizationGuard()  # after the callback: reads each snapshot once written; alerts on near-copies
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, guard], logger=False, enable_checkpointing=False,
                          enable_progress_bar=progress, enable_model_summary=False, deterministic=True)

@@ -34,7 +34,7 @@ def run(name: str, out_dir: str, epochs: int = 6, seed: int = 0, base: str = "ti
     cfg = RUNS[name]
     store = os.path.join(out_dir, f"{name}.h5")
     monitor = MontrageCallback(store_path=store, probe_seeds=[0, 1], timesteps=[200, 500, 800], num_inference_steps=10,
-                               guidance_scale=3.0, thumbnail_size=16, overwrite=True, log_to_wandb=False)
+                               guidance_scale=3.0, thumbnail_size=16, overwrite=True, log_to_wandb=False, mode="inline")
     # representation_threshold=1.0 only records that measure's maxima; require="any" keeps the pixel rule alone
     guard = MemorizationGuard(representation_threshold=1.0, require="any", log_to_wandb=False)
     pl.seed_everything(seed)

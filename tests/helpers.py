@@ -21,7 +21,7 @@ CRASH_WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_w
 
 def callback(store_path, **kw) -> MontrageCallback:
     args = dict(store_path=str(store_path), probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0,
-                timesteps=[300, 700], thumbnail_size=8, log_to_wandb=False)
+                timesteps=[300, 700], thumbnail_size=8, log_to_wandb=False, mode="inline")
     args.update(kw)
     return MontrageCallback(**args)
 

@@ -2,6 +2,7 @@
 accelerate loop, each over a dict dataset streamed from disk whose collate drops every key but the tensors."""
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -95,12 +96,12 @@ def loss_of(pipe, batch, unet=None):
 
 def monitor_args(**kw):
     args = dict(probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0, timesteps=[300, 700], thumbnail_size=8,
-                log_to_wandb=False, progress=False)
+                log_to_wandb=False, progress=False, mode="inline")
     args.update(kw)
     return args
 
 
-def plain_loop(model_dir, data_root, store=None, steps=5, seed=0, batch_size=2, **monitor_kw):
+def plain_loop(model_dir, data_root, store=None, steps=5, seed=0, batch_size=2, pause=0.0, **monitor_kw):
     """A plain PyTorch LoRA loop; with `store`, monitored with the six lines of the README. Returns (losses, lora, monitor)."""
     from montrage import Monitor
 
@@ -129,6 +130,7 @@ def plain_loop(model_dir, data_root, store=None, steps=5, seed=0, batch_size=2, 
             if monitor is not None:
                 monitor.on_batch(batch, step)
                 monitor.maybe_snapshot(step)
+            time.sleep(pause)  # a slower run, for tests that follow it from another process
             if step >= steps:
                 break
     if monitor is not None:

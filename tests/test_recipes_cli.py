@@ -77,6 +77,9 @@ def test_lightning_cli_runs_the_demo_config(tiny_model_dir, tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(path)]) == 0
+    with StoreReader(str(tmp_path / "store.h5")) as r:  # a LoRA run: deferred by default
+        assert r.deferred and r.adapter_snapshots == 2 and r.num_epochs == 0 and len(r.train) == 8
+    assert main(["encode", str(tmp_path / "store.h5")]) == 0
     with StoreReader(str(tmp_path / "store.h5")) as r:
         assert list(r.epochs) == [0, 1] and len(r.train) == 8
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -10,6 +10,7 @@ import torch
 from montrage.components import embed_prompts, load_model, model_identity
 from montrage.encode import CAPTION, condition_prompts
 from montrage.probes import ProbeSet
+from montrage.projection import project
 from montrage.store import StoreError, StoreMismatchError, StoreReader
 
 
@@ -54,6 +55,7 @@ class StoreModel:
         for part in self.family.modules():
             part.to(self.device).eval().requires_grad_(False)
         self.encode_prompt = cfg.get("encode_prompt", "")
+        self.projection = {layer: m for layer in store.layers if (m := store.projection(layer)) is not None}
         self.row: int | None = None
 
     @property
@@ -105,7 +107,8 @@ class StoreModel:
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(self.family.encode(latents, seeds, prompts, cfg["timesteps"], cfg["layers"], cfg["pooling"]))
+            per_epoch.append(project(self.family.encode(latents, seeds, prompts, cfg["timesteps"], cfg["layers"],
+                                                        cfg["pooling"]), self.projection))
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()
