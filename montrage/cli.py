@@ -148,6 +148,13 @@ def cmd_bench(args) -> int:
                           + (["--members", str(args.members)] if args.members else [])
                           + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
         return 0
+    if args.what == "scale":
+        from montrage.recipes.bench_scale import run_scale
+
+        sizes = args.sizes if args.sizes != "100,1000,10000" else "1000,10000,100000"
+        result = run_scale(tuple(int(n) for n in sizes.split(",")), out=args.out)
+        print(json.dumps(result, indent=1))
+        return 0
     if args.what == "query":
         from montrage.recipes.bench import run_query_latency
 
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "query", "origin", "memory"])
+    s.add_argument("what", choices=["overhead", "attribution", "query", "origin", "memory", "scale"])
     s.add_argument("--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run")
     s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
     s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")

@@ -130,6 +130,15 @@ def _variant(variant: str, epochs: int, images_per_concept: int, repeats: int, w
         callbacks.append(MontrageCallback(store_path=store, probe_seeds=[0] if big else [0, 1], num_inference_steps=10,
                                           probe_mixtures=not big, guidance_scale=3.0, thumbnail_size=16, overwrite=True,
                                           log_to_wandb=False, mode=variant))
+    hooks = [0.0]  # seconds spent inside the monitor's per-batch and per-epoch hooks (a low-noise overhead estimate)
+    if with_callback:
+        cb = callbacks[-1]
+        for name in ("on_train_batch_end", "on_train_epoch_end"):
+            def timed(*a, _f=getattr(cb, name), **k):
+                t = time.perf_counter()
+                _f(*a, **k)
+                hooks[0] += time.perf_counter() - t
+            setattr(cb, name, timed)
     t0 = time.perf_counter()
     gpu = accelerator == "gpu"
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
@@ -147,6 +156,7 @@ def _variant(variant: str, epochs: int, images_per_concept: int, repeats: int, w
         "epoch_seconds": epoch_times,
         "fit_seconds": time.perf_counter() - t0,
         "epoch0_snapshot_seconds": timer.marks[0] - timer.start if with_callback else 0.0,
+        "monitor_hook_seconds": hooks[0],
         "steps_per_epoch": trainer.num_training_batches,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -213,6 +223,10 @@ def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 4
             "ratio": round(float(np.median(ratios)), 4),
             "ratios_per_round": [round(float(r), 4) for r in ratios],
             "epoch_seconds": round(float(np.median(per_round(variant))), 3),
+            "hook_seconds_per_epoch": round(float(np.median([x["monitor_hook_seconds"] / epochs for x in results
+                                                             if x["variant"] == variant])), 4),
+            "ratio_from_hooks": round(1.0 + float(np.median([x["monitor_hook_seconds"] / epochs for x in results
+                                                               if x["variant"] == variant])) / float(np.median(plain)), 4),
             "epoch0_snapshot_seconds": round(float(last["epoch0_snapshot_seconds"]), 3),
             "store_bytes_per_snapshot": int(last["store_bytes"] / last["snapshots"]),
             "peak_rss_mib": round(max(x["peak_rss_mib"] for x in results if x["variant"] == variant), 1),

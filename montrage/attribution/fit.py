@@ -64,24 +64,87 @@ def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = "scos", steps: int = 40
     return model.eval(), history
 
 
+def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode, loss: Loss = "scos", steps: int = 400,
+                  lr: float = 3e-3, hidden: int = 64, seed: int = 0, batch: int = 1024, block: int = 4096,
+                  progress: bool = True) -> tuple[AttributionModel, list[float]]:
+    """Adam on mini-batches of training images (every probe against `batch` images per step), the pair features
+    computed from the index as needed: memory O(probes x batch), not O(probes x images).
+
+    A first pass gathers each probe's standardization statistics over all images; the model's input normalization
+    follows from them (the raw half from their pooled moments; the standardized half is 0-mean, unit-variance)."""
+    from tqdm.auto import tqdm
+
+    from montrage.attribution.index import _mode_q, mode_centre
+
+    n = y.shape[1]
+    qm, cm = _mode_q(queries, mode), mode_centre(centre, mode)
+
+    def x_of(rows):
+        feats, ranks = index.train_block(rows, mode)
+        return pair_features(qm, feats, cm, mode, ranks).astype(np.float64)
+
+    s1 = s2 = 0.0
+    for start in range(0, n, block):
+        x = x_of(np.arange(start, min(n, start + block)))
+        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
+    mean, var = s1 / n, np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
+    stats = (mean, np.sqrt(var))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    D = mean.shape[-1]
+    model = AttributionModel(2 * D, hidden=hidden)
+    pooled_mean = mean.mean(axis=(0, 1))
+    pooled_var = (var + (mean - pooled_mean) ** 2).mean(axis=(0, 1))
+    model.mu.copy_(torch.as_tensor(np.concatenate([pooled_mean, np.zeros(D)]), dtype=torch.float32))
+    model.sigma.copy_(torch.as_tensor(np.concatenate([np.sqrt(pooled_var), np.ones(D)]), dtype=torch.float32).clamp_min(1e-6))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    history = []
+    for _ in tqdm(range(steps), desc=f"montrage: fit ({mode})", disable=not progress, leave=False):
+        rows = np.sort(rng.choice(n, min(batch, n), replace=False))
+        xt = torch.as_tensor(per_query_standardize(x_of(rows), stats), dtype=torch.float32)
+        value = attribution_loss(model(xt), torch.as_tensor(y[:, rows], dtype=torch.float32), loss)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        history.append(float(value.detach()))
+    return model.eval(), history
+
+
 def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3,
                     hidden: int = 64, seed: int = 0, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
-                    within: float = 0.5) -> dict:
-    """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them."""
+                    within: float = 0.5, probes: str = "regenerate", progress: bool = True) -> dict:
+    """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
+
+    Stores with more than `index.LARGE` monitored images get the training-side index (`<out>/index`) and a
+    streaming fit. `probes="stored"` uses the probe features the store holds instead of regenerating the final
+    probes (no model needed; for synthetic stores)."""
+    from montrage.attribution.index import LARGE, TrainIndex, build_index
+
     t0 = time.time()
     out_dir = out_dir or default_model_dir(store_path)
     with StoreReader(store_path) as store:
         check_fittable(store)
-        sm = StoreModel(store, model_path)
-        queries = probe_trajectories(sm)
+        if probes == "stored":
+            queries = {layer: store.probe_features(layer) for layer in store.layers}
+        else:
+            queries = probe_trajectories(StoreModel(store, model_path))
         centre = train_centre(store)
+        index, index_seconds = None, 0.0
+        if store.num_train > LARGE:
+            t = time.time()
+            build_index(store, centre, os.path.join(out_dir, "index"), progress=progress)
+            index = TrainIndex(os.path.join(out_dir, "index"), store)
+            index_seconds = time.time() - t
         train = store.train
         y = np.array(store.probes.ground_truth([e.concept for e in train], [e.id for e in train], within), np.float32)
         report = {"store": store_path, "num_probes": len(store.probes), "num_train_images": len(train),
                   "epochs": [int(e) for e in store.epochs], "loss": loss, "steps": steps, "seed": seed, "models": {}}
         for mode in modes:
-            x = table(store, queries, centre, mode)
-            model, history = fit_model(x, y, loss, steps, lr, hidden, seed)
+            if index is not None:
+                model, history = fit_streaming(index, queries, centre, y, mode, loss, steps, lr, hidden, seed,
+                                               progress=progress)
+            else:
+                model, history = fit_model(table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed)
             names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
             meta = {"mode": mode, "loss": loss, "seed": seed, "within": within, "feature_names": names,
                     "store_identity": store.spec["identity"], "num_epochs": store.num_epochs,
@@ -90,4 +153,5 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "s
             report["models"][mode] = {"path": os.path.join(out_dir, mode), "features": len(names),
                                       "initial_loss": round(history[0], 5), "final_loss": round(history[-1], 5)}
     report["seconds"] = round(time.time() - t0, 2)
+    report["index_seconds"] = round(index_seconds, 2)
     return report

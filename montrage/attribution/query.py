@@ -52,7 +52,8 @@ def score_pairs(model: AttributionModel, store: StoreReader, queries: dict[str, 
 class Attributor:
     """`Attributor.from_store(path).query(images)`: concept scores and top-K training images per query."""
 
-    def __init__(self, store_path: str, model_dir: str | None = None, model_path: str | None = None, device: str = "cpu"):
+    def __init__(self, store_path: str, model_dir: str | None = None, model_path: str | None = None, device: str = "cpu",
+                 shortlist: int = 1000):
         self.store = StoreReader(store_path)
         self.model_dir = model_dir or default_model_dir(store_path)
         self.model_path, self.device = model_path, device
@@ -67,6 +68,16 @@ class Attributor:
         self.train = self.store.train
         self.concepts = sorted({e.concept for e in self.train})
         self.centre = train_centre(self.store)
+        self.labels = np.array([e.concept for e in self.train])
+        self.index = None
+        if os.path.isfile(os.path.join(self.model_dir, "index", "index.json")):
+            from montrage.attribution.index import TrainIndex
+
+            try:
+                self.index = TrainIndex(os.path.join(self.model_dir, "index"), self.store)
+            except ValueError as err:
+                raise AttributionModelError(str(err)) from err
+        self.shortlist = shortlist
         self._sm: StoreModel | None = None
         self._final_train: dict[str, np.ndarray] | None = None
 
@@ -103,26 +114,38 @@ class Attributor:
         last = self.store.num_epochs - 1
         rows = [last] if fast else list(range(self.store.num_epochs))
         traj = self.model.trajectory(pixels, seeds, rows, prompts)
+        return self.score_trajectories(traj, fast)[0]
+
+    def score_trajectories(self, traj: dict[str, np.ndarray], fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, N), scored (Q, N) bool) of encoded queries {layer: (E or 1, Q, T, F)}. Small stores score every
+        training image; indexed (large) ones each query's shortlist and the reference sample, exactly, and give the
+        other images their concept's estimated mean."""
         mode: Mode = "final" if fast else "trajectory"
-        if fast:  # the final-epoch model reads only the last epoch; pad the trajectory axis to the stored length
+        if fast and next(iter(traj.values())).shape[0] == 1:  # the final-epoch model reads only the last epoch
             traj = {k: np.repeat(v, self.store.num_epochs, axis=0) for k, v in traj.items()}
-        return score_pairs(self.models[mode], self.store, traj, self.centre, mode)
+        if self.index is not None:
+            from montrage.attribution.index import score_large
+
+            return score_large(self.models[mode], self.index, traj, self.centre, mode, self.labels, self.shortlist)
+        scores = score_pairs(self.models[mode], self.store, traj, self.centre, mode)
+        return scores, np.ones(scores.shape, bool)
 
     def concept_scores(self, scores: np.ndarray) -> np.ndarray:
         """(Q, C): mean image score per concept."""
-        labels = np.array([e.concept for e in self.train])
-        return np.stack([scores[:, labels == c].mean(axis=1) for c in self.concepts], axis=1)
+        return np.stack([scores[:, self.labels == c].mean(axis=1) for c in self.concepts], axis=1)
 
     def query(self, images, top_k: int = 5, fast: bool = False, prompt: str | list[str] | None = None) -> list[dict]:
         """`prompt`: the text the images were generated from (one for all, or one per image), if known."""
         pixels = self.load_images(images)
         prompts = [prompt] * len(pixels) if isinstance(prompt, str) else prompt
-        scores = self.image_scores(pixels, fast, prompts)
+        seeds = [query_seed(p) for p in pixels]
+        rows = [self.store.num_epochs - 1] if fast else list(range(self.store.num_epochs))
+        scores, scored = self.score_trajectories(self.model.trajectory(pixels, seeds, rows, prompts), fast)
         concept = self.concept_scores(scores)
         names = [str(p) for p in images] if not isinstance(images, torch.Tensor) else [f"image{i}" for i in range(len(pixels))]
         results = []
         for q in range(len(pixels)):
-            order = np.argsort(-scores[q])[:top_k]
+            order = np.argsort(-np.where(scored[q], scores[q], -np.inf))[:top_k]
             share = concept[q] / max(concept[q].sum(), 1e-12)
             result = {
                 "image": names[q], "mode": "fast" if fast else "full",

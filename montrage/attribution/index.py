@@ -1,0 +1,160 @@
+"""The training-side index of a large store, built once at fit time so that queries touch a few thousand images.
+
+For stores with more monitored images than `LARGE` the fit writes, beside the attribution models:
+  traj_<layer>.npy   (N, E, T, F) float16   the trajectories, image-major (a query reads its rows contiguously)
+  ranks_<layer>_<v>.npy (N, D) float16      the ranked change trajectories (the Spearman features' training side)
+  nn.npy             (N, d) float16         centred, unit final-snapshot features: the shortlist's index
+  reference.npy      (R,) int64             a stratified sample of training images
+A query scores its shortlist (the K nearest images in the final snapshot, exact inner-product search) and the
+reference sample with the full model; the reference sample supplies the per-query standardization and the
+concept scores' estimate for the images outside the shortlist (a stratified estimator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from montrage.attribution.table import Mode, _unit, _views, pair_features, per_query_standardize, train_ranks
+
+LARGE = 20_000  # monitored images above which the fit builds the index and queries use the shortlist
+SHORTLIST = 1000
+REFERENCE = 2048
+VERSION = 1
+
+
+def _nn_vectors(final: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, d): per layer the centred final-snapshot features (all timesteps), unit-normed, layers side by side."""
+    parts = []
+    for layer, x in final.items():  # x (n, T, F) of the last snapshot
+        c = x.astype(np.float32) - centre[layer][-1][None]
+        parts.append(_unit(c.reshape(len(c), -1)))
+    return _unit(np.concatenate(parts, axis=1))
+
+
+def reference_rows(concepts: list[str], size: int, seed: int = 0) -> np.ndarray:
+    """A fixed sample of `size` rows, the same share of every concept (at least 2 per concept)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(concepts)
+    out = []
+    for c in sorted(set(concepts)):
+        rows = np.flatnonzero(labels == c)
+        k = min(len(rows), max(2, int(round(size * len(rows) / len(labels)))))
+        out.append(rng.choice(rows, k, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: bool = True) -> dict:
+    """Write the index of every monitored image (one pass over the store, a block at a time)."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    n, E, layers = store.num_train, store.num_epochs, store.layers
+    traj, ranks, nn = {}, {}, None
+    bar = tqdm(total=n, desc="montrage: attribution index", unit="image", disable=not progress, leave=False)
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        feats = {layer: store.train_features(layer, rows) for layer in layers}
+        for layer, x in feats.items():
+            if layer not in traj:
+                traj[layer] = np.lib.format.open_memmap(os.path.join(out_dir, f"traj_{layer}.npy"), "w+", np.float16,
+                                                        (n, *x.shape[:1], *x.shape[2:]))
+            traj[layer][rows] = x.transpose(1, 0, 2, 3).astype(np.float16)
+        for key, r in train_ranks(feats, centre).items():
+            if r is None:
+                continue
+            if key not in ranks:
+                ranks[key] = np.lib.format.open_memmap(os.path.join(out_dir, f"ranks_{key[0]}_{key[1]}.npy"), "w+",
+                                                       np.float16, (n, r.shape[1]))
+            ranks[key][rows] = r.astype(np.float16)
+        v = _nn_vectors({layer: x[-1] for layer, x in feats.items()}, centre)
+        if nn is None:
+            nn = np.lib.format.open_memmap(os.path.join(out_dir, "nn.npy"), "w+", np.float16, (n, v.shape[1]))
+        nn[rows] = v.astype(np.float16)
+        bar.update(rows.stop - rows.start)
+    bar.close()
+    for arr in [*traj.values(), *ranks.values(), nn]:
+        arr.flush()
+    ref = reference_rows([e.concept for e in store.train], REFERENCE)
+    np.save(os.path.join(out_dir, "reference.npy"), ref)
+    meta = {"version": VERSION, "num_train": n, "num_epochs": E, "layers": layers, "ranks": [list(k) for k in ranks],
+            "store_identity": store.spec["identity"]}
+    with open(os.path.join(out_dir, "index.json"), "w") as fh:
+        json.dump(meta, fh)
+    return meta
+
+
+class TrainIndex:
+    """The index read back (memory-mapped); `rows` of it as the training side of `pair_features`."""
+
+    def __init__(self, out_dir: str, store):
+        with open(os.path.join(out_dir, "index.json")) as fh:
+            self.meta = json.load(fh)
+        if self.meta.get("store_identity") != store.spec["identity"] or self.meta["num_epochs"] != store.num_epochs \
+                or self.meta["num_train"] != store.num_train:
+            raise ValueError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
+                             f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
+        load = lambda name: np.load(os.path.join(out_dir, name), mmap_mode="r")  # noqa: E731
+        self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
+        self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
+        self.nn = np.asarray(load("nn.npy"), dtype=np.float32)  # in memory: every query searches all of it
+        self.reference = np.load(os.path.join(out_dir, "reference.npy"))
+
+    def train_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
+        """({layer: (E, n, T, F)}, ranks) of sorted `rows` (final mode reads the last snapshot only)."""
+        if mode == "final":
+            feats = {layer: np.ascontiguousarray(t[rows, -1:]).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
+            return feats, None
+        feats = {layer: np.ascontiguousarray(t[rows]).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
+        return feats, {k: np.asarray(r[rows]) for k, r in self.ranks.items()}
+
+    def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:
+        """(Q, k) rows of the k training images nearest each query in the final snapshot (exact inner product)."""
+        q = _nn_vectors(final_query, centre)
+        sim = q @ self.nn.T
+        k = min(k, sim.shape[1])
+        return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+
+
+def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, labels: np.ndarray,
+                k: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (Q, N), scored (Q, N) bool): exact scores of each query's shortlist and the reference sample; every
+    other image gets its concept's mean reference score (so concept means are the stratified estimate)."""
+    Q, N = next(iter(queries.values())).shape[1], len(labels)
+    final = {layer: v[-1] for layer, v in queries.items()}
+    short = index.shortlist(final, centre, k)
+    ref = index.reference
+    c_ref = mode_centre(centre, mode)
+    feats, ranks = index.train_block(ref, mode)
+    x_ref = pair_features(_mode_q(queries, mode), feats, c_ref, mode, ranks)
+    mean, std = x_ref.mean(axis=1, keepdims=True), x_ref.std(axis=1, keepdims=True)
+    ref_scores = model.score(per_query_standardize(x_ref, (mean, std))).numpy()
+    scores = np.zeros((Q, N), np.float32)
+    scored = np.zeros((Q, N), bool)
+    concepts = sorted(set(labels.tolist()))
+    for q in range(Q):
+        rows = np.sort(short[q])
+        feats, ranks = index.train_block(rows, mode)
+        one = {layer: v[:, q:q + 1] for layer, v in _mode_q(queries, mode).items()}
+        x = pair_features(one, feats, c_ref, mode, ranks)
+        s = model.score(per_query_standardize(x, (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
+        outside = ~np.isin(ref, rows)
+        for c in concepts:  # images outside the shortlist: the concept's mean over the reference sample outside it
+            mask = labels[ref] == c
+            pick = mask & outside
+            scores[q, labels == c] = float(ref_scores[q, pick].mean()) if pick.any() else float(ref_scores[q, mask].mean())
+        scores[q, rows] = s
+        scores[q, ref] = np.where(np.isin(ref, rows), scores[q, ref], ref_scores[q])
+        scored[q, rows] = True
+        scored[q, ref] = True
+    return scores, scored
+
+
+def mode_centre(centre: dict, mode: Mode) -> dict:
+    return {k: v[-1:] for k, v in centre.items()} if mode == "final" else centre
+
+
+def _mode_q(queries: dict, mode: Mode) -> dict:
+    return {k: v[-1:] for k, v in queries.items()} if mode == "final" else queries
