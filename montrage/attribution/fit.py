@@ -112,13 +112,14 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
 
 def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3,
                     hidden: int = 64, seed: int = 0, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
-                    within: float = 0.5, probes: str = "regenerate", progress: bool = True) -> dict:
+                    within: float = 0.5, probes: str = "regenerate", progress: bool = True,
+                    memory_bytes: int = 1 << 30) -> dict:
     """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
 
-    Stores with more than `index.LARGE` monitored images get the training-side index (`<out>/index`) and a
-    streaming fit. `probes="stored"` uses the probe features the store holds instead of regenerating the final
-    probes (no model needed; for synthetic stores)."""
-    from montrage.attribution.index import LARGE, TrainIndex, build_index
+    The training-side index (`<out>/index`) is built for the queries; when the whole (probe x image) table would
+    not fit in `memory_bytes`, the fit streams mini-batches from it. `probes="stored"` uses the probe features the
+    store holds instead of regenerating the final probes (no model needed; for synthetic stores)."""
+    from montrage.attribution.index import TrainIndex, build_index
 
     t0 = time.time()
     out_dir = out_dir or default_model_dir(store_path)
@@ -129,28 +130,27 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "s
         else:
             queries = probe_trajectories(StoreModel(store, model_path))
         centre = train_centre(store)
-        index, index_seconds = None, 0.0
-        if store.num_train > LARGE:
-            t = time.time()
-            build_index(store, centre, os.path.join(out_dir, "index"), progress=progress)
-            index = TrainIndex(os.path.join(out_dir, "index"), store)
-            index_seconds = time.time() - t
+        t = time.time()
+        build_index(store, centre, os.path.join(out_dir, "index"), progress=progress)
+        index = TrainIndex(os.path.join(out_dir, "index"), store)
+        index_seconds = time.time() - t
         train = store.train
         y = np.array(store.probes.ground_truth([e.concept for e in train], [e.id for e in train], within), np.float32)
         report = {"store": store_path, "num_probes": len(store.probes), "num_train_images": len(train),
                   "epochs": [int(e) for e in store.epochs], "loss": loss, "steps": steps, "seed": seed, "models": {}}
         for mode in modes:
-            if index is not None:
+            names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
+            streaming = len(store.probes) * store.num_train * 2 * len(names) * 4 > memory_bytes
+            if streaming:
                 model, history = fit_streaming(index, queries, centre, y, mode, loss, steps, lr, hidden, seed,
                                                progress=progress)
             else:
                 model, history = fit_model(table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed)
-            names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
             meta = {"mode": mode, "loss": loss, "seed": seed, "within": within, "feature_names": names,
                     "store_identity": store.spec["identity"], "num_epochs": store.num_epochs,
                     "final_loss": history[-1], "initial_loss": history[0]}
             model.save(os.path.join(out_dir, mode), meta)
-            report["models"][mode] = {"path": os.path.join(out_dir, mode), "features": len(names),
+            report["models"][mode] = {"path": os.path.join(out_dir, mode), "features": len(names), "streaming": streaming,
                                       "initial_loss": round(history[0], 5), "final_loss": round(history[-1], 5)}
     report["seconds"] = round(time.time() - t0, 2)
     report["index_seconds"] = round(index_seconds, 2)

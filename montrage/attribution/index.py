@@ -1,13 +1,15 @@
-"""The training-side index of a large store, built once at fit time so that queries touch a few thousand images.
+"""The training-side index of a store, built once at fit time, so that a query neither re-reads the store nor
+re-ranks the training trajectories, and for large stores touches only a few thousand images.
 
-For stores with more monitored images than `LARGE` the fit writes, beside the attribution models:
+The fit writes, beside the attribution models (`<model dir>/index/`):
   traj_<layer>.npy   (N, E, T, F) float16   the trajectories, image-major (a query reads its rows contiguously)
   ranks_<layer>_<v>.npy (N, D) float16      the ranked change trajectories (the Spearman features' training side)
   nn.npy             (N, d) float16         centred, unit final-snapshot features: the shortlist's index
-  reference.npy      (R,) int64             a stratified sample of training images
-A query scores its shortlist (the K nearest images in the final snapshot, exact inner-product search) and the
-reference sample with the full model; the reference sample supplies the per-query standardization and the
-concept scores' estimate for the images outside the shortlist (a stratified estimator).
+  reference.npy      (R,) int64             every image up to `EXACT`; beyond, a stratified sample
+Up to `EXACT` images a query scores every image exactly. Beyond, it scores its shortlist (the K nearest images in
+the final snapshot, exact inner-product search) and the reference sample with the full model; the reference sample
+supplies the per-query standardization and, for the images outside the shortlist, their concept's mean score (a
+stratified estimate of the concept scores).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from montrage.attribution.table import Mode, _unit, _views, pair_features, per_query_standardize, train_ranks
 
-LARGE = 20_000  # monitored images above which the fit builds the index and queries use the shortlist
+EXACT = 4096  # monitored images up to which queries score every image
 SHORTLIST = 1000
 REFERENCE = 2048
 VERSION = 1
@@ -77,7 +79,7 @@ def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: 
     bar.close()
     for arr in [*traj.values(), *ranks.values(), nn]:
         arr.flush()
-    ref = reference_rows([e.concept for e in store.train], REFERENCE)
+    ref = np.arange(n) if n <= EXACT else reference_rows([e.concept for e in store.train], REFERENCE)
     np.save(os.path.join(out_dir, "reference.npy"), ref)
     meta = {"version": VERSION, "num_train": n, "num_epochs": E, "layers": layers, "ranks": [list(k) for k in ranks],
             "store_identity": store.spec["identity"]}
@@ -119,36 +121,46 @@ class TrainIndex:
 
 
 def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, labels: np.ndarray,
-                k: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (Q, N), scored (Q, N) bool): exact scores of each query's shortlist and the reference sample; every
-    other image gets its concept's mean reference score (so concept means are the stratified estimate)."""
-    Q, N = next(iter(queries.values())).shape[1], len(labels)
-    final = {layer: v[-1] for layer, v in queries.items()}
-    short = index.shortlist(final, centre, k)
-    ref = index.reference
-    c_ref = mode_centre(centre, mode)
-    feats, ranks = index.train_block(ref, mode)
-    x_ref = pair_features(_mode_q(queries, mode), feats, c_ref, mode, ranks)
-    mean, std = x_ref.mean(axis=1, keepdims=True), x_ref.std(axis=1, keepdims=True)
-    ref_scores = model.score(per_query_standardize(x_ref, (mean, std))).numpy()
+                k: int = SHORTLIST, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (Q, N), scored (Q, N) bool). The reference rows are scored exactly (all images up to `EXACT`); beyond,
+    each query's shortlist too, and every other image gets its concept's mean score over the reference rows
+    outside that shortlist (so the concept means are a stratified estimate)."""
+    qm, cm = _mode_q(queries, mode), mode_centre(centre, mode)
+    Q, N, ref = next(iter(qm.values())).shape[1], len(labels), index.reference
+    blocks = [ref[i:i + block] for i in range(0, len(ref), block)]
+
+    def x_of(rows, q=slice(None)):
+        feats, ranks = index.train_block(rows, mode)
+        return pair_features({layer: v[:, q] for layer, v in qm.items()}, feats, cm, mode, ranks)
+
+    keep = Q * len(ref) <= 4_000_000  # the reference pair features fit in memory: compute them once
+    xs, s1, s2 = [], 0.0, 0.0
+    for rows in blocks:
+        x = x_of(rows).astype(np.float64)
+        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
+        if keep:
+            xs.append(x)
+    mean = s1 / len(ref)
+    std = np.sqrt(np.maximum(s2 / len(ref) - mean ** 2, 0.0))
+    ref_scores = np.concatenate([model.score(per_query_standardize(xs[i] if keep else x_of(rows), (mean, std))).numpy()
+                                 for i, rows in enumerate(blocks)], axis=1)
     scores = np.zeros((Q, N), np.float32)
     scored = np.zeros((Q, N), bool)
-    concepts = sorted(set(labels.tolist()))
+    scores[:, ref], scored[:, ref] = ref_scores, True
+    if len(ref) == N:
+        return scores, scored
+    short = index.shortlist({layer: v[-1] for layer, v in queries.items()}, centre, k)
+    masks = {c: labels == c for c in sorted(set(labels.tolist()))}
+    ref_masks = {c: m[ref] for c, m in masks.items()}
     for q in range(Q):
         rows = np.sort(short[q])
-        feats, ranks = index.train_block(rows, mode)
-        one = {layer: v[:, q:q + 1] for layer, v in _mode_q(queries, mode).items()}
-        x = pair_features(one, feats, c_ref, mode, ranks)
-        s = model.score(per_query_standardize(x, (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
+        s = model.score(per_query_standardize(x_of(rows, slice(q, q + 1)), (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
         outside = ~np.isin(ref, rows)
-        for c in concepts:  # images outside the shortlist: the concept's mean over the reference sample outside it
-            mask = labels[ref] == c
-            pick = mask & outside
-            scores[q, labels == c] = float(ref_scores[q, pick].mean()) if pick.any() else float(ref_scores[q, mask].mean())
-        scores[q, rows] = s
-        scores[q, ref] = np.where(np.isin(ref, rows), scores[q, ref], ref_scores[q])
-        scored[q, rows] = True
-        scored[q, ref] = True
+        for c, mask in masks.items():  # images outside the shortlist and the sample: the concept's sample mean
+            pick = ref_masks[c] & outside
+            fill = ref_scores[q, pick if pick.any() else ref_masks[c]].mean()
+            scores[q, mask & ~scored[q]] = fill
+        scores[q, rows], scored[q, rows] = s, True
     return scores, scored
 
 
