@@ -148,6 +148,8 @@ def encode_store(store_path: str, images: Any = None, model_path: Optional[str] 
                     if not enc._snapshot(int(store.f["global_step"][row]), int(store.f["epoch"][row])):
                         raise StoreError(f"encoding snapshot {row} of {store_path!r} failed.")
                     encoded += 1
+                    if log_to_wandb and enc.is_writer and enc.snapshots_written >= 2:
+                        _log_attribution(store, enc)
                 if not follow or not open_:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -164,6 +166,29 @@ def encode_store(store_path: str, images: Any = None, model_path: Optional[str] 
                 "images_per_second": round(encoded * len(enc.monitored) / max(time.time() - t0, 1e-9), 2)}
     finally:
         store.close()
+
+
+def _log_attribution(store: StoreReader, enc: _Encoder) -> None:
+    """Attribution curves of the snapshots encoded so far (a final-epoch model fitted on them, as AttributionCurves
+    does), logged per probe concept and training concept at the latest snapshot."""
+    from montrage.attribution_curves import attribution_curves, fit_live_model
+
+    runs = enc.wandb_runs()
+    if not runs:
+        return
+    store.ff = enc._writer.f  # this process writes the features file: read it through the writer's handle
+    try:
+        curves = attribution_curves(store, fit_live_model(store, steps=100), top_k=1)
+        row = store.num_epochs - 1
+        payload = {"montrage/global_step": int(store.global_steps[row]), "montrage/epoch": int(store.epochs[row])}
+    finally:
+        store.ff = None
+    primary = np.asarray(store.probes.primary_concepts())
+    for pc in sorted(set(primary.tolist())):
+        for j, tc in enumerate(curves["concepts"]):
+            payload[f"montrage/attribution/{pc}/{tc}"] = float(curves["scores"][row, primary == pc, j].mean())
+    for run in runs:
+        run.log(payload)
 
 
 def _rows(start: int, stop: int, bar: bool):

@@ -180,7 +180,10 @@ def _variant(variant: str, epochs: int, images_per_concept: int, repeats: int, w
 def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 40, rounds: int = 2,
                  out: str | None = None, mode: str = "both", model: str = "tiny", accelerator: str = "cpu",
                  resolution: Optional[int] = None) -> dict:
-    """Per round: without, then each monitored mode, each in a fresh process; ratios per round, their median."""
+    """Per round, one fresh process fits without, then each monitored mode, then all of them again (every fit its own
+    Trainer, module and store); a round's ratio is a mode's epoch time over the mean of that process's two fits
+    without, so that process-to-process noise (thread placement, allocator state) cancels. The median over rounds
+    is reported, with the time spent inside the monitor's hooks as a second, low-noise estimate."""
     from montrage.recipes.tiny_base import tiny_base_path
 
     if model in BASES:
@@ -191,18 +194,20 @@ def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 4
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for variant in ["without"] + modes:
-                args = [sys.executable, "-m", "montrage.recipes.bench", "_variant", json.dumps(
-                    [variant, epochs, images_per_concept, repeats, tmp, model, accelerator, resolution])]
-                proc = subprocess.run(args, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"benchmark variant failed:\n{proc.stderr[-3000:]}")
-                results.append({"round": r, **json.loads(proc.stdout.strip().splitlines()[-1])})
-                print(f"round {r + 1}/{rounds} {variant}: {np.mean(results[-1]['epoch_seconds']):.2f} s/epoch",
+            sequence = (["without"] + modes) * 2
+            args = [sys.executable, "-m", "montrage.recipes.bench", "_sequence", json.dumps(
+                [sequence, epochs, images_per_concept, repeats, tmp, model, accelerator, resolution])]
+            proc = subprocess.run(args, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark variant failed:\n{proc.stderr[-3000:]}")
+            for k, run in enumerate(json.loads(proc.stdout.strip().splitlines()[-1])):
+                results.append({"round": r, "position": k, **run})
+                print(f"round {r + 1}/{rounds} {run['variant']}: {np.mean(run['epoch_seconds']):.2f} s/epoch",
                       file=sys.stderr, flush=True)
 
-    def per_round(variant):
-        return [np.mean(x["epoch_seconds"]) for x in results if x["variant"] == variant]
+    def per_round(variant):  # mean epoch time of each round's fits of `variant`
+        return [np.mean([np.mean(x["epoch_seconds"]) for x in results if x["variant"] == variant and x["round"] == r])
+                for r in range(rounds)]
 
     plain = per_round("without")
     summary = {
@@ -242,6 +247,9 @@ def run_overhead(epochs: int = 3, images_per_concept: int = 16, repeats: int = 4
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "_variant":
     print(json.dumps(_variant(*json.loads(sys.argv[2]))))
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "_sequence":
+    variants, *rest = json.loads(sys.argv[2])
+    print(json.dumps([_variant(v, *rest) for v in variants]))
 
 
 def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> None:

@@ -168,7 +168,9 @@ def test_follow_encodes_a_live_run_and_logs_curves(tiny_model_dir, data_root, tm
     with StoreReader(store) as r:
         assert r.num_epochs == r.adapter_snapshots == 4 == result["snapshots"]  # steps 0, 2, 4, 6
         assert r.global_steps.tolist() == [0, 2, 4, 6]
-    steps = [p["montrage/global_step"] for _, p in run.logged]
-    assert steps == [0, 2, 4, 6]
-    assert any("montrage/similarity/digit1/digit7" in p for _, p in run.logged)
+    similarity = [p for _, p in run.logged if "montrage/similarity/digit1/digit7" in p]
+    attribution = [p for _, p in run.logged if "montrage/attribution/digit1/digit7" in p]
+    assert [p["montrage/global_step"] for p in similarity] == [0, 2, 4, 6]
+    assert [p["montrage/global_step"] for p in attribution] == [2, 4, 6]  # from the second snapshot on
+    assert all(0.0 <= p["montrage/attribution/digit7/digit7"] <= 1.0 for p in attribution)
     assert run.logged[0][0] < closed  # the first snapshot was encoded (and logged) while the run still trained

@@ -20,6 +20,7 @@ from montrage.encode import stable_seed
 from montrage.store import StoreError, StoreReader
 
 MODES: tuple[Mode, ...] = ("trajectory", "final")
+STREAM_PAIRS = 1 << 17  # (probe, image) pairs above which the fit streams mini-batches
 
 
 def default_model_dir(store_path: str) -> str:
@@ -116,8 +117,9 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "s
                     memory_bytes: int = 1 << 30) -> dict:
     """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
 
-    The training-side index (`<out>/index`) is built for the queries; when the whole (probe x image) table would
-    not fit in `memory_bytes`, the fit streams mini-batches from it. `probes="stored"` uses the probe features the
+    The training-side index (`<out>/index`) is built for the queries; beyond `STREAM_PAIRS` (probe, image) pairs, or
+    when the whole table would not fit in `memory_bytes`, the fit streams mini-batches from it (a full-batch step
+    costs O(pairs); a streamed one O(probes x batch)). `probes="stored"` uses the probe features the
     store holds instead of regenerating the final probes (no model needed; for synthetic stores)."""
     from montrage.attribution.index import TrainIndex, build_index
 
@@ -140,7 +142,8 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "s
                   "epochs": [int(e) for e in store.epochs], "loss": loss, "steps": steps, "seed": seed, "models": {}}
         for mode in modes:
             names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
-            streaming = len(store.probes) * store.num_train * 2 * len(names) * 4 > memory_bytes
+            pairs = len(store.probes) * store.num_train
+            streaming = pairs > STREAM_PAIRS or pairs * 2 * len(names) * 4 > memory_bytes
             if streaming:
                 model, history = fit_streaming(index, queries, centre, y, mode, loss, steps, lr, hidden, seed,
                                                progress=progress)

@@ -4,6 +4,7 @@ re-ranks the training trajectories, and for large stores touches only a few thou
 The fit writes, beside the attribution models (`<model dir>/index/`):
   traj_<layer>.npy   (N, E, T, F) float16   the trajectories, image-major (a query reads its rows contiguously)
   ranks_<layer>_<v>.npy (N, D) float16      the ranked change trajectories (the Spearman features' training side)
+  final_<layer>.npy  (N, T, F) float16      the final snapshot (held in memory by queries: fast mode reads it)
   nn.npy             (N, d) float16         centred, unit final-snapshot features: the shortlist's index
   reference.npy      (R,) int64             every image up to `EXACT`; beyond, a stratified sample
 Up to `EXACT` images a query scores every image exactly. Beyond, it scores its shortlist (the K nearest images in
@@ -48,37 +49,81 @@ def reference_rows(concepts: list[str], size: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
+class RowFile:
+    """An .npy file read and written a row at a time with pread/pwrite: no memory map, so the pages it touches stay
+    in the page cache instead of the process's resident memory (a fit over 100,000 images stays bounded)."""
+
+    def __init__(self, path: str, mode: str = "r", dtype=np.float16, shape: tuple | None = None):
+        if mode == "w":
+            np.lib.format.open_memmap(path, "w+", dtype, shape).flush()  # header and size only; the map is dropped
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(fh)
+            self.offset = fh.tell()
+        self.row_shape = tuple(self.shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
+        self.fd = os.open(path, os.O_RDWR if mode == "w" else os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        os.pwrite(self.fd, np.ascontiguousarray(values, self.dtype).tobytes(), self.offset + start * self.row_bytes)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted or not); runs of consecutive rows are read with one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8).reshape(len(rows), self.row_bytes)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            data = os.pread(self.fd, (j - i) * self.row_bytes, self.offset + int(rows[i]) * self.row_bytes)
+            flat[i:j] = np.frombuffer(data, np.uint8).reshape(j - i, self.row_bytes)
+            i = j
+        return out
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: bool = True) -> dict:
     """Write the index of every monitored image (one pass over the store, a block at a time)."""
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     n, E, layers = store.num_train, store.num_epochs, store.layers
-    traj, ranks, nn = {}, {}, None
+    traj, ranks, final, nn = {}, {}, {}, None
     bar = tqdm(total=n, desc="montrage: attribution index", unit="image", disable=not progress, leave=False)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         feats = {layer: store.train_features(layer, rows) for layer in layers}
         for layer, x in feats.items():
             if layer not in traj:
-                traj[layer] = np.lib.format.open_memmap(os.path.join(out_dir, f"traj_{layer}.npy"), "w+", np.float16,
-                                                        (n, *x.shape[:1], *x.shape[2:]))
-            traj[layer][rows] = x.transpose(1, 0, 2, 3).astype(np.float16)
+                traj[layer] = RowFile(os.path.join(out_dir, f"traj_{layer}.npy"), "w", shape=(n, *x.shape[:1], *x.shape[2:]))
+            traj[layer].write(start, x.transpose(1, 0, 2, 3))
+            if layer not in final:
+                final[layer] = RowFile(os.path.join(out_dir, f"final_{layer}.npy"), "w", shape=(n, *x.shape[2:]))
+            final[layer].write(start, x[-1])
         for key, r in train_ranks(feats, centre).items():
             if r is None:
                 continue
             if key not in ranks:
-                ranks[key] = np.lib.format.open_memmap(os.path.join(out_dir, f"ranks_{key[0]}_{key[1]}.npy"), "w+",
-                                                       np.float16, (n, r.shape[1]))
-            ranks[key][rows] = r.astype(np.float16)
+                ranks[key] = RowFile(os.path.join(out_dir, f"ranks_{key[0]}_{key[1]}.npy"), "w", shape=(n, r.shape[1]))
+            ranks[key].write(start, r)
         v = _nn_vectors({layer: x[-1] for layer, x in feats.items()}, centre)
         if nn is None:
-            nn = np.lib.format.open_memmap(os.path.join(out_dir, "nn.npy"), "w+", np.float16, (n, v.shape[1]))
-        nn[rows] = v.astype(np.float16)
+            nn = RowFile(os.path.join(out_dir, "nn.npy"), "w", shape=(n, v.shape[1]))
+        nn.write(start, v)
         bar.update(rows.stop - rows.start)
     bar.close()
-    for arr in [*traj.values(), *ranks.values(), nn]:
-        arr.flush()
+    for f in [*traj.values(), *ranks.values(), *final.values(), nn]:
+        f.close()
     ref = np.arange(n) if n <= EXACT else reference_rows([e.concept for e in store.train], REFERENCE)
     np.save(os.path.join(out_dir, "reference.npy"), ref)
     meta = {"version": VERSION, "num_train": n, "num_epochs": E, "layers": layers, "ranks": [list(k) for k in ranks],
@@ -98,19 +143,31 @@ class TrainIndex:
                 or self.meta["num_train"] != store.num_train:
             raise ValueError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
                              f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
-        load = lambda name: np.load(os.path.join(out_dir, name), mmap_mode="r")  # noqa: E731
+        load = lambda name: RowFile(os.path.join(out_dir, name))  # noqa: E731
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
         self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
-        self.nn = np.asarray(load("nn.npy"), dtype=np.float32)  # in memory: every query searches all of it
+        self.nn = np.load(os.path.join(out_dir, "nn.npy")).astype(np.float32)  # in memory: every query searches it all
+        self.final = {layer: np.load(os.path.join(out_dir, f"final_{layer}.npy")) for layer in self.meta["layers"]}
         self.reference = np.load(os.path.join(out_dir, "reference.npy"))
+        self._reference_blocks: dict = {}  # (mode, first row, rows) -> train_block: every query reads the same rows
+
+    def reference_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
+        """`train_block` of reference rows, kept in memory after the first query (at most `REFERENCE` images)."""
+        key = (mode, int(rows[0]), len(rows))
+        if key not in self._reference_blocks:
+            self._reference_blocks[key] = self.train_block(rows, mode)
+        return self._reference_blocks[key]
+
+    def close(self) -> None:
+        for f in [*self.traj.values(), *self.ranks.values()]:
+            f.close()
 
     def train_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
-        """({layer: (E, n, T, F)}, ranks) of sorted `rows` (final mode reads the last snapshot only)."""
+        """({layer: (E, n, T, F)}, ranks) of sorted `rows` (final mode: the last snapshot, from memory)."""
         if mode == "final":
-            feats = {layer: np.ascontiguousarray(t[rows, -1:]).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
-            return feats, None
-        feats = {layer: np.ascontiguousarray(t[rows]).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
-        return feats, {k: np.asarray(r[rows]) for k, r in self.ranks.items()}
+            return {layer: f[rows][None] for layer, f in self.final.items()}, None
+        feats = {layer: t.read(rows).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
+        return feats, {k: r.read(rows) for k, r in self.ranks.items()}
 
     def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:
         """(Q, k) rows of the k training images nearest each query in the final snapshot (exact inner product)."""
@@ -129,20 +186,22 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     Q, N, ref = next(iter(qm.values())).shape[1], len(labels), index.reference
     blocks = [ref[i:i + block] for i in range(0, len(ref), block)]
 
-    def x_of(rows, q=slice(None)):
-        feats, ranks = index.train_block(rows, mode)
+    def x_of(rows, q=slice(None), reference=False):
+        cached = reference and len(ref) <= REFERENCE
+        feats, ranks = index.reference_block(rows, mode) if cached else index.train_block(rows, mode)
         return pair_features({layer: v[:, q] for layer, v in qm.items()}, feats, cm, mode, ranks)
 
     keep = Q * len(ref) <= 4_000_000  # the reference pair features fit in memory: compute them once
     xs, s1, s2 = [], 0.0, 0.0
     for rows in blocks:
-        x = x_of(rows).astype(np.float64)
+        x = x_of(rows, reference=True).astype(np.float64)
         s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
         if keep:
             xs.append(x)
     mean = s1 / len(ref)
     std = np.sqrt(np.maximum(s2 / len(ref) - mean ** 2, 0.0))
-    ref_scores = np.concatenate([model.score(per_query_standardize(xs[i] if keep else x_of(rows), (mean, std))).numpy()
+    ref_scores = np.concatenate([model.score(per_query_standardize(xs[i] if keep else x_of(rows, reference=True),
+                                                                   (mean, std))).numpy()
                                  for i, rows in enumerate(blocks)], axis=1)
     scores = np.zeros((Q, N), np.float32)
     scored = np.zeros((Q, N), bool)

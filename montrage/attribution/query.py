@@ -86,6 +86,8 @@ class Attributor:
         return cls(store_path, **kw)
 
     def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
         self.store.close()
 
     @property
