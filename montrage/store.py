@@ -15,6 +15,11 @@ Layout (E = committed epochs, P = probes, N = training images, T = timesteps, F 
     train/features/<layer>   (E, M, T, F) float16
     order/epoch, order/global_step, order/example_index  one row per training example seen
     lora/params              (E, K) float32 adapter snapshot per epoch (optional; names/shapes in attrs)
+    projection/<layer>       (F_pooled, F)  the fixed projection of pooled features (only for layers wider than F)
+
+A deferred store (attribute part = "adapter") holds no probes/features, probes/images or train/features; they live
+in `<store>.features.h5` (part = "features"), written by `montrage encode` with its own committed, epoch,
+global_step and adapter_check (the digest of the adapter each row was encoded from); StoreReader joins the two.
 
 All objects are created up front so that the file can be followed live in SWMR mode.
 

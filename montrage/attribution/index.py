@@ -99,7 +99,7 @@ def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: 
     os.makedirs(out_dir, exist_ok=True)
     n, E, layers = store.num_train, store.num_epochs, store.layers
     traj, ranks, final, nn = {}, {}, {}, None
-    bar = tqdm(total=n, desc="montrage: attribution index", unit="image", disable=not progress, leave=False)
+    bar = tqdm(total=n, desc="montrage: attribution index", unit="image", disable=not progress or n < 4096, leave=False)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         feats = {layer: store.train_features(layer, rows) for layer in layers}
