@@ -21,7 +21,7 @@ import numpy as np
 from montrage.distributed import Distributed, TorchDistributed
 from montrage.monitor import Monitor, MontrageConfigError
 from montrage.store import (StoreError, StoreMismatchError, StoreReader, StoreSpec, StoreWriter, adapter_digest,
-                            features_path, left_open_for_write)
+                            features_path, first_difference, left_open_for_write)
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,15 @@ class _Encoder(Monitor):
         main = self.store.spec
         spec.model, spec.config = main["model"], main["config"]
         spec.lora_names, spec.lora_shapes = main["lora_names"], main["lora_shapes"]
-        mine, held = spec.identity(), main["identity"]
-        for key in held:
-            if _jsonable(mine.get(key)) != held[key]:
-                raise StoreMismatchError(
-                    f"the rebuilt run does not match store {self.store.path!r}: field {key!r} differs (store: "
-                    f"{held[key]!r}, rebuilt: {_jsonable(mine.get(key))!r}). Pass the run's images (--images) and base "
-                    "model (--model-path).")
+        diff = first_difference(main["identity"], spec)
+        if diff is not None:
+            raise StoreMismatchError(
+                f"the rebuilt run does not match store {self.store.path!r}: field {diff[0]!r} differs (store: "
+                f"{diff[1]!r}, rebuilt: {diff[2]!r}). Pass the run's images (--images) and base model (--model-path).")
         # take the file (its lock; a killed encode's committed rows are recovered), then drop stale rows
         self._writer = StoreWriter(features_path(self.store_path), spec, truncate_to=(1 << 62, 0), part="features")
         self._writer.truncate(valid_rows(self.store, self._writer.f), 0)
         self.snapshots_written, self.order_rows = self._writer.committed[0], 0
-
-
-def _jsonable(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 def valid_rows(store: StoreReader, f) -> int:

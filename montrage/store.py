@@ -531,17 +531,26 @@ def _check_layout(f: h5py.File) -> None:
                          "file is damaged. Copy it again from its source, or re-run the monitoring.")
 
 
+def first_difference(held: dict, spec: StoreSpec) -> tuple[str, object, object] | None:
+    """(field, stored value, spec's value) of the first identity field in which a stored identity and `spec`
+    differ, or None when they agree."""
+    mine = json.loads(json.dumps(spec.identity(), default=str))
+    for key, value in mine.items():
+        if held.get(key) != value:
+            return key, held.get(key), value
+    return None
+
+
 def check_compatible(path: str, spec: StoreSpec) -> None:
     """Raise StoreMismatchError naming the first field in which the store at `path` and `spec` differ."""
     with _open_read(path) as f:
         held = json.loads(f.attrs["spec"]).get("identity", {})
-    mine = json.loads(json.dumps(spec.identity(), default=str))
-    for key, value in mine.items():
-        if held.get(key) != value:
-            raise StoreMismatchError(
-                f"store {path!r} was made by another run: field {key!r} differs (store: {held.get(key)!r}, this run: "
-                f"{value!r}). Use a new store_path for this run, or delete the old store."
-            )
+    diff = first_difference(held, spec)
+    if diff is not None:
+        raise StoreMismatchError(
+            f"store {path!r} was made by another run: field {diff[0]!r} differs (store: {diff[1]!r}, this run: "
+            f"{diff[2]!r}). Use a new store_path for this run, or delete the old store."
+        )
 
 
 class StoreReader:
