@@ -88,14 +88,17 @@ def _fit(path: str, steps: int) -> dict:
 
 
 def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (page cache, lazy loads), as a long-lived service would be
-    t = time.perf_counter()
+    """Median ms of `repeats` calls after a warm-up (page cache, lazy loads), as a long-lived service would see."""
+    fn()
+    times = []
     for _ in range(repeats):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / repeats * 1000
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1000
 
 
-def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 5, out: str | None = None,
+def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, out: str | None = None,
               workdir: str | None = None) -> dict:
     import torch
 

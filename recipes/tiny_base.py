@@ -48,8 +48,8 @@ class TinyBaseConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tokenizer(max_length: int = 16):
-    """A CLIP BPE tokenizer from an in-code vocabulary: characters, plus whole-word tokens for common words."""
+def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS):
+    """A CLIP BPE tokenizer from an in-code vocabulary: characters, plus whole-word tokens for `words`."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
@@ -57,7 +57,7 @@ def build_tokenizer(max_length: int = 16):
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     merges = []
-    for word in WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         cur = pieces[0]
         for nxt in pieces[1:]:
@@ -71,12 +71,13 @@ def build_tokenizer(max_length: int = 16):
     )
 
 
-def build_components(cfg: TinyBaseConfig = TinyBaseConfig()) -> dict:
-    """Untrained tiny components with SD 1.x's layout (deterministic for a config)."""
+def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), words: tuple[str, ...] = WORDS, vae_blocks: int = 2) -> dict:
+    """Untrained tiny components with SD 1.x's layout (deterministic for a config). The VAE downsamples by
+    2 ** (vae_blocks - 1); the UNet's sample size follows."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tokenizer(cfg.max_length)
+    tokenizer = build_tokenizer(cfg.max_length, words)
     torch.manual_seed(cfg.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -84,13 +85,13 @@ def build_components(cfg: TinyBaseConfig = TinyBaseConfig()) -> dict:
     ))
     torch.manual_seed(cfg.seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8,
-        sample_size=cfg.image_size,
+        block_out_channels=[32] + [64] * (vae_blocks - 1), in_channels=3, out_channels=3, latent_channels=4,
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * vae_blocks,
+        up_block_types=["UpDecoderBlock2D"] * vae_blocks, norm_num_groups=8, sample_size=cfg.image_size,
     )
     torch.manual_seed(cfg.seed + 2)
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=cfg.image_size // 2 ** (vae_blocks - 1), in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )
@@ -102,22 +103,32 @@ def build_components(cfg: TinyBaseConfig = TinyBaseConfig()) -> dict:
 
 
 def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
-    """Train the VAE to reconstruct digits, then the UNet to denoise their latents under the generic caption."""
-    from tqdm.auto import tqdm
-
+    """Train the VAE to reconstruct digits, then the UNet to denoise their latents under the generic caption (and,
+    for `cfg.class_digits`, under their word)."""
     from montrage.data import _digits, digit_token
 
-    g = torch.Generator().manual_seed(cfg.seed)
     target = _digits()[1]
     keep = np.flatnonzero(np.isin(target, cfg.digits))
     images = digits_pixels(keep, cfg.image_size)
     labels = target[keep]
+    captions = [cfg.caption] + [cfg.class_template.format(token=digit_token(d)) for d in range(10)]
+    named = np.where(np.isin(labels, cfg.class_digits), labels + 1, 0)  # row 0 generic, row 1 + d for digit d
+    return pretrain_on(parts, images, captions, np.zeros(len(labels), np.int64), named, cfg, progress, "tiny base")
+
+
+def pretrain_on(parts: dict, images: torch.Tensor, captions: list[str], generic: np.ndarray, named: np.ndarray, cfg,
+                progress: bool = True, desc: str = "base") -> dict:
+    """Train the VAE on `images`, then the UNet (and text encoder) to denoise their latents: image i under caption
+    `captions[named[i]]` with probability `cfg.class_caption_prob`, else under `captions[generic[i]]`."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(cfg.seed)
     vae, unet, sched = parts["vae"], parts["unet"], parts["scheduler"]
     torch.manual_seed(cfg.seed)
 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate)
     vae.train()
-    for _ in tqdm(range(cfg.vae_steps), desc="tiny base: VAE", disable=not progress):
+    for _ in tqdm(range(cfg.vae_steps), desc=f"{desc}: VAE", disable=not progress):
         x = images[torch.randint(0, len(images), (cfg.batch_size,), generator=g)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -132,20 +143,19 @@ def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
-    captions = [cfg.caption] + [cfg.class_template.format(token=digit_token(d)) for d in range(10)]
     ids = parts["tokenizer"](captions, padding="max_length", max_length=cfg.max_length, truncation=True,
-                             return_tensors="pt").input_ids  # row 0 generic, row 1 + d for digit d
+                             return_tensors="pt").input_ids
+    generic, named = torch.as_tensor(generic), torch.as_tensor(named)
     text_encoder = parts["text_encoder"]
 
     opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=cfg.learning_rate)
     unet.train()
     text_encoder.train()
-    for _ in tqdm(range(cfg.unet_steps), desc="tiny base: UNet", disable=not progress):
+    for _ in tqdm(range(cfg.unet_steps), desc=f"{desc}: UNet", disable=not progress):
         pick = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
         z = latents[pick]
-        named = torch.as_tensor(np.isin(labels[pick.numpy()], cfg.class_digits))
-        use_class = (torch.rand(len(z), generator=g) < cfg.class_caption_prob) & named
-        cond = text_encoder(ids[torch.where(use_class, torch.as_tensor(labels[pick.numpy()]) + 1, 0)])[0]
+        use_named = torch.rand(len(z), generator=g) < cfg.class_caption_prob
+        cond = text_encoder(ids[torch.where(use_named, named[pick], generic[pick])])[0]
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=g)
         pred = unet(sched.add_noise(z, noise, t), t, cond).sample
@@ -177,14 +187,19 @@ def default_cache_dir() -> str:
 def tiny_base_path(cfg: TinyBaseConfig | None = None, cache_dir: str | None = None, progress: bool = True) -> str:
     """Path of the cached tiny base for `cfg`, building and pre-training it first if needed (~1-2 min on 2 cores)."""
     cfg = cfg or TinyBaseConfig()
+    return cached_base("tiny-base", cfg, lambda: pretrain(build_components(cfg), cfg, progress=progress), cache_dir)
+
+
+def cached_base(name: str, cfg, build, cache_dir: str | None = None) -> str:
+    """`<cache>/<name>-<cfg digest>`, saved from `build()`'s components the first time it is asked for."""
     root = cache_dir or default_cache_dir()
-    path = os.path.join(root, f"tiny-base-{cfg.digest()}")
+    path = os.path.join(root, f"{name}-{cfg.digest()}")
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
-    parts = pretrain(build_components(cfg), cfg, progress=progress)
-    tmp = tempfile.mkdtemp(prefix=".tiny-base-", dir=root)
+    parts = build()
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
     save_pipeline(parts, tmp)
     with open(os.path.join(tmp, "montrage_tiny_base.json"), "w") as fh:
         json.dump({"config": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 1)}, fh, indent=1)

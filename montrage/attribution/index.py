@@ -144,11 +144,11 @@ class TrainIndex:
             raise ValueError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
                              f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
         load = lambda name: RowFile(os.path.join(out_dir, name))  # noqa: E731
+        self.reference = np.load(os.path.join(out_dir, "reference.npy"))
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
         self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
         self.nn = np.load(os.path.join(out_dir, "nn.npy")).astype(np.float32)  # in memory: every query searches it all
         self.final = {layer: np.load(os.path.join(out_dir, f"final_{layer}.npy")) for layer in self.meta["layers"]}
-        self.reference = np.load(os.path.join(out_dir, "reference.npy"))
         self._reference_blocks: dict = {}  # (mode, first row, rows) -> train_block: every query reads the same rows
 
     def reference_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
@@ -172,18 +172,16 @@ class TrainIndex:
     def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:
         """(Q, k) rows of the k training images nearest each query in the final snapshot (exact inner product)."""
         q = _nn_vectors(final_query, centre)
-        sim = q @ self.nn.T
-        k = min(k, sim.shape[1])
-        return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        return _top(q @ self.nn.T, min(k, len(self.nn)))
 
 
-def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, labels: np.ndarray,
+def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, concept: np.ndarray,
                 k: int = SHORTLIST, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (Q, N), scored (Q, N) bool). The reference rows are scored exactly (all images up to `EXACT`); beyond,
+    """(scores (Q, N), scored (Q, N) bool); `concept` (N,) is each image's concept index. The reference rows are scored exactly (all images up to `EXACT`); beyond,
     each query's shortlist too, and every other image gets its concept's mean score over the reference rows
     outside that shortlist (so the concept means are a stratified estimate)."""
     qm, cm = _mode_q(queries, mode), mode_centre(centre, mode)
-    Q, N, ref = next(iter(qm.values())).shape[1], len(labels), index.reference
+    Q, N, ref = next(iter(qm.values())).shape[1], len(concept), index.reference
     blocks = [ref[i:i + block] for i in range(0, len(ref), block)]
 
     def x_of(rows, q=slice(None), reference=False):
@@ -209,18 +207,28 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     if len(ref) == N:
         return scores, scored
     short = index.shortlist({layer: v[-1] for layer, v in queries.items()}, centre, k)
-    masks = {c: labels == c for c in sorted(set(labels.tolist()))}
-    ref_masks = {c: m[ref] for c, m in masks.items()}
+    C, ref_concept = int(concept.max()) + 1, concept[ref]
+    in_ref = np.zeros(N, bool)
+    in_ref[ref] = True
     for q in range(Q):
         rows = np.sort(short[q])
         s = model.score(per_query_standardize(x_of(rows, slice(q, q + 1)), (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
-        outside = ~np.isin(ref, rows)
-        for c, mask in masks.items():  # images outside the shortlist and the sample: the concept's sample mean
-            pick = ref_masks[c] & outside
-            fill = ref_scores[q, pick if pick.any() else ref_masks[c]].mean()
-            scores[q, mask & ~scored[q]] = fill
+        # images outside the shortlist and the sample: their concept's mean over the sample outside the shortlist
+        outside = np.ones(len(ref), bool)
+        outside[np.searchsorted(ref, rows[in_ref[rows]])] = False
+        total = np.bincount(ref_concept, ref_scores[q], C)
+        count = np.bincount(ref_concept, minlength=C).astype(np.float64)
+        part = np.bincount(ref_concept[outside], ref_scores[q][outside], C)
+        part_count = np.bincount(ref_concept[outside], minlength=C)
+        fill = np.where(part_count > 0, part / np.maximum(part_count, 1), total / np.maximum(count, 1))
+        scores[q] = np.where(scored[q], scores[q], fill[concept])
         scores[q, rows], scored[q, rows] = s, True
     return scores, scored
+
+
+def _top(sim: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) column indices of each row's k largest values (unordered)."""
+    return np.argpartition(-sim, k - 1, axis=1)[:, :k]
 
 
 def mode_centre(centre: dict, mode: Mode) -> dict:

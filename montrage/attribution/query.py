@@ -69,6 +69,7 @@ class Attributor:
         self.concepts = sorted({e.concept for e in self.train})
         self.centre = train_centre(self.store)
         self.labels = np.array([e.concept for e in self.train])
+        self.concept_ids = np.searchsorted(self.concepts, self.labels)  # (N,) index into self.concepts
         self.index = None
         if os.path.isfile(os.path.join(self.model_dir, "index", "index.json")):
             from montrage.attribution.index import TrainIndex
@@ -128,7 +129,7 @@ class Attributor:
         if self.index is not None:
             from montrage.attribution.index import score_large
 
-            return score_large(self.models[mode], self.index, traj, self.centre, mode, self.labels, self.shortlist)
+            return score_large(self.models[mode], self.index, traj, self.centre, mode, self.concept_ids, self.shortlist)
         scores = score_pairs(self.models[mode], self.store, traj, self.centre, mode)
         return scores, np.ones(scores.shape, bool)
 
