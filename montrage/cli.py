@@ -131,6 +131,13 @@ def cmd_tiny_base(args) -> int:
     return 0
 
 
+CONCEPTS_ALL = "0,1,2,3,4,5,6,7,8,9"
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def cmd_bench(args) -> int:
     if args.what == "attribution":
         from montrage.recipes.bench_attribution import run_attribution_bench
@@ -139,7 +146,19 @@ def cmd_bench(args) -> int:
                               images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
                               keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats,
-                              projection_width=None if args.projection_width in (None, "none") else int(args.projection_width))
+                              projection_width=None if args.projection_width in (None, "none") else int(args.projection_width),
+                              dataset=args.dataset, themes=_names(args.themes), pretrain_themes=_names(args.pretrain_themes),
+                              icons_dir=args.icons_dir, icons_per_theme=args.icons_per_theme,
+                              fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None)
+        return 0
+    if args.what == "counterfactual":
+        from montrage.recipes.bench_counterfactual import run_counterfactual
+
+        run_counterfactual(args.out or "counterfactual.json", args.dataset, [int(c) for c in args.concepts.split(",")]
+                           if args.concepts != CONCEPTS_ALL else [1, 4, 7, 9], args.images_per_concept or 8,
+                           _names(args.themes), _names(args.pretrain_themes), args.icons_dir, args.icons_per_theme,
+                           args.queries, tuple(float(k) for k in args.k.split(",")), int(args.seed), args.epochs or 6,
+                           _names(args.methods))
         return 0
     if args.what == "origin":
         from montrage.recipes.bench_origin import main as origin_bench_main
@@ -262,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "query", "origin", "memory", "scale"])
+    s.add_argument("what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "memory", "scale"])
     s.add_argument("--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run")
     s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
     s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")
@@ -270,10 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
-    s.add_argument("--concepts", default="0,1,2,3,4,5,6,7,8,9", help="attribution: digit concepts (default: all ten)")
+    s.add_argument("--concepts", default=CONCEPTS_ALL, help="attribution: digit concepts (default: all ten; "
+                   "counterfactual: 1,4,7,9)")
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
+    s.add_argument("--dataset", default="digits", choices=["digits", "icons"],
+                   help="attribution: digits on the digits base, or installed icon themes on the art base")
+    s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")
+    s.add_argument("--pretrain-themes", default=None, help="attribution (icons): the art base's pre-training themes "
+                   "(default: one installed theme of every other family)")
+    s.add_argument("--icons-dir", default=None, help="attribution (icons): folder of icon themes (/usr/share/icons)")
+    s.add_argument("--icons-per-theme", type=int, default=16, help="attribution (icons): training icons per theme")
+    s.add_argument("--queries", type=int, default=8, help="counterfactual: held-out queries retrained for")
+    s.add_argument("--k", default="0.05,0.1", help="counterfactual: removed images, as fractions of the training set "
+                   "(< 1) or counts, comma-separated")
+    s.add_argument("--methods", default=None, help="counterfactual: methods to retrain for (default: all, and random)")
+    s.add_argument("--fit-seeds", default=None, help="attribution: also refit the attribution model with each of "
+                   "these seeds (comma-separated) on every run's store and report the spread")
     s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
     s.add_argument("--within", default="exemplar", choices=["exemplar", "tokens"],
                    help="attribution: within-concept ground truth (an over-sampled exemplar, or per-image tokens)")

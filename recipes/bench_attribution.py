@@ -18,6 +18,7 @@ query's prompt and the training captions. Within-concept ground truth comes from
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -37,52 +38,61 @@ QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
 EXEMPLAR_REPEATS = 8
 
 
+PROMPTS = {"concept": "a photo of {token}", "mixture": "a photo of {a} and {b}", "image": "a photo of {token} {image}"}
+ICON_PROMPTS = {"concept": "an icon in the style of {token}", "mixture": "an icon in the style of {a} and {b}",
+                "image": "an icon of a {image} in the style of {token}"}
+
+
 def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True,
-                 exemplars: dict[str, str] | None = None) -> tuple[ProbeSet, list[str]]:
+                 exemplars: dict[str, str] | None = None, prompts: dict[str, str] = PROMPTS) -> tuple[ProbeSet, list[str]]:
     """Concept, mixture and per-image prompts with their ground truth, and each prompt's kind.
 
-    `per_image`: (example, its image token). `exemplars`: concept -> id of the image over-sampled in training
-    (AbC-style customization toward an exemplar), the within-concept ground truth of that concept's prompts.
+    `per_image`: (example, the words that name it: its image token, or an icon's content). `exemplars`: concept ->
+    id of the image over-sampled in training (AbC-style customization toward an exemplar), the within-concept ground
+    truth of that concept's prompts. `prompts`: the format of each kind (`PROMPTS`, `ICON_PROMPTS`).
     """
     concepts = sorted(tokens)
     exemplars = exemplars or {}
-    prompts, weights, within, kinds = [], [], [], []
+    texts, weights, within, kinds = [], [], [], []
     for c in concepts:
-        prompts.append(f"a photo of {tokens[c]}")
+        texts.append(prompts["concept"].format(token=tokens[c]))
         weights.append({c: 1.0})
         within.append({exemplars[c]: 1.0} if c in exemplars else {})
         kinds.append("concept")
     if mixtures:
         for i, a in enumerate(concepts):
             for b in concepts[i + 1:]:
-                prompts.append(f"a photo of {tokens[a]} and {tokens[b]}")
+                texts.append(prompts["mixture"].format(a=tokens[a], b=tokens[b]))
                 weights.append({a: 0.5, b: 0.5})
                 within.append({})
                 kinds.append("mixture")
     for ex, tok in per_image:
-        prompts.append(f"a photo of {tokens[ex.concept]} {tok}")
+        texts.append(prompts["image"].format(token=tokens[ex.concept], image=tok))
         weights.append({ex.concept: 1.0})
         within.append({ex.id: 1.0})
         kinds.append("image")
-    return ProbeSet(tuple(prompts), tuple(weights), tuple(seeds), tuple(concepts), tuple(within)), kinds
+    return ProbeSet(tuple(texts), tuple(weights), tuple(seeds), tuple(concepts), tuple(within)), kinds
 
 
-def split_images(examples) -> tuple[list, list]:
-    """Per concept, the first half of its images are named by probes, the second half only by held-out queries."""
+def split_images(examples, name=lambda k, ex: image_token(k)) -> tuple[list, list]:
+    """Per concept, the first half of its images are named by probes, the second half only by held-out queries;
+    `name(k, example)` gives the words that name a concept's k-th image (default: its image token)."""
     probe, held = [], []
     by_concept: dict[str, list] = {}
     for ex in examples:
         by_concept.setdefault(ex.concept, []).append(ex)
     for c in sorted(by_concept):
-        items = [(ex, image_token(k)) for k, ex in enumerate(by_concept[c])]
+        items = [(ex, name(k, ex)) for k, ex in enumerate(by_concept[c])]
         half = max(1, len(items) // 2)
         probe += items[:half]
         held += items[half:]
     return probe, held
 
 
-def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, concepts: list[str]) -> dict:
-    """All metrics of one method's (Q, N) image scores on the held-out queries (`kinds` from `build_probes`)."""
+def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, concepts: list[str],
+             image_metric: str = "within_token") -> dict:
+    """All metrics of one method's (Q, N) image scores on the held-out queries (`kinds` from `build_probes`); the
+    per-image queries' within-concept figures are named `image_metric` (`within_token`, `within_content`)."""
     train_concepts = [e.concept for e in train]
     ids = [e.id for e in train]
     cs = metrics.concept_scores_from_images(scores, train_concepts, concepts)
@@ -98,7 +108,7 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, con
         "mixture_spearman": metrics.mixture_spearman(cs[mixture], w[mixture]) if mixture.any() else float("nan"),
     }
     exemplar = np.array([[i in d for i in ids] for d in ex])
-    for prefix, rows in (("within", single & has_exemplar), ("within_token", kind == "image")):
+    for prefix, rows in (("within", single & has_exemplar), (image_metric, kind == "image")):
         if rows.any():
             out[f"{prefix}_recall@1"] = metrics.within_recall_at_k(scores[rows], exemplar[rows], own[rows], 1)
             out[f"{prefix}_recall@5"] = metrics.within_recall_at_k(scores[rows], exemplar[rows], own[rows], 5)
@@ -109,8 +119,13 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, con
 def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, data_dir: str | None,
              workdir: str, query_seeds: list[int], within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
              progress: bool = False, steps: int = 400, repeats: int | None = None,
-             projection_width: int | None = None) -> dict:
+             projection_width: int | None = None, icon_set: dict | None = None, fit_seeds: list[int] | None = None,
+             return_run: bool = False) -> dict:
     """One customization run monitored by the callback, then every method on its held-out queries.
+
+    icon_set ({themes, pool, icons_dir, icons_per_theme}): customize the art base (pre-trained on `pool`) to icon
+    themes instead of the digits base to digits; besides the concept and mixture prompts, per-image prompts name an
+    icon's content ("an icon of a printer in the style of X", ground truth: X's printer), the `within_content` figures.
 
     within="exemplar": each concept's first image is over-sampled `exemplar_repeats` x in training (AbC-style
     customization toward an exemplar); one-concept prompts carry it as within-concept ground truth.
@@ -132,22 +147,33 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     if within not in TEMPLATES:
         raise DataError(f"within must be one of {sorted(TEMPLATES)}, not {within!r}.")
     template, probe_seeds = TEMPLATES[within], PROBE_SEEDS[within]
-    if data_dir:
+    base, resolution, prompts, image_metric = "tiny", 16, PROMPTS, "within_token"
+    if icon_set is not None:
+        from montrage.recipes import icons
+        from montrage.recipes.art_base import art_base_path
+
+        examples = icons.build_icon_set(icon_set["themes"], os.path.join(workdir, "icons"), icon_set["icons_per_theme"],
+                                        icons_dir=icon_set["icons_dir"], seed=seed)
+        tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
+        base = art_base_path(icon_set["pool"], icon_set["icons_dir"], progress=progress)
+        resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
+    elif data_dir:
         examples = scan_concept_folder(data_dir, template)
         tokens = {c: c for c in sorted({e.concept for e in examples})}
     else:
         examples = digits_examples(concepts, images_per_concept, template, offset=seed * images_per_concept)
         tokens = {f"digit{d}": digit_token(d) for d in concepts}
-    if within == "exemplar":
-        exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens}
+    exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens} if within == "exemplar" else {}
+    if icon_set is not None:  # icons are named by their content in either construction
+        probe_images, held_images = split_images(examples, lambda k, ex: icons.content_words(icons.icon_of(ex)))
+    elif within == "exemplar":
         probe_images = held_images = []
     else:
-        exemplars = {}
         probe_images, held_images = split_images(examples)
     weights = [exemplar_repeats if e.id in exemplars.values() else 1 for e in examples]
     repeats = repeats or max(1, round(2560 / sum(weights)))  # ~80 steps of 32 per epoch
-    probes, _ = build_probes(examples, tokens, probe_images, seeds=probe_seeds, exemplars=exemplars)
-    queries, kinds = build_probes(examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars)
+    probes, _ = build_probes(examples, tokens, probe_images, seeds=probe_seeds, exemplars=exemplars, prompts=prompts)
+    queries, kinds = build_probes(examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars, prompts=prompts)
     probe_file = os.path.join(workdir, "probes.json")
     with open(probe_file, "w") as fh:
         json.dump({"probes": [{"prompt": p, "concepts": w, "exemplars": e}
@@ -163,8 +189,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timings = {}
     t0 = time.time()
     pl.seed_everything(seed, verbose=False)
-    module = DiffusionFineTune(lora_rank=8, lora_alpha=8, learning_rate=1e-2)
-    data = FixedData(batch_size=32, repeats=repeats, seed=seed)
+    module = DiffusionFineTune(pretrained_model=base, lora_rank=8, lora_alpha=8, learning_rate=1e-2)
+    data = FixedData(batch_size=32, repeats=repeats, seed=seed, resolution=resolution)
     data.dataset = ConceptImageDataset(examples, data.hparams.resolution, repeats, weights)  # setup() keeps it
     store_path = os.path.join(workdir, "store.h5")
     lrs = []
@@ -235,10 +261,46 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timed("tracin", lambda: gradients.tracin_scores([grads(query, "loss", r) for r in rows],
                                                     [grads(training, "loss", r) for r in rows], lrs[: len(rows)]))
     timed("datainf", lambda: gradients.datainf_scores(grads(query, "loss", last), grads(training, "loss", last)))
-    results = {name: {**evaluate(s, queries, kinds, train, concept_names), "seconds": seconds[name]} for name, s in methods.items()}
+    results = {name: {**evaluate(s, queries, kinds, train, concept_names, image_metric), "seconds": seconds[name]}
+               for name, s in methods.items()}
+    sweep = fit_seed_sweep(store_path, att, qpix, q_prompts, fit_seeds, steps,
+                           lambda sc: evaluate(sc, queries, kinds, train, concept_names, image_metric)) if fit_seeds else None
     att.close()
-    return {"methods": results, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
-            "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars}
+    out = {"methods": results, "fit_seeds": sweep, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
+           "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars}
+    if return_run:  # what a counterfactual retraining needs: the recipe, the queries and every method's scores
+        steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
+        out["run"] = {"scores": methods, "qpix": qpix, "prompts": q_prompts, "queries": queries, "kinds": kinds,
+                      "train": train, "examples": examples, "weights": weights, "base": base, "resolution": resolution,
+                      "steps": steps_per_epoch * epochs}
+    return out
+
+
+def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str], fit_seeds: list[int], steps: int,
+                   score) -> dict:
+    """Refit the attribution models on the same store with each fit seed; per mode, every metric per seed and the
+    within-concept spread (max - min). The queries are encoded once."""
+    from montrage.attribution.fit import fit_attribution
+    from montrage.attribution.query import Attributor
+
+    seeds = _seeds(qpix)
+    last = att.store.num_epochs - 1
+    traj = {False: att.model.trajectory(qpix, seeds, list(range(last + 1)), prompts)}
+    traj[True] = {k: v[-1:] for k, v in traj[False].items()}
+    out: dict = {}
+    for fs in fit_seeds:
+        model_dir = os.path.join(os.path.dirname(store_path), f"fit_seed{fs}")
+        fit_attribution(store_path, out_dir=model_dir, steps=steps, seed=fs, progress=False)
+        other = Attributor.from_store(store_path, model_dir=model_dir)
+        for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
+            metrics_ = score(other.score_trajectories(traj[fast], fast)[0])
+            for k, v in metrics_.items():
+                out.setdefault(name, {}).setdefault(k, []).append(v)
+        other.close()
+    for name, per in out.items():
+        for k in [k for k in per if k.endswith("_map") or k == "top1"]:
+            per[f"{k}_spread"] = float(np.nanmax(per[k]) - np.nanmin(per[k]))
+    return {"seeds": list(fit_seeds), **out}
 
 
 def _seeds(pixels: torch.Tensor) -> list[int]:
@@ -247,16 +309,49 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
     return [query_seed(p) for p in pixels]
 
 
-def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
-                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
-                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
-                          projection_width: int | None = None) -> dict:
-    """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept."""
+def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None, pretrain_themes: list[str] | None,
+                    icons_dir: str | None, icons_per_theme: int, progress: bool = True,
+                    data_dir: str | None = None) -> dict | None:
+    """Check the dataset flags and build the base once: the icon set's description for `run_seed` (None: digits or
+    a folder)."""
     from montrage.recipes.tiny_base import tiny_base_path
 
+    if dataset == "icons":
+        from montrage.recipes import icons
+        from montrage.recipes.art_base import art_base_path, default_pool, family
+
+        icons_dir = icons_dir or icons.ICONS_DIR
+        if not themes or len(themes) < 2:
+            raise DataError("--dataset icons needs --themes with at least two installed icon themes, e.g. "
+                            f"--themes Tango,oxygen,breeze,Papirus; installed in {icons_dir!r}: "
+                            f"{', '.join(icons.installed_themes(icons_dir)) or 'none'}.")
+        themes = list(icons.resolve_themes(themes, icons_dir))
+        pool = list(icons.resolve_themes(pretrain_themes, icons_dir)) if pretrain_themes else default_pool(themes, icons_dir)
+        shared = sorted({family(t) for t in pool} & {family(t) for t in themes})
+        if shared:
+            raise DataError(f"--pretrain-themes {', '.join(pool)} share a family ({', '.join(shared)}) with --themes; "
+                            "the art base must not know a customized style: choose pre-training themes of other families.")
+        art_base_path(pool, icons_dir, progress=progress)
+        return {"themes": themes, "pool": pool, "icons_dir": icons_dir, "icons_per_theme": icons_per_theme}
+    if dataset != "digits":
+        raise DataError(f"--dataset must be digits or icons, not {dataset!r}.")
     if data_dir is None and len(concepts) < 2:
         raise DataError("--concepts needs at least two digits, e.g. 1,4,7,9.")
     tiny_base_path(progress=progress)
+    return None
+
+
+def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
+                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
+                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
+                          projection_width: int | None = None, dataset: str = "digits", themes: list[str] | None = None,
+                          pretrain_themes: list[str] | None = None, icons_dir: str | None = None,
+                          icons_per_theme: int = 16, fit_seeds: list[int] | None = None) -> dict:
+    """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept.
+    dataset="icons": customize the art base to the icon `themes` (pre-trained on `pretrain_themes`, default: one
+    theme of each other installed family)."""
+    icon_set = prepare_dataset(dataset, concepts, themes, pretrain_themes, icons_dir, icons_per_theme, progress,
+                               data_dir)
     per_seed = {}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +361,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
             t = time.time()
             per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
                                       exemplar_repeats, progress=progress, repeats=repeats,
-                                      projection_width=projection_width)
+                                      projection_width=projection_width, icon_set=icon_set, fit_seeds=fit_seeds)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
@@ -281,9 +376,22 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                    "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
                    "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
                    "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
-                   "encode_prompt": CAPTION, "projection_width": projection_width},
+                   "encode_prompt": CAPTION, "projection_width": projection_width, "dataset": dataset},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
+    if fit_seeds:
+        result["fit_seed_spread"] = {m: {k: max(per_seed[s]["fit_seeds"][m][k] for s in seeds)
+                                         for k in per_seed[seeds[0]]["fit_seeds"][m] if k.endswith("_spread")}
+                                     for m in ("montrage", "montrage-final-epoch")}
+        result["config"]["fit_seeds"] = fit_seeds
+        print("fit-seed spread (max - min over fit seeds; worst run seed):", json.dumps(result["fit_seed_spread"]))
+    if icon_set is not None:
+        from montrage.recipes.icons import TEMPLATE as ICON_TEMPLATE
+
+        result["config"].update({"themes": icon_set["themes"], "pretrain_themes": icon_set["pool"],
+                                 "icons_dir": icon_set["icons_dir"], "icons_per_theme": icons_per_theme, "base": "art",
+                                 "template": ICON_TEMPLATE,
+                                 "concepts": None, "images_per_concept": None})
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(format_table(agg))
@@ -291,7 +399,9 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
 
 
 def format_table(agg: dict) -> str:
-    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "within_token_map", "seconds"]
+    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "within_token_map", "within_content_map",
+            "seconds"]
+    keys = [k for k in keys if any(k in vals for vals in agg.values())]
     lines = [f"{'method':24s}" + "".join(f"{k:>20s}" for k in keys)]
     for m, vals in agg.items():
         cells = []

@@ -48,8 +48,10 @@ class TinyBaseConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS):
-    """A CLIP BPE tokenizer from an in-code vocabulary: characters, plus whole-word tokens for `words`."""
+def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS, whole_words: tuple[str, ...] = ()):
+    """A CLIP BPE tokenizer from an in-code vocabulary: characters, plus word tokens for `words` (left-to-right
+    merges, the digits base's vocabulary) and `whole_words`, each given the merges that make it one token under the
+    merges before it (so no later word splits an earlier one)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
@@ -65,19 +67,40 @@ def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS):
                 merges.append((cur, nxt))
             cur = cur + nxt
             vocab.setdefault(cur, len(vocab))
+    ranks = {m: i for i, m in enumerate(merges)}
+    for word in whole_words:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in ranks:
+                ranks[pair] = len(merges)
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
     return CLIPTokenizer(
         vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>", model_max_length=max_length,
     )
 
 
-def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), words: tuple[str, ...] = WORDS, vae_blocks: int = 2) -> dict:
+def _bpe(pieces: list[str], ranks: dict) -> list[str]:
+    """Byte-pair merging as the tokenizer applies it: the lowest-ranked adjacent pair first, until none applies."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
+def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[str, ...] = (), vae_blocks: int = 2) -> dict:
     """Untrained tiny components with SD 1.x's layout (deterministic for a config). The VAE downsamples by
     2 ** (vae_blocks - 1); the UNet's sample size follows."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tokenizer(cfg.max_length, words)
+    tokenizer = build_tokenizer(cfg.max_length, WORDS, whole_words)
     torch.manual_seed(cfg.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,

@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-Loss = Literal["scos", "mse", "bce"]
+Loss = Literal["scos", "scos+rank", "mse", "bce"]
+RANK_WEIGHT = 0.1
 
 
 class AttributionModelError(ValueError):
@@ -75,11 +76,26 @@ class AttributionModel(torch.nn.Module):
         return model.eval(), meta
 
 
+def within_rank_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Listwise cross-entropy of the within-concept targets among their concept's images, over the probes whose
+    positive targets take two levels (exemplars above the rest of their concept; 0 when there are none)."""
+    pos = target > 0
+    top = pos & (target >= target.amax(dim=-1, keepdim=True) - 1e-6)
+    rows = (pos & ~top).any(dim=-1)
+    if not bool(rows.any()):
+        return pred.sum() * 0.0
+    logit = torch.logit(pred[rows].clamp(1e-6, 1 - 1e-6)).masked_fill(~pos[rows], float("-inf"))
+    logp = torch.log_softmax(logit, dim=-1).masked_fill(~top[rows], 0.0)
+    return (-logp.sum(dim=-1) / top[rows].sum(dim=-1)).mean()
+
+
 def attribution_loss(pred: torch.Tensor, target: torch.Tensor, kind: Loss = "scos") -> torch.Tensor:
-    """pred, target (Q, N) in [0, 1]. 'scos': 1 - mean shifted cosine of each query's attribution vectors."""
-    if kind == "scos":
+    """pred, target (Q, N) in [0, 1]. 'scos': 1 - mean shifted cosine of each query's attribution vectors;
+    'scos+rank': plus `RANK_WEIGHT` x `within_rank_loss`."""
+    if kind in ("scos", "scos+rank"):
         cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8)
-        return (1.0 - (1.0 + cos) / 2.0).mean()
+        value = (1.0 - (1.0 + cos) / 2.0).mean()
+        return value + RANK_WEIGHT * within_rank_loss(pred, target) if kind == "scos+rank" else value
     if kind == "mse":
         return torch.nn.functional.mse_loss(pred, target)
     if kind == "bce":

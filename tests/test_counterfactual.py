@@ -1,0 +1,55 @@
+"""The counterfactual benchmark's pieces: query choice, fixed (t, epsilon) points, the lean retraining loop."""
+
+import numpy as np
+import torch
+
+from montrage.data import digit_token, digits_examples
+from montrage.recipes.bench_attribution import ICON_PROMPTS, TEMPLATES, build_probes, split_images
+from montrage.recipes.bench_counterfactual import Retrainer, fixed_points, pick_queries
+
+
+def test_queries_are_single_concept_and_spread_over_concepts():
+    ex = digits_examples([1, 4, 7], 4, TEMPLATES["tokens"])
+    tokens = {f"digit{d}": digit_token(d) for d in (1, 4, 7)}
+    _, held = split_images(ex)
+    q, kinds = build_probes(ex, tokens, held, seeds=[100, 101])
+    rows = pick_queries(kinds, q, 6, seed=0)
+    kind = np.array([k for k in kinds for _ in q.seeds])
+    w = np.array(q.weight_matrix())
+    assert len(rows) == 6 and set(kind[rows]) <= {"concept", "image"}
+    assert np.bincount(np.argmax(w[rows], axis=1), minlength=3).tolist() == [2, 2, 2]
+    assert pick_queries(kinds, q, 6, seed=0).tolist() == rows.tolist()
+    assert pick_queries(kinds, q, 6, seed=1).tolist() != rows.tolist()
+
+
+def test_icon_prompts_name_style_and_content():
+    ex = digits_examples([1, 7], 2)
+    q, kinds = build_probes(ex, {"digit1": "tango", "digit7": "oxygen"}, [(ex[0], "printer")], seeds=[0],
+                            prompts=ICON_PROMPTS)
+    assert q.prompts == ("an icon in the style of tango", "an icon in the style of oxygen",
+                         "an icon in the style of tango and oxygen", "an icon of a printer in the style of tango")
+    assert kinds[-1] == "image" and q.exemplars[-1] == {ex[0].id: 1.0}
+
+
+def test_fixed_points_are_shared_and_spread():
+    a, b = fixed_points((4, 8, 8), seed=3), fixed_points((4, 8, 8), seed=3)
+    assert [t for t, _ in a] == [t for t, _ in b] and all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+    ts = [t for t, _ in a]
+    assert ts == sorted(ts) and ts[0] < 100 and ts[-1] > 900
+
+
+def test_retraining_is_reproducible_and_removal_changes_the_model(tiny_model_dir):
+    ex = digits_examples([1, 7], 4, "a photo of {token}")
+    re = Retrainer(tiny_model_dir, ex, [1] * len(ex), resolution=16, steps=3, seed=0)
+    pix = torch.rand(2, 3, 16, 16) * 2 - 1
+    points = fixed_points(tuple(re.mean.shape[1:]), n=3)
+    re.train()
+    full = re.query_loss(pix, ["a photo of one", "a photo of seven"], points)
+    re.train()
+    assert np.allclose(re.query_loss(pix, ["a photo of one", "a photo of seven"], points), full)  # adapter reset
+    re.train({e.id for e in ex if e.concept == "digit7"})
+    without = re.query_loss(pix, ["a photo of one", "a photo of seven"], points)
+    assert full.shape == (2,) and np.all(np.isfinite(full)) and not np.allclose(without, full)
+    unet = re.parts["unet"]
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) > 0
+    assert all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)  # only the adapter trains
