@@ -202,6 +202,7 @@ def cmd_attribute(args) -> int:
         from montrage.attribution.fit import fit_attribution
 
         report = fit_attribution(args.store, out_dir=args.model_dir, loss=args.loss, steps=args.steps, seed=args.seed,
+                                 members=args.members,
                                  model_path=args.model_path)
         print(json.dumps(report, indent=1))
         return 0
@@ -329,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="*", help="query images (query)")
     s.add_argument("--model-dir", default=None, help="attribution models (default: <store>_attribution/)")
     s.add_argument("--model-path", default=None, help="the run's base model, if not where the store says")
-    s.add_argument("--loss", default="scos", choices=["scos", "mse", "bce"], help="fit: training loss")
+    s.add_argument("--loss", default="scos+rank", choices=["scos+rank", "scos", "mse", "bce"],
+                   help="fit: training loss (scos+rank: shifted cosine plus the within-concept ranking term)")
+    s.add_argument("--members", type=int, default=5, help="fit: independently initialized MLPs averaged into the score")
     s.add_argument("--steps", type=int, default=400, help="fit: optimizer steps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--prompt", default=None, help="query: the prompt that made the images; they are encoded under it, as the "

@@ -63,7 +63,7 @@ class ArtBaseConfig:
     themes: tuple[str, ...]  # the pre-training pool
     image_size: int = icons.SIZE
     vae_blocks: int = 3
-    vae_steps: int = 800
+    vae_steps: int = 400
     unet_steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 2e-3

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 POINTS = 16  # fixed (t, epsilon) pairs per query
+METHODS = ("montrage", "montrage-final-epoch", "final-epoch-similarity", "pixel-cosine", "trak", "d-trak", "tracin",
+           "datainf", "random")
 BATCH = 32
 
 
@@ -136,27 +138,27 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
 
     from montrage.recipes.bench_attribution import QUERY_SEEDS, prepare_dataset, run_seed
 
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods names unknown methods {unknown}; known: {', '.join(METHODS)}.")
     icon_set = prepare_dataset(dataset, list(concepts), themes, pretrain_themes, icons_dir, icons_per_theme, progress)
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the icon images live here until the retrainer has read them
         res = run_seed(seed, list(concepts), images_per_concept, epochs, None, tmp, QUERY_SEEDS, progress=progress,
                        icon_set=icon_set, return_run=True)
-    run = res.pop("run")
+        run = res.pop("run")
+        re = Retrainer(run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed)
     scores = {m: s for m, s in run["scores"].items() if methods is None or m in methods}
-    unknown = sorted(set(methods or []) - set(run["scores"]) - {"random"})
-    if unknown:
-        raise ValueError(f"--methods names unknown methods {unknown}; known: {sorted(run['scores'])} and random.")
     rows = pick_queries(run["kinds"], run["queries"], num_queries, seed)
     qpix, prompts = run["qpix"][rows], [run["prompts"][r] for r in rows]
-    examples, ids = run["examples"], [e.id for e in run["train"]]
-    re = Retrainer(run["base"], examples, run["weights"], run["resolution"], run["steps"], seed)
+    ids = [e.id for e in run["train"]]
     points = fixed_points(tuple(re.mean.shape[1:]), seed=seed)
     t = time.time()
     re.train()
     base_loss = re.query_loss(qpix, prompts, points)
     retrain_seconds = time.time() - t
     n = len(ids)
-    names = list(scores) + ["random"]
+    names = list(scores) + (["random"] if methods is None or "random" in methods else [])
     rng = np.random.default_rng(seed + 1)
     result: dict = {"methods": {}, "by_k": {}}
     bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)

@@ -59,6 +59,38 @@ def test_losses():
         attribution_loss(y, y, "hinge")
 
 
+def test_within_rank_loss_rewards_the_exemplar_first_within_its_concept():
+    from montrage.attribution.model import within_rank_loss
+
+    # probe 0: exemplar (image 0) above the rest of its concept (images 1, 2); image 3 is another concept
+    y = torch.tensor([[1.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.5, 0.0]])
+    good = torch.tensor([[0.9, 0.6, 0.6, 0.99], [0.5, 0.5, 0.5, 0.5]])
+    bad = torch.tensor([[0.6, 0.9, 0.9, 0.01], [0.5, 0.5, 0.5, 0.5]])
+    assert float(within_rank_loss(good, y)) < float(within_rank_loss(bad, y))
+    other = good.clone()
+    other[0, 3] = 0.01  # images outside the concept do not enter the ranking
+    assert float(within_rank_loss(other, y)) == pytest.approx(float(within_rank_loss(good, y)))
+    assert float(within_rank_loss(good, y[1:].expand(2, -1))) == 0.0  # no exemplars: no term
+    assert float(attribution_loss(good, y, "scos+rank")) > float(attribution_loss(good, y, "scos"))
+
+
+def test_ensemble_scores_are_the_members_mean_and_one_member_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = AttributionModel(6, hidden=8, members=3)
+    x = torch.randn(2, 5, 6)
+    members = model.member_scores(x)
+    assert members.shape == (3, 2, 5) and not torch.allclose(members[0], members[1])  # own initializations
+    assert torch.allclose(model(x), members.mean(0))
+    one = AttributionModel(6, hidden=8)
+    legacy = {("net." + k[len("nets.0."):] if k.startswith("nets.0.") else k): v for k, v in one.state_dict().items()}
+    save_file(legacy, str(tmp_path / "m.safetensors"))
+    (tmp_path / "m.json").write_text(json.dumps({"model": {"in_dim": 6, "hidden": 8, "depth": 2}}))
+    loaded, _ = AttributionModel.load(str(tmp_path / "m"))
+    assert torch.allclose(loaded(x), one(x))
+
+
 def test_regenerated_probes_match_the_stored_final_epoch(run_store):
     with StoreReader(run_store) as store:
         traj = probe_trajectories(StoreModel(store))

@@ -53,3 +53,13 @@ def test_retraining_is_reproducible_and_removal_changes_the_model(tiny_model_dir
     unet = re.parts["unet"]
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) > 0
     assert all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)  # only the adapter trains
+
+
+def test_unknown_method_is_refused_before_any_training(tmp_path):
+    import pytest
+
+    from montrage.recipes.bench_counterfactual import run_counterfactual
+
+    with pytest.raises(ValueError, match=r"unknown methods \['tark'\].*montrage, montrage-final-epoch"):
+        run_counterfactual(str(tmp_path / "cf.json"), methods=["montrage", "tark"])
+    assert not (tmp_path / "cf.json").exists()

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from montrage.attribution.model import AttributionModel, Loss, attribution_loss
+from montrage.attribution.model import AttributionModel, Loss, ensemble_loss
 from montrage.attribution.reencode import StoreModel
 from montrage.attribution.table import Mode, feature_names, iter_train_blocks, pair_features, per_query_standardize, train_centre
 from montrage.encode import stable_seed
@@ -21,6 +21,8 @@ from montrage.store import StoreError, StoreReader
 
 MODES: tuple[Mode, ...] = ("trajectory", "final")
 STREAM_PAIRS = 1 << 17  # (probe, image) pairs above which the fit streams mini-batches
+LOSS: Loss = "scos+rank"
+MEMBERS = 5
 
 
 def default_model_dir(store_path: str) -> str:
@@ -47,17 +49,17 @@ def check_fittable(store: StoreReader) -> None:
                          "(epoch 0 and one monitored epoch). Train longer or lower every_n_epochs.")
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3, hidden: int = 64,
-              seed: int = 0) -> tuple[AttributionModel, list[float]]:
+def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = LOSS, steps: int = 400, lr: float = 3e-3, hidden: int = 64,
+              seed: int = 0, members: int = MEMBERS) -> tuple[AttributionModel, list[float]]:
     """Full-batch Adam on (Q, N, D) inputs against (Q, N) ground truth; deterministic for a seed."""
     torch.manual_seed(seed)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
-    model = AttributionModel(xt.shape[-1], hidden=hidden)
+    model = AttributionModel(xt.shape[-1], hidden=hidden, members=members)
     model.set_normalization(xt)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     history = []
     for _ in range(steps):
-        value = attribution_loss(model(xt), yt, loss)
+        value = ensemble_loss(model, xt, yt, loss)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -65,9 +67,9 @@ def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = "scos", steps: int = 40
     return model.eval(), history
 
 
-def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode, loss: Loss = "scos", steps: int = 400,
+def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode, loss: Loss = LOSS, steps: int = 400,
                   lr: float = 3e-3, hidden: int = 64, seed: int = 0, batch: int = 1024, block: int = 4096,
-                  progress: bool = True) -> tuple[AttributionModel, list[float]]:
+                  progress: bool = True, members: int = MEMBERS) -> tuple[AttributionModel, list[float]]:
     """Adam on mini-batches of training images (every probe against `batch` images per step), the pair features
     computed from the index as needed: memory O(probes x batch), not O(probes x images).
 
@@ -93,7 +95,7 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     D = mean.shape[-1]
-    model = AttributionModel(2 * D, hidden=hidden)
+    model = AttributionModel(2 * D, hidden=hidden, members=members)
     pooled_mean = mean.mean(axis=(0, 1))
     pooled_var = (var + (mean - pooled_mean) ** 2).mean(axis=(0, 1))
     model.mu.copy_(torch.as_tensor(np.concatenate([pooled_mean, np.zeros(D)]), dtype=torch.float32))
@@ -103,7 +105,7 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     for _ in tqdm(range(steps), desc=f"montrage: fit ({mode})", disable=not progress, leave=False):
         rows = np.sort(rng.choice(n, min(batch, n), replace=False))
         xt = torch.as_tensor(per_query_standardize(x_of(rows), stats), dtype=torch.float32)
-        value = attribution_loss(model(xt), torch.as_tensor(y[:, rows], dtype=torch.float32), loss)
+        value = ensemble_loss(model, xt, torch.as_tensor(y[:, rows], dtype=torch.float32), loss)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -111,8 +113,8 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     return model.eval(), history
 
 
-def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "scos", steps: int = 400, lr: float = 3e-3,
-                    hidden: int = 64, seed: int = 0, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
+def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = LOSS, steps: int = 400, lr: float = 3e-3,
+                    hidden: int = 64, seed: int = 0, members: int = MEMBERS, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
                     within: float = 0.5, probes: str = "regenerate", progress: bool = True,
                     memory_bytes: int = 1 << 30) -> dict:
     """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
@@ -146,10 +148,11 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = "s
             streaming = pairs > STREAM_PAIRS or pairs * 2 * len(names) * 4 > memory_bytes
             if streaming:
                 model, history = fit_streaming(index, queries, centre, y, mode, loss, steps, lr, hidden, seed,
-                                               progress=progress)
+                                               progress=progress, members=members)
             else:
-                model, history = fit_model(table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed)
-            meta = {"mode": mode, "loss": loss, "seed": seed, "within": within, "feature_names": names,
+                model, history = fit_model(table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed,
+                                           members=members)
+            meta = {"mode": mode, "loss": loss, "seed": seed, "members": members, "within": within, "feature_names": names,
                     "store_identity": store.spec["identity"], "num_epochs": store.num_epochs,
                     "final_loss": history[-1], "initial_loss": history[0]}
             model.save(os.path.join(out_dir, mode), meta)

@@ -22,27 +22,39 @@ class AttributionModelError(ValueError):
 
 
 class AttributionModel(torch.nn.Module):
-    """score(q, i) = sigmoid(MLP(standardized features of the pair))."""
+    """score(q, i) = mean over `members` MLPs of sigmoid(MLP(standardized features of the pair)).
 
-    def __init__(self, in_dim: int, hidden: int = 64, depth: int = 2):
+    The members are trained independently from their own initializations (`member_scores`); their mean is the
+    score, so the ranking within a concept does not hinge on one initialization."""
+
+    def __init__(self, in_dim: int, hidden: int = 64, depth: int = 2, members: int = 1):
         super().__init__()
         dims = [in_dim] + [hidden] * depth
-        layers: list[torch.nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
-        layers.append(torch.nn.Linear(dims[-1], 1))
-        self.net = torch.nn.Sequential(*layers)
+
+        def mlp() -> torch.nn.Sequential:
+            layers: list[torch.nn.Module] = []
+            for a, b in zip(dims[:-1], dims[1:]):
+                layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
+            layers.append(torch.nn.Linear(dims[-1], 1))
+            return torch.nn.Sequential(*layers)
+
+        self.nets = torch.nn.ModuleList([mlp() for _ in range(members)])
         self.register_buffer("mu", torch.zeros(in_dim))
         self.register_buffer("sigma", torch.ones(in_dim))
-        self.config = {"in_dim": in_dim, "hidden": hidden, "depth": depth}
+        self.config = {"in_dim": in_dim, "hidden": hidden, "depth": depth, "members": members}
 
     def set_normalization(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
         self.mu.copy_(flat.mean(0))
         self.sigma.copy_(flat.std(0).clamp_min(1e-6))
 
+    def member_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(members, *x.shape[:-1]) each member's scores."""
+        z = (x - self.mu) / self.sigma
+        return torch.stack([torch.sigmoid(net(z)).squeeze(-1) for net in self.nets])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net((x - self.mu) / self.sigma)).squeeze(-1)
+        return self.member_scores(x).mean(0)
 
     @torch.no_grad()
     def score(self, x) -> "torch.Tensor":
@@ -68,7 +80,9 @@ class AttributionModel(torch.nn.Module):
             with open(path + ".json") as fh:
                 meta = json.load(fh)
             model = cls(**meta["model"])
-            model.load_state_dict(load_file(path + ".safetensors"))
+            state = load_file(path + ".safetensors")
+            state = {("nets.0." + k[4:] if k.startswith("net.") else k): v for k, v in state.items()}  # one-member files
+            model.load_state_dict(state)
         except Exception as err:  # any parse/shape error means the files cannot be trusted
             raise AttributionModelError(
                 f"attribution model {path!r} is corrupted or from another montrage version ({type(err).__name__}: {err}); "
@@ -87,6 +101,11 @@ def within_rank_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logit = torch.logit(pred[rows].clamp(1e-6, 1 - 1e-6)).masked_fill(~pos[rows], float("-inf"))
     logp = torch.log_softmax(logit, dim=-1).masked_fill(~top[rows], 0.0)
     return (-logp.sum(dim=-1) / top[rows].sum(dim=-1)).mean()
+
+
+def ensemble_loss(model: AttributionModel, x: torch.Tensor, target: torch.Tensor, kind: Loss) -> torch.Tensor:
+    """The members' mean loss: each member fits the target on its own (their gradients do not mix)."""
+    return torch.stack([attribution_loss(p, target, kind) for p in model.member_scores(x)]).mean()
 
 
 def attribution_loss(pred: torch.Tensor, target: torch.Tensor, kind: Loss = "scos") -> torch.Tensor:
