@@ -83,6 +83,8 @@ def test_ensemble_scores_are_the_members_mean_and_one_member_files_load(tmp_path
     members = model.member_scores(x)
     assert members.shape == (3, 2, 5) and not torch.allclose(members[0], members[1])  # own initializations
     assert torch.allclose(model(x), members.mean(0))
+    for k, net in enumerate(model.nets):  # the batched product is each member's own MLP
+        assert torch.allclose(members[k], torch.sigmoid(net((x - model.mu) / model.sigma)).squeeze(-1), atol=1e-6)
     one = AttributionModel(6, hidden=8)
     legacy = {("net." + k[len("nets.0."):] if k.startswith("nets.0.") else k): v for k, v in one.state_dict().items()}
     save_file(legacy, str(tmp_path / "m.safetensors"))

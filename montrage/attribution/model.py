@@ -49,9 +49,17 @@ class AttributionModel(torch.nn.Module):
         self.sigma.copy_(flat.std(0).clamp_min(1e-6))
 
     def member_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(members, *x.shape[:-1]) each member's scores."""
-        z = (x - self.mu) / self.sigma
-        return torch.stack([torch.sigmoid(net(z)).squeeze(-1) for net in self.nets])
+        """(members, *x.shape[:-1]) each member's scores; the members' layers run as one batched product each."""
+        lead = x.shape[:-1]
+        h = ((x - self.mu) / self.sigma).reshape(1, -1, x.shape[-1])  # (1, rows, D), shared by the members
+        linears = [[m for m in net if isinstance(m, torch.nn.Linear)] for net in self.nets]
+        for i in range(len(linears[0])):
+            w = torch.stack([lin[i].weight.T for lin in linears])  # (members, in, out)
+            b = torch.stack([lin[i].bias for lin in linears]).unsqueeze(1)
+            h = torch.baddbmm(b, h.expand(len(linears), -1, -1) if h.shape[0] == 1 else h, w)
+            if i < len(linears[0]) - 1:
+                h = torch.nn.functional.gelu(h)
+        return torch.sigmoid(h.squeeze(-1)).reshape(len(linears), *lead)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.member_scores(x).mean(0)
