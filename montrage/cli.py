@@ -131,7 +131,8 @@ def cmd_tiny_base(args) -> int:
     return 0
 
 
-CONCEPTS_ALL = "0,1,2,3,4,5,6,7,8,9"
+def _digits(text: str) -> list[int]:
+    return [int(c) for c in text.split(",")]
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -142,7 +143,7 @@ def cmd_bench(args) -> int:
     if args.what == "attribution":
         from montrage.recipes.bench_attribution import run_attribution_bench
 
-        run_attribution_bench(args.out or "attribution_results.json", [int(c) for c in args.concepts.split(",")],
+        run_attribution_bench(args.out or "attribution_results.json", _digits(args.concepts or "0,1,2,3,4,5,6,7,8,9"),
                               images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
                               seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
                               keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats,
@@ -154,8 +155,8 @@ def cmd_bench(args) -> int:
     if args.what == "counterfactual":
         from montrage.recipes.bench_counterfactual import run_counterfactual
 
-        run_counterfactual(args.out or "counterfactual.json", args.dataset, [int(c) for c in args.concepts.split(",")]
-                           if args.concepts != CONCEPTS_ALL else [1, 4, 7, 9], args.images_per_concept or 8,
+        run_counterfactual(args.out or "counterfactual.json", args.dataset, _digits(args.concepts or "1,4,7,9"),
+                           args.images_per_concept or 8,
                            _names(args.themes), _names(args.pretrain_themes), args.icons_dir, args.icons_per_theme,
                            args.queries, tuple(float(k) for k in args.k.split(",")), int(args.seed), args.epochs or 6,
                            _names(args.methods))
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
-    s.add_argument("--concepts", default=CONCEPTS_ALL, help="attribution: digit concepts (default: all ten; "
+    s.add_argument("--concepts", default=None, help="attribution: digit concepts (default: all ten; "
                    "counterfactual: 1,4,7,9)")
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")

@@ -36,6 +36,7 @@ PROBE_SEEDS = {"exemplar": [0, 1, 2, 3], "tokens": [0, 1]}
 LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
 QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
 EXEMPLAR_REPEATS = 8
+FINE_TUNE = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-2}  # the benchmark's customization
 
 
 PROMPTS = {"concept": "a photo of {token}", "mixture": "a photo of {a} and {b}", "image": "a photo of {token} {image}"}
@@ -157,6 +158,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
         base = art_base_path(icon_set["pool"], icon_set["icons_dir"], progress=progress)
         resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
+        # icons are named by their content in either construction
+        probe_images, held_images = split_images(examples, lambda k, ex: icons.content_words(icons.icon_of(ex)))
     elif data_dir:
         examples = scan_concept_folder(data_dir, template)
         tokens = {c: c for c in sorted({e.concept for e in examples})}
@@ -164,12 +167,8 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         examples = digits_examples(concepts, images_per_concept, template, offset=seed * images_per_concept)
         tokens = {f"digit{d}": digit_token(d) for d in concepts}
     exemplars = {c: next(e.id for e in examples if e.concept == c) for c in tokens} if within == "exemplar" else {}
-    if icon_set is not None:  # icons are named by their content in either construction
-        probe_images, held_images = split_images(examples, lambda k, ex: icons.content_words(icons.icon_of(ex)))
-    elif within == "exemplar":
-        probe_images = held_images = []
-    else:
-        probe_images, held_images = split_images(examples)
+    if icon_set is None:
+        probe_images, held_images = ([], []) if within == "exemplar" else split_images(examples)
     weights = [exemplar_repeats if e.id in exemplars.values() else 1 for e in examples]
     repeats = repeats or max(1, round(2560 / sum(weights)))  # ~80 steps of 32 per epoch
     probes, _ = build_probes(examples, tokens, probe_images, seeds=probe_seeds, exemplars=exemplars, prompts=prompts)
@@ -189,7 +188,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timings = {}
     t0 = time.time()
     pl.seed_everything(seed, verbose=False)
-    module = DiffusionFineTune(pretrained_model=base, lora_rank=8, lora_alpha=8, learning_rate=1e-2)
+    module = DiffusionFineTune(pretrained_model=base, **FINE_TUNE)
     data = FixedData(batch_size=32, repeats=repeats, seed=seed, resolution=resolution)
     data.dataset = ConceptImageDataset(examples, data.hparams.resolution, repeats, weights)  # setup() keeps it
     store_path = os.path.join(workdir, "store.h5")
@@ -272,7 +271,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
         out["run"] = {"scores": methods, "qpix": qpix, "prompts": q_prompts, "queries": queries, "kinds": kinds,
                       "train": train, "examples": examples, "weights": weights, "base": base, "resolution": resolution,
-                      "steps": steps_per_epoch * epochs}
+                      "steps": steps_per_epoch * epochs, "hparams": dict(module.hparams)}
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 
@@ -36,17 +35,22 @@ def fixed_points(shape: tuple, n: int = POINTS, seed: int = 0, num_train_timeste
 
 class Retrainer:
     """The benchmark's LoRA customization as a lean loop: latent distributions and caption embeddings computed once,
-    then `steps` AdamW steps on batches drawn from the weighted image list, reshuffled per pass (seeded)."""
+    then `steps` AdamW steps on batches drawn from the weighted image list, reshuffled per pass (seeded).
+    `hparams`: the monitored run's DiffusionFineTune settings (default: the benchmark's `FINE_TUNE`)."""
 
     def __init__(self, base: str, examples: list, weights: list[int], resolution: int, steps: int, seed: int,
-                 lora_rank: int = 8, learning_rate: float = 1e-2, weight_decay: float = 1e-2):
+                 hparams: dict | None = None):
+        from peft import LoraConfig
+
         from montrage.components import load_model
         from montrage.data import ConceptImageDataset
         from montrage.family import make_family
-        from montrage.recipes.fine_tune import resolve_pretrained
+        from montrage.recipes.bench_attribution import FINE_TUNE
+        from montrage.recipes.fine_tune import DiffusionFineTune, resolve_pretrained
 
+        hp = {**_defaults(DiffusionFineTune), **FINE_TUNE, **(hparams or {})}  # the monitored run's own settings
         self.base, self.steps, self.seed = resolve_pretrained(base), steps, seed
-        self.rank, self.lr, self.wd = lora_rank, learning_rate, weight_decay
+        self.lr, self.wd = hp["learning_rate"], hp["weight_decay"]
         self.parts = load_model(self.base).parts
         self.family = make_family(self.parts)
         pixels = ConceptImageDataset(examples, resolution).pixels
@@ -60,13 +64,11 @@ class Retrainer:
         self.scale = float(vae.config.scaling_factor)
         self.ids = [e.id for e in examples]
         self.weights = list(weights)
-        from peft import LoraConfig
-
         unet = self.parts["unet"]
         unet.requires_grad_(False)
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], init_lora_weights="gaussian",
+                                    target_modules=list(hp["lora_target_modules"])))
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self._init = [p.detach().clone() for p in self.params]  # every retraining starts from the same adapter
 
@@ -113,6 +115,13 @@ class Retrainer:
         return out / len(points)
 
 
+def _defaults(cls) -> dict:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def pick_queries(kinds: list[str], queries, n: int, seed: int) -> np.ndarray:
     """n single-concept query rows (concept and per-image prompts), spread over the concepts (seeded)."""
     kind = np.array([k for k in kinds for _ in queries.seeds])
@@ -147,7 +156,7 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
         res = run_seed(seed, list(concepts), images_per_concept, epochs, None, tmp, QUERY_SEEDS, progress=progress,
                        icon_set=icon_set, return_run=True)
         run = res.pop("run")
-        re = Retrainer(run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed)
+        re = Retrainer(run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed, run["hparams"])
     scores = {m: s for m, s in run["scores"].items() if methods is None or m in methods}
     rows = pick_queries(run["kinds"], run["queries"], num_queries, seed)
     qpix, prompts = run["qpix"][rows], [run["prompts"][r] for r in rows]

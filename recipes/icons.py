@@ -208,8 +208,8 @@ def build_icon_set(themes: list[str], out_dir: str, icons_per_theme: int = 24, s
         if len(common) < 2:
             raise DataError(f"the themes {', '.join(found)} share {len(common)} icon names; use shared=False or "
                             "other themes.")
-        pick = {t: sorted(rng.choice(common, min(icons_per_theme, len(common)), replace=False).tolist()) for t in found}
-        pick = {t: pick[next(iter(found))] for t in found}  # one draw, the same names everywhere
+        names = sorted(rng.choice(common, min(icons_per_theme, len(common)), replace=False).tolist())
+        pick = {t: names for t in found}  # one draw, the same names everywhere
     else:
         pick = {t: sorted(rng.choice(sorted(icons), min(icons_per_theme, len(icons)), replace=False).tolist())
                 for t, icons in found.items()}

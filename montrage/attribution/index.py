@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from montrage.attribution.table import Mode, _unit, _views, pair_features, per_query_standardize, train_ranks
+from montrage.attribution.table import Mode, _unit, pair_features, per_query_standardize, train_ranks
 
 EXACT = 4096  # monitored images up to which queries score every image
 SHORTLIST = 1000
@@ -210,6 +210,7 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     C, ref_concept = int(concept.max()) + 1, concept[ref]
     in_ref = np.zeros(N, bool)
     in_ref[ref] = True
+    count = np.maximum(np.bincount(ref_concept, minlength=C), 1)
     for q in range(Q):
         rows = np.sort(short[q])
         s = model.score(per_query_standardize(x_of(rows, slice(q, q + 1)), (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
@@ -217,10 +218,9 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
         outside = np.ones(len(ref), bool)
         outside[np.searchsorted(ref, rows[in_ref[rows]])] = False
         total = np.bincount(ref_concept, ref_scores[q], C)
-        count = np.bincount(ref_concept, minlength=C).astype(np.float64)
         part = np.bincount(ref_concept[outside], ref_scores[q][outside], C)
         part_count = np.bincount(ref_concept[outside], minlength=C)
-        fill = np.where(part_count > 0, part / np.maximum(part_count, 1), total / np.maximum(count, 1))
+        fill = np.where(part_count > 0, part / np.maximum(part_count, 1), total / count)
         scores[q] = np.where(scored[q], scores[q], fill[concept])
         scores[q, rows], scored[q, rows] = s, True
     return scores, scored
