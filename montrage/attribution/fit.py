@@ -83,8 +83,7 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     qm, cm = _mode_q(queries, mode), mode_centre(centre, mode)
 
     def x_of(rows):
-        feats, ranks = index.train_block(rows, mode)
-        return pair_features(qm, feats, cm, mode, ranks).astype(np.float64)
+        return index.pair_features(qm, rows, cm, mode).astype(np.float64)
 
     s1 = s2 = 0.0
     for start in range(0, n, block):

@@ -4,7 +4,7 @@ re-ranks the training trajectories, and for large stores touches only a few thou
 The fit writes, beside the attribution models (`<model dir>/index/`):
   traj_<layer>.npy   (N, E, T, F) float16   the trajectories, image-major (a query reads its rows contiguously)
   ranks_<layer>_<v>.npy (N, D) float16      the ranked change trajectories (the Spearman features' training side)
-  final_<layer>.npy  (N, T, F) float16      the final snapshot (held in memory by queries: fast mode reads it)
+  final_<layer>.npy  (N, T, F) float16      the final snapshot (fast mode holds its centred unit views in memory)
   nn.npy             (N, d) float16         centred, unit final-snapshot features: the shortlist's index
   reference.npy      (R,) int64             every image up to `EXACT`; beyond, a stratified sample
 Up to `EXACT` images a query scores every image exactly. Beyond, it scores its shortlist (the K nearest images in
@@ -20,7 +20,8 @@ import os
 
 import numpy as np
 
-from montrage.attribution.table import Mode, _unit, pair_features, per_query_standardize, train_ranks
+from montrage.attribution.table import (Mode, _unit, final_levels, final_views, per_query_standardize, side_features,
+                                        train_ranks, trajectory_side)
 
 EXACT = 4096  # monitored images up to which queries score every image
 SHORTLIST = 1000
@@ -143,36 +144,60 @@ class TrainIndex:
                 or self.meta["num_train"] != store.num_train:
             raise ValueError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
                              f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
+        self.dir = out_dir
+        missing = [n for n in ["reference.npy", "nn.npy", *(f"{k}_{layer}.npy" for k in ("traj", "final") for layer in self.meta["layers"])]
+                   if not os.path.isfile(os.path.join(out_dir, n))]
+        if missing:
+            raise ValueError(f"attribution index {out_dir!r} lacks {', '.join(missing)}; re-run `montrage attribute fit {store.path}`.")
         load = lambda name: RowFile(os.path.join(out_dir, name))  # noqa: E731
         self.reference = np.load(os.path.join(out_dir, "reference.npy"))
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
         self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
         self.nn = np.load(os.path.join(out_dir, "nn.npy")).astype(np.float32)  # in memory: every query searches it all
-        self.final = {layer: np.load(os.path.join(out_dir, f"final_{layer}.npy")) for layer in self.meta["layers"]}
-        self._reference_blocks: dict = {}  # (mode, first row, rows) -> train_block: every query reads the same rows
-
-    def reference_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
-        """`train_block` of reference rows, kept in memory after the first query (at most `REFERENCE` images)."""
-        key = (mode, int(rows[0]), len(rows))
-        if key not in self._reference_blocks:
-            self._reference_blocks[key] = self.train_block(rows, mode)
-        return self._reference_blocks[key]
+        self._final_views: dict = {}  # centre digest -> {layer: per view (N, F_v) float32}: fast mode's training side
+        # (centre digest, first row, rows) -> trajectory_side of reference rows (the sample, or up to REFERENCE images)
+        self._reference_sides: dict = {}
 
     def close(self) -> None:
         for f in [*self.traj.values(), *self.ranks.values()]:
             f.close()
 
-    def train_block(self, rows: np.ndarray, mode: Mode) -> tuple[dict, dict | None]:
-        """({layer: (E, n, T, F)}, ranks) of sorted `rows` (final mode: the last snapshot, from memory)."""
-        if mode == "final":
-            return {layer: f[rows][None] for layer, f in self.final.items()}, None
+    def train_block(self, rows: np.ndarray) -> tuple[dict, dict]:
+        """({layer: (E, n, T, F)}, ranks) of sorted `rows` of the trajectories, read from disk."""
         feats = {layer: t.read(rows).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
         return feats, {k: r.read(rows) for k, r in self.ranks.items()}
 
+    def final_views(self, centre: dict) -> dict[str, list[np.ndarray]]:
+        """{layer: `final_views` of every image's final snapshot}, computed once per centre: a fast query then costs
+        one gather and one product per view."""
+        key = _digest(centre)
+        if key not in self._final_views:
+            self._final_views = {key: {layer: final_views(np.load(os.path.join(self.dir, f"final_{layer}.npy")),
+                                                          centre[layer][-1]) for layer in self.meta["layers"]}}
+        return self._final_views[key]
+
+    def pair_features(self, queries: dict, rows: np.ndarray, centre: dict, mode: Mode, reference: bool = False) -> np.ndarray:
+        """`table.pair_features` of queries {layer: (E, Q, T, F)} against the training images `rows` (sorted), read
+        from the index; `reference`: rows of the reference sample, whose prepared side is kept in memory."""
+        if mode == "final":
+            views = self.final_views(centre)
+            return np.concatenate([final_levels(final_views(q[-1], centre[layer][-1]), [v[rows] for v in views[layer]])
+                                   for layer, q in queries.items()], axis=-1).astype(np.float32)
+        key = (_digest(centre), int(rows[0]), len(rows))
+        side = self._reference_sides.get(key) if reference else None
+        if side is None:
+            feats, ranks = self.train_block(rows)
+            side = trajectory_side(feats, centre, ranks)
+            if reference and (len(self.reference) <= REFERENCE or len(self.reference) < self.meta["num_train"]):
+                self._reference_sides[key] = side
+        return side_features(trajectory_side(queries, centre), side)
+
     def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:
         """(Q, k) rows of the k training images nearest each query in the final snapshot (exact inner product)."""
-        q = _nn_vectors(final_query, centre)
-        return _top(q @ self.nn.T, min(k, len(self.nn)))
+        import torch
+
+        q = torch.from_numpy(_nn_vectors(final_query, centre))
+        return _top((q @ torch.from_numpy(self.nn).T).numpy(), min(k, len(self.nn)))  # torch: its threads, not BLAS's
 
 
 def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, concept: np.ndarray,
@@ -185,9 +210,7 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     blocks = [ref[i:i + block] for i in range(0, len(ref), block)]
 
     def x_of(rows, q=slice(None), reference=False):
-        cached = reference and len(ref) <= REFERENCE
-        feats, ranks = index.reference_block(rows, mode) if cached else index.train_block(rows, mode)
-        return pair_features({layer: v[:, q] for layer, v in qm.items()}, feats, cm, mode, ranks)
+        return index.pair_features({layer: v[:, q] for layer, v in qm.items()}, rows, cm, mode, reference)
 
     keep = Q * len(ref) <= 4_000_000  # the reference pair features fit in memory: compute them once
     xs, s1, s2 = [], 0.0, 0.0
@@ -224,6 +247,10 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
         scores[q] = np.where(scored[q], scores[q], fill[concept])
         scores[q, rows], scored[q, rows] = s, True
     return scores, scored
+
+
+def _digest(centre: dict) -> tuple:
+    return tuple((k, np.asarray(v, np.float32).tobytes()) for k, v in sorted(centre.items()))
 
 
 def _top(sim: np.ndarray, k: int) -> np.ndarray:

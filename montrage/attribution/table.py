@@ -40,6 +40,17 @@ def _views(feats: np.ndarray) -> list[np.ndarray]:
     return [feats[:, :, t] for t in range(T)] + ([feats.reshape(E, n, T * F)] if T > 1 else [])
 
 
+def final_views(x: np.ndarray, centre: np.ndarray) -> list[np.ndarray]:
+    """(n, T, F) final-snapshot features -> per view (n, F_v) centred unit rows: the final-epoch table's inputs."""
+    c = x.astype(np.float32) - centre
+    return [_unit(v[0]) for v in _views(c[None])]
+
+
+def final_levels(q_views: list[np.ndarray], t_views: list[np.ndarray]) -> np.ndarray:
+    """(Q, N, V) the final-epoch table (level_final per view) from the `final_views` of both sides."""
+    return np.stack([(1.0 + q @ t.T) / 2.0 for q, t in zip(q_views, t_views)], axis=-1)
+
+
 def feature_names(layers: list[str], timesteps: list[int], num_epochs: int, mode: Mode) -> list[str]:
     names = []
     for layer in layers:
@@ -66,6 +77,34 @@ def train_ranks(train: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> 
     return out
 
 
+def trajectory_side(feats: dict[str, np.ndarray], centre: dict[str, np.ndarray], ranks: dict | None = None) -> dict:
+    """{(layer, view): (unit levels (E, n, F), unit changes (E-1, n, F), ranked changes (n, D) or None)} of one side
+    of the trajectory table, from trajectories {layer: (E, n, T, F)}; `ranks`: the side's `train_ranks`, if known.
+    Preparing a side once lets many queries reuse it (the index keeps its reference sample's)."""
+    out = {}
+    for layer, x in feats.items():
+        c = x.astype(np.float32) - centre[layer][:, None]
+        for v, cv in enumerate(_views(c)):
+            d = np.diff(cv, axis=0)
+            r = ranks[(layer, v)].astype(np.float32) if ranks is not None and len(d) else (
+                _ranked(d.transpose(1, 0, 2).reshape(d.shape[1], -1)) if len(d) else None)
+            out[(layer, v)] = (_unit(cv), _unit(d), r)
+    return out
+
+
+def side_features(q: dict, t: dict) -> np.ndarray:
+    """(Q, N, D) trajectory pair features of two prepared sides (`trajectory_side`)."""
+    blocks = []
+    for key, (ql, qc, qr) in q.items():
+        tl, tc, tr = t[key]
+        level = _scos(ql, tl)  # (E, Q, N)
+        Q, N = level.shape[1:]
+        change = _scos(qc, tc) if len(qc) else np.zeros((0, Q, N), np.float32)
+        spear = qr @ tr.T if qr is not None else np.zeros((Q, N), np.float32)
+        blocks += [level.transpose(1, 2, 0), change.transpose(1, 2, 0), spear[..., None]]
+    return np.concatenate(blocks, axis=-1).astype(np.float32)
+
+
 def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], centre: dict[str, np.ndarray],
                   mode: Mode = "trajectory", ranks: dict | None = None) -> np.ndarray:
     """(Q, N, D) pair features from query and training trajectories {layer: (E, n, T, F)}.
@@ -73,27 +112,11 @@ def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], 
     `centre` {layer: (E, T, F)} is subtracted from both sides (the mean training representation per epoch).
     `ranks`: the training side's `train_ranks`, if already computed.
     """
-    blocks = []
-    for layer in queries:
-        q = queries[layer].astype(np.float32) - centre[layer][:, None]
-        t = train[layer].astype(np.float32) - centre[layer][:, None]
-        if mode == "final":
-            q, t = q[-1:], t[-1:]
-        for v, (qv, tv) in enumerate(zip(_views(q), _views(t))):
-            level = _scos(_unit(qv), _unit(tv))  # (E, Q, N)
-            if mode == "final":
-                blocks.append(level[-1][..., None])
-                continue
-            dq, dt = np.diff(qv, axis=0), np.diff(tv, axis=0)
-            change = _scos(_unit(dq), _unit(dt)) if len(dq) else np.zeros((0, *level.shape[1:]), np.float32)
-            Q, N = level.shape[1:]
-            if len(dq):
-                rt = ranks[(layer, v)] if ranks is not None else _ranked(dt.transpose(1, 0, 2).reshape(N, -1))
-                spear = _ranked(dq.transpose(1, 0, 2).reshape(Q, -1)) @ rt.astype(np.float32).T
-            else:
-                spear = np.zeros((Q, N), np.float32)
-            blocks += [level.transpose(1, 2, 0), change.transpose(1, 2, 0), spear[..., None]]
-    return np.concatenate(blocks, axis=-1).astype(np.float32)
+    if mode == "final":
+        return np.concatenate([final_levels(final_views(queries[layer][-1], centre[layer][-1]),
+                                            final_views(train[layer][-1], centre[layer][-1])) for layer in queries],
+                              axis=-1).astype(np.float32)
+    return side_features(trajectory_side(queries, centre), trajectory_side({k: train[k] for k in queries}, centre, ranks))
 
 
 def iter_train_blocks(store, block: int = 4096, layers: list[str] | None = None) -> Iterator[tuple[slice, dict]]:
