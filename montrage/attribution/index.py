@@ -155,7 +155,8 @@ class TrainIndex:
         self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
         self.nn = np.load(os.path.join(out_dir, "nn.npy")).astype(np.float32)  # in memory: every query searches it all
         self._final_views: dict = {}  # centre digest -> {layer: per view (N, F_v) float32}: fast mode's training side
-        # (centre digest, first row, rows) -> trajectory_side of reference rows (the sample, or up to REFERENCE images)
+        # (mode, centre digest, first row, rows) -> the prepared training side of reference rows (the sample, or up to
+        # REFERENCE images): trajectory_side, or the final views
         self._reference_sides: dict = {}
 
     def close(self) -> None:
@@ -179,17 +180,19 @@ class TrainIndex:
     def pair_features(self, queries: dict, rows: np.ndarray, centre: dict, mode: Mode, reference: bool = False) -> np.ndarray:
         """`table.pair_features` of queries {layer: (E, Q, T, F)} against the training images `rows` (sorted), read
         from the index; `reference`: rows of the reference sample, whose prepared side is kept in memory."""
-        if mode == "final":
-            views = self.final_views(centre)
-            return np.concatenate([final_levels(final_views(q[-1], centre[layer][-1]), [v[rows] for v in views[layer]])
-                                   for layer, q in queries.items()], axis=-1).astype(np.float32)
-        key = (_digest(centre), int(rows[0]), len(rows))
+        key = (mode, _digest(centre), int(rows[0]), len(rows))
         side = self._reference_sides.get(key) if reference else None
         if side is None:
-            feats, ranks = self.train_block(rows)
-            side = trajectory_side(feats, centre, ranks)
+            if mode == "final":
+                side = {layer: [v[rows] for v in views] for layer, views in self.final_views(centre).items()}
+            else:
+                feats, ranks = self.train_block(rows)
+                side = trajectory_side(feats, centre, ranks)
             if reference and (len(self.reference) <= REFERENCE or len(self.reference) < self.meta["num_train"]):
                 self._reference_sides[key] = side
+        if mode == "final":
+            return np.concatenate([final_levels(final_views(q[-1], centre[layer][-1]), side[layer])
+                                   for layer, q in queries.items()], axis=-1).astype(np.float32)
         return side_features(trajectory_side(queries, centre), side)
 
     def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:
