@@ -70,9 +70,13 @@ class ArtBaseConfig:
     class_caption_prob: float = 0.5
     seed: int = 0
     max_length: int = 24
+    train_text_encoder: bool = True
 
     def digest(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|" + ",".join(vocabulary()) + "|v1"
+        d = dataclasses.asdict(self)
+        if d["train_text_encoder"]:  # the original recipe: bases cached before the option keep their digest
+            del d["train_text_encoder"]
+        blob = json.dumps(d, sort_keys=True) + "|" + ",".join(vocabulary()) + "|v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -115,3 +119,24 @@ def art_base_path(pool: list[str], icons_dir: str = icons.ICONS_DIR, cfg: ArtBas
         return pretrain_on(parts, pixels, captions, generic, generic + len(examples), cfg, progress, "art base")
 
     return cached_base("art-base", cfg, build, cache_dir)
+
+
+def style_response(base: str, prompts: list[str], seed: int = 0) -> float:
+    """How differently the base's denoiser responds to `prompts`: the std over the prompts of its noise prediction
+    for fixed noisy latents (t = 500), relative to the prediction's mean magnitude. The LoRA customization trains
+    only the UNet on top of the frozen text encoder; styles whose words the base barely tells apart gave the
+    customization little to start from. A check of the benchmark's construction, not a score."""
+    import torch
+
+    from montrage.components import load_components
+
+    c = load_components(base)
+    ids = c.tokenizer(list(prompts), padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+    size = c.unet.config.sample_size
+    z = torch.randn(4, c.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((len(z),), 500)
+    with torch.no_grad():
+        h = c.text_encoder(ids)[0]
+        out = torch.stack([c.unet(z, t, h[i:i + 1].expand(len(z), -1, -1)).sample for i in range(len(prompts))])
+    return float(out.std(dim=0).mean() / out.abs().mean().clamp_min(1e-12))

@@ -148,16 +148,21 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     if within not in TEMPLATES:
         raise DataError(f"within must be one of {sorted(TEMPLATES)}, not {within!r}.")
     template, probe_seeds = TEMPLATES[within], PROBE_SEEDS[within]
+    diagnostics: dict = {}
     base, resolution, prompts, image_metric = "tiny", 16, PROMPTS, "within_token"
     if icon_set is not None:
         from montrage.recipes import icons
-        from montrage.recipes.art_base import art_base_path
+        from montrage.recipes.art_base import art_base_path, style_response
 
         examples = icons.build_icon_set(icon_set["themes"], os.path.join(workdir, "icons"), icon_set["icons_per_theme"],
                                         icons_dir=icon_set["icons_dir"], seed=seed)
         tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
         base = art_base_path(icon_set["pool"], icon_set["icons_dir"], progress=progress)
         resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
+        style = ICON_PROMPTS["concept"]
+        diagnostics = {"style_response": style_response(base, [style.format(token=t) for t in tokens.values()]),
+                       "pool_style_response": style_response(
+                           base, [style.format(token=icons.theme_token(t)) for t in icon_set["pool"]])}
         # icons are named by their content in either construction
         probe_images, held_images = split_images(examples, lambda k, ex: icons.content_words(icons.icon_of(ex)))
     elif data_dir:
@@ -266,7 +271,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
                            lambda sc: evaluate(sc, queries, kinds, train, concept_names, image_metric)) if fit_seeds else None
     att.close()
     out = {"methods": results, "fit_seeds": sweep, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
-           "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars}
+           "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars, "diagnostics": diagnostics}
     if return_run:  # what a counterfactual retraining needs: the recipe, the queries and every method's scores
         steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
         out["run"] = {"scores": methods, "qpix": qpix, "prompts": q_prompts, "queries": queries, "kinds": kinds,
@@ -363,6 +368,8 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                                       projection_width=projection_width, icon_set=icon_set, fit_seeds=fit_seeds)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
+                if per_seed[seed]["diagnostics"]:
+                    print("diagnostics:", json.dumps({k: round(v, 4) for k, v in per_seed[seed]["diagnostics"].items()}))
                 print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
     names = list(next(iter(per_seed.values()))["methods"])
     keys = list(next(iter(per_seed.values()))["methods"][names[0]])

@@ -141,8 +141,9 @@ def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
 
 def pretrain_on(parts: dict, images: torch.Tensor, captions: list[str], generic: np.ndarray, named: np.ndarray, cfg,
                 progress: bool = True, desc: str = "base") -> dict:
-    """Train the VAE on `images`, then the UNet (and text encoder) to denoise their latents: image i under caption
-    `captions[named[i]]` with probability `cfg.class_caption_prob`, else under `captions[generic[i]]`."""
+    """Train the VAE on `images`, then the UNet (and the text encoder, unless `cfg.train_text_encoder` is False) to
+    denoise their latents: image i under caption `captions[named[i]]` with probability `cfg.class_caption_prob`,
+    else under `captions[generic[i]]`."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -170,10 +171,13 @@ def pretrain_on(parts: dict, images: torch.Tensor, captions: list[str], generic:
                              return_tensors="pt").input_ids
     generic, named = torch.as_tensor(generic), torch.as_tensor(named)
     text_encoder = parts["text_encoder"]
+    train_text = getattr(cfg, "train_text_encoder", True)  # frozen: every word keeps its own (random) encoding
+    text_encoder.requires_grad_(train_text)
 
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else []),
+                            lr=cfg.learning_rate)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text)
     for _ in tqdm(range(cfg.unet_steps), desc=f"{desc}: UNet", disable=not progress):
         pick = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
         z = latents[pick]

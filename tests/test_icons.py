@@ -8,7 +8,7 @@ from PIL import Image
 
 from montrage.data import DataError
 from montrage.recipes import icons
-from montrage.recipes.art_base import default_pool, family, vocabulary
+from montrage.recipes.art_base import default_pool, family, style_response, vocabulary
 
 SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16"><rect x="0" y="0" width="16" height="16" '
        'fill="#ff0000"/></svg>')
@@ -132,3 +132,32 @@ def test_art_tokenizer_keeps_every_word_whole_and_the_digits_vocabulary():
     ids = art("an icon of a user trash in the style of papirus").input_ids
     assert len(ids) == 11 + 2  # one token per word, plus start and end
     assert all(len(art(w).input_ids) == 3 for w in vocabulary() + WORDS if w.isalpha())
+
+
+def test_style_response_tells_alike_prompts_from_distinct_ones(tiny_model_dir):
+    same = style_response(tiny_model_dir, ["a photo of seven"] * 4)
+    distinct = style_response(tiny_model_dir, [f"a photo of {w}" for w in ("one", "four", "seven", "nine")])
+    assert same < 1e-6 < distinct
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_pretraining_can_leave_the_text_encoder_as_built(train_text_encoder):
+    import dataclasses
+
+    import torch
+
+    from montrage.recipes.tiny_base import TinyBaseConfig, build_components, pretrain_on
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg(TinyBaseConfig):
+        train_text_encoder: bool = True
+
+    cfg = Cfg(vae_steps=1, unet_steps=2, batch_size=4, train_text_encoder=train_text_encoder)
+    parts = build_components(cfg)
+    before = [p.detach().clone() for p in parts["text_encoder"].parameters()]
+    unet_before = [p.detach().clone() for p in parts["unet"].parameters()]
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    pretrain_on(parts, images, ["a photo of one", "a photo of two"], np.zeros(6, int), np.ones(6, int), cfg, progress=False)
+    same = all(torch.equal(a, b) for a, b in zip(before, parts["text_encoder"].parameters()))
+    assert same != train_text_encoder
+    assert not all(torch.equal(a, b) for a, b in zip(unet_before, parts["unet"].parameters()))  # the UNet learns either way

@@ -53,8 +53,8 @@ _BLAS = None
 
 
 def _one_blas_thread():
-    """NumPy's BLAS limited to one thread while torch scores: on few cores their two thread pools, both spinning
-    between calls, otherwise take turns (a fast query at 10,000 images: 16 ms with both pools, 8 ms with one)."""
+    """NumPy's BLAS held to one thread while torch scores: on few cores their two thread pools, both spinning
+    between calls, otherwise take turns (README, "Scale")."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
