@@ -150,7 +150,8 @@ def cmd_bench(args) -> int:
                               projection_width=None if args.projection_width in (None, "none") else int(args.projection_width),
                               dataset=args.dataset, themes=_names(args.themes), pretrain_themes=_names(args.pretrain_themes),
                               icons_dir=args.icons_dir, icons_per_theme=args.icons_per_theme,
-                              fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None)
+                              fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None,
+                              pretrain_text_encoder=args.pretrain_text_encoder)
         return 0
     if args.what == "counterfactual":
         from montrage.recipes.bench_counterfactual import run_counterfactual
@@ -159,7 +160,7 @@ def cmd_bench(args) -> int:
                            args.images_per_concept or 8,
                            _names(args.themes), _names(args.pretrain_themes), args.icons_dir, args.icons_per_theme,
                            args.queries, tuple(float(k) for k in args.k.split(",")), int(args.seed), args.epochs or 6,
-                           _names(args.methods))
+                           _names(args.methods), pretrain_text_encoder=args.pretrain_text_encoder)
         return 0
     if args.what == "origin":
         from montrage.recipes.bench_origin import main as origin_bench_main
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")
     s.add_argument("--pretrain-themes", default=None, help="attribution (icons): the art base's pre-training themes "
                    "(default: one installed theme of every other family)")
+    s.add_argument("--pretrain-text-encoder", default="train", choices=["train", "frozen"],
+                   help="attribution (icons): pre-train the art base's text encoder with its UNet, or leave it as built "
+                        "(as Stable Diffusion's UNet learns on a frozen CLIP)")
     s.add_argument("--icons-dir", default=None, help="attribution (icons): folder of icon themes (/usr/share/icons)")
     s.add_argument("--icons-per-theme", type=int, default=16, help="attribution (icons): training icons per theme")
     s.add_argument("--queries", type=int, default=8, help="counterfactual: held-out queries retrained for")

@@ -152,12 +152,12 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     base, resolution, prompts, image_metric = "tiny", 16, PROMPTS, "within_token"
     if icon_set is not None:
         from montrage.recipes import icons
-        from montrage.recipes.art_base import art_base_path, style_response
+        from montrage.recipes.art_base import style_response
 
         examples = icons.build_icon_set(icon_set["themes"], os.path.join(workdir, "icons"), icon_set["icons_per_theme"],
                                         icons_dir=icon_set["icons_dir"], seed=seed)
         tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
-        base = art_base_path(icon_set["pool"], icon_set["icons_dir"], progress=progress)
+        base = icon_set["base"]
         resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
         style = ICON_PROMPTS["concept"]
         diagnostics = {"style_response": style_response(base, [style.format(token=t) for t in tokens.values()]),
@@ -315,14 +315,14 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None, pretrain_themes: list[str] | None,
                     icons_dir: str | None, icons_per_theme: int, progress: bool = True,
-                    data_dir: str | None = None) -> dict | None:
+                    data_dir: str | None = None, pretrain_text_encoder: str = "train") -> dict | None:
     """Check the dataset flags and build the base once: the icon set's description for `run_seed` (None: digits or
     a folder)."""
     from montrage.recipes.tiny_base import tiny_base_path
 
     if dataset == "icons":
         from montrage.recipes import icons
-        from montrage.recipes.art_base import art_base_path, default_pool, family
+        from montrage.recipes.art_base import ArtBaseConfig, art_base_path, default_pool, family
 
         icons_dir = icons_dir or icons.ICONS_DIR
         if not themes or len(themes) < 2:
@@ -335,8 +335,11 @@ def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None,
         if shared:
             raise DataError(f"--pretrain-themes {', '.join(pool)} share a family ({', '.join(shared)}) with --themes; "
                             "the art base must not know a customized style: choose pre-training themes of other families.")
-        art_base_path(pool, icons_dir, progress=progress)
-        return {"themes": themes, "pool": pool, "icons_dir": icons_dir, "icons_per_theme": icons_per_theme}
+        if pretrain_text_encoder not in ("train", "frozen"):
+            raise DataError(f"--pretrain-text-encoder must be train or frozen, not {pretrain_text_encoder!r}.")
+        cfg = ArtBaseConfig(themes=tuple(sorted(pool)), train_text_encoder=pretrain_text_encoder == "train")
+        return {"themes": themes, "pool": pool, "icons_dir": icons_dir, "icons_per_theme": icons_per_theme,
+                "base": art_base_path(pool, icons_dir, cfg, progress=progress), "text_encoder": pretrain_text_encoder}
     if dataset != "digits":
         raise DataError(f"--dataset must be digits or icons, not {dataset!r}.")
     if data_dir is None and len(concepts) < 2:
@@ -350,12 +353,13 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                           keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
                           projection_width: int | None = None, dataset: str = "digits", themes: list[str] | None = None,
                           pretrain_themes: list[str] | None = None, icons_dir: str | None = None,
-                          icons_per_theme: int = 16, fit_seeds: list[int] | None = None) -> dict:
+                          icons_per_theme: int = 16, fit_seeds: list[int] | None = None,
+                          pretrain_text_encoder: str = "train") -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept.
     dataset="icons": customize the art base to the icon `themes` (pre-trained on `pretrain_themes`, default: one
     theme of each other installed family)."""
     icon_set = prepare_dataset(dataset, concepts, themes, pretrain_themes, icons_dir, icons_per_theme, progress,
-                               data_dir)
+                               data_dir, pretrain_text_encoder)
     per_seed = {}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -395,6 +399,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
         from montrage.recipes.icons import TEMPLATE as ICON_TEMPLATE
 
         result["config"].update({"themes": icon_set["themes"], "pretrain_themes": icon_set["pool"],
+                                 "pretrain_text_encoder": icon_set["text_encoder"],
                                  "icons_dir": icon_set["icons_dir"], "icons_per_theme": icons_per_theme, "base": "art",
                                  "template": ICON_TEMPLATE,
                                  "concepts": None, "images_per_concept": None})

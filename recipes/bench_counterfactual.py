@@ -141,7 +141,7 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
                        themes: list[str] | None = None, pretrain_themes: list[str] | None = None,
                        icons_dir: str | None = None, icons_per_theme: int = 12, num_queries: int = 8,
                        ks: tuple[float, ...] = (0.05, 0.10), seed: int = 0, epochs: int = 6,
-                       methods: list[str] | None = None, progress: bool = True) -> dict:
+                       methods: list[str] | None = None, progress: bool = True, pretrain_text_encoder: str = "train") -> dict:
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
     from tqdm.auto import tqdm
 
@@ -150,7 +150,8 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods names unknown methods {unknown}; known: {', '.join(METHODS)}.")
-    icon_set = prepare_dataset(dataset, list(concepts), themes, pretrain_themes, icons_dir, icons_per_theme, progress)
+    icon_set = prepare_dataset(dataset, list(concepts), themes, pretrain_themes, icons_dir, icons_per_theme, progress,
+                               pretrain_text_encoder=pretrain_text_encoder)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:  # the icon images live here until the retrainer has read them
         res = run_seed(seed, list(concepts), images_per_concept, epochs, None, tmp, QUERY_SEEDS, progress=progress,
@@ -192,7 +193,8 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
     bar.close()
     result["config"] = {"dataset": dataset, "concepts": list(concepts) if dataset == "digits" else None,
                         "themes": icon_set["themes"] if icon_set else None,
-                        "pretrain_themes": icon_set["pool"] if icon_set else None, "seed": seed, "epochs": epochs,
+                        "pretrain_themes": icon_set["pool"] if icon_set else None,
+                        "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None, "seed": seed, "epochs": epochs,
                         "queries": num_queries, "query_prompts": prompts, "k_fractions": list(ks), "points": POINTS,
                         "train_images": n, "retrain_steps": run["steps"], "retrain_seconds": round(retrain_seconds, 1),
                         "retrainings": len(losses),
