@@ -148,21 +148,16 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     if within not in TEMPLATES:
         raise DataError(f"within must be one of {sorted(TEMPLATES)}, not {within!r}.")
     template, probe_seeds = TEMPLATES[within], PROBE_SEEDS[within]
-    diagnostics: dict = {}
+    diagnostics = icon_set["diagnostics"] if icon_set is not None else {}
     base, resolution, prompts, image_metric = "tiny", 16, PROMPTS, "within_token"
     if icon_set is not None:
         from montrage.recipes import icons
-        from montrage.recipes.art_base import style_response
 
         examples = icons.build_icon_set(icon_set["themes"], os.path.join(workdir, "icons"), icon_set["icons_per_theme"],
                                         icons_dir=icon_set["icons_dir"], seed=seed)
         tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
         base = icon_set["base"]
         resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
-        style = ICON_PROMPTS["concept"]
-        diagnostics = {"style_response": style_response(base, [style.format(token=t) for t in tokens.values()]),
-                       "pool_style_response": style_response(
-                           base, [style.format(token=icons.theme_token(t)) for t in icon_set["pool"]])}
         # icons are named by their content in either construction
         probe_images, held_images = split_images(examples, lambda k, ex: icons.content_words(icons.icon_of(ex)))
     elif data_dir:
@@ -322,7 +317,7 @@ def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None,
 
     if dataset == "icons":
         from montrage.recipes import icons
-        from montrage.recipes.art_base import ArtBaseConfig, art_base_path, default_pool, family
+        from montrage.recipes.art_base import ArtBaseConfig, art_base_path, default_pool, family, style_response
 
         icons_dir = icons_dir or icons.ICONS_DIR
         if not themes or len(themes) < 2:
@@ -338,8 +333,12 @@ def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None,
         if pretrain_text_encoder not in ("train", "frozen"):
             raise DataError(f"--pretrain-text-encoder must be train or frozen, not {pretrain_text_encoder!r}.")
         cfg = ArtBaseConfig(themes=tuple(sorted(pool)), train_text_encoder=pretrain_text_encoder == "train")
+        base = art_base_path(pool, icons_dir, cfg, progress=progress)
+        style = ICON_PROMPTS["concept"]
+        diagnostics = {name: style_response(base, [style.format(token=icons.theme_token(t)) for t in group])
+                       for name, group in (("style_response", themes), ("pool_style_response", pool))}
         return {"themes": themes, "pool": pool, "icons_dir": icons_dir, "icons_per_theme": icons_per_theme,
-                "base": art_base_path(pool, icons_dir, cfg, progress=progress), "text_encoder": pretrain_text_encoder}
+                "base": base, "text_encoder": pretrain_text_encoder, "diagnostics": diagnostics}
     if dataset != "digits":
         raise DataError(f"--dataset must be digits or icons, not {dataset!r}.")
     if data_dir is None and len(concepts) < 2:

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from montrage.attribution.table import (Mode, _unit, final_levels, final_views, per_query_standardize, side_features,
+from montrage.attribution.table import (Mode, _unit, final_features, final_side, per_query_standardize, side_features,
                                         train_ranks, trajectory_side)
 
 EXACT = 4096  # monitored images up to which queries score every image
@@ -154,9 +154,9 @@ class TrainIndex:
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
         self.ranks = {(layer, int(v)): load(f"ranks_{layer}_{v}.npy") for layer, v in self.meta["ranks"]}
         self.nn = np.load(os.path.join(out_dir, "nn.npy")).astype(np.float32)  # in memory: every query searches it all
-        self._final_views: dict = {}  # centre digest -> {layer: per view (N, F_v) float32}: fast mode's training side
+        self._final_side: dict = {}  # centre digest -> final_side of every image: fast mode's training side
         # (mode, centre digest, first row, rows) -> the prepared training side of reference rows (the sample, or up to
-        # REFERENCE images): trajectory_side, or the final views
+        # REFERENCE images): trajectory_side, or rows of final_side
         self._reference_sides: dict = {}
 
     def close(self) -> None:
@@ -168,14 +168,14 @@ class TrainIndex:
         feats = {layer: t.read(rows).transpose(1, 0, 2, 3) for layer, t in self.traj.items()}
         return feats, {k: r.read(rows) for k, r in self.ranks.items()}
 
-    def final_views(self, centre: dict) -> dict[str, list[np.ndarray]]:
-        """{layer: `final_views` of every image's final snapshot}, computed once per centre: a fast query then costs
-        one gather and one product per view."""
+    def final_side(self, centre: dict) -> dict:
+        """`table.final_side` of every image's final snapshot, computed once per centre: a fast query then costs one
+        gather and one product per view."""
         key = _digest(centre)
-        if key not in self._final_views:
-            self._final_views = {key: {layer: final_views(np.load(os.path.join(self.dir, f"final_{layer}.npy")),
-                                                          centre[layer][-1]) for layer in self.meta["layers"]}}
-        return self._final_views[key]
+        if key not in self._final_side:
+            final = {layer: np.load(os.path.join(self.dir, f"final_{layer}.npy")) for layer in self.meta["layers"]}
+            self._final_side = {key: final_side(final, centre)}
+        return self._final_side[key]
 
     def pair_features(self, queries: dict, rows: np.ndarray, centre: dict, mode: Mode, reference: bool = False) -> np.ndarray:
         """`table.pair_features` of queries {layer: (E, Q, T, F)} against the training images `rows` (sorted), read
@@ -184,15 +184,14 @@ class TrainIndex:
         side = self._reference_sides.get(key) if reference else None
         if side is None:
             if mode == "final":
-                side = {layer: [v[rows] for v in views] for layer, views in self.final_views(centre).items()}
+                side = {k: v[rows] for k, v in self.final_side(centre).items()}
             else:
                 feats, ranks = self.train_block(rows)
                 side = trajectory_side(feats, centre, ranks)
             if reference and (len(self.reference) <= REFERENCE or len(self.reference) < self.meta["num_train"]):
                 self._reference_sides[key] = side
         if mode == "final":
-            return np.concatenate([final_levels(final_views(q[-1], centre[layer][-1]), side[layer])
-                                   for layer, q in queries.items()], axis=-1).astype(np.float32)
+            return final_features(final_side({k: q[-1] for k, q in queries.items()}, centre), side)
         return side_features(trajectory_side(queries, centre), side)
 
     def shortlist(self, final_query: dict[str, np.ndarray], centre: dict, k: int) -> np.ndarray:

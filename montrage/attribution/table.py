@@ -40,15 +40,26 @@ def _views(feats: np.ndarray) -> list[np.ndarray]:
     return [feats[:, :, t] for t in range(T)] + ([feats.reshape(E, n, T * F)] if T > 1 else [])
 
 
-def final_views(x: np.ndarray, centre: np.ndarray) -> list[np.ndarray]:
-    """(n, T, F) final-snapshot features -> per view (n, F_v) centred unit rows: the final-epoch table's inputs."""
-    c = x.astype(np.float32) - centre
-    return [_unit(v[0]) for v in _views(c[None])]
+def final_side(final: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> dict:
+    """{(layer, view): centred unit rows (n, F_v)} of one side of the final-epoch table, from final-snapshot features
+    {layer: (n, T, F)} (`centre`'s last epoch is subtracted). Preparing a side once lets many queries reuse it (the
+    index keeps every image's)."""
+    out = {}
+    for layer, x in final.items():
+        c = x.astype(np.float32) - centre[layer][-1]
+        for v, cv in enumerate(_views(c[None])):
+            out[(layer, v)] = _unit(cv[0])
+    return out
 
 
-def final_levels(q_views: list[np.ndarray], t_views: list[np.ndarray]) -> np.ndarray:
-    """(Q, N, V) the final-epoch table (level_final per view) from the `final_views` of both sides."""
-    return np.stack([(1.0 + q @ t.T) / 2.0 for q, t in zip(q_views, t_views)], axis=-1)
+def final_features(q: dict, t: dict) -> np.ndarray:
+    """(Q, N, V) the final-epoch table (level_final per view) of two prepared sides (`final_side`)."""
+    return np.stack([(1.0 + q[k] @ t[k].T) / 2.0 for k in q], axis=-1).astype(np.float32)
+
+
+def _ranked_changes(d: np.ndarray) -> np.ndarray:
+    """(E-1, n, F) changes -> (n, (E-1) F) ranked change trajectories (`_ranked`)."""
+    return _ranked(d.transpose(1, 0, 2).reshape(d.shape[1], -1))
 
 
 def feature_names(layers: list[str], timesteps: list[int], num_epochs: int, mode: Mode) -> list[str]:
@@ -73,7 +84,7 @@ def train_ranks(train: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> 
         t = x.astype(np.float32) - centre[layer][:, None]
         for v, tv in enumerate(_views(t)):
             dt = np.diff(tv, axis=0)
-            out[(layer, v)] = _ranked(dt.transpose(1, 0, 2).reshape(dt.shape[1], -1)) if len(dt) else None
+            out[(layer, v)] = _ranked_changes(dt) if len(dt) else None
     return out
 
 
@@ -86,8 +97,10 @@ def trajectory_side(feats: dict[str, np.ndarray], centre: dict[str, np.ndarray],
         c = x.astype(np.float32) - centre[layer][:, None]
         for v, cv in enumerate(_views(c)):
             d = np.diff(cv, axis=0)
-            r = ranks[(layer, v)].astype(np.float32) if ranks is not None and len(d) else (
-                _ranked(d.transpose(1, 0, 2).reshape(d.shape[1], -1)) if len(d) else None)
+            if not len(d):
+                r = None
+            else:
+                r = ranks[(layer, v)].astype(np.float32) if ranks is not None else _ranked_changes(d)
             out[(layer, v)] = (_unit(cv), _unit(d), r)
     return out
 
@@ -113,9 +126,8 @@ def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], 
     `ranks`: the training side's `train_ranks`, if already computed.
     """
     if mode == "final":
-        return np.concatenate([final_levels(final_views(queries[layer][-1], centre[layer][-1]),
-                                            final_views(train[layer][-1], centre[layer][-1])) for layer in queries],
-                              axis=-1).astype(np.float32)
+        return final_features(final_side({k: v[-1] for k, v in queries.items()}, centre),
+                              final_side({k: train[k][-1] for k in queries}, centre))
     return side_features(trajectory_side(queries, centre), trajectory_side({k: train[k] for k in queries}, centre, ranks))
 
 
