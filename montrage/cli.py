@@ -302,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")
     s.add_argument("--pretrain-themes", default=None, help="attribution (icons): the art base's pre-training themes "
                    "(default: one installed theme of every other family)")
-    s.add_argument("--pretrain-text-encoder", default="train", choices=["train", "frozen"],
-                   help="attribution (icons): pre-train the art base's text encoder with its UNet, or leave it as built "
-                        "(as Stable Diffusion's UNet learns on a frozen CLIP)")
+    s.add_argument("--pretrain-text-encoder", default="frozen", choices=["frozen", "train"],
+                   help="attribution (icons): leave the art base's text encoder as built while its UNet pre-trains (as "
+                        "Stable Diffusion's UNet learns on a frozen CLIP; the default), or train it with the UNet")
     s.add_argument("--icons-dir", default=None, help="attribution (icons): folder of icon themes (/usr/share/icons)")
     s.add_argument("--icons-per-theme", type=int, default=16, help="attribution (icons): training icons per theme")
     s.add_argument("--queries", type=int, default=8, help="counterfactual: held-out queries retrained for")

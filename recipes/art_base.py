@@ -3,7 +3,8 @@
 Customizing it to other themes then teaches a new *style* to a model that knows the contents, as a user's LoRA
 teaches an artist's style to Stable Diffusion. Every pool icon is trained under "an icon of a printer" and, with
 probability `class_caption_prob`, under "an icon of a printer in the style of <theme>", so the base uses the
-style phrase; the customized themes' words are in its vocabulary but never trained. The VAE downsamples 32 px
+style phrase; the customized themes' words are in its vocabulary but never trained. The text encoder stays as
+built (Stable Diffusion's UNet, too, learns on a frozen CLIP), so every word keeps a distinct encoding. The VAE downsamples 32 px
 icons by 4, so the UNet sees the digits base's 8x8 latents. Cached by a hash of the config, like the digits base.
 """
 
@@ -70,11 +71,11 @@ class ArtBaseConfig:
     class_caption_prob: float = 0.5
     seed: int = 0
     max_length: int = 24
-    train_text_encoder: bool = True
+    train_text_encoder: bool = False  # True: the first recipe, whose encoder maps the never-trained style words alike
 
     def digest(self) -> str:
         d = dataclasses.asdict(self)
-        if d["train_text_encoder"]:  # the original recipe: bases cached before the option keep their digest
+        if d["train_text_encoder"]:  # the first recipe: bases cached before the option keep their digest
             del d["train_text_encoder"]
         blob = json.dumps(d, sort_keys=True) + "|" + ",".join(vocabulary()) + "|v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

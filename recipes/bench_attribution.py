@@ -282,14 +282,17 @@ def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str],
     from montrage.attribution.fit import fit_attribution
     from montrage.attribution.query import Attributor
 
+    from montrage.attribution.fit import probe_trajectories
+
     seeds = _seeds(qpix)
     last = att.store.num_epochs - 1
     traj = {False: att.model.trajectory(qpix, seeds, list(range(last + 1)), prompts)}
     traj[True] = {k: v[-1:] for k, v in traj[False].items()}
+    probe_features = probe_trajectories(att.model)  # the same for every fit seed
     out: dict = {}
     for fs in fit_seeds:
         model_dir = os.path.join(os.path.dirname(store_path), f"fit_seed{fs}")
-        fit_attribution(store_path, out_dir=model_dir, steps=steps, seed=fs, progress=False)
+        fit_attribution(store_path, out_dir=model_dir, steps=steps, seed=fs, progress=False, probe_features=probe_features)
         other = Attributor.from_store(store_path, model_dir=model_dir)
         for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
             metrics_ = score(other.score_trajectories(traj[fast], fast)[0])
@@ -310,7 +313,7 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
 
 def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None, pretrain_themes: list[str] | None,
                     icons_dir: str | None, icons_per_theme: int, progress: bool = True,
-                    data_dir: str | None = None, pretrain_text_encoder: str = "train") -> dict | None:
+                    data_dir: str | None = None, pretrain_text_encoder: str = "frozen") -> dict | None:
     """Check the dataset flags and build the base once: the icon set's description for `run_seed` (None: digits or
     a folder)."""
     from montrage.recipes.tiny_base import tiny_base_path
@@ -353,7 +356,7 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                           projection_width: int | None = None, dataset: str = "digits", themes: list[str] | None = None,
                           pretrain_themes: list[str] | None = None, icons_dir: str | None = None,
                           icons_per_theme: int = 16, fit_seeds: list[int] | None = None,
-                          pretrain_text_encoder: str = "train") -> dict:
+                          pretrain_text_encoder: str = "frozen") -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept.
     dataset="icons": customize the art base to the icon `themes` (pre-trained on `pretrain_themes`, default: one
     theme of each other installed family)."""

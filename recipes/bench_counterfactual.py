@@ -141,7 +141,7 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
                        themes: list[str] | None = None, pretrain_themes: list[str] | None = None,
                        icons_dir: str | None = None, icons_per_theme: int = 12, num_queries: int = 8,
                        ks: tuple[float, ...] = (0.05, 0.10), seed: int = 0, epochs: int = 6,
-                       methods: list[str] | None = None, progress: bool = True, pretrain_text_encoder: str = "train") -> dict:
+                       methods: list[str] | None = None, progress: bool = True, pretrain_text_encoder: str = "frozen") -> dict:
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
     from tqdm.auto import tqdm
 

@@ -115,20 +115,23 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
 def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = LOSS, steps: int = 400, lr: float = 3e-3,
                     hidden: int = 64, seed: int = 0, members: int = MEMBERS, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
                     within: float = 0.5, probes: str = "regenerate", progress: bool = True,
-                    memory_bytes: int = 1 << 30) -> dict:
+                    memory_bytes: int = 1 << 30, probe_features: dict[str, np.ndarray] | None = None) -> dict:
     """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
 
     The training-side index (`<out>/index`) is built for the queries; beyond `STREAM_PAIRS` (probe, image) pairs, or
     when the whole table would not fit in `memory_bytes`, the fit streams mini-batches from it (a full-batch step
     costs O(pairs); a streamed one O(probes x batch)). `probes="stored"` uses the probe features the
-    store holds instead of regenerating the final probes (no model needed; for synthetic stores)."""
+    store holds instead of regenerating the final probes (no model needed; for synthetic stores); `probe_features`
+    passes trajectories already computed by `probe_trajectories` (a refit of the same store with another seed)."""
     from montrage.attribution.index import TrainIndex, build_index
 
     t0 = time.time()
     out_dir = out_dir or default_model_dir(store_path)
     with StoreReader(store_path) as store:
         check_fittable(store)
-        if probes == "stored":
+        if probe_features is not None:
+            queries = probe_features
+        elif probes == "stored":
             queries = {layer: store.probe_features(layer) for layer in store.layers}
         else:
             queries = probe_trajectories(StoreModel(store, model_path))
