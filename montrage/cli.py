@@ -151,7 +151,7 @@ def cmd_bench(args) -> int:
                               dataset=args.dataset, themes=_names(args.themes), pretrain_themes=_names(args.pretrain_themes),
                               icons_dir=args.icons_dir, icons_per_theme=args.icons_per_theme,
                               fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None,
-                              pretrain_text_encoder=args.pretrain_text_encoder)
+                              pretrain_text_encoder=args.pretrain_text_encoder, rescore=args.rescore)
         return 0
     if args.what == "counterfactual":
         from montrage.recipes.bench_counterfactual import run_counterfactual
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
+    s.add_argument("--rescore", default=None, help="attribution: a --keep folder whose runs are scored again with "
+                   "montrage refitted (the baselines' saved scores reused; same flags as the kept run)")
     s.add_argument("--dataset", default="digits", choices=["digits", "icons"],
                    help="attribution: digits on the digits base, or installed icon themes on the art base")
     s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")

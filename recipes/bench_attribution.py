@@ -17,6 +17,7 @@ query's prompt and the training captions. Within-concept ground truth comes from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ PROBE_SEEDS = {"exemplar": [0, 1, 2, 3], "tokens": [0, 1]}
 LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0"]
 QUERY_SEEDS = [100, 101, 102, 103, 104, 105, 106, 107]
 EXEMPLAR_REPEATS = 8
+SCORES, RUN = "scores.npz", "run.json"  # a kept run's saved method scores and query set, for `rescore_seed`
 FINE_TUNE = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-2}  # the benchmark's customization
 
 
@@ -260,18 +262,61 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timed("tracin", lambda: gradients.tracin_scores([grads(query, "loss", r) for r in rows],
                                                     [grads(training, "loss", r) for r in rows], lrs[: len(rows)]))
     timed("datainf", lambda: gradients.datainf_scores(grads(query, "loss", last), grads(training, "loss", last)))
-    results = {name: {**evaluate(s, queries, kinds, train, concept_names, image_metric), "seconds": seconds[name]}
-               for name, s in methods.items()}
-    sweep = fit_seed_sweep(store_path, att, qpix, q_prompts, fit_seeds, steps,
-                           lambda sc: evaluate(sc, queries, kinds, train, concept_names, image_metric)) if fit_seeds else None
+    saved = {"seed": seed, "steps": steps, "queries": dataclasses.asdict(queries), "kinds": kinds,
+             "concepts": concept_names, "image_metric": image_metric, "seconds": seconds, "timings": timings,
+             "num_probes": len(probes), "repeats": repeats, "exemplars": exemplars, "diagnostics": diagnostics}
+    np.savez(os.path.join(workdir, SCORES), **methods)  # what `rescore_seed` needs to refit montrage alone
+    with open(os.path.join(workdir, RUN), "w") as fh:
+        json.dump(saved, fh)
+    out = _score_all(att, methods, saved, qpix, q_prompts, queries, fit_seeds)
     att.close()
-    out = {"methods": results, "fit_seeds": sweep, "timings": timings, "num_queries": len(queries), "num_probes": len(probes),
-           "num_train_images": len(train), "repeats": repeats, "exemplars": exemplars, "diagnostics": diagnostics}
     if return_run:  # what a counterfactual retraining needs: the recipe, the queries and every method's scores
         steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
         out["run"] = {"scores": methods, "qpix": qpix, "prompts": q_prompts, "queries": queries, "kinds": kinds,
                       "train": train, "examples": examples, "weights": weights, "base": base, "resolution": resolution,
                       "steps": steps_per_epoch * epochs, "hparams": dict(module.hparams)}
+    return out
+
+
+def _score_all(att, methods: dict, saved: dict, qpix: torch.Tensor, prompts: list[str], queries: ProbeSet,
+               fit_seeds: list[int] | None) -> dict:
+    """Every method's metrics on the queries, and the fit-seed sweep: one seed's result."""
+    train = att.train
+    score = lambda sc: evaluate(sc, queries, saved["kinds"], train, saved["concepts"], saved["image_metric"])  # noqa: E731
+    results = {name: {**score(s), "seconds": saved["seconds"][name]} for name, s in methods.items()}
+    sweep = fit_seed_sweep(att.store.path, att, qpix, prompts, fit_seeds, saved["steps"], score) if fit_seeds else None
+    keep = ("timings", "num_probes", "repeats", "exemplars", "diagnostics")
+    return {"methods": results, "fit_seeds": sweep, "num_queries": len(queries), "num_train_images": len(train),
+            **{k: saved[k] for k in keep}}
+
+
+def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
+    """Refit montrage on a kept run (`--keep`) and score it again beside the baselines' saved scores: a change of
+    the attribution model measured on the same stores, queries and baselines, without re-running the rest."""
+    from montrage.attribution.fit import fit_attribution
+    from montrage.attribution.query import Attributor
+
+    store_path = os.path.join(workdir, "store.h5")
+    for name in (RUN, SCORES):
+        if not os.path.isfile(os.path.join(workdir, name)):
+            raise DataError(f"{os.path.join(workdir, name)!r} is missing: rescoring needs a run kept with --keep.")
+    with open(os.path.join(workdir, RUN)) as fh:
+        saved = json.load(fh)
+    with np.load(os.path.join(workdir, SCORES)) as npz:
+        methods = {k: npz[k] for k in npz.files}
+    queries = ProbeSet(**{k: tuple(v) for k, v in saved["queries"].items()})
+    t = time.time()
+    fit_attribution(store_path, steps=saved["steps"], seed=saved["seed"], progress=False)
+    saved["timings"]["fit"] = time.time() - t
+    att = Attributor.from_store(store_path)
+    qpix = att.model.generate(queries, att.store.num_epochs - 1)
+    prompts = [p for p, _ in queries.items()]
+    for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
+        t = time.time()
+        methods[name] = np.asarray(att.image_scores(qpix, fast=fast, prompts=prompts))
+        saved["seconds"][name] = time.time() - t
+    out = _score_all(att, methods, saved, qpix, prompts, queries, fit_seeds)
+    att.close()
     return out
 
 
@@ -356,8 +401,9 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                           projection_width: int | None = None, dataset: str = "digits", themes: list[str] | None = None,
                           pretrain_themes: list[str] | None = None, icons_dir: str | None = None,
                           icons_per_theme: int = 16, fit_seeds: list[int] | None = None,
-                          pretrain_text_encoder: str = "frozen") -> dict:
-    """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept.
+                          pretrain_text_encoder: str = "frozen", rescore: str | None = None) -> dict:
+    """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept; `rescore`:
+    such a folder, whose runs are not repeated: montrage alone is refitted and every method scored again.
     dataset="icons": customize the art base to the icon `themes` (pre-trained on `pretrain_themes`, default: one
     theme of each other installed family)."""
     icon_set = prepare_dataset(dataset, concepts, themes, pretrain_themes, icons_dir, icons_per_theme, progress,
@@ -369,9 +415,12 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                 tmp = os.path.join(keep, f"seed{seed}")
                 os.makedirs(tmp, exist_ok=True)
             t = time.time()
-            per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
-                                      exemplar_repeats, progress=progress, repeats=repeats,
-                                      projection_width=projection_width, icon_set=icon_set, fit_seeds=fit_seeds)
+            if rescore:
+                per_seed[seed] = rescore_seed(os.path.join(rescore, f"seed{seed}"), fit_seeds)
+            else:
+                per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
+                                          exemplar_repeats, progress=progress, repeats=repeats,
+                                          projection_width=projection_width, icon_set=icon_set, fit_seeds=fit_seeds)
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 if per_seed[seed]["diagnostics"]:
@@ -388,7 +437,8 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
                    "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
                    "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
                    "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
-                   "encode_prompt": CAPTION, "projection_width": projection_width, "dataset": dataset},
+                   "encode_prompt": CAPTION, "projection_width": projection_width, "dataset": dataset,
+                   "rescored": rescore is not None},
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     if fit_seeds:

@@ -212,3 +212,41 @@ def test_store_model_prompts_follow_the_store_space():
         assert StoreModel.prompts(captioned, 1, None) == [""]
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         StoreModel.prompts(captioned, 2, ["a"])
+
+
+def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_path):
+    import dataclasses
+    import os
+    import shutil
+
+    from montrage.probes import ProbeSet
+    from montrage.recipes.bench_attribution import RUN, SCORES, evaluate, rescore_seed
+
+    kept = tmp_path / "seed0"
+    shutil.copytree(os.path.dirname(run_store), kept)
+    with StoreReader(str(kept / "store.h5")) as store:
+        train = store.train
+    queries = ProbeSet(("a photo of one", "a photo of seven"), ({"digit1": 1.0}, {"digit7": 1.0}), (100, 101),
+                       ("digit1", "digit7"), ({}, {train[-1].id: 1.0}))
+    kinds, concepts = ["concept", "concept"], ["digit1", "digit7"]
+    pixel = np.random.default_rng(0).random((4, len(train)))
+    saved = {"seed": 0, "steps": 20, "queries": dataclasses.asdict(queries), "kinds": kinds, "concepts": concepts,
+             "image_metric": "within_token", "seconds": {"pixel-cosine": 0.5}, "timings": {"fine_tune": 1.0},
+             "num_probes": 8, "repeats": 1, "exemplars": {}, "diagnostics": {}}
+    np.savez(kept / SCORES, **{"pixel-cosine": pixel})
+    (kept / RUN).write_text(json.dumps(saved))
+    out = rescore_seed(str(kept), fit_seeds=[1])
+    assert list(out["methods"]) == ["pixel-cosine", "montrage", "montrage-final-epoch"]
+    expected = {**evaluate(pixel, queries, kinds, train, concepts), "seconds": 0.5}
+    assert out["methods"]["pixel-cosine"] == pytest.approx(expected, nan_ok=True)
+    att = Attributor.from_store(str(kept / "store.h5"))  # the refitted model is the one kept beside the store
+    qpix = att.model.generate(queries, att.store.num_epochs - 1)
+    again = evaluate(att.image_scores(qpix, prompts=[p for p, _ in queries.items()]),
+                     queries, kinds, train, concepts)
+    att.close()
+    assert {k: out["methods"]["montrage"][k] for k in again} == pytest.approx(again, nan_ok=True)
+    assert out["timings"]["fit"] > 0 and out["timings"]["fine_tune"] == 1.0  # refitted; the run's own timings kept
+    assert out["fit_seeds"]["seeds"] == [1] and len(out["fit_seeds"]["montrage"]["top1"]) == 1
+    os.remove(kept / RUN)
+    with pytest.raises(DataError, match="run.json.*--keep"):
+        rescore_seed(str(kept))
