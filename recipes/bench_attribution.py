@@ -324,10 +324,8 @@ def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str],
                    score) -> dict:
     """Refit the attribution models on the same store with each fit seed; per mode, every metric per seed and the
     within-concept spread (max - min). The queries are encoded once."""
-    from montrage.attribution.fit import fit_attribution
+    from montrage.attribution.fit import fit_attribution, probe_trajectories
     from montrage.attribution.query import Attributor
-
-    from montrage.attribution.fit import probe_trajectories
 
     seeds = _seeds(qpix)
     last = att.store.num_epochs - 1
