@@ -138,7 +138,6 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     """
     import pytorch_lightning as pl
 
-    from montrage.attribution.fit import fit_attribution
     from montrage.attribution.query import Attributor
     from montrage.attribution.table import pair_features
     from montrage.baselines import gradients, pixel
@@ -209,7 +208,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     timings["fine_tune"] = time.time() - t0
 
     t0 = time.time()
-    fit_attribution(store_path, steps=steps, seed=seed)
+    probe_features = fit_default(store_path, steps, seed, progress)
     timings["fit"] = time.time() - t0
     att = Attributor.from_store(store_path)
     sm = att.model
@@ -227,8 +226,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         methods[name] = np.asarray(fn())
         seconds[name] = time.time() - t
 
-    timed("montrage", lambda: att.image_scores(qpix, fast=False, prompts=q_prompts))
-    timed("montrage-final-epoch", lambda: att.image_scores(qpix, fast=True, prompts=q_prompts))
+    score_montrage(att, qpix, q_prompts, methods, seconds)
 
     def final_similarity():
         last = att.store.num_epochs - 1
@@ -268,7 +266,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     np.savez(os.path.join(workdir, SCORES), **methods)  # what `rescore_seed` needs to refit montrage alone
     with open(os.path.join(workdir, RUN), "w") as fh:
         json.dump(saved, fh)
-    out = _score_all(att, methods, saved, qpix, q_prompts, queries, fit_seeds)
+    out = _score_all(att, methods, saved, qpix, q_prompts, queries, fit_seeds, probe_features)
     att.close()
     if return_run:  # what a counterfactual retraining needs: the recipe, the queries and every method's scores
         steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
@@ -278,13 +276,35 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     return out
 
 
+def fit_default(store_path: str, steps: int, seed: int, progress: bool = False) -> dict[str, np.ndarray]:
+    """Fit the store's own attribution models; returns the probes' trajectories, which every refit of the store
+    (`fit_seed_sweep`) shares."""
+    from montrage.attribution.fit import fit_attribution, probe_trajectories
+    from montrage.attribution.reencode import StoreModel
+    from montrage.store import StoreReader
+
+    with StoreReader(store_path) as store:
+        probe_features = probe_trajectories(StoreModel(store))
+    fit_attribution(store_path, steps=steps, seed=seed, progress=progress, probe_features=probe_features)
+    return probe_features
+
+
+def score_montrage(att, qpix: torch.Tensor, prompts: list[str], methods: dict, seconds: dict) -> None:
+    """montrage and its final-epoch ablation on the queries, timed, into `methods` and `seconds`."""
+    for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
+        t = time.time()
+        methods[name] = np.asarray(att.image_scores(qpix, fast=fast, prompts=prompts))
+        seconds[name] = time.time() - t
+
+
 def _score_all(att, methods: dict, saved: dict, qpix: torch.Tensor, prompts: list[str], queries: ProbeSet,
-               fit_seeds: list[int] | None) -> dict:
+               fit_seeds: list[int] | None, probe_features: dict[str, np.ndarray]) -> dict:
     """Every method's metrics on the queries, and the fit-seed sweep: one seed's result."""
     train = att.train
     score = lambda sc: evaluate(sc, queries, saved["kinds"], train, saved["concepts"], saved["image_metric"])  # noqa: E731
     results = {name: {**score(s), "seconds": saved["seconds"][name]} for name, s in methods.items()}
-    sweep = fit_seed_sweep(att.store.path, att, qpix, prompts, fit_seeds, saved["steps"], score) if fit_seeds else None
+    sweep = fit_seed_sweep(att.store.path, att, qpix, prompts, fit_seeds, saved["steps"], score,
+                           probe_features) if fit_seeds else None
     keep = ("timings", "num_probes", "repeats", "exemplars", "diagnostics")
     return {"methods": results, "fit_seeds": sweep, "num_queries": len(queries), "num_train_images": len(train),
             **{k: saved[k] for k in keep}}
@@ -293,7 +313,6 @@ def _score_all(att, methods: dict, saved: dict, qpix: torch.Tensor, prompts: lis
 def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
     """Refit montrage on a kept run (`--keep`) and score it again beside the baselines' saved scores: a change of
     the attribution model measured on the same stores, queries and baselines, without re-running the rest."""
-    from montrage.attribution.fit import fit_attribution
     from montrage.attribution.query import Attributor
 
     store_path = os.path.join(workdir, "store.h5")
@@ -306,32 +325,28 @@ def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
         methods = {k: npz[k] for k in npz.files}
     queries = ProbeSet(**{k: tuple(v) for k, v in saved["queries"].items()})
     t = time.time()
-    fit_attribution(store_path, steps=saved["steps"], seed=saved["seed"], progress=False)
+    probe_features = fit_default(store_path, saved["steps"], saved["seed"])
     saved["timings"]["fit"] = time.time() - t
     att = Attributor.from_store(store_path)
     qpix = att.model.generate(queries, att.store.num_epochs - 1)
     prompts = [p for p, _ in queries.items()]
-    for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
-        t = time.time()
-        methods[name] = np.asarray(att.image_scores(qpix, fast=fast, prompts=prompts))
-        saved["seconds"][name] = time.time() - t
-    out = _score_all(att, methods, saved, qpix, prompts, queries, fit_seeds)
+    score_montrage(att, qpix, prompts, methods, saved["seconds"])
+    out = _score_all(att, methods, saved, qpix, prompts, queries, fit_seeds, probe_features)
     att.close()
     return out
 
 
 def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str], fit_seeds: list[int], steps: int,
-                   score) -> dict:
+                   score, probe_features: dict[str, np.ndarray]) -> dict:
     """Refit the attribution models on the same store with each fit seed; per mode, every metric per seed and the
-    within-concept spread (max - min). The queries are encoded once."""
-    from montrage.attribution.fit import fit_attribution, probe_trajectories
+    within-concept spread (max - min). The queries are encoded once; `probe_features` from `fit_default`."""
+    from montrage.attribution.fit import fit_attribution
     from montrage.attribution.query import Attributor
 
     seeds = _seeds(qpix)
     last = att.store.num_epochs - 1
     traj = {False: att.model.trajectory(qpix, seeds, list(range(last + 1)), prompts)}
     traj[True] = {k: v[-1:] for k, v in traj[False].items()}
-    probe_features = probe_trajectories(att.model)  # the same for every fit seed
     out: dict = {}
     for fs in fit_seeds:
         model_dir = os.path.join(os.path.dirname(store_path), f"fit_seed{fs}")
