@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 
@@ -170,43 +171,59 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
     n = len(ids)
     names = list(scores) + (["random"] if methods is None or "random" in methods else [])
     rng = np.random.default_rng(seed + 1)
-    result: dict = {"methods": {}, "by_k": {}}
+    config = {"dataset": dataset, "concepts": list(concepts) if dataset == "digits" else None,
+              "themes": icon_set["themes"] if icon_set else None,
+              "pretrain_themes": icon_set["pool"] if icon_set else None,
+              "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None, "seed": seed, "epochs": epochs,
+              "queries": num_queries, "query_prompts": prompts, "k_fractions": list(ks), "points": POINTS,
+              "train_images": n, "retrain_steps": run["steps"], "retrain_seconds": round(retrain_seconds, 1),
+              "base_query_loss": base_loss.tolist(), "threads": torch.get_num_threads(),
+              "command": "montrage bench counterfactual " + " ".join(
+                  [f"--dataset {dataset}", f"--themes {','.join(icon_set['themes'])}" if icon_set else
+                   f"--concepts {','.join(map(str, concepts))}", f"--queries {num_queries}",
+                   f"--k {','.join(map(str, ks))}", f"--seed {seed}"])}
     bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
     losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss: methods that agree share a retraining
+    deltas: dict[tuple, list] = {}
     for frac in ks:
         k = int(frac) if frac >= 1 else max(1, int(round(frac * n)))
-        for name in names:
-            deltas = []
-            for j, r in enumerate(rows):
+        for j, r in enumerate(rows):  # queries outermost: a run cut short still has every method on the same queries
+            for name in names:
                 top = rng.choice(n, k, replace=False) if name == "random" else np.argsort(-scores[name][r])[:k]
                 removed = frozenset(ids[i] for i in top)
                 if removed not in losses:
                     re.train(removed)
                     losses[removed] = re.query_loss(qpix, prompts, points)
-                deltas.append(float(losses[removed][j] - base_loss[j]))
+                deltas.setdefault((frac, k, name), []).append(float(losses[removed][j] - base_loss[j]))
                 bar.update(1)
-            entry = {"k": k, "k_fraction": frac, "delta_loss": float(np.mean(deltas)),
-                     "delta_loss_se": float(np.std(deltas, ddof=1) / math.sqrt(len(deltas))) if len(deltas) > 1 else float("nan"),
-                     "per_query": deltas}
-            result["by_k"].setdefault(str(k), {})[name] = entry
-            result["methods"].setdefault(name, entry)  # the smallest K at the top level; every K under by_k
+            done = frac == ks[-1] and j == len(rows) - 1
+            _write(out, _summarize(deltas), dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1),
+                                                 complete=done))
     bar.close()
-    result["config"] = {"dataset": dataset, "concepts": list(concepts) if dataset == "digits" else None,
-                        "themes": icon_set["themes"] if icon_set else None,
-                        "pretrain_themes": icon_set["pool"] if icon_set else None,
-                        "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None, "seed": seed, "epochs": epochs,
-                        "queries": num_queries, "query_prompts": prompts, "k_fractions": list(ks), "points": POINTS,
-                        "train_images": n, "retrain_steps": run["steps"], "retrain_seconds": round(retrain_seconds, 1),
-                        "retrainings": len(losses),
-                        "base_query_loss": base_loss.tolist(), "seconds": round(time.time() - t0, 1),
-                        "command": "montrage bench counterfactual " + " ".join(
-                            [f"--dataset {dataset}", f"--themes {','.join(icon_set['themes'])}" if icon_set else
-                             f"--concepts {','.join(map(str, concepts))}", f"--queries {num_queries}",
-                             f"--k {','.join(map(str, ks))}", f"--seed {seed}"])}
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    result = _summarize(deltas)
+    result["config"] = dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=True)
     print(format_counterfactual(result))
     return result
+
+
+def _summarize(deltas: dict[tuple, list]) -> dict:
+    """Mean and standard error of the loss rise per (K, method); the smallest K also at the top level."""
+    result: dict = {"methods": {}, "by_k": {}}
+    for (frac, k, name), d in deltas.items():
+        entry = {"k": k, "k_fraction": frac, "delta_loss": float(np.mean(d)), "queries_done": len(d),
+                 "delta_loss_se": float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
+                 "per_query": d}
+        result["by_k"].setdefault(str(k), {})[name] = entry
+        result["methods"].setdefault(name, entry)
+    return result
+
+
+def _write(out: str, result: dict, config: dict) -> None:
+    """Rewrite the result file whole (via a temporary file), so it is never half-written."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(dict(result, config=config), fh, indent=1)
+    os.replace(tmp, out)
 
 
 def format_counterfactual(result: dict) -> str:

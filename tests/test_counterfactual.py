@@ -1,6 +1,7 @@
 """The counterfactual benchmark's pieces: query choice, fixed (t, epsilon) points, the lean retraining loop."""
 
 import numpy as np
+import pytest
 import torch
 
 from montrage.data import digit_token, digits_examples
@@ -63,3 +64,19 @@ def test_unknown_method_is_refused_before_any_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown methods \['tark'\].*montrage, montrage-final-epoch"):
         run_counterfactual(str(tmp_path / "cf.json"), methods=["montrage", "tark"])
     assert not (tmp_path / "cf.json").exists()
+
+
+def test_partial_results_keep_every_method_on_the_same_queries(tmp_path):
+    import json
+
+    from montrage.recipes.bench_counterfactual import _summarize, _write
+
+    deltas = {(0.05, 2, "montrage"): [0.3, 0.1], (0.05, 2, "random"): [0.0, 0.2], (0.1, 3, "montrage"): [0.5]}
+    out = str(tmp_path / "cf.json")
+    _write(out, _summarize(deltas), {"complete": False})
+    got = json.load(open(out))
+    assert got["methods"]["montrage"]["k"] == 2  # the smallest K at the top level
+    assert got["by_k"]["2"]["montrage"]["delta_loss"] == pytest.approx(0.2)
+    assert got["by_k"]["2"]["random"]["delta_loss_se"] == pytest.approx(0.1)
+    assert got["by_k"]["3"]["montrage"]["queries_done"] == 1 and got["config"]["complete"] is False
+    assert not (tmp_path / "cf.json.tmp").exists()
