@@ -126,7 +126,9 @@ def test_pia_and_reference_families_equal_their_separate_computations(tiny_model
     from peft import LoraConfig
 
     from montrage.origin.baselines import pia_spec
-    from montrage.origin.features import ALL_FAMILIES, FAMILIES, default_families
+    from montrage.origin.features import FAMILIES, REFERENCE_FAMILIES, default_families
+
+    ALL_FAMILIES = FAMILIES + ("loss_pia",) + REFERENCE_FAMILIES  # those that need no captions
 
     model = load_diffusion_model(tiny_model_dir)
     assert default_families(model) == FAMILIES + ("loss_pia",)
@@ -166,6 +168,50 @@ def test_pia_and_reference_families_equal_their_separate_computations(tiny_model
     back = read_features(write_features(str(tmp_path / "all.h5"), fs))
     assert set(back.values) == set(ALL_FAMILIES)
     _close(back.values["loss_ref"], fs.values["loss_ref"])
+
+
+def test_clid_families_are_caption_minus_null_and_perturbed_losses(tiny_model_dir):
+    """`clid_null` / `clid_perturbed` are the loss under each image's caption minus its loss under the empty / the
+    perturbed caption, with the same ε; with or without the paper's families in the same call; clear errors when
+    captions are missing, empty, or the model is unconditional."""
+    from montrage.origin.baselines import clid_losses, clid_spec
+    from montrage.origin.features import CLID_FAMILIES, perturb_caption
+    from montrage.origin.images import image_keys
+
+    model = load_diffusion_model(tiny_model_dir)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    captions = ["a photo of one digit", "a photo of seven", "a photo of one digit"]
+    timesteps = (5, 500)
+    loss = FeatureSpec(timesteps, families=("loss",))
+    own = trajectory_features(model, images, loss, captions=captions, progress=False).values["loss"]
+    null = trajectory_features(model, images, loss, progress=False).values["loss"]
+    keys = image_keys(images)
+    perturbed = [perturb_caption(c, k) for c, k in zip(captions, keys)]
+    assert all(p and p != c and set(p.split()) < set(c.split()) for p, c in zip(perturbed, captions))
+    assert perturbed == [perturb_caption(c, k) for c, k in zip(captions, keys)]  # seeded by the image
+    pert = trajectory_features(model, images, loss, captions=perturbed, progress=False).values["loss"]
+    for spec in (clid_spec(timesteps), FeatureSpec(timesteps, families=("loss", "grad_x") + CLID_FAMILIES)):
+        fs = trajectory_features(model, images, spec, captions=captions, batch_size=4, progress=False)
+        _close(fs.values["clid_null"], own - null)
+        _close(fs.values["clid_perturbed"], own - pert)
+        assert not np.allclose(fs.values["clid_null"], 0.0)
+    _close(clid_losses(fs), (2 * own - null - pert) / 2)
+    from montrage.origin.classifier import feature_matrix  # signed: taken as they are, not through the log
+
+    X, names = feature_matrix(fs, ("loss", "clid_null"))
+    _close(X[:, 2:], fs.values["clid_null"].astype(np.float64))
+    _close(X[:, :2], np.log(fs.values["loss"].astype(np.float64)))
+    assert names[2] == "clid_null@t=5"
+    with pytest.raises(OriginError, match="own caption"):
+        trajectory_features(model, images, clid_spec(timesteps), progress=False)
+    with pytest.raises(OriginError, match=r"1 have an empty one: \['b'\]"):
+        trajectory_features(model, images, clid_spec(timesteps), captions=["x y", "", "x y"], ids=["a", "b", "c"],
+                            progress=False)
+    with pytest.raises(OriginError, match="no CLiD family"):
+        clid_losses(trajectory_features(model, images, loss, progress=False))
+    with pytest.raises(OriginError, match="unconditional"):
+        trajectory_features(H.tiny_pixel_model(), torch.zeros(1, 3, 8, 8), clid_spec((5,)), captions=["x y"],
+                            progress=False)
 
 
 def test_cross_validated_C(tmp_path):
@@ -588,3 +634,30 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path, capsys):
             run_throughput("tiny", "cuda", images=1, timesteps=2, progress=False)
     with pytest.raises(ValueError, match="--size"):
         build_model("huge")
+
+
+def test_cli_features_read_captions_for_clid(tiny_model_dir, tmp_path):
+    """`--captions sidecar|metadata.jsonl` gives each image its caption; CLiD names the images that have none."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(2):
+        Image.new("RGB", (16, 16), (40 * k, 90, 200)).save(folder / f"im{k}.png")
+    (folder / "im0.txt").write_text("a photo of one digit\n")
+    base = ["origin", "features", str(folder), "--model", tiny_model_dir, "--out", str(tmp_path / "f.h5"),
+            "--t-grid", "5,500", "--families", "loss,clid_null,clid_perturbed", "--quiet"]
+    args = _parse(base + ["--captions", "sidecar"])
+    with pytest.raises(OriginError, match=r"1 have an empty one: \[.*im1.png'\]"):
+        args.fn(args)
+    with open(tmp_path / "metadata.jsonl", "w") as fh:
+        for k in range(2):
+            fh.write(json.dumps({"file_name": f"im{k}.png", "text": f"a photo of digit {k}"}) + "\n")
+    args = _parse(base + ["--captions", str(tmp_path / "metadata.jsonl")])
+    assert args.fn(args) == 0
+    fs = read_features(str(tmp_path / "f.h5"))
+    assert set(fs.values) == {"loss", "clid_null", "clid_perturbed"} and np.isfinite(fs.values["clid_null"]).all()
+    (tmp_path / "bad.jsonl").write_text('{"file": "im0.png"}\n')
+    args = _parse(base + ["--captions", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(OriginError, match=r"bad.jsonl', line 1: expected a JSON object with 'file_name'"):
+        args.fn(args)

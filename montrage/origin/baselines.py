@@ -5,6 +5,8 @@
 - PIA (Kong et al. 2024): the same rule on losses computed with the deterministic noise ε_θ(x, 0) (`pia_spec`).
 - GSA-style gradients (Pang et al. 2025, GSA₂): per parameter tensor, the squared gradient norm averaged over t
   (`gsa_spec` + `gsa_features`), fed to the same linear probe.
+- CLiD (Zhai et al. 2024): the same rule on the conditional likelihood discrepancy (`clid_spec` + `clid_losses`):
+  an image's loss under its own caption minus its loss under the null and a perturbed caption.
 - Model-blind (`pixel_features`): the linear probe on raw pixels, which says how much of a result is dataset
   shift rather than anything the model knows.
 """
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import FeatureSet, FeatureSpec
+from montrage.origin.features import CLID_FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.metrics import best_threshold, roc_auc
 
 
@@ -54,6 +56,21 @@ class ThresholdAttack:
 def pia_spec(timesteps, prompt: str = "") -> FeatureSpec:
     """Losses with PIA's deterministic noise ε = ε_θ(x, 0), at each of `timesteps`."""
     return FeatureSpec(tuple(timesteps), families=("loss",), noise="pia", prompt=prompt)
+
+
+def clid_spec(timesteps, draws: int = 1) -> FeatureSpec:
+    """CLiD's discrepancies under the null and a perturbed caption at each of `timesteps` (needs captions)."""
+    return FeatureSpec(tuple(timesteps), families=CLID_FAMILIES, draws=draws)
+
+
+def clid_losses(fs: FeatureSet) -> np.ndarray:
+    """(N, T) the mean of the CLiD discrepancies present: lower = the caption helps more = more member-like, so it
+    takes `ThresholdAttack`'s place of the loss."""
+    present = [f for f in CLID_FAMILIES if f in fs.values]
+    if not present:
+        raise OriginError(f"these features hold no CLiD family ({', '.join(CLID_FAMILIES)}): compute them with "
+                          "`clid_spec` and the images' captions.")
+    return np.mean([fs.values[f].astype(np.float64) for f in present], axis=0)
 
 
 def gsa_spec(timesteps, params="all", prompt: str = "") -> FeatureSpec:

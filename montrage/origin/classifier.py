@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import ALL_FAMILIES, FeatureSet, FeatureSpec
+from montrage.origin.features import ALL_FAMILIES, CLID_FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.model import check_same_model
 
 ORIGIN_CLASSES = ("member", "generated", "external")
@@ -66,7 +66,8 @@ def feature_matrix(fs: FeatureSet, families=None, transform: str = "log") -> tup
     if missing:
         raise OriginError(f"the features lack the families {missing} (have {sorted(fs.values)}); recompute them with "
                           f"`--families {','.join(families)}`.")
-    blocks = [transform_values(fs.values[f], transform) for f in families]
+    # CLiD's discrepancies are signed differences of losses: no log for them
+    blocks = [transform_values(fs.values[f], "none" if f in CLID_FAMILIES else transform) for f in families]
     names = [f"{f}@t={t}" for f in families for t in fs.spec.timesteps]
     return np.concatenate(blocks, axis=1), names
 

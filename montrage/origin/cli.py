@@ -40,14 +40,15 @@ def features_main(args) -> int:
     """Extract trajectory features of images under a model into an HDF5 file."""
     from montrage.origin.featurefile import write_features
     from montrage.origin.features import trajectory_features
-    from montrage.origin.images import expand_image_paths, load_images
+    from montrage.origin.images import expand_image_paths, load_images, read_captions
     from montrage.origin.model import load_diffusion_model
 
     paths = expand_image_paths(args.images)
+    captions = read_captions(paths, args.captions) if args.captions else None
     model = load_diffusion_model(_model_arg(args.model), lora=args.lora, device=args.device, resolution=args.resolution)
     spec = _spec_from_args(args, model)
     pixels = load_images(paths, model.image_size, model.image_channels, resize=args.resize)
-    fs = trajectory_features(model, pixels, spec, ids=paths, batch_size=args.batch_size, label=args.label,
+    fs = trajectory_features(model, pixels, spec, captions=captions, ids=paths, batch_size=args.batch_size, label=args.label,
                              progress=not args.quiet)
     write_features(args.out, fs)
     print(json.dumps({"features": args.out, "images": len(fs), "timesteps": list(spec.timesteps),
@@ -110,7 +111,10 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--t-grid", default=None, help="explicit comma-separated timesteps (overrides --timesteps)")
     s.add_argument("--families", default="", help="feature families to compute, from loss, grad_x, grad_theta "
                    "(the paper's), loss_pia (PIA-noise losses), loss_ref, grad_x_ref (under the base, adapter models "
-                   "only); default: all of them that apply")
+                   "only), clid_null, clid_perturbed (CLiD; need --captions); default: all that apply and need no "
+                   "captions")
+    s.add_argument("--captions", default=None, help="each image's own caption: 'sidecar' (<image>.txt beside it) or "
+                   "a metadata.jsonl (file_name, text); conditions every family and is what CLiD compares against")
     s.add_argument("--params", default="trainable", help="θ for ∇θ: trainable (requires_grad, e.g. LoRA), all, or "
                                                          "comma-separated parameter-name prefixes")
     s.add_argument("--noise", default="random", choices=["random", "pia"], help="fresh seeded ε per (image, t), or "

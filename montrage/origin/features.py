@@ -24,6 +24,12 @@ Two families beyond the paper's, chosen by ablation on the origin benchmark (REA
   an image's own difficulty, which the base model sees too, is the noise. Only for models with a PEFT adapter.
 `default_families(model)` picks the paper's three plus these (the reference pair only where an adapter exists).
 
+CLiD's families (Zhai et al. 2024, conditional likelihood discrepancy), for text-conditioned models and images with
+their captions: `clid_null` = L_t under the image's caption minus L_t under the null (empty) caption, and
+`clid_perturbed` = L_t under the caption minus L_t under a perturbed caption (`perturb_caption`: about half its
+words removed), each with the same ε. A model fine-tuned on (image, caption) pairs denoises its members much better
+under their own caption than without it; an image it never saw gains less from its caption.
+
 The model is put in eval mode for the extraction and every module's mode is restored afterwards; requires_grad
 flags and `.grad` are never touched.
 """
@@ -49,7 +55,8 @@ from montrage.origin.model import DiffusionModel, check_same_model
 FAMILIES = ("loss", "grad_x", "grad_theta")  # the paper's
 PIA_FAMILIES = ("loss_pia",)
 REFERENCE_FAMILIES = ("loss_ref", "grad_x_ref")
-ALL_FAMILIES = FAMILIES + PIA_FAMILIES + REFERENCE_FAMILIES
+CLID_FAMILIES = ("clid_null", "clid_perturbed")
+ALL_FAMILIES = FAMILIES + PIA_FAMILIES + REFERENCE_FAMILIES + CLID_FAMILIES
 
 
 def has_adapter(unet: torch.nn.Module) -> bool:
@@ -111,6 +118,10 @@ class FeatureSpec:
     @property
     def needs_reference(self) -> bool:
         return any(f in self.families for f in REFERENCE_FAMILIES)
+
+    @property
+    def needs_captions(self) -> bool:
+        return any(f in self.families for f in CLID_FAMILIES)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -219,6 +230,38 @@ def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dic
     return chosen
 
 
+def perturb_caption(caption: str, key: str) -> str:
+    """The caption with about half its words removed (at least one removed, at least one kept when it has two or
+    more), the choice seeded by `key` (the image's content key), so the same image always gets the same perturbation."""
+    words = caption.split()
+    if len(words) < 2:
+        return ""
+    rng = np.random.default_rng(stable_seed(f"clid|{key}"))
+    drop = rng.random(len(words)) < 0.5
+    if not drop.any():
+        drop[rng.integers(len(words))] = True
+    if drop.all():
+        drop[rng.integers(len(words))] = False
+    return " ".join(w for w, d in zip(words, drop) if not d)
+
+
+def check_captions(spec: FeatureSpec, captions: list[str] | None, ids: list[str], conditional: bool) -> None:
+    """CLiD compares an image's loss under its own caption with the null / a perturbed caption: it needs both."""
+    if not spec.needs_captions:
+        return
+    if not conditional:
+        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) compare losses under different captions, but this "
+                          "model is unconditional: drop these families for a pixel model.")
+    if captions is None:
+        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) need each image's own caption: pass captions "
+                          "(`--captions sidecar` or `--captions metadata.jsonl`) or drop these families.")
+    empty = [ids[i] for i, c in enumerate(captions) if not str(c).strip()]
+    if empty:
+        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) need a caption for every image; {len(empty)} "
+                          f"have an empty one: {empty[:5]}{' ...' if len(empty) > 5 else ''}. Give them their "
+                          "captions or drop these families.")
+
+
 def _noise(key: str, t: int, seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
     tag = f"origin|{seed}|{key}|{t}" + (f"|{draw}" if draw else "")
     return fixed_noise(stable_seed(tag), 1, shape)[0]
@@ -268,6 +311,7 @@ def trajectory_features(
     unet, device = model.unet, model.device
     dtype = next(unet.parameters()).dtype
     keys = image_keys(images)
+    check_captions(spec, captions, list(ids) if ids is not None else keys, model.text_encoder is not None)
     theta = select_parameters(unet, spec.params) if spec.needs_theta else {}
     theta = {k: v.detach() for k, v in theta.items()}
     rest = {k: v.detach() for k, v in unet.named_parameters() if k not in theta}
@@ -280,32 +324,45 @@ def trajectory_features(
 
     D = spec.draws
     main = tuple(f for f in spec.families if f in FAMILIES)
+    prompts = list(captions) if captions is not None else [spec.prompt]
+    caption_rows = torch.arange(n) if captions is not None else torch.zeros(n, dtype=torch.long)
     # passes over (image, t, draw) pairs: families computed, noise, reference model?, output name per family,
-    # draws, per-tensor norms kept?
+    # draws, per-tensor norms kept?, each image's row in `prompts`
     passes = []
     if main or spec.layer_norms:
-        passes.append((main, spec.noise, False, {f: f for f in main}, D, spec.layer_norms))
+        passes.append((main, spec.noise, False, {f: f for f in main}, D, spec.layer_norms, caption_rows))
     if "loss_pia" in spec.families:
-        passes.append((("loss",), "pia", False, {"loss": "loss_pia"}, 1, False))
+        passes.append((("loss",), "pia", False, {"loss": "loss_pia"}, 1, False, caption_rows))
     ref = tuple(f for f in spec.families if f in REFERENCE_FAMILIES)
     if ref:
-        passes.append((tuple(f[:-4] for f in ref), spec.noise, True, {f[:-4]: f for f in ref}, D, False))
-    out = {f: np.zeros((n, T), np.float64) for f in spec.families}  # sums over draws, divided by draws at the end
+        passes.append((tuple(f[:-4] for f in ref), spec.noise, True, {f[:-4]: f for f in ref}, D, False, caption_rows))
+    hidden = []  # CLiD's losses under the caption, the null and the perturbed caption (differences at the end)
+    if spec.needs_captions:
+        if "loss" not in main:
+            passes.append((("loss",), spec.noise, False, {"loss": "_clid_caption"}, D, False, caption_rows))
+            hidden.append("_clid_caption")
+        others = {"clid_null": [""] * n, "clid_perturbed": [perturb_caption(c, k) for c, k in zip(captions, keys)]}
+        for f in CLID_FAMILIES:
+            if f in spec.families:
+                passes.append((("loss",), spec.noise, False, {"loss": "_" + f}, D, False,
+                               torch.arange(len(prompts), len(prompts) + n)))
+                prompts += others[f]
+                hidden.append("_" + f)
+    out = {f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden)}  # sums over draws
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with eval_without_checkpointing(unet, model.vae, model.text_encoder), vmap_safe_attention(device):
         latents = (fam.latents(images, batch_size) if fam is not None else image_latents(model.vae, images, batch_size)).float()
-        prompts = list(captions) if captions is not None else [spec.prompt]
         unique = sorted(set(prompts))
         conds = model.condition(unique)  # one embedding per distinct prompt, indexed per pair
         where = {p: k for k, p in enumerate(unique)}
-        prompt_index = torch.tensor([where[p] for p in prompts]) if captions is not None \
-            else torch.zeros(n, dtype=torch.long)
+        to_unique = torch.tensor([where[p] for p in prompts])
         pia = None
         if any(p[1] == "pia" for p in passes):
-            pia = _pia_noise(model, latents, conds, prompt_index, batch_size)
+            pia = _pia_noise(model, latents, conds, to_unique[caption_rows], batch_size)
         bar = tqdm(total=sum(n * T * p[4] for p in passes), desc="origin features", unit="pair",
                    disable=not progress)
-        for families, noise, reference, names, draws, keep_layers in passes:
+        for families, noise, reference, names, draws, keep_layers, rows_of in passes:
+            prompt_index = to_unique[rows_of]
             pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(draws)]
             with _reference_model(unet, reference):
                 for start in range(0, len(pairs), batch_size):
@@ -335,6 +392,9 @@ def trajectory_features(
             for f in names.values():
                 out[f] /= draws
         bar.close()
+    for f in CLID_FAMILIES:
+        if f in spec.families:
+            out[f] = out["loss" if "loss" in main else "_clid_caption"] - out["_" + f]
     values = {f: out[f].astype(np.float32) for f in spec.families}
     if layers is not None:
         layers = (layers / D).astype(np.float32)

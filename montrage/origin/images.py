@@ -35,6 +35,32 @@ def expand_image_paths(items: list[str]) -> list[str]:
     return paths
 
 
+def read_captions(paths: list[str], source: str) -> list[str]:
+    """Each image's caption: 'sidecar' reads `<image>.txt` beside it (as training reads a folder); otherwise `source`
+    is a diffusers ImageFolder `metadata.jsonl` (`file_name`, `text`), matched by file name. Missing ones are ''."""
+    import json
+
+    from montrage.sources import _sidecar_caption
+
+    if source == "sidecar":
+        return [_sidecar_caption(p) for p in paths]
+    if not os.path.isfile(source):
+        raise OriginError(f"captions file {source!r} does not exist: pass 'sidecar' (a .txt beside each image) or a "
+                          "metadata.jsonl with file_name and text fields.")
+    texts = {}
+    with open(source, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts[os.path.basename(row["file_name"])] = str(row["text"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise OriginError(f"captions file {source!r}, line {number}: expected a JSON object with 'file_name' "
+                                  f"and 'text' ({type(err).__name__}: {err}).") from err
+    return [texts.get(os.path.basename(p), "") for p in paths]
+
+
 def load_images(paths: list[str], size: int, channels: int = 3, resize: bool = False) -> torch.Tensor:
     """Read image files as (N, channels, size, size) floats in [-1, 1].
 
