@@ -17,11 +17,15 @@ Reported per half (one block each), every figure as the mean over seeds with its
                   C fixed), ablations between the two (trajectory_paper_cv, trajectory_no_pia, trajectory_no_ref),
                   trajectory_loss (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient
                   norms), pixels (model-blind); loss_threshold and pia (single-t threshold attacks, t and τ fit on
-                  train members vs external) scored as member-vs-rest.
+                  train members vs external) scored as member-vs-rest; in the LoRA half also clid (the same rule on
+                  CLiD's caption-minus-null/perturbed loss, each image under its natural caption) and
+                  trajectory_clid (montrage's classifier with CLiD's families added).
   member_vs_rest  the same-task comparison: every probe's ternary classifier scored by its member probability
                   (predicted member = argmax) against the threshold attacks with t and τ fit on members vs rest,
                   all on the full test split.
   membership      member vs external only (the paper's Table 2 setting; probes trained on those two classes).
+  member_vs_external  member vs held-out images of the members' own distribution only (the shifted set left out):
+                  the split a user asks about, where pixels cannot help.
   claims          (a) generated images are flagged as members by loss thresholding more often than members are;
                   (b) loss features spread over the whole trajectory beat every contiguous window of the same size
                   ("Goldilocks" ablation, Table 3); (c) gradient features add over loss-only features (the paper's
@@ -52,11 +56,11 @@ import torch
 
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
-BLOCKS = ("methods", "member_vs_rest", "membership")
+BLOCKS = ("methods", "member_vs_rest", "membership", "member_vs_external")
 PROBES = ("trajectory", "trajectory_paper", "trajectory_paper_cv", "trajectory_no_pia", "trajectory_no_ref",
           "trajectory_loss", "pia_trajectory", "gsa", "pixels")
 ATTACKS = ("loss_threshold", "pia")
-CACHE_VERSION = "v3"
+CACHE_VERSION = "v4"
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
 
 
@@ -107,21 +111,25 @@ def parse_seeds(text) -> list[int]:
 
 # --- features and evaluation shared by both halves ------------------------------------------------------------------
 def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[list[int]], draws: int,
-                     batch_size: int, progress: bool, captions: list[str] | None = None) -> tuple[dict, dict]:
+                     batch_size: int, progress: bool, captions: list[str] | None = None,
+                     clid_captions: list[str] | None = None) -> tuple[dict, dict]:
     """montrage's default trajectory features (with per-tensor norms for GSA; their PIA-noise losses `loss_pia` are
     also PIA's input), and losses on the union of the uniform grid and the windows (claim b); seconds for each. `captions`: one
     text condition per image (latent models), the same for every feature set, so every model-based method sees the
-    same conditioning."""
+    same conditioning. `clid_captions`: each image's own caption, for CLiD's families (set `clid`)."""
+    from montrage.origin.baselines import clid_spec
     from montrage.origin.features import FeatureSpec, default_families, trajectory_features
 
     seconds, sets = {}, {}
     union = sorted(set(grid).union(*wgrids))
     specs = {"trajectory": FeatureSpec(tuple(grid), families=default_families(model), layer_norms=True, draws=draws),
              "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
+    if clid_captions is not None:
+        specs["clid"] = clid_spec(grid, draws)
     for name, spec in specs.items():
         t = time.time()
-        sets[name] = trajectory_features(model, pixels, spec, captions=captions, batch_size=batch_size,
-                                         progress=progress)
+        sets[name] = trajectory_features(model, pixels, spec, captions=clid_captions if name == "clid" else captions,
+                                         batch_size=batch_size, progress=progress)
         seconds[name] = time.time() - t
     return sets, seconds
 
@@ -141,9 +149,9 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
              wgrids: list[list[int]], seed: int, C: float) -> dict:
     """Every method on the test split: the methods / member_vs_rest / membership blocks, per-class figures of the
     probes, and the claims."""
-    from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_features
+    from montrage.origin.baselines import ThresholdAttack, clid_losses, gsa_features, pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix, present_families
-    from montrage.origin.features import FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES
+    from montrage.origin.features import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
     full, loss_only = sets["trajectory"], sets["loss_windows"]
@@ -152,10 +160,13 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     is_member_te = y_te == "member"
     mx_tr = np.isin(y_tr, ("member", "external"))  # membership task: members vs external only
     mx_te = np.isin(y_te, ("member", "external"))
+    # member vs held-out images of the members' own distribution: the split pixels cannot tell apart
+    same = np.isin(sources, ("member", "external:held-out"))
+    sx_tr, sx_te = same[tr], same[te]
 
-    def probe_results(X: np.ndarray, C=C) -> tuple[dict, dict, dict]:
-        """Ternary report, its member-vs-rest report (member probability), and the member-vs-external report of a
-        probe trained on those two classes only."""
+    def probe_results(X: np.ndarray, C=C) -> tuple[dict, dict, dict, dict]:
+        """Ternary report, its member-vs-rest report (member probability), the member-vs-external report of a
+        probe trained on those two classes only, and the member-vs-held-out one (likewise, without the shifted set)."""
         probe = LinearProbe(C=C).fit(X[tr], y_tr)
         proba = probe.predict_proba(X[te])
         tern = ovr_report(proba, y_te, probe.classes)
@@ -164,10 +175,12 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         binary = LinearProbe(C=C).fit(X[tr][mx_tr], y_tr[mx_tr])
         p = binary.predict_proba(X[te][mx_te])[:, binary.classes.index("member")]
         mem = binary_report(p, y_te[mx_te] == "member", predictions=p >= 0.5)
-        return tern, vs_rest, mem
+        held = LinearProbe(C=C).fit(X[tr][sx_tr], y_tr[sx_tr])
+        p = held.predict_proba(X[te][sx_te])[:, held.classes.index("member")]
+        return tern, vs_rest, mem, binary_report(p, y_te[sx_te] == "member", predictions=p >= 0.5)
 
     def ternary_and_membership(X: np.ndarray) -> tuple[dict, dict]:
-        tern, _, mem = probe_results(X)
+        tern, _, mem, _ = probe_results(X)
         return tern, mem
 
     everything = present_families(full)
@@ -186,16 +199,23 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     if any(f in everything for f in REFERENCE_FAMILIES):
         no_ref = tuple(f for f in everything if f not in REFERENCE_FAMILIES)
         matrices["trajectory_no_ref"] = (feature_matrix(full, no_ref)[0], "auto")
+    if "clid" in sets:  # CLiD's discrepancies as a feature family of montrage's classifier
+        matrices["trajectory_clid"] = (np.concatenate([matrices["trajectory"][0],
+                                                       feature_matrix(sets["clid"], CLID_FAMILIES)[0]], axis=1), "auto")
     blocks = {b: {} for b in BLOCKS}
     per_class = {}
     for name, (X, c) in matrices.items():
-        tern, vs_rest, mem = probe_results(X, c)
+        tern, vs_rest, mem, held = probe_results(X, c)
         blocks["methods"][name] = {**_metrics(tern), "task": "ternary"}
         blocks["member_vs_rest"][name] = {**_metrics(vs_rest), "task": "member-vs-rest"}
         blocks["membership"][name] = {**_metrics(mem), "task": "member-vs-external"}
+        blocks["member_vs_external"][name] = {**_metrics(held), "task": "member-vs-held-out"}
         per_class[name] = tern["per_class"]
     attacks = {}
-    for name, losses in (("loss_threshold", full.values["loss"]), ("pia", full.values["loss_pia"])):
+    threshold_inputs = [("loss_threshold", full.values["loss"]), ("pia", full.values["loss_pia"])]
+    if "clid" in sets:
+        threshold_inputs.append(("clid", clid_losses(sets["clid"])))
+    for name, losses in threshold_inputs:
         attack = ThresholdAttack().fit(losses[tr][mx_tr], y_tr[mx_tr] == "member", full.timesteps)
         attacks[name] = attack
         s, flagged = attack.score(losses[te]), attack.predict(losses[te])
@@ -207,6 +227,11 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
         blocks["member_vs_rest"][name] = {**_metrics(binary_report(rest.score(losses[te]), is_member_te,
                                                                    rest.predict(losses[te]))),
                                           "task": "member-vs-rest", "t": rest.t}
+        held = ThresholdAttack().fit(losses[tr][sx_tr], y_tr[sx_tr] == "member", full.timesteps)
+        s = held.score(losses[te][sx_te])
+        blocks["member_vs_external"][name] = {**_metrics(binary_report(s, is_member_te[sx_te],
+                                                                       held.predict(losses[te][sx_te]))),
+                                              "task": "member-vs-held-out", "t": held.t}
 
     m = blocks["methods"]
     claims = {
@@ -411,14 +436,14 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     T = int(model.scheduler.config.num_train_timesteps)
     grid = default_timesteps(T, timesteps)
     wgrids = window_grids(T, timesteps, windows)
-    captions = None
-    if prompt == "caption":
-        target = _digits()[1]
-        caption = lambda i: f"a photo of {digit_token(int(target[i]))}"  # noqa: E731 (the training caption)
-        captions = ([caption(i) for i in member_idx] + [p for p, _ in probes.items()]
-                    + [caption(i) for i in list(held_idx) + list(shifted_idx)])
-        assert len(captions) == len(pixels)
-    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, captions)
+    target = _digits()[1]
+    caption = lambda i: f"a photo of {digit_token(int(target[i]))}"  # noqa: E731 (the training caption)
+    natural = ([caption(i) for i in member_idx] + [p for p, _ in probes.items()]
+               + [caption(i) for i in list(held_idx) + list(shifted_idx)])
+    assert len(natural) == len(pixels)
+    captions = natural if prompt == "caption" else None
+    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, captions,
+                                  clid_captions=natural)  # CLiD always compares each image's own caption
     seconds.update({f"features_{k}": v for k, v in secs.items()})
     result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
     n_lora = sum(p.numel() for n, p in model.unet.named_parameters() if p.requires_grad)

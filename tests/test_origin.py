@@ -661,3 +661,20 @@ def test_cli_features_read_captions_for_clid(tiny_model_dir, tmp_path):
     args = _parse(base + ["--captions", str(tmp_path / "bad.jsonl")])
     with pytest.raises(OriginError, match=r"bad.jsonl', line 1: expected a JSON object with 'file_name'"):
         args.fn(args)
+
+
+def test_bench_lora_half_reports_clid_and_member_vs_held_out(tmp_path):
+    """A tiny LoRA half: CLiD runs on every image's natural caption as a threshold attack and as a family of
+    montrage's classifier, and every method is also scored on members vs same-distribution held-out images."""
+    from montrage.recipes.bench_origin import BLOCKS, lora_seed
+
+    r = lora_seed(0, str(tmp_path), per_concept=4, epochs=1, repeats=2, timesteps=3, gen_steps=3, windows=1,
+                  progress=False)
+    assert "member_vs_external" in BLOCKS and r["seconds"]["features_clid"] > 0
+    for block in BLOCKS:
+        assert {"clid", "trajectory_clid", "trajectory", "pixels", "loss_threshold"} <= set(r[block])
+    held = r["member_vs_external"]
+    assert all(v["task"] == "member-vs-held-out" for v in held.values())
+    assert held["clid"]["t"] in r["config"]["timesteps"]
+    # members vs held-out leaves the rotated images out: a different task from members vs all external
+    assert any(held[m]["auc"] != r["membership"][m]["auc"] for m in held)
