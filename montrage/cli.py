@@ -169,6 +169,12 @@ def cmd_bench(args) -> int:
                           + (["--members", str(args.members)] if args.members else [])
                           + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
         return 0
+    if args.what == "adapters":
+        from montrage.recipes.bench_adapters import main as adapters_bench_main
+
+        adapters_bench_main(["--out", args.out or "adapters_results.json", "--seed", str(args.seed)]
+                            + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
+        return 0
     if args.what == "scale":
         from montrage.recipes.bench_scale import run_scale
 
@@ -284,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "memory", "scale"])
+    s.add_argument("what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "adapters", "memory",
+                                    "scale"])
     s.add_argument("--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run")
     s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
     s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")

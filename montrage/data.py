@@ -184,6 +184,11 @@ class ConceptImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.pixels[j], "caption": self.examples[j].caption, "index": j}
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round images in [-1, 1] to the 256 levels of an 8-bit file (as a generation saved to PNG is read back)."""
+    return torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
 def to_thumbnails(pixels: torch.Tensor, size: int) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, size, size, 3) uint8: how the store keeps probe thumbnails, and how they are compared."""
     x = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)

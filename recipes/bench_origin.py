@@ -8,7 +8,9 @@ Two halves, each scored on a per-class half split (train / test) of member / gen
   lora   the tiny latent text-to-image base (`montrage tiny-base`) LoRA-customized with `DiffusionFineTune` on
          `lora_per_concept` digits of each of `lora_concepts` (the members), generations of the customized model from
          the concept prompts, and external images (held-out digits of the same concepts, which only the base's
-         pre-training saw, and rotated ones). Features under base + LoRA with the empty prompt, ∇θ = the LoRA.
+         pre-training saw, and rotated ones). Features under base + LoRA with the empty prompt, ∇θ = the LoRA; the
+         fine-tune runs with MontrageCallback (deferred: adapter snapshots only) and the model is rebuilt from its
+         store, as `montrage origin fit STORE` does.
 
 Reported per half (one block each), every figure as the mean over seeds with its std (population, ddof 0):
   methods         ternary member / generated / external (one-vs-rest, member and generated positive, averaged;
@@ -18,8 +20,10 @@ Reported per half (one block each), every figure as the mean over seeds with its
                   trajectory_loss (loss only), pia_trajectory (loss with PIA's noise), gsa (per-tensor gradient
                   norms), pixels (model-blind); loss_threshold and pia (single-t threshold attacks, t and τ fit on
                   train members vs external) scored as member-vs-rest; in the LoRA half also clid (the same rule on
-                  CLiD's caption-minus-null/perturbed loss, each image under its natural caption) and
-                  trajectory_clid (montrage's classifier with CLiD's families added).
+                  CLiD's caption-minus-null/perturbed loss, each image under its natural caption),
+                  trajectory_clid (montrage's classifier with CLiD's families added), snapshot_loss (the training
+                  trajectory: the loss under the adapter of every stored epoch, read from the run's store) and
+                  trajectory_snapshots (montrage's classifier with it added).
   member_vs_rest  the same-task comparison: every probe's ternary classifier scored by its member probability
                   (predicted member = argmax) against the threshold attacks with t and τ fit on members vs rest,
                   all on the full test split.
@@ -60,7 +64,7 @@ BLOCKS = ("methods", "member_vs_rest", "membership", "member_vs_external")
 PROBES = ("trajectory", "trajectory_paper", "trajectory_paper_cv", "trajectory_no_pia", "trajectory_no_ref",
           "trajectory_loss", "pia_trajectory", "gsa", "pixels")
 ATTACKS = ("loss_threshold", "pia")
-CACHE_VERSION = "v4"
+CACHE_VERSION = "v5"
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
 
 
@@ -119,6 +123,7 @@ def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[
     same conditioning. `clid_captions`: each image's own caption, for CLiD's families (set `clid`)."""
     from montrage.origin.baselines import clid_spec
     from montrage.origin.features import FeatureSpec, default_families, trajectory_features
+    from montrage.origin.from_store import snapshot_rows
 
     seconds, sets = {}, {}
     union = sorted(set(grid).union(*wgrids))
@@ -126,6 +131,9 @@ def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[
              "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
     if clid_captions is not None:
         specs["clid"] = clid_spec(grid, draws)
+    if len(snapshot_rows(model)) >= 2:  # a model rebuilt from its store: the loss under every stored adapter
+        specs["snapshots"] = FeatureSpec(tuple(grid), families=("loss_snapshots",), draws=draws,
+                                         snapshots=snapshot_rows(model))
     for name, spec in specs.items():
         t = time.time()
         sets[name] = trajectory_features(model, pixels, spec, captions=clid_captions if name == "clid" else captions,
@@ -151,7 +159,7 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     probes, and the claims."""
     from montrage.origin.baselines import ThresholdAttack, clid_losses, gsa_features, pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix, present_families
-    from montrage.origin.features import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES
+    from montrage.origin.features import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES, SNAPSHOT_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
     full, loss_only = sets["trajectory"], sets["loss_windows"]
@@ -202,6 +210,10 @@ def evaluate(sets: dict, pixels: torch.Tensor, labels: np.ndarray, sources: np.n
     if "clid" in sets:  # CLiD's discrepancies as a feature family of montrage's classifier
         matrices["trajectory_clid"] = (np.concatenate([matrices["trajectory"][0],
                                                        feature_matrix(sets["clid"], CLID_FAMILIES)[0]], axis=1), "auto")
+    if "snapshots" in sets:  # the training trajectory (loss under each stored adapter), alone and added
+        snap = feature_matrix(sets["snapshots"], SNAPSHOT_FAMILIES)[0]
+        matrices["snapshot_loss"] = (snap, "auto")
+        matrices["trajectory_snapshots"] = (np.concatenate([matrices["trajectory"][0], snap], axis=1), "auto")
     blocks = {b: {} for b in BLOCKS}
     per_class = {}
     for name, (X, c) in matrices.items():
@@ -333,7 +345,7 @@ class LoraBenchConfig:
     seed: int = 0
 
     def digest(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|lora-v1"
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|lora-v2"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -356,19 +368,22 @@ def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
     return member, held, shifted
 
 
-def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True) -> tuple[str, str]:
-    """Fine-tune the tiny base with a LoRA on the member digits (captions 'a photo of <word>'); cached by config.
-    Returns (base path, LoRA file)."""
+def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True, base_config=None) -> tuple[str, str, str]:
+    """Fine-tune the tiny base (`base_config`: another tiny base, e.g. an untrained one in tests) with a LoRA on the
+    member digits (captions 'a photo of <word>'), monitored by MontrageCallback in deferred mode (the store holds the
+    adapter of every epoch, nothing encoded); cached by config. Returns (base path, LoRA file, store)."""
     from montrage.recipes.tiny_base import tiny_base_path
 
-    base = tiny_base_path(progress=progress)
-    out = os.path.join(workdir, f"lora-{cfg.digest()}")
+    base = tiny_base_path(base_config, progress=progress)
+    out = os.path.join(workdir, f"lora-{cfg.digest()}" + ("" if base_config is None else f"-{base_config.digest()}"))
     weights = os.path.join(out, "pytorch_lora_weights.safetensors")
+    store = os.path.join(out, "store.h5")
     meta = os.path.join(out, "montrage_lora_bench.json")
-    if os.path.isfile(weights) and os.path.isfile(meta):
-        return base, weights
+    if os.path.isfile(weights) and os.path.isfile(meta) and os.path.isfile(store):
+        return base, weights, store
     import pytorch_lightning as pl
 
+    from montrage.callbacks import MontrageCallback
     from montrage.data import TrainExample, _digits, digit_token
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
@@ -385,20 +400,22 @@ def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True) -> tup
 
     t = time.time()
     pl.seed_everything(cfg.seed, verbose=False)
-    module = DiffusionFineTune(lora_rank=cfg.rank, lora_alpha=cfg.rank, learning_rate=cfg.learning_rate)
+    module = DiffusionFineTune(pretrained_model="tiny" if base_config is None else base, lora_rank=cfg.rank,
+                               lora_alpha=cfg.rank, learning_rate=cfg.learning_rate)
     data = Members(digits=list(cfg.concepts), batch_size=32, repeats=cfg.repeats, seed=cfg.seed)
+    monitor = MontrageCallback(store_path=store, mode="deferred", probe_seeds=[0], log_to_wandb=False, overwrite=True)
     pl.Trainer(max_epochs=cfg.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-               enable_model_summary=False, deterministic=True).fit(module, data)
+               enable_model_summary=False, deterministic=True, callbacks=[monitor]).fit(module, data)
     module.save_weights(out)
     with open(meta, "w") as fh:
         json.dump({"config": dataclasses.asdict(cfg), "members": members, "seconds": round(time.time() - t, 1)}, fh)
-    return base, weights
+    return base, weights, store
 
 
 def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int = 32, epochs: int = 6,
               repeats: int = 25, learning_rate: float = 1e-2, rank: int = 8, timesteps: int = 20, gen_steps: int = 25,
               guidance: float = 3.0, windows: int = 4, batch_size: int = 64, C: float = 1.0, draws: int = 1,
-              prompt: str = "empty", progress: bool = True) -> dict:
+              prompt: str = "empty", progress: bool = True, base_config=None) -> dict:
     """One seed of the LoRA half: fine-tune (or reuse), generate from the concept prompts, extract, evaluate.
 
     `prompt`: the text condition of every model-based feature. "empty": the empty prompt for all images; "caption":
@@ -407,17 +424,18 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     from montrage.data import _digits, digit_token
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
-    from montrage.origin.model import load_diffusion_model
+    from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
-    from montrage.recipes.pixel_ddpm import digits_images, quantize
+    from montrage.data import quantize
+    from montrage.recipes.pixel_ddpm import digits_images
 
     if prompt not in LORA_PROMPTS:
         raise ValueError(f"prompt must be one of {LORA_PROMPTS}, not {prompt!r}.")
     cfg = LoraBenchConfig(tuple(int(c) for c in concepts), per_concept, epochs, repeats, learning_rate, rank, seed)
     t = time.time()
-    base, weights = train_lora(cfg, workdir, progress)
+    base, weights, store = train_lora(cfg, workdir, progress, base_config)
     seconds = {"fine_tune": time.time() - t}
-    model = load_diffusion_model(base, lora=weights)
+    model = store_diffusion_model(store)  # base + final adapter; the store's other snapshots give loss_snapshots
     member_idx, held_idx, shifted_idx = lora_split(cfg)
     size = model.image_size
     t = time.time()
@@ -453,7 +471,7 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     result["config"] = {**dataclasses.asdict(cfg), "timesteps": grid, "draws": draws, "windows": wgrids,
                         "generation": {"prompts": list(prompts), "sampler": "ddim", "steps": gen_steps,
                                        "guidance_scale": guidance},
-                        "base": base, "lora": weights,
+                        "base": base, "lora": weights, "store": store,
                         "condition": "empty prompt" if captions is None else
                         "per-image caption 'a photo of <word>' (members: training caption, generated: generation "
                         "prompt, external: the digit's concept caption)", "batch_size": batch_size, "C": C,

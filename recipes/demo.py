@@ -99,7 +99,7 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     }
     t2 = time.time()
     result["attribution"] = attribution_step(store_path, out, digits, seed)
-    result["origin"] = origin_step(store_path, base, os.path.join(out, "lora"), digits, images_per_concept, seed, progress)
+    result["origin"] = origin_step(store_path, out, digits, images_per_concept, seed, progress)
     from montrage.report import build_report
 
     result["memorization_alerts"] = len(guard.alerts)
@@ -139,39 +139,28 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
                          "top_images": [i["id"] for i in r["top_images"]]} for n, r in zip(names, results)]}
 
 
-def origin_step(store_path: str, base: str, lora_dir: str, digits: list[int], images_per_concept: int, seed: int,
+def origin_step(store_path: str, out: str, digits: list[int], images_per_concept: int, seed: int,
                 progress: bool) -> dict:
-    """Trajectory origin classifier on the customized model: training members, its generations, unseen digits.
+    """`montrage origin fit STORE --external DIR` on the run: members and generations come from the store, the
+    external class is unseen digits written to `<out>/origin_external/`; half of each class is held out."""
+    from PIL import Image
 
-    Half of each group fits the ternary classifier, the other half is classified.
-    """
-    import torch
+    from montrage.data import _digits
+    from montrage.origin.from_store import fit_from_store
 
-    from montrage.attribution.reencode import StoreModel
-    from montrage.data import _digits, digit_token, read_example
-    from montrage.origin.classifier import OriginClassifier
-    from montrage.origin.features import FeatureSpec, default_families, default_timesteps, trajectory_features
-    from montrage.origin.model import load_diffusion_model
-    from montrage.probes import ProbeSet
-    from montrage.store import StoreReader
-
-    with StoreReader(store_path) as store:
-        members = torch.stack([read_example(e, 16) for e in store.train])
-        n = len(members)
-        per = max(1, n // len(digits))
-        prompts = tuple(f"a photo of {digit_token(d)}" for d in digits)
-        probes = ProbeSet(prompts, tuple({} for _ in prompts), tuple(range(500, 500 + per)))
-        generated = StoreModel(store).generate(probes, store.num_epochs - 1)[:n]
     target = _digits()[1]
-    unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])[:n]
-    external = digits_pixels(unseen, 16)
-    model = load_diffusion_model(base, lora=lora_dir)
-    spec = FeatureSpec(tuple(default_timesteps(1000, 10)), families=default_families(model), noise_seed=seed)
-    sets = {name: trajectory_features(model, x, spec, label=name, progress=progress)
-            for name, x in (("member", members), ("generated", generated), ("external", external))}
-    halves = {k: (fs.subset(np.arange(0, len(fs), 2)), fs.subset(np.arange(1, len(fs), 2))) for k, fs in sets.items()}
-    clf = OriginClassifier(task="ternary").fit([h[0] for h in halves.values()])
-    per_class = {k: float(np.mean(clf.predict(h[1]) == k)) for k, h in halves.items()}
-    return {"classes": list(per_class), "test_accuracy_per_class": per_class,
-            "balanced_accuracy": float(np.mean(list(per_class.values()))), "timesteps": list(spec.timesteps),
-            "images_per_class": n}
+    n = len(digits) * images_per_concept
+    per = max(1, n // len(digits))
+    unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])
+    folder = os.path.join(out, "origin_external")
+    os.makedirs(folder, exist_ok=True)
+    pixels = digits_pixels(unseen[:n], 16)
+    for i, x in zip(unseen, pixels):  # as a user's folder of images would be
+        arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(os.path.join(folder, f"digit_{int(i)}.png"))
+    report = fit_from_store(store_path, [folder], members=n, timesteps=10, holdout=0.5, seed=seed, progress=progress)
+    held = report.get("held_out", {})
+    return {"classes": ["member", "generated", "external"], "classifier": report["classifier"],
+            "test_accuracy_per_class": held.get("accuracy_per_class"),
+            "balanced_accuracy": held.get("balanced_accuracy"), "timesteps": report["timesteps"],
+            "images_per_class": report["counts"], "external_dir": folder}

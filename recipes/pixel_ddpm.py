@@ -66,14 +66,9 @@ def split_digits(members: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:members]), np.sort(perm[members:])
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round images in [-1, 1] to the 256 levels of an 8-bit file."""
-    return torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
-
-
 def digits_images(indices, size: int = 16, channels: int = 3) -> torch.Tensor:
     """Digits (N, channels, size, size) in [-1, 1], 8-bit quantised."""
-    from montrage.data import digits_pixels
+    from montrage.data import digits_pixels, quantize
 
     x = quantize(digits_pixels(np.asarray(indices), size))
     return x[:, :1] if channels == 1 else x
@@ -163,6 +158,8 @@ def sample_images(model_dir: str, n: int, seed: int = 0, sampler: str = "ddpm", 
     """
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
+
+    from montrage.data import quantize
 
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', not {sampler!r}")

@@ -20,7 +20,7 @@ from montrage.origin.featurefile import read_features, write_features
 from montrage.origin.features import FeatureSpec, concat_feature_sets, default_timesteps, trajectory_features
 from montrage.origin.images import load_images
 from montrage.origin.model import load_diffusion_model
-from montrage.origin.model_attribution import ModelAttributor, lowest_loss_attribution
+from montrage.origin.model_attribution import ModelAttributor, fit_none_threshold, lowest_loss_attribution
 
 RTOL = 2e-4
 
@@ -385,6 +385,13 @@ def test_model_attribution_and_baselines(tmp_path):
     with pytest.raises(OriginError, match="candidate 'A'"):
         loaded.predict(per_candidate[::-1])
     assert np.mean(lowest_loss_attribution(per_candidate)[:60] == np.r_[np.zeros(30), np.ones(30)]) > 0.8
+    # "none of them": real images are no candidate's, so even their lowest loss is high; the threshold fit on
+    # labelled images sends them to -1 and keeps the generations with their model
+    tau = fit_none_threshold(per_candidate, labels, ["A", "B"])
+    pick = np.asarray(["A", "B", "none"])[lowest_loss_attribution(per_candidate, none_above=tau)]
+    truth = np.asarray(["A"] * 30 + ["B"] * 30 + ["none"] * 30)
+    assert OM.balanced_accuracy(truth, pick) > 0.8 and np.mean(pick[60:] == "none") > 0.8
+    assert (lowest_loss_attribution(per_candidate, none_above=-np.inf) == -1).all()
 
     losses = np.c_[np.r_[np.full(5, 2.0), np.full(5, 1.0)], np.r_[np.full(5, 1.0), np.full(5, 2.0)]]
     member = np.r_[np.zeros(5, bool), np.ones(5, bool)]
@@ -665,16 +672,96 @@ def test_cli_features_read_captions_for_clid(tiny_model_dir, tmp_path):
 
 def test_bench_lora_half_reports_clid_and_member_vs_held_out(tmp_path):
     """A tiny LoRA half: CLiD runs on every image's natural caption as a threshold attack and as a family of
-    montrage's classifier, and every method is also scored on members vs same-distribution held-out images."""
+    montrage's classifier, the run's store adds the training trajectory, and every method is also scored on
+    members vs same-distribution held-out images."""
     from montrage.recipes.bench_origin import BLOCKS, lora_seed
+    from montrage.recipes.tiny_base import TinyBaseConfig
 
     r = lora_seed(0, str(tmp_path), per_concept=4, epochs=1, repeats=2, timesteps=3, gen_steps=3, windows=1,
-                  progress=False)
+                  progress=False, base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
     assert "member_vs_external" in BLOCKS and r["seconds"]["features_clid"] > 0
+    assert r["seconds"]["features_snapshots"] > 0  # the store of the run gives the training trajectory
     for block in BLOCKS:
-        assert {"clid", "trajectory_clid", "trajectory", "pixels", "loss_threshold"} <= set(r[block])
+        assert {"clid", "trajectory_clid", "trajectory", "pixels", "loss_threshold", "snapshot_loss",
+                "trajectory_snapshots"} <= set(r[block])
     held = r["member_vs_external"]
     assert all(v["task"] == "member-vs-held-out" for v in held.values())
     assert held["clid"]["t"] in r["config"]["timesteps"]
     # members vs held-out leaves the rotated images out: a different task from members vs all external
     assert any(held[m]["auc"] != r["membership"][m]["auc"] for m in held)
+
+
+def test_bench_adapters_scores_every_method_on_k_adapters_and_none(tmp_path):
+    """A tiny which-adapter benchmark: 3 adapters, each trained with a store, and "none" (real digits and base
+    generations); every method is scored on the same K + 1 classes and the JSON aggregates over seeds."""
+    from montrage.recipes.bench_adapters import METHODS, run_adapters_bench
+    from montrage.recipes.tiny_base import TinyBaseConfig
+
+    out = tmp_path / "adapters.json"
+    r = run_adapters_bench(str(out), seeds=[0], adapters=3, per_concept=2, epochs=1, repeats=1, per_class=4,
+                           timesteps=2, gen_steps=2, base_config=TinyBaseConfig(vae_steps=1, unet_steps=1),
+                           progress=False)
+    assert json.loads(out.read_text())["methods"] == r["methods"] and set(r["methods"]) == set(METHODS)
+    seed = r["per_seed"]["0"]
+    assert seed["test_per_class"] == 2 and seed["config"]["snapshots"] == [0, 1]
+    for m in METHODS:
+        assert set(seed["methods"][m]["accuracy_per_class"]) == {"adapter0", "adapter1", "adapter2", "none"}
+        per_class = list(seed["methods"][m]["accuracy_per_class"].values())
+        assert seed["methods"][m]["balanced_accuracy"] == pytest.approx(np.mean(per_class), abs=1e-3)
+
+
+# --- origin from a store -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_stores(tiny_model_dir, tmp_path_factory):
+    """Two stores of the same LoRA run: with adapter snapshots (the default) and without."""
+    import helpers
+
+    root = tmp_path_factory.mktemp("origin_store")
+    out = {}
+    for name, keep in (("snapshots", True), ("no_snapshots", False)):
+        path = root / f"{name}.h5"
+        torch.manual_seed(0)
+        helpers.trainer(2, [helpers.callback(path, save_lora_snapshots=keep)]).fit(
+            helpers.module(tiny_model_dir, learning_rate=1e-2), helpers.data())
+        out[name] = str(path)
+    return out
+
+
+def test_loss_snapshots_are_the_loss_under_each_stored_adapter(lora_stores):
+    from montrage.origin.from_store import store_diffusion_model, store_feature_spec
+
+    model = store_diffusion_model(lora_stores["snapshots"])
+    spec = store_feature_spec(model, ["loss", "loss_snapshots"], timesteps=3)
+    assert spec.snapshots == (0, 1, 2)  # before training, after epoch 1, after epoch 2
+    before = model.identity()["weights_sha"]
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    fs = trajectory_features(model, images, spec, progress=False)
+    assert model.identity()["weights_sha"] == before  # the final adapter is back in place
+    blocks = fs.values["loss_snapshots"].reshape(3, 3, 3)  # (image, snapshot, t)
+    _close(blocks[:, -1], fs.values["loss"])  # the last snapshot is the model itself, same ε
+    assert not np.allclose(blocks[:, 0], blocks[:, -1], rtol=1e-3)  # training moved the loss
+    model.snapshots.set_epoch(0)  # the first block is the loss under the untrained adapter, computed directly
+    row0 = trajectory_features(model, images, FeatureSpec(spec.timesteps, families=("loss",)), progress=False)
+    _close(blocks[:, 0], row0.values["loss"])
+    model.snapshots.set_epoch(2)
+    # a features file keeps the (N, S x T) family, and a classifier on it round-trips
+    clf = OriginClassifier(task="membership").fit([fs], ["member", "member", "external"])
+    assert len(clf.feature_names) == 3 + 9 and clf.feature_names[3] == "loss_snapshots@row=0,t=0"
+
+
+def test_store_origin_errors_name_the_fix(lora_stores, tiny_model_dir, tmp_path):
+    from montrage.origin.from_store import load_external, store_diffusion_model
+
+    with pytest.raises(OriginError, match="save_lora_snapshots=True"):
+        store_diffusion_model(lora_stores["no_snapshots"])
+    plain = load_diffusion_model(tiny_model_dir)
+    spec = FeatureSpec((0, 500), families=("loss", "loss_snapshots"), snapshots=(0, 1))
+    with pytest.raises(OriginError, match="not built from a montrage store"):
+        trajectory_features(plain, torch.zeros(1, 3, 16, 16), spec, progress=False)
+    with pytest.raises(OriginError, match="needs the store rows"):
+        FeatureSpec((0,), families=("loss_snapshots",))
+    bad = tmp_path / "ext"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(OriginError, match="no readable external image.*broken.png"):
+        load_external([str(bad / "broken.png")], 16, 3)

@@ -45,7 +45,7 @@ def test_inspect_bad_file_is_a_clear_error(tmp_path, capsys):
     assert "not a readable HDF5 file" in capsys.readouterr().err
 
 
-def test_demo_writes_its_files(tmp_path):
+def test_demo_writes_its_files(tmp_path, capsys):
     from montrage.recipes.demo import run_demo
     from montrage.recipes.tiny_base import TinyBaseConfig
 
@@ -60,11 +60,32 @@ def test_demo_writes_its_files(tmp_path):
     assert result["num_train_images"] == 8
     assert len(summary["attribution"]["queries"]) == 3
     assert set(summary["attribution"]["queries"][0]["shares"]) == {"digit1", "digit4", "digit7", "digit9"}
-    assert summary["origin"]["classes"] == ["member", "generated", "external"]
-    assert 0.0 <= summary["origin"]["balanced_accuracy"] <= 1.0
+    origin = summary["origin"]
+    assert origin["images_per_class"] == {"member": 8, "generated": max(8, summary["num_probes"]), "external": 8}
+    assert set(origin["test_accuracy_per_class"]) == {"member", "generated", "external"}
+    assert os.path.isfile(os.path.join(origin["classifier"], "classifier.json"))
     assert summary["memorization_alerts"] >= 0 and "<img" in (out / "report.html").read_text()
     with StoreReader(str(out / "store.h5")) as r:
         assert r.num_epochs == 6
+
+    # `montrage origin fit STORE --external DIR`, then `origin predict STORE IMAGE...`, on the demo's store, with the
+    # training-trajectory family: its columns are the loss under each stored adapter, so they must differ per row
+    store, clf = str(out / "store.h5"), str(out / "clf")
+    assert main(["origin", "fit", store, "--external", origin["external_dir"], "--members", "4", "--generate", "1",
+                 "--timesteps", "3", "--families", "loss,loss_snapshots", "--out", clf, "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"member": 4, "generated": summary["num_probes"] + 1, "external": 8}
+    assert report["snapshots"] == [0, 1, 2, 3, 4, 5] and report["families"] == ["loss", "loss_snapshots"]
+    meta = json.loads((out / "clf" / "classifier.json").read_text())
+    assert len(meta["feature_names"]) == 3 + 6 * 3
+    images = sorted(os.path.join(origin["external_dir"], f) for f in os.listdir(origin["external_dir"]))[:2]
+    assert main(["origin", "predict", store, *images, "--classifier", clf, "--json", "--quiet"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in preds] == images
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-6 for p in preds)
+    # a features-file mode call without --out, and a store without --external, are clear errors
+    assert main(["origin", "fit", store, "--quiet"]) == 2
+    assert "--external" in capsys.readouterr().err
 
 
 def test_lightning_cli_runs_the_demo_config(tiny_model_dir, tmp_path):

@@ -68,7 +68,7 @@ def feature_matrix(fs: FeatureSet, families=None, transform: str = "log") -> tup
                           f"`--families {','.join(families)}`.")
     # CLiD's discrepancies are signed differences of losses: no log for them
     blocks = [transform_values(fs.values[f], "none" if f in CLID_FAMILIES else transform) for f in families]
-    names = [f"{f}@t={t}" for f in families for t in fs.spec.timesteps]
+    names = [c for f in families for c in fs.spec.columns(f)]
     return np.concatenate(blocks, axis=1), names
 
 
@@ -334,8 +334,8 @@ class OriginClassifier:
         clf.model_path = meta.get("model_path")
         clf.feature_names = list(meta.get("feature_names", []))
         clf.train_counts = dict(meta.get("train_counts", {}))
-        expected = len(clf.families) * len(clf.spec.timesteps)
+        expected = sum(len(clf.spec.columns(f)) for f in clf.families)
         if len(probe.mean) != expected:
-            raise OriginError(f"classifier file {where!r}: {len(probe.mean)} features in the arrays but families x "
-                              f"timesteps = {expected}; the files do not belong together, refit the classifier.")
+            raise OriginError(f"classifier file {where!r}: {len(probe.mean)} features in the arrays but its families "
+                              f"and timesteps make {expected}; the files do not belong together, refit the classifier.")
         return clf

@@ -57,9 +57,35 @@ def features_main(args) -> int:
     return 0
 
 
+def fit_store_main(args) -> int:
+    """Fit an origin classifier for a store's fine-tuned model (members, probes and generations from the store)."""
+    from montrage.origin.from_store import fit_from_store
+
+    if len(args.features) != 1:
+        raise ValueError(f"--external takes one montrage store as input, got {len(args.features)} paths: "
+                         "`montrage origin fit STORE --external DIR`.")
+    report = fit_from_store(args.features[0], args.external, out=args.out, members=args.members,
+                            generate=args.generate, families=_families(args.families), timesteps=args.timesteps,
+                            task=args.task, external_captions=args.captions, holdout=args.holdout, seed=args.seed,
+                            model_path=args.model_path, device=args.device, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    print(json.dumps(report))
+    return 0
+
+
 def fit_main(args) -> int:
     """Fit an origin classifier on labelled features files and save it to a folder."""
     import numpy as np
+
+    from montrage.origin.from_store import is_store
+
+    if args.external or (len(args.features) == 1 and is_store(args.features[0])):
+        if not args.external:
+            raise ValueError(f"{args.features[0]!r} is a montrage store: pass the images the model never saw with "
+                             "--external DIR (members and generations come from the store).")
+        return fit_store_main(args)
+    if not args.out:
+        raise ValueError("--out is required when fitting on features files: the classifier folder to write.")
 
     from montrage.origin.classifier import OriginClassifier, relabel
     from montrage.origin.featurefile import read_features
@@ -80,10 +106,24 @@ def fit_main(args) -> int:
 
 def predict_main(args) -> int:
     """Classify images with a saved origin classifier."""
+    from montrage.origin.from_store import is_store
     from montrage.origin.predict import predict_images
 
-    results = predict_images(args.images, args.classifier, model=_model_arg(args.model) if args.model else None,
-                             lora=args.lora, resize=args.resize, batch_size=args.batch_size, device=args.device,
+    images, classifier, model, resize = list(args.images), args.classifier, args.model, args.resize
+    if is_store(images[0]):  # `origin predict STORE IMAGE...`: the store's model and classifier
+        store, images = images[0], images[1:]
+        if not images:
+            raise ValueError(f"no images to classify after the store {store!r}: `montrage origin predict STORE "
+                             "IMAGE...`.")
+        classifier = classifier or os.path.splitext(store)[0] + ".origin"
+        model, resize = model or store, True  # centre-cropped and resized, as the classifier's images were
+    if not classifier:
+        raise ValueError("pass the classifier folder (--classifier), or a store first: `montrage origin predict "
+                         "STORE IMAGE...`.")
+    if not os.path.isdir(classifier):
+        raise ValueError(f"classifier folder {classifier!r} does not exist: fit it with `montrage origin fit`.")
+    results = predict_images(images, classifier, model=_model_arg(model) if model else None,
+                             lora=args.lora, resize=resize, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(results))
@@ -132,21 +172,44 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=features_main)
 
-    s = sub.add_parser("fit", help="fit an origin classifier on labelled features files")
-    s.add_argument("features", nargs="+", help="features files, one per origin (labels from their --label)")
-    s.add_argument("--out", required=True, help="classifier folder to write (classifier.json + classifier.npz)")
+    s = sub.add_parser("fit", help="fit an origin classifier on labelled features files, or on a store: "
+                                   "`origin fit STORE --external DIR`")
+    s.add_argument("features", nargs="+", help="features files, one per origin (labels from their --label); or one "
+                                               "montrage store (with --external)")
+    s.add_argument("--out", default=None, help="classifier folder to write (classifier.json + classifier.npz); "
+                                               "for a store, default <store>.origin")
+    s.add_argument("--external", nargs="+", default=None, help="store mode: images (files or folders) the model "
+                   "never saw, e.g. held-out images of the training distribution")
+    s.add_argument("--members", type=int, default=200, help="store mode: training images used as members (a "
+                                                            "seeded subset; default 200)")
+    s.add_argument("--generate", type=int, default=None, help="store mode: generations beyond the probes, from the "
+                   "final adapter (default: enough to match the members)")
+    s.add_argument("--timesteps", type=int, default=10, help="store mode: uniform timesteps (default 10)")
+    s.add_argument("--captions", default=None, help="store mode, CLiD families: the external images' captions, "
+                                                    "'sidecar' or a metadata.jsonl")
+    s.add_argument("--holdout", type=float, default=0.25, help="store mode: share of each class held out to report "
+                                                                "accuracy before the final refit on all")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model-path", default=None, help="store mode: the base model, if not at the path the store "
+                                                       "records")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None)
+    s.add_argument("--quiet", action="store_true")
     s.add_argument("--labels", default=None, help="comma-separated label per features file (overrides theirs)")
     s.add_argument("--task", default="ternary", choices=["ternary", "membership", "generated"])
-    s.add_argument("--families", default="", help="families to use (default: all in the features files)")
+    s.add_argument("--families", default="", help="families to use (default: all in the features files; for a "
+                   "store: montrage's default; 'default,loss_snapshots' adds the loss under each stored adapter)")
     s.add_argument("--transform", default="log", choices=["log", "none"])
     s.add_argument("--C", default="auto", help="inverse L2 regularisation strength of the logistic regression, or "
                                                "auto (chosen by 5-fold cross-validation, the default)")
     s.add_argument("--model", default=None, help="model path to record for predict (default: the features' model)")
     s.set_defaults(fn=fit_main)
 
-    s = sub.add_parser("predict", help="classify images with a saved origin classifier")
-    s.add_argument("images", nargs="+", help="image files or folders")
-    s.add_argument("--classifier", required=True, help="folder written by `montrage origin fit`")
+    s = sub.add_parser("predict", help="classify images with a saved origin classifier: `origin predict STORE "
+                                       "IMAGE...` or `origin predict IMAGE... --classifier DIR`")
+    s.add_argument("images", nargs="+", help="image files or folders, after a store whose classifier to use")
+    s.add_argument("--classifier", default=None, help="folder written by `montrage origin fit` (default for a "
+                                                      "store: <store>.origin)")
     s.add_argument("--model", default=None, help="the classifier's model, if not at the recorded path")
     s.add_argument("--lora", default=None)
     s.add_argument("--batch-size", type=int, default=32)

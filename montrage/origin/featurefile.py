@@ -5,7 +5,7 @@ reading with `expect_identity` refuses a file made by another model instead of s
 
 Layout: attrs `format`, `schema_version`, `identity` (JSON), `spec` (JSON: timesteps, families, params, noise, ...),
 `timesteps` (the grid), `label` ("" if none), `seconds`; datasets `timesteps` (T,), `ids` (N,) str, one (N, T)
-float32 dataset per family (`loss`, `grad_x`, `grad_theta`), optionally `layer_norms` (N, T, G) with
+float32 dataset per family (`loss`, `grad_x`, `grad_theta`, ...; `loss_snapshots` is (N, S x T)), optionally `layer_norms` (N, T, G) with
 `layer_names` (G,).
 """
 
@@ -87,9 +87,9 @@ def read_features(path: str, expect_identity: dict | None = None) -> FeatureSet:
         raise OriginError(f"features file {path!r}: dataset `timesteps` {timesteps} disagrees with the spec's "
                           f"{list(spec.timesteps)}; the file is corrupted, recompute it.")
     for name, arr in values.items():
-        if arr.shape != (len(ids), len(timesteps)):
+        if arr.shape != (len(ids), len(spec.columns(name))):
             raise OriginError(f"features file {path!r}: dataset `{name}` has shape {arr.shape}, expected "
-                              f"({len(ids)}, {len(timesteps)}); the file is corrupted, recompute it.")
+                              f"({len(ids)}, {len(spec.columns(name))}); the file is corrupted, recompute it.")
     if expect_identity is not None:
         check_same_model(identity, expect_identity, f"features file {path!r}",
                          "Recompute the features with this model (`montrage origin features --model ...`), or use "

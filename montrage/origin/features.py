@@ -56,7 +56,8 @@ FAMILIES = ("loss", "grad_x", "grad_theta")  # the paper's
 PIA_FAMILIES = ("loss_pia",)
 REFERENCE_FAMILIES = ("loss_ref", "grad_x_ref")
 CLID_FAMILIES = ("clid_null", "clid_perturbed")
-ALL_FAMILIES = FAMILIES + PIA_FAMILIES + REFERENCE_FAMILIES + CLID_FAMILIES
+SNAPSHOT_FAMILIES = ("loss_snapshots",)
+ALL_FAMILIES = FAMILIES + PIA_FAMILIES + REFERENCE_FAMILIES + CLID_FAMILIES + SNAPSHOT_FAMILIES
 
 
 def has_adapter(unet: torch.nn.Module) -> bool:
@@ -89,10 +90,12 @@ class FeatureSpec:
     prompt: str = ""
     layer_norms: bool = False
     draws: int = 1
+    snapshots: tuple[int, ...] = ()  # store rows whose adapters `loss_snapshots` is computed under
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
         object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "snapshots", tuple(int(r) for r in self.snapshots))
         if not isinstance(self.params, str):
             object.__setattr__(self, "params", tuple(self.params))
         if not self.timesteps:
@@ -110,6 +113,11 @@ class FeatureSpec:
         if isinstance(self.params, str) and self.params not in ("trainable", "all"):
             raise OriginError(f"params must be 'trainable', 'all' or a list of parameter-name prefixes, "
                               f"not {self.params!r}.")
+        if self.needs_snapshots and not self.snapshots:
+            raise OriginError("the loss_snapshots family needs the store rows to compute it at (snapshots=...): build "
+                              "the spec with `store_feature_spec`, or drop the family.")
+        if self.snapshots and not self.needs_snapshots:
+            raise OriginError("snapshots are given but the loss_snapshots family is not among the families.")
 
     @property
     def needs_theta(self) -> bool:
@@ -123,10 +131,21 @@ class FeatureSpec:
     def needs_captions(self) -> bool:
         return any(f in self.families for f in CLID_FAMILIES)
 
+    @property
+    def needs_snapshots(self) -> bool:
+        return any(f in self.families for f in SNAPSHOT_FAMILIES)
+
+    def columns(self, family: str) -> list[str]:
+        """Names of a family's columns: one per timestep; `loss_snapshots` one per (snapshot, timestep), snapshot-major."""
+        if family in SNAPSHOT_FAMILIES:
+            return [f"{family}@row={r},t={t}" for r in self.snapshots for t in self.timesteps]
+        return [f"{family}@t={t}" for t in self.timesteps]
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["timesteps"] = list(self.timesteps)
         d["families"] = list(self.families)
+        d["snapshots"] = list(self.snapshots)
         d["params"] = self.params if isinstance(self.params, str) else list(self.params)
         return d
 
@@ -146,8 +165,8 @@ class FeatureSpec:
         """Whether features computed under `other` can be scored by a model fit under this spec: same timesteps,
         noise kind, θ, prompt and number of draws (the noise seed only draws other ε from the same distribution;
         a mean over more draws has a narrower distribution, so it is not interchangeable)."""
-        return (self.timesteps, self.noise, self.params, self.prompt, self.draws) == \
-            (other.timesteps, other.noise, other.params, other.prompt, other.draws)
+        return (self.timesteps, self.noise, self.params, self.prompt, self.draws, self.snapshots) == \
+            (other.timesteps, other.noise, other.params, other.prompt, other.draws, other.snapshots)
 
 
 @dataclasses.dataclass
@@ -184,9 +203,11 @@ class FeatureSet:
         if missing:
             raise OriginError(f"timesteps {missing} are not in this feature set's grid {list(self.spec.timesteps)}.")
         cols = [pos[t] for t in timesteps]
+        T = len(self.spec.timesteps)
+        snap_cols = [s * T + j for s in range(len(self.spec.snapshots)) for j in cols]
         return dataclasses.replace(
             self, spec=dataclasses.replace(self.spec, timesteps=tuple(timesteps)),
-            values={k: v[:, cols] for k, v in self.values.items()},
+            values={k: v[:, snap_cols if k in SNAPSHOT_FAMILIES else cols] for k, v in self.values.items()},
             layer_norms=None if self.layer_norms is None else self.layer_norms[:, cols])
 
 
@@ -303,6 +324,8 @@ def trajectory_features(
     bad = [t for t in spec.timesteps if not 0 <= t < num_train]
     if bad:
         raise OriginError(f"timesteps {bad} are outside the model's range 0..{num_train - 1}.")
+    if spec.needs_snapshots:
+        check_snapshots(model, spec.snapshots)
     if spec.needs_reference and not has_adapter(model.unet):
         raise OriginError(f"families {list(REFERENCE_FAMILIES)} compare the model with its base (the UNet with its "
                           "adapter disabled), but this UNet has no PEFT adapter (or it was fused into the weights): "
@@ -326,29 +349,35 @@ def trajectory_features(
     main = tuple(f for f in spec.families if f in FAMILIES)
     prompts = list(captions) if captions is not None else [spec.prompt]
     caption_rows = torch.arange(n) if captions is not None else torch.zeros(n, dtype=torch.long)
-    # passes over (image, t, draw) pairs: families computed, noise, reference model?, output name per family,
-    # draws, per-tensor norms kept?, each image's row in `prompts`
+    # passes over (image, t, draw) pairs: families computed, noise, weights (None: the model's; "reference": adapters
+    # off; a store row: that snapshot's adapter), output name per family, draws, per-tensor norms kept?, each image's
+    # row in `prompts`
     passes = []
     if main or spec.layer_norms:
-        passes.append((main, spec.noise, False, {f: f for f in main}, D, spec.layer_norms, caption_rows))
+        passes.append((main, spec.noise, None, {f: f for f in main}, D, spec.layer_norms, caption_rows))
     if "loss_pia" in spec.families:
-        passes.append((("loss",), "pia", False, {"loss": "loss_pia"}, 1, False, caption_rows))
+        passes.append((("loss",), "pia", None, {"loss": "loss_pia"}, 1, False, caption_rows))
     ref = tuple(f for f in spec.families if f in REFERENCE_FAMILIES)
     if ref:
-        passes.append((tuple(f[:-4] for f in ref), spec.noise, True, {f[:-4]: f for f in ref}, D, False, caption_rows))
+        passes.append((tuple(f[:-4] for f in ref), spec.noise, "reference", {f[:-4]: f for f in ref}, D, False,
+                       caption_rows))
     hidden = []  # CLiD's losses under the caption, the null and the perturbed caption (differences at the end)
     if spec.needs_captions:
         if "loss" not in main:
-            passes.append((("loss",), spec.noise, False, {"loss": "_clid_caption"}, D, False, caption_rows))
+            passes.append((("loss",), spec.noise, None, {"loss": "_clid_caption"}, D, False, caption_rows))
             hidden.append("_clid_caption")
         others = {"clid_null": [""] * n, "clid_perturbed": [perturb_caption(c, k) for c, k in zip(captions, keys)]}
         for f in CLID_FAMILIES:
             if f in spec.families:
-                passes.append((("loss",), spec.noise, False, {"loss": "_" + f}, D, False,
+                passes.append((("loss",), spec.noise, None, {"loss": "_" + f}, D, False,
                                torch.arange(len(prompts), len(prompts) + n)))
                 prompts += others[f]
                 hidden.append("_" + f)
-    out = {f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden)}  # sums over draws
+    for r in spec.snapshots:  # the training trajectory: the loss under each stored adapter, same ε
+        passes.append((("loss",), spec.noise, r, {"loss": f"_snapshot{r}"}, D, False, caption_rows))
+        hidden.append(f"_snapshot{r}")
+    out = {f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden)
+           if f not in SNAPSHOT_FAMILIES}  # sums over draws
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with eval_without_checkpointing(unet, model.vae, model.text_encoder), vmap_safe_attention(device):
         latents = (fam.latents(images, batch_size) if fam is not None else image_latents(model.vae, images, batch_size)).float()
@@ -361,10 +390,11 @@ def trajectory_features(
             pia = _pia_noise(model, latents, conds, to_unique[caption_rows], batch_size)
         bar = tqdm(total=sum(n * T * p[4] for p in passes), desc="origin features", unit="pair",
                    disable=not progress)
-        for families, noise, reference, names, draws, keep_layers, rows_of in passes:
+        for families, noise, weights, names, draws, keep_layers, rows_of in passes:
             prompt_index = to_unique[rows_of]
             pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(draws)]
-            with _reference_model(unet, reference):
+            with _weights(model, weights):
+                pass_conds = model.condition(unique) if isinstance(weights, int) else conds  # text adapters change too
                 for start in range(0, len(pairs), batch_size):
                     chunk = pairs[start:start + batch_size]
                     ii = torch.tensor([p[0] for p in chunk])
@@ -381,7 +411,7 @@ def trajectory_features(
                     else:
                         noisy = scheduler.add_noise(z, eps, tt)
                         target = scheduler.get_velocity(z, eps, tt) if v_pred else eps
-                    cond = _take(conds, prompt_index[ii], device, dtype)
+                    cond = _take(pass_conds, prompt_index[ii], device, dtype)
                     res = _pair_features(net, families, keep_layers, net_theta, net_rest,
                                          noisy.to(device, dtype), tt.to(device), target.to(device, torch.float32),
                                          cond)
@@ -395,6 +425,8 @@ def trajectory_features(
     for f in CLID_FAMILIES:
         if f in spec.families:
             out[f] = out["loss" if "loss" in main else "_clid_caption"] - out["_" + f]
+    if spec.needs_snapshots:
+        out["loss_snapshots"] = np.concatenate([out[f"_snapshot{r}"] for r in spec.snapshots], axis=1)
     values = {f: out[f].astype(np.float32) for f in spec.families}
     if layers is not None:
         layers = (layers / D).astype(np.float32)
@@ -409,13 +441,38 @@ def _adapters_enabled(unet: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in unet.modules())
 
 
+def check_snapshots(model: DiffusionModel, rows: Sequence[int]) -> None:
+    """Refuse training-time features for a model that was not rebuilt from a store with adapter snapshots."""
+    snapshots = model.snapshots
+    if snapshots is None or not snapshots.lora:
+        raise OriginError("the loss_snapshots family reads the fine-tune's adapter at every stored snapshot, but this "
+                          "model " + ("was not built from a montrage store" if snapshots is None else
+                                      f"comes from store {snapshots.store.path!r}, which holds no adapter snapshots") +
+                          ": record them with MontrageCallback(save_lora_snapshots=True) on a LoRA run and use "
+                          "`montrage origin fit STORE` (or `store_diffusion_model`), or drop the family.")
+    held = snapshots.store.adapter_snapshots
+    bad = [r for r in rows if not 0 <= r < held]
+    if bad:
+        raise OriginError(f"snapshot rows {bad} are not in store {snapshots.store.path!r}, which holds adapter "
+                          f"snapshots 0..{held - 1}.")
+
+
 @contextlib.contextmanager
-def _reference_model(unet: torch.nn.Module, reference: bool):
-    """The UNet with its adapters disabled (the base model) inside the block when `reference`; afterwards they are
-    enabled again only if they were enabled before."""
-    if not reference:
+def _weights(model: DiffusionModel, weights):
+    """Inside the block: the model as is (None), its base with adapters disabled ("reference"; afterwards they are
+    enabled again only if they were enabled before), or the adapter of store row `weights` (then the model's own)."""
+    if weights is None:
         yield
         return
+    if isinstance(weights, int):
+        own = model.snapshots.row
+        model.snapshots.set_epoch(weights)
+        try:
+            yield
+        finally:
+            model.snapshots.set_epoch(own)
+        return
+    unet = model.unet
     was_enabled = _adapters_enabled(unet)
     unet.disable_adapters()
     try:

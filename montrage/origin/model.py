@@ -32,6 +32,7 @@ class DiffusionModel:
     lora: str | None = None
     family: Any = None  # an SDXL / SD3 / Flux adapter (montrage.family): latents, noising, conditioning, call
     resolution: int | None = None  # image side, where the denoiser's config has no sample size (Flux)
+    snapshots: Any = None  # the run's StoreModel when built from a store: loads the adapter of any stored snapshot
 
     @property
     def kind(self) -> str:
@@ -62,13 +63,16 @@ class DiffusionModel:
 
     def identity(self) -> dict:
         """`montrage.components.model_identity` plus `kind` and `weights_sha`, a fingerprint of every weight that
-        shapes the features (UNet with any adapter, VAE, text encoder), and `lora` when an adapter was loaded from a
-        file (to reload it; not compared). Recomputed on every call (cheap), so it follows weights that change."""
+        shapes the features (UNet with any adapter, VAE, text encoder), and `lora` (an adapter loaded from a file) or
+        `store` (a model built from a store), to reload it, not compared. Recomputed on every call (cheap), so it
+        follows weights that change."""
         ident = model_identity(self.unet, self.model_id)
         ident["kind"] = self.kind
         ident["weights_sha"] = weights_fingerprint([self.unet, self.vae, self.text_encoder])
         if self.lora:
             ident["lora"] = self.lora
+        if self.snapshots is not None:
+            ident["store"] = self.snapshots.store.path
         return ident
 
     @torch.no_grad()

@@ -3,7 +3,8 @@
 Each image is scored under every candidate with the same feature spec; a model is "at home" on its own samples
 along the whole trajectory, so the concatenation [features under model 1 | ... | model K] feeds one linear softmax
 whose classes are the candidates' names (plus, optionally, a class for real / other images). A training-free
-rule, `lowest_loss_attribution`, picks the candidate with the lowest mean log-loss.
+rule, `lowest_loss_attribution`, picks the candidate with the lowest mean log-loss (and "none" above a threshold
+fit on labelled images, `fit_none_threshold`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,37 @@ def _check_aligned(per_candidate: list[FeatureSet], n_candidates: int) -> None:
                               "same images in the same order.")
 
 
-def lowest_loss_attribution(per_candidate: list[FeatureSet]) -> np.ndarray:
-    """Index of the candidate with the lowest mean log-loss over the timestep grid, per image (no training)."""
+def candidate_losses(per_candidate: list[FeatureSet]) -> np.ndarray:
+    """(N, K) mean log-loss of each image over the timestep grid under each candidate."""
     _check_aligned(per_candidate, len(per_candidate))
-    scores = np.stack([np.log(np.maximum(fs.values["loss"], 1e-30)).mean(axis=1) for fs in per_candidate], axis=1)
-    return np.argmin(scores, axis=1)
+    return np.stack([np.log(np.maximum(fs.values["loss"], 1e-30)).mean(axis=1) for fs in per_candidate], axis=1)
+
+
+def lowest_loss_attribution(per_candidate: list[FeatureSet], none_above: float | None = None) -> np.ndarray:
+    """Index of the candidate with the lowest mean log-loss over the timestep grid, per image (no training); with
+    `none_above`, -1 ("none of them") where even the lowest is above it (see `fit_none_threshold`)."""
+    scores = candidate_losses(per_candidate)
+    pick = np.argmin(scores, axis=1)
+    if none_above is not None:
+        pick = np.where(scores.min(axis=1) > none_above, -1, pick)
+    return pick
+
+
+def fit_none_threshold(per_candidate: list[FeatureSet], labels, candidates: list[str]) -> float:
+    """The `none_above` of `lowest_loss_attribution` with the best balanced accuracy on labelled images (a
+    candidate's name for its generations, anything else for "none")."""
+    from montrage.origin.metrics import balanced_accuracy
+
+    labels = np.asarray([str(v) if str(v) in candidates else "none" for v in labels])
+    scores = candidate_losses(per_candidate)
+    names = np.asarray(list(candidates) + ["none"])
+    pick, low = np.argmin(scores, axis=1), scores.min(axis=1)
+    best, best_tau = -1.0, float(np.max(low))
+    for tau in np.unique(low):
+        acc = balanced_accuracy(labels, names[np.where(low > tau, -1, pick)])
+        if acc > best:
+            best, best_tau = acc, float(tau)
+    return best_tau
 
 
 class ModelAttributor:
@@ -102,7 +129,7 @@ class ModelAttributor:
         if len(att.identities) != len(att.candidates):
             raise OriginError(f"attributor file {where!r}: {len(att.identities)} identities for "
                               f"{len(att.candidates)} candidates; refit it.")
-        expected = len(att.candidates) * len(att.families) * len(att.spec.timesteps)
+        expected = len(att.candidates) * sum(len(att.spec.columns(f)) for f in att.families)
         if len(probe.mean) != expected:
             raise OriginError(f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
                               f"{expected}; the files do not belong together, refit it.")

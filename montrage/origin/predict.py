@@ -11,14 +11,15 @@ import torch
 from montrage.origin.classifier import OriginClassifier
 from montrage.origin.errors import OriginError
 from montrage.origin.features import trajectory_features
+from montrage.origin.from_store import is_store, store_diffusion_model
 from montrage.origin.images import check_images, expand_image_paths, load_images
 from montrage.origin.model import DiffusionModel, check_same_model, load_diffusion_model
 
 
 def resolve_model(classifier: OriginClassifier, model: str | DiffusionModel | None, lora: str | None = None,
                   device: str | None = None) -> DiffusionModel:
-    """The classifier's model: the one given, or the path (and LoRA) recorded at fit time; refused if its weights
-    are not the classifier's."""
+    """The classifier's model: the one given (a model folder, hub id or store), or the path (and LoRA) or store
+    recorded at fit time; refused if its weights are not the classifier's."""
     if model is None:
         model = classifier.model_path or (classifier.identity or {}).get("model_id")
         lora = lora or (classifier.identity or {}).get("lora")
@@ -27,7 +28,9 @@ def resolve_model(classifier: OriginClassifier, model: str | DiffusionModel | No
         if os.path.isabs(model) and not os.path.exists(model):
             raise OriginError(f"the classifier's model {model!r} does not exist here: pass its current location with "
                               "--model.")
-    if isinstance(model, str):
+    if isinstance(model, str) and is_store(model):  # a classifier of `montrage origin fit STORE`
+        model = store_diffusion_model(model, device=device)
+    elif isinstance(model, str):
         model = load_diffusion_model(model, lora=lora, device=device)
     check_same_model(classifier.identity, model.identity(), "the classifier",
                      "Pass the model (and --lora) the classifier was trained for, or train a classifier for this one.")
