@@ -3,8 +3,9 @@
 Sections: concept similarity curves over epochs per probe concept (as the demo's curves.png); attribution curves
 per probe prompt when an attribution model exists (`montrage attribute fit`'s `<store>_attribution/final`, else the
 live one AttributionCurves saved in `<store>_attribution_live/final`); each probe's final generation beside its top
-training images; and the MemorizationGuard's alerts (`<store>_memorization.json`) with both images. HTML inlines
-every image as base64 PNG, so the file stands alone.
+training images; the MemorizationGuard's alerts (`<store>_memorization.json`) with both images; and, given images
+and an origin classifier of the store (`montrage origin fit STORE`'s `<store>.origin`), each image's origin
+probabilities (member / generated / external). HTML inlines every image as base64 PNG, so the file stands alone.
 """
 
 from __future__ import annotations
@@ -139,6 +140,46 @@ def image_rows_figure(rows: list[tuple[np.ndarray, str, list[tuple[np.ndarray, s
     return _png(fig)
 
 
+def origin_figure(thumbs: list[np.ndarray], results: list[dict]) -> bytes:
+    """Each row: an image, then a bar per origin class with its probability (the predicted class dark)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(results), 2, figsize=(5.5, 1.2 * len(results) + 0.3), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 3]})
+    for (ax_img, ax_bar), img, r in zip(axes, thumbs, results):
+        ax_img.imshow(img, interpolation="nearest")
+        ax_img.set_title(os.path.basename(r["image"]), fontsize=6)
+        ax_img.axis("off")
+        classes, probs = list(r["probabilities"]), list(r["probabilities"].values())
+        ax_bar.barh(classes, probs, color=["tab:blue" if c == r["prediction"] else "lightsteelblue" for c in classes])
+        ax_bar.set_xlim(0, 1)
+        ax_bar.tick_params(labelsize=6)
+        for y, p in enumerate(probs):
+            ax_bar.text(min(p + 0.02, 0.9), y, f"{p:.2f}", va="center", fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def origin_section(store_path: str, images: list[str] | None, classifier: str | None) -> tuple[str, bytes | None, str]:
+    """The report's origin section: the images' origin probabilities under the store's classifier."""
+    classifier = classifier or os.path.splitext(store_path)[0] + ".origin"
+    if not os.path.isfile(os.path.join(classifier, "classifier.json")):
+        return ("Origin", None, f"No origin classifier at {classifier}: run `montrage origin fit {store_path} "
+                                "--external DIR`, then `montrage report ... --origin IMAGE...`.")
+    if not images:
+        return ("Origin", None, f"Origin classifier at {classifier}: pass --origin IMAGE... to show images' origin "
+                                "probabilities.")
+    from montrage.data import open_rgb
+    from montrage.origin.images import expand_image_paths
+    from montrage.origin.predict import predict_images
+
+    paths = expand_image_paths(list(images))
+    results = predict_images(paths, classifier, model=store_path, resize=True, progress=False)
+    thumbs = [np.asarray(open_rgb(p)) for p in paths]
+    return ("Origin", origin_figure(thumbs, results),
+            f"Origin probabilities under {classifier} (classes {', '.join(results[0]['probabilities'])}): is the "
+            "image a training member, a generation of this model, or external?")
+
+
 def top_images(store: StoreReader, model_dir: str | None, top_k: int) -> tuple[dict | None, np.ndarray, np.ndarray, str]:
     """Attribution curves (or None) and each probe's top-K training images at the last epoch, with how they were ranked."""
     from montrage.attribution_curves import attribution_curves, load_final_model
@@ -154,8 +195,9 @@ def top_images(store: StoreReader, model_dir: str | None, top_k: int) -> tuple[d
 
 
 def build_report(store_path: str, out: str, model_dir: str | None = None, alerts_path: str | None = None,
-                 top_k: int = 5) -> dict:
-    """Render the report to `out` (.html or .png); returns what it contains."""
+                 top_k: int = 5, origin_images: list[str] | None = None, origin_classifier: str | None = None) -> dict:
+    """Render the report to `out` (.html or .png); returns what it contains. `origin_images`: images whose origin
+    probabilities to show (under `origin_classifier`, default `<store>.origin`)."""
     from montrage.memorization import default_alerts_path, read_alerts
     from montrage.store import StoreError, StoreReader
 
@@ -208,6 +250,7 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
         info = {"store": store_path, "epochs": epochs, "probes": len(items), "training images": len(train),
                 "concepts": sorted({e.concept for e in train}), "layers": store.layers, "timesteps": store.timesteps,
                 "attribution model": model_dir, "memorization alerts": len(alerts)}
+    sections.append(origin_section(store_path, origin_images, origin_classifier))  # opens the store itself
     if suffix == ".html":
         write_html(out, info, sections, alerts)
     else:
@@ -262,7 +305,8 @@ def write_png(out: str, sections: list) -> None:
 
 
 def cmd_report(args) -> int:
-    result = build_report(args.store, args.out, args.model_dir, args.alerts, args.top_k)
+    result = build_report(args.store, args.out, args.model_dir, args.alerts, args.top_k, args.origin,
+                          args.origin_classifier)
     print(f"montrage report: wrote {result['out']} ({', '.join(result['sections'])}; "
           f"{result['memorization alerts']} memorization alert(s))")
     return 0
@@ -277,4 +321,8 @@ def add_report_parser(sub) -> None:
                    "<store>_attribution_live/)")
     s.add_argument("--alerts", default=None, help="memorization record (default: <store>_memorization.json)")
     s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--origin", nargs="+", default=None, help="images (files or folders) whose origin probabilities "
+                                                             "to show, under the store's origin classifier")
+    s.add_argument("--origin-classifier", default=None, help="origin classifier folder (default: <store>.origin, "
+                                                             "written by `montrage origin fit STORE`)")
     s.set_defaults(fn=cmd_report)

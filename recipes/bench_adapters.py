@@ -4,9 +4,9 @@ Per seed: K customers LoRA-fine-tune the tiny base on their own digits of the sa
 `bench_origin.train_lora`, customer k with seed 100·seed + k, so each draws its own members and training noise),
 each monitored by MontrageCallback (deferred: adapter snapshots only). The images: `per_class` generations of each
 adapter from the concept prompts, and as many "none" images, half real digits of the concepts that no customer
-trained on and half generations of the base model without any adapter. Every image's features are computed under each adapter, the
-model rebuilt from its store (`store_diffusion_model`, one at a time, so memory holds one model), and the methods
-are scored on a per-class half split:
+trained on and half generations of the base model without any adapter. Every image's features are computed under
+each adapter, the model rebuilt from its store (`store_diffusion_model`, one at a time, so memory holds one
+model), and the methods are scored on a per-class half split:
 
   montrage            ModelAttributor: [features under adapter 1 | ... | adapter K] (montrage's default families)
                       into one linear softmax over K + 1 classes, C by cross-validation
@@ -14,6 +14,9 @@ are scored on a per-class half split:
   lowest_loss         the training-free rule: the adapter with the lowest mean log-loss, "none" when even that is
                       above a threshold fit on the training half
   pixels              a model-blind linear probe on the pixels
+
+`--condition caption` computes every feature under the image's prompt instead of the empty prompt (an adapter is
+trained under its captions, so that is where it differs from the others).
 
 Metrics: balanced accuracy over the K + 1 classes, per-class accuracy, and the accuracy among the adapters'
 generations alone (which adapter, "none" counting as wrong). Run: `montrage bench adapters --seed 0,1,2`
@@ -62,8 +65,11 @@ def _report(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
 def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7, 9), per_concept: int = 16,
                   epochs: int = 4, repeats: int = 25, learning_rate: float = 1e-2, rank: int = 8,
                   per_class: int = 64, timesteps: int = 10, gen_steps: int = 25, guidance: float = 3.0,
-                  batch_size: int = 64, base_config=None, progress: bool = True) -> dict:
-    """One seed: train (or reuse) the K adapters, generate, featurize under each, score every method."""
+                  batch_size: int = 64, condition: str = "empty", base_config=None, progress: bool = True) -> dict:
+    """One seed: train (or reuse) the K adapters, generate, featurize under each, score every method.
+
+    `condition`: the text condition of every feature, "empty" (the prompt of an image is unknown) or "caption" (each
+    image's prompt: a generation's own, "a photo of <word>" of a real digit's class)."""
     from montrage.data import _digits, digit_token
     from montrage.origin.baselines import pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix
@@ -74,6 +80,8 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     from montrage.origin.model_attribution import ModelAttributor, fit_none_threshold, lowest_loss_attribution
     from montrage.recipes.pixel_ddpm import digits_images
 
+    if condition not in ("empty", "caption"):
+        raise ValueError(f"condition must be 'empty' or 'caption', not {condition!r}.")
     if adapters < 2:
         raise ValueError(f"model attribution needs at least 2 adapters, not {adapters}.")
     t0 = time.time()
@@ -87,12 +95,13 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     per_prompt = -(-per_class // len(prompts))
 
     t = time.time()
-    groups, labels = [], []
+    groups, labels, captions = [], [], []
     for k, store in enumerate(stores):  # each adapter's generations, seeds disjoint across adapters and seeds
         model = store_diffusion_model(store)
         seeds = [20_000 + 1000 * seed + 100 * k + j for j in range(per_prompt)]
         groups.append(_generate(model, prompts, seeds, gen_steps, guidance)[:per_class])
         labels += [names[k]] * per_class
+        captions += [p for p in prompts for _ in seeds][:per_class]
         del model
     half = per_class // 2
     used = {i for cfg in cfgs for i in lora_split(cfg)[0]}  # real "none" digits are no customer's members
@@ -100,14 +109,18 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     rng = np.random.default_rng(seed)
     base_model = load_diffusion_model(base)
     size = base_model.image_size
-    none = torch.cat([digits_images(rng.permutation(held)[:half], size),
-                      _generate(base_model, prompts, [30_000 + 1000 * seed + j for j in range(-(-half // len(prompts)))],
-                                gen_steps, guidance)[:per_class - half]])
+    real = rng.permutation(held)[:half]
+    base_seeds = [30_000 + 1000 * seed + j for j in range(-(-half // len(prompts)))]
+    none = torch.cat([digits_images(real, size),
+                      _generate(base_model, prompts, base_seeds, gen_steps, guidance)[:per_class - half]])
+    captions += [f"a photo of {digit_token(int(_digits()[1][i]))}" for i in real]
+    captions += [p for p in prompts for _ in base_seeds][:per_class - half]
     del base_model
     groups.append(none)
     labels += ["none"] * len(none)
     sources = labels[:-len(none)] + ["none:real"] * half + ["none:base_generation"] * (len(none) - half)
     pixels = torch.cat(groups)
+    assert len(captions) == len(pixels) == len(labels)
     labels, sources = np.asarray(labels), np.asarray(sources)
     seconds["generate"] = time.time() - t
 
@@ -117,9 +130,11 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
         model = store_diffusion_model(store)
         grid = default_timesteps(int(model.scheduler.config.num_train_timesteps), timesteps)
         spec = FeatureSpec(tuple(grid), families=default_families(model))
-        under.append(trajectory_features(model, pixels, spec, batch_size=batch_size, progress=progress))
+        caps = captions if condition == "caption" else None
+        under.append(trajectory_features(model, pixels, spec, captions=caps, batch_size=batch_size, progress=progress))
         snap = FeatureSpec(tuple(grid), families=("loss_snapshots",), snapshots=snapshot_rows(model))
-        snaps.append(trajectory_features(model, pixels, snap, batch_size=batch_size, progress=progress))
+        snaps.append(trajectory_features(model, pixels, snap, captions=caps, batch_size=batch_size,
+                                         progress=progress))
         del model
     seconds["features"] = time.time() - t
 
@@ -146,6 +161,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
                        "repeats": repeats, "rank": rank, "per_class": per_class, "timesteps": list(grid),
                        "families": list(families), "snapshots": list(snaps[0].spec.snapshots),
                        "adapter_seeds": [c.seed for c in cfgs], "gen_steps": gen_steps, "guidance_scale": guidance,
+                       "condition": condition,
                        "none": f"{half} held-out real digits + {len(none) - half} generations of the base"},
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
@@ -214,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-class", type=int, default=64, help="images per class (each adapter, and none)")
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--gen-steps", type=int, default=25)
+    p.add_argument("--condition", default="empty", choices=["empty", "caption"],
+                   help="text condition of the features: the empty prompt, or each image's prompt")
     p.add_argument("--workdir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                                 progress=not a.quiet, adapters=a.adapters,
                                 concepts=tuple(int(c) for c in a.concepts.split(",")), per_concept=a.per_concept,
                                 epochs=a.epochs, repeats=a.repeats, per_class=a.per_class, timesteps=a.timesteps,
-                                gen_steps=a.gen_steps)
+                                gen_steps=a.gen_steps, **({"condition": a.condition} if a.condition != "empty" else {}))
     if a.quiet:
         print(format_table(result))
 

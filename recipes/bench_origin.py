@@ -368,48 +368,59 @@ def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
     return member, held, shifted
 
 
-def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True, base_config=None) -> tuple[str, str, str]:
-    """Fine-tune the tiny base (`base_config`: another tiny base, e.g. an untrained one in tests) with a LoRA on the
-    member digits (captions 'a photo of <word>'), monitored by MontrageCallback in deferred mode (the store holds the
-    adapter of every epoch, nothing encoded); cached by config. Returns (base path, LoRA file, store)."""
-    from montrage.recipes.tiny_base import tiny_base_path
-
-    base = tiny_base_path(base_config, progress=progress)
-    out = os.path.join(workdir, f"lora-{cfg.digest()}" + ("" if base_config is None else f"-{base_config.digest()}"))
+def fine_tune_with_store(examples, tokens: dict[str, str], base: str, out: str, cfg: LoraBenchConfig,
+                         resolution: int | None = None, progress: bool = True) -> tuple[str, str]:
+    """LoRA-fine-tune `base` on `examples` (their captions), monitored by MontrageCallback in deferred mode (the
+    store holds the adapter of every epoch, nothing encoded); cached in `out`. Returns (LoRA file, store)."""
     weights = os.path.join(out, "pytorch_lora_weights.safetensors")
     store = os.path.join(out, "store.h5")
     meta = os.path.join(out, "montrage_lora_bench.json")
     if os.path.isfile(weights) and os.path.isfile(meta) and os.path.isfile(store):
-        return base, weights, store
+        return weights, store
     import pytorch_lightning as pl
 
     from montrage.callbacks import MontrageCallback
-    from montrage.data import TrainExample, _digits, digit_token
     from montrage.recipes.data import ConceptDataModule
     from montrage.recipes.fine_tune import DiffusionFineTune
-
-    members, _, _ = lora_split(cfg)
-    target = _digits()[1]
-    examples = [TrainExample(id=f"digits/{i}", concept=f"digit{target[i]}",
-                             caption=f"a photo of {digit_token(int(target[i]))}", path=f"sklearn:digits/{i}")
-                for i in members]
 
     class Members(ConceptDataModule):
         def examples(self):
             return examples
 
+        def concept_tokens(self):
+            return tokens
+
     t = time.time()
     pl.seed_everything(cfg.seed, verbose=False)
-    module = DiffusionFineTune(pretrained_model="tiny" if base_config is None else base, lora_rank=cfg.rank,
-                               lora_alpha=cfg.rank, learning_rate=cfg.learning_rate)
-    data = Members(digits=list(cfg.concepts), batch_size=32, repeats=cfg.repeats, seed=cfg.seed)
+    module = DiffusionFineTune(pretrained_model=base, lora_rank=cfg.rank, lora_alpha=cfg.rank,
+                               learning_rate=cfg.learning_rate)
+    data = Members(batch_size=32, repeats=cfg.repeats, seed=cfg.seed,
+                   **({"resolution": resolution} if resolution else {}))
     monitor = MontrageCallback(store_path=store, mode="deferred", probe_seeds=[0], log_to_wandb=False, overwrite=True)
     pl.Trainer(max_epochs=cfg.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
                enable_model_summary=False, deterministic=True, callbacks=[monitor]).fit(module, data)
     module.save_weights(out)
     with open(meta, "w") as fh:
-        json.dump({"config": dataclasses.asdict(cfg), "members": members, "seconds": round(time.time() - t, 1)}, fh)
-    return base, weights, store
+        json.dump({"config": dataclasses.asdict(cfg), "members": [e.id for e in examples],
+                   "seconds": round(time.time() - t, 1)}, fh)
+    return weights, store
+
+
+def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True, base_config=None) -> tuple[str, str, str]:
+    """Fine-tune the tiny base (`base_config`: another tiny base, e.g. an untrained one in tests) on the member
+    digits (captions 'a photo of <word>') with `fine_tune_with_store`. Returns (base path, LoRA file, store)."""
+    from montrage.data import TrainExample, _digits, digit_token
+    from montrage.recipes.tiny_base import tiny_base_path
+
+    base = tiny_base_path(base_config, progress=progress)
+    out = os.path.join(workdir, f"lora-{cfg.digest()}" + ("" if base_config is None else f"-{base_config.digest()}"))
+    members, _, _ = lora_split(cfg)
+    target = _digits()[1]
+    examples = [TrainExample(id=f"digits/{i}", concept=f"digit{target[i]}",
+                             caption=f"a photo of {digit_token(int(target[i]))}", path=f"sklearn:digits/{i}")
+                for i in members]
+    tokens = {f"digit{d}": digit_token(d) for d in cfg.concepts}
+    return (base,) + fine_tune_with_store(examples, tokens, base, out, cfg, progress=progress)
 
 
 def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int = 32, epochs: int = 6,

@@ -104,7 +104,8 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
 
     result["memorization_alerts"] = len(guard.alerts)
     result["report_html"] = os.path.join(out, "report.html")
-    build_report(store_path, result["report_html"])
+    ext = result["origin"]["external_dir"]  # the report shows the origin of two images the run never saw
+    build_report(store_path, result["report_html"], origin_images=[os.path.join(ext, f) for f in sorted(os.listdir(ext))[:2]])
     result["seconds"]["attribution_origin_report"] = round(time.time() - t2, 1)
     result["seconds"]["total"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "demo_summary.json"), "w") as fh:

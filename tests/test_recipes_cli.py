@@ -83,6 +83,13 @@ def test_demo_writes_its_files(tmp_path, capsys):
     preds = json.loads(capsys.readouterr().out)
     assert [p["image"] for p in preds] == images
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-6 for p in preds)
+    # the report shows the images' origin probabilities (and says where the classifier is without images)
+    assert main(["report", store, "--out", str(out / "r.html"), "--origin", *images, "--origin-classifier", clf]) == 0
+    assert "Origin" in capsys.readouterr().out and "Origin probabilities under" in (out / "r.html").read_text()
+    assert "Origin probabilities under" in (out / "report.html").read_text()  # the demo's report shows two
+    os.rename(clf, str(out / "moved"))
+    assert main(["report", store, "--out", str(out / "r2.html"), "--origin-classifier", clf]) == 0
+    assert "No origin classifier at" in (out / "r2.html").read_text()
     # a features-file mode call without --out, and a store without --external, are clear errors
     assert main(["origin", "fit", store, "--quiet"]) == 2
     assert "--external" in capsys.readouterr().err

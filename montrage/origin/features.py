@@ -30,6 +30,11 @@ their captions: `clid_null` = L_t under the image's caption minus L_t under the 
 words removed), each with the same ε. A model fine-tuned on (image, caption) pairs denoises its members much better
 under their own caption than without it; an image it never saw gains less from its caption.
 
+The training trajectory, `loss_snapshots` (only a monitored run has it): L_t under the adapter of each stored snapshot
+(`spec.snapshots`, store rows), with the same ε, laid out snapshot-major as (N, S x T). A member's loss falls as
+training fits it; an image the run never saw moves only with its distribution. Needs a model rebuilt from a store
+(`montrage.origin.from_store.store_diffusion_model`), whose own adapter is put back afterwards.
+
 The model is put in eval mode for the extraction and every module's mode is restored afterwards; requires_grad
 flags and `.grad` are never touched.
 """
@@ -136,7 +141,7 @@ class FeatureSpec:
         return any(f in self.families for f in SNAPSHOT_FAMILIES)
 
     def columns(self, family: str) -> list[str]:
-        """Names of a family's columns: one per timestep; `loss_snapshots` one per (snapshot, timestep), snapshot-major."""
+        """Names of a family's columns: one per timestep; `loss_snapshots` one per (snapshot, t), snapshot-major."""
         if family in SNAPSHOT_FAMILIES:
             return [f"{family}@row={r},t={t}" for r in self.snapshots for t in self.timesteps]
         return [f"{family}@t={t}" for t in self.timesteps]
