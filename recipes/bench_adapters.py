@@ -10,7 +10,8 @@ model), and the methods are scored on a per-class half split:
 
   montrage            ModelAttributor: [features under adapter 1 | ... | adapter K] (montrage's default families)
                       into one linear softmax over K + 1 classes, C by cross-validation
-  montrage_snapshots  the same with each adapter's training trajectory (`loss_snapshots`) added
+  montrage_relative   the same on [mean over adapters | each adapter minus the mean] (`relative=True`)
+  montrage_snapshots  montrage with each adapter's training trajectory (`loss_snapshots`) added
   lowest_loss         the training-free rule: the adapter with the lowest mean log-loss, "none" when even that is
                       above a threshold fit on the training half
   pixels              a model-blind linear probe on the pixels
@@ -37,8 +38,8 @@ import torch
 from montrage.recipes.bench_origin import (LoraBenchConfig, _cached, _mean_std, class_split, lora_split, parse_seeds,
                                            train_lora)
 
-CACHE_VERSION = "v1"
-METHODS = ("montrage", "montrage_snapshots", "lowest_loss", "pixels")
+CACHE_VERSION = "v2"
+METHODS = ("montrage", "montrage_relative", "montrage_snapshots", "lowest_loss", "pixels")
 
 
 def _generate(model, prompts, seeds, steps: int, guidance: float) -> torch.Tensor:
@@ -143,6 +144,9 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     results = {}
     att = ModelAttributor(names, families=families, C="auto").fit([fs.subset(tr) for fs in under], labels[tr])
     predictions = {"montrage": att.predict([fs.subset(te) for fs in under])}
+    rel = ModelAttributor(names, families=families, C="auto", relative=True).fit([fs.subset(tr) for fs in under],
+                                                                                 labels[tr])
+    predictions["montrage_relative"] = rel.predict([fs.subset(te) for fs in under])
     X = np.concatenate([feature_matrix(fs, families)[0] for fs in under]
                        + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in snaps], axis=1)
     predictions["montrage_snapshots"] = LinearProbe(C="auto").fit(X[tr], labels[tr]).predict(X[te])

@@ -65,13 +65,18 @@ def fit_none_threshold(per_candidate: list[FeatureSet], labels, candidates: list
 
 class ModelAttributor:
     """Linear softmax over the concatenated features under K candidates; classes are candidate names and any other
-    labels seen in training (e.g. "external" for real images)."""
+    labels seen in training (e.g. "external" for real images).
 
-    def __init__(self, candidates: list[str], families=FAMILIES, transform: str = "log", C: float = 1.0):
+    `relative=True` feeds [mean over candidates | each candidate minus that mean] instead (the same information):
+    an image's own difficulty, which every candidate sees, sits in the mean, and the standardised, regularised
+    probe reads "which candidate is at home" from the differences."""
+
+    def __init__(self, candidates: list[str], families=FAMILIES, transform: str = "log", C: float | str = 1.0,
+                 relative: bool = False):
         if len(candidates) < 1 or len(set(candidates)) != len(candidates):
             raise OriginError(f"candidate names must be unique and non-empty, got {candidates}.")
         self.candidates = list(candidates)
-        self.families, self.transform = tuple(families), transform
+        self.families, self.transform, self.relative = tuple(families), transform, bool(relative)
         self.probe = LinearProbe(C=C)
         self.identities: list[dict] = []
         self.spec: FeatureSpec | None = None
@@ -89,7 +94,11 @@ class ModelAttributor:
                 if not self.spec.compatible(fs.spec):
                     raise OriginError(f"features under {name!r} use spec {fs.spec.to_dict()}, but the attributor "
                                       f"expects {self.spec.to_dict()}.")
-        return np.concatenate([feature_matrix(fs, self.families, self.transform)[0] for fs in per_candidate], axis=1)
+        blocks = [feature_matrix(fs, self.families, self.transform)[0] for fs in per_candidate]
+        if self.relative:
+            mean = np.mean(blocks, axis=0)
+            blocks = [mean] + [b - mean for b in blocks]
+        return np.concatenate(blocks, axis=1)
 
     def fit(self, per_candidate: list[FeatureSet], labels) -> "ModelAttributor":
         """`per_candidate[k]`: features of the N training images under candidate k; `labels`: N names (a candidate's
@@ -113,7 +122,7 @@ class ModelAttributor:
         if self.spec is None:
             raise OriginError("the attributor is not fitted: nothing to save.")
         meta = {"kind": "model_attribution", "candidates": self.candidates, "families": list(self.families),
-                "transform": self.transform, "spec": self.spec.to_dict(), "identities": self.identities}
+                "transform": self.transform, "relative": self.relative, "spec": self.spec.to_dict(), "identities": self.identities}
         return save_probe(folder, meta, self.probe)
 
     @classmethod
@@ -121,7 +130,8 @@ class ModelAttributor:
         meta, probe = load_probe(folder, "model_attribution")
         where = os.path.join(folder, JSON_NAME)
         try:
-            att = cls(meta["candidates"], families=meta["families"], transform=meta["transform"], C=probe.C)
+            att = cls(meta["candidates"], families=meta["families"], transform=meta["transform"], C=probe.C,
+                      relative=meta.get("relative", False))
             att.spec = FeatureSpec.from_dict(meta["spec"])
             att.identities = [dict(i) for i in meta["identities"]]
         except (KeyError, TypeError) as err:
@@ -129,7 +139,7 @@ class ModelAttributor:
         if len(att.identities) != len(att.candidates):
             raise OriginError(f"attributor file {where!r}: {len(att.identities)} identities for "
                               f"{len(att.candidates)} candidates; refit it.")
-        expected = len(att.candidates) * sum(len(att.spec.columns(f)) for f in att.families)
+        expected = (len(att.candidates) + att.relative) * sum(len(att.spec.columns(f)) for f in att.families)
         if len(probe.mean) != expected:
             raise OriginError(f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
                               f"{expected}; the files do not belong together, refit it.")
