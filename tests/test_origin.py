@@ -718,14 +718,14 @@ def test_bench_adapters_scores_every_method_on_k_adapters_and_none(tmp_path):
 # --- origin from a store -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_stores(tiny_model_dir, tmp_path_factory):
-    """Two stores of the same LoRA run: with adapter snapshots (the default) and without."""
+    """LoRA runs of one base with adapter snapshots (the default; "snapshots" and "other") and without."""
     import helpers
 
     root = tmp_path_factory.mktemp("origin_store")
     out = {}
-    for name, keep in (("snapshots", True), ("no_snapshots", False)):
+    for k, (name, keep) in enumerate((("snapshots", True), ("no_snapshots", False), ("other", True))):
         path = root / f"{name}.h5"
-        torch.manual_seed(0)
+        torch.manual_seed(k)
         helpers.trainer(2, [helpers.callback(path, save_lora_snapshots=keep)]).fit(
             helpers.module(tiny_model_dir, learning_rate=1e-2), helpers.data())
         out[name] = str(path)
@@ -770,3 +770,32 @@ def test_store_origin_errors_name_the_fix(lora_stores, tiny_model_dir, tmp_path)
     (bad / "broken.png").write_bytes(b"not a png")
     with pytest.raises(OriginError, match="no readable external image.*broken.png"):
         load_external([str(bad / "broken.png")], 16, 3)
+
+
+def test_which_fine_tune_from_stores_cli(lora_stores, tmp_path, capsys):
+    """`origin which-fit STORE... --none DIR` then `origin which ATTRIBUTOR IMAGE...`: candidates rebuilt from their
+    stores, one class per store plus none."""
+    from PIL import Image
+
+    from montrage.cli import main
+
+    none = tmp_path / "none"
+    none.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(none / f"n{i}.png")
+    att = str(tmp_path / "att")
+    assert main(["origin", "which-fit", lora_stores["snapshots"], lora_stores["other"], "--none", str(none),
+                 "--out", att, "--generate", "6", "--timesteps", "2", "--names", "a,b", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"a": 6, "b": 6, "none": 6} and report["relative"] is True
+    assert set(report["held_out"]["accuracy_per_class"]) == {"a", "b", "none"}
+    images = [str(none / "n0.png"), str(none / "n1.png")]
+    assert main(["origin", "which", att, *images, "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out] == images
+    assert all(set(r["probabilities"]) == {"a", "b", "none"} for r in out)
+    # a candidate without adapter snapshots cannot be rebuilt: the error says what to set
+    assert main(["origin", "which-fit", lora_stores["snapshots"], lora_stores["no_snapshots"], "--none", str(none),
+                 "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "save_lora_snapshots=True" in capsys.readouterr().err

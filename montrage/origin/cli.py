@@ -1,4 +1,4 @@
-"""`montrage origin features | fit | predict`: the command-line face of origin attribution.
+"""`montrage origin features | fit | predict | which-fit | which`: the command-line face of origin attribution.
 
 Plain functions over argparse namespaces; `add_origin_parser(subparsers)` registers them under `origin`. Nothing
 heavy is imported until a command runs, so `montrage --help` stays fast.
@@ -134,6 +134,34 @@ def predict_main(args) -> int:
     return 0
 
 
+def which_fit_main(args) -> int:
+    """Fit "which of these fine-tunes made it, or none" from the candidates' stores."""
+    from montrage.origin.from_store import fit_which_from_stores
+
+    names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
+    report = fit_which_from_stores(args.stores, args.none, args.out, names=names,
+                                   generate=args.generate, timesteps=args.timesteps, relative=not args.absolute,
+                                   seed=args.seed, batch_size=args.batch_size, device=args.device,
+                                   progress=not args.quiet)
+    print(json.dumps(report))
+    return 0
+
+
+def which_main(args) -> int:
+    """Which candidate fine-tune made each image (or none), with an attributor of `origin which-fit`."""
+    from montrage.origin.from_store import which_images
+
+    results = which_images(args.attributor, args.images, batch_size=args.batch_size, device=args.device,
+                           progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+        print(f"{r['image']}  {r['prediction']:>12s}   {probs}")
+    return 0
+
+
 def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     """Register `origin features`, `origin fit` and `origin predict` on a `montrage` subparsers object."""
     p = subparsers.add_parser("origin", help="origin attribution: is an image a training member, a generation of this "
@@ -218,4 +246,29 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON list")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=predict_main)
+
+    s = sub.add_parser("which-fit", help="fit which of several fine-tunes (their stores) made an image, or none")
+    s.add_argument("stores", nargs="+", help="the candidates' montrage stores (LoRA runs with adapter snapshots)")
+    s.add_argument("--none", nargs="+", required=True, help="images none of them made (files or folders): real "
+                                                           "images, other models' generations")
+    s.add_argument("--out", required=True, help="attributor folder to write")
+    s.add_argument("--names", default=None, help="comma-separated candidate names (default: the stores' file names)")
+    s.add_argument("--generate", type=int, default=64, help="generations per candidate (its probes first)")
+    s.add_argument("--timesteps", type=int, default=10)
+    s.add_argument("--absolute", action="store_true", help="feed the candidates' features as they are instead of "
+                                                           "[mean | differences]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=which_fit_main)
+
+    s = sub.add_parser("which", help="which candidate fine-tune made each image, or none (`origin which-fit`)")
+    s.add_argument("attributor", help="folder written by `montrage origin which-fit`")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", action="store_true", help="print one JSON list")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=which_main)
     return p

@@ -215,3 +215,101 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     with open(os.path.join(out, "fit_report.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     return report
+
+
+def _features_under_stores(stores: list[str], pixels: torch.Tensor, spec_of, captions=None, batch_size: int = 32,
+                           progress: bool = True, device: str | None = None) -> list:
+    """Features of `pixels` under each store's final model, one model in memory at a time."""
+    out = []
+    for store in stores:
+        model = store_diffusion_model(store, device=device)
+        out.append(trajectory_features(model, pixels, spec_of(model), captions=captions, batch_size=batch_size,
+                                       progress=progress))
+        model.snapshots.store.close()
+        del model
+    return out
+
+
+def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: list[str] | None = None,
+                          generate: int = 64, timesteps: int = 10, relative: bool = True, holdout: float = 0.25,
+                          seed: int = 0, batch_size: int = 32, device: str | None = None,
+                          progress: bool = True) -> dict:
+    """Which of several fine-tunes made an image, or none: fit a ModelAttributor on `generate` generations of each
+    store's final adapter (its probes, then its probe prompts with fresh seeds) and the `none` images (files or folders: real images,
+    other models' generations), every image under every candidate; held-out balanced accuracy, then a refit on all,
+    saved to `out`. The candidates are reloaded from their stores at prediction (`which_images`)."""
+    from montrage.origin.images import expand_image_paths
+    from montrage.origin.metrics import balanced_accuracy
+    from montrage.origin.model_attribution import ModelAttributor
+
+    if len(stores) < 2:
+        raise OriginError(f"model attribution needs at least two candidate stores, got {len(stores)}.")
+    names = list(names) if names else [os.path.splitext(os.path.basename(s))[0] for s in stores]
+    if len(set(names)) != len(names) or len(names) != len(stores):
+        raise OriginError(f"candidate names {names} must be unique, one per store: pass --names a,b,c.")
+    groups, labels = [], []
+    for name, store in zip(names, stores):
+        model = store_diffusion_model(store, device=device)
+        size, channels = model.image_size, model.image_channels
+        pixels, _, _ = store_generations(model, max(0, generate - len(model.snapshots.store.probes)))
+        groups.append(pixels[:generate])
+        labels += [name] * len(groups[-1])
+        model.snapshots.store.close()
+        del model
+    none_pixels, _ = load_external(expand_image_paths(list(none)), size, channels)
+    groups.append(none_pixels)
+    labels += ["none"] * len(none_pixels)
+    pixels, labels = torch.cat(groups), np.asarray(labels)
+    grid = None
+
+    def spec_of(model):
+        nonlocal grid
+        grid = grid or default_timesteps(int(model.scheduler.config.num_train_timesteps), timesteps)
+        return FeatureSpec(tuple(grid), families=default_families(model), noise_seed=seed)
+
+    per_candidate = _features_under_stores(stores, pixels, spec_of, batch_size=batch_size, progress=progress,
+                                           device=device)
+    report = {"candidates": names, "stores": [os.path.abspath(s) for s in stores],
+              "counts": {c: int(np.sum(labels == c)) for c in names + ["none"]}, "timesteps": list(grid),
+              "relative": relative}
+    tr, te = _split(labels, holdout, seed)
+    if len(te) and all(np.sum(labels[tr] == c) >= 2 for c in names + ["none"]):
+        held = ModelAttributor(names, families=per_candidate[0].spec.families, C="auto", relative=relative)
+        held.fit([fs.subset(tr) for fs in per_candidate], labels[tr])
+        pred = held.predict([fs.subset(te) for fs in per_candidate])
+        report["held_out"] = {"images": int(len(te)), "balanced_accuracy": round(balanced_accuracy(labels[te], pred), 4),
+                              "accuracy_per_class": {c: round(float(np.mean(pred[labels[te] == c] == c)), 4)
+                                                     for c in names + ["none"]}}
+    att = ModelAttributor(names, families=per_candidate[0].spec.families, C="auto", relative=relative)
+    att.fit(per_candidate, labels)
+    att.save(out)
+    report["attributor"] = out
+    with open(os.path.join(out, "fit_report.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    return report
+
+
+def which_images(attributor: str, images: list[str], batch_size: int = 32, device: str | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Classify images with an attributor of `fit_which_from_stores`: each candidate rebuilt from its store."""
+    from montrage.origin.images import expand_image_paths, load_images
+    from montrage.origin.model_attribution import ModelAttributor
+
+    att = ModelAttributor.load(attributor)
+    stores = [ident.get("store") for ident in att.identities]
+    if not all(stores):
+        raise OriginError(f"attributor {attributor!r} was not fit from stores (its candidates record none): use "
+                          "ModelAttributor.predict with features under each candidate.")
+    missing = [s for s in stores if not os.path.isfile(s)]
+    if missing:
+        raise OriginError(f"the attributor's candidate stores {missing} do not exist here; refit it where they are.")
+    paths = expand_image_paths(list(images))
+    model = store_diffusion_model(stores[0], device=device)
+    pixels = load_images(paths, model.image_size, model.image_channels, resize=True)
+    model.snapshots.store.close()
+    del model
+    per_candidate = _features_under_stores(stores, pixels, lambda m: att.spec, batch_size=batch_size,
+                                           progress=progress, device=device)
+    proba = att.predict_proba(per_candidate)
+    return [{"image": p, "prediction": att.classes[int(np.argmax(row))],
+             "probabilities": {c: float(v) for c, v in zip(att.classes, row)}} for p, row in zip(paths, proba)]
