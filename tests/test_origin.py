@@ -201,6 +201,13 @@ def test_clid_families_are_caption_minus_null_and_perturbed_losses(tiny_model_di
     X, names = feature_matrix(fs, ("loss", "clid_null"))
     _close(X[:, 2:], fs.values["clid_null"].astype(np.float64))
     _close(X[:, :2], np.log(fs.values["loss"].astype(np.float64)))
+    # captions_for="clid": CLiD's families as before, the other families under the spec's (empty) prompt
+    only = FeatureSpec(timesteps, families=("loss", "grad_x") + CLID_FAMILIES, captions_for="clid")
+    fo = trajectory_features(model, images, only, captions=captions, batch_size=4, progress=False)
+    _close(fo.values["loss"], null)
+    _close(fo.values["clid_null"], own - null)
+    _close(fo.values["clid_perturbed"], own - pert)
+    assert not only.compatible(FeatureSpec(timesteps, families=("loss", "grad_x") + CLID_FAMILIES))
     assert names[2] == "clid_null@t=5"
     with pytest.raises(OriginError, match="own caption"):
         trajectory_features(model, images, clid_spec(timesteps), progress=False)

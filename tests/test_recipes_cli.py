@@ -83,6 +83,22 @@ def test_demo_writes_its_files(tmp_path, capsys):
     preds = json.loads(capsys.readouterr().out)
     assert [p["image"] for p in preds] == images
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-6 for p in preds)
+    # with the external images' captions, CLiD's families join the default; predicting then needs captions too
+    for f in os.listdir(origin["external_dir"]):
+        with open(os.path.join(origin["external_dir"], os.path.splitext(f)[0] + ".txt"), "w") as fh:
+            fh.write("a photo of nine")
+    assert main(["origin", "fit", store, "--external", origin["external_dir"], "--members", "4", "--generate", "1",
+                 "--timesteps", "2", "--captions", "sidecar", "--out", str(out / "clid"), "--quiet"]) == 0
+    assert {"loss_ref", "clid_null", "clid_perturbed"} <= set(json.loads(capsys.readouterr().out)["families"])
+    assert main(["origin", "predict", store, images[0], "--classifier", str(out / "clid"), "--captions", "sidecar",
+                 "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["prediction"] in ("member", "generated", "external")
+    assert main(["origin", "predict", store, images[0], "--classifier", str(out / "clid"), "--quiet"]) == 2
+    assert "--captions sidecar" in capsys.readouterr().err
+    os.remove(os.path.splitext(images[0])[0] + ".txt")
+    assert main(["origin", "predict", store, *images, "--classifier", str(out / "clid"), "--captions", "sidecar",
+                 "--quiet"]) == 2
+    assert os.path.basename(images[0]) in capsys.readouterr().err  # names the image without a caption
     # the report shows the images' origin probabilities (and says where the classifier is without images)
     assert main(["report", store, "--out", str(out / "r.html"), "--origin", *images, "--origin-classifier", clf]) == 0
     assert "Origin" in capsys.readouterr().out and "Origin probabilities under" in (out / "r.html").read_text()

@@ -122,9 +122,15 @@ def predict_main(args) -> int:
                          "STORE IMAGE...`.")
     if not os.path.isdir(classifier):
         raise ValueError(f"classifier folder {classifier!r} does not exist: fit it with `montrage origin fit`.")
+    captions = None
+    if args.captions:
+        from montrage.origin.images import expand_image_paths, read_captions
+
+        images = expand_image_paths(images)
+        captions = read_captions(images, args.captions)
     results = predict_images(images, classifier, model=_model_arg(model) if model else None,
-                             lora=args.lora, resize=resize, batch_size=args.batch_size, device=args.device,
-                             progress=not args.quiet and not args.json)
+                             lora=args.lora, captions=captions, resize=resize, batch_size=args.batch_size,
+                             device=args.device, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(results))
         return 0
@@ -213,8 +219,8 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--generate", type=int, default=None, help="store mode: generations beyond the probes, from the "
                    "final adapter (default: enough to match the members)")
     s.add_argument("--timesteps", type=int, default=10, help="store mode: uniform timesteps (default 10)")
-    s.add_argument("--captions", default=None, help="store mode, CLiD families: the external images' captions, "
-                                                    "'sidecar' or a metadata.jsonl")
+    s.add_argument("--captions", default=None, help="store mode: the external images' captions, 'sidecar' or a "
+                   "metadata.jsonl; with them CLiD's families join the default (members and generations have theirs)")
     s.add_argument("--holdout", type=float, default=0.25, help="store mode: share of each class held out to report "
                                                                 "accuracy before the final refit on all")
     s.add_argument("--seed", type=int, default=0)
@@ -238,6 +244,8 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="image files or folders, after a store whose classifier to use")
     s.add_argument("--classifier", default=None, help="folder written by `montrage origin fit` (default for a "
                                                       "store: <store>.origin)")
+    s.add_argument("--captions", default=None, help="each image's caption ('sidecar' or a metadata.jsonl): give them "
+                   "exactly when the classifier's images had theirs (CLiD's families, or features with --captions)")
     s.add_argument("--model", default=None, help="the classifier's model, if not at the recorded path")
     s.add_argument("--lora", default=None)
     s.add_argument("--batch-size", type=int, default=32)

@@ -96,6 +96,7 @@ class FeatureSpec:
     layer_norms: bool = False
     draws: int = 1
     snapshots: tuple[int, ...] = ()  # store rows whose adapters `loss_snapshots` is computed under
+    captions_for: str = "all"  # given captions condition every family ("all") or only CLiD's ("clid")
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -123,6 +124,9 @@ class FeatureSpec:
                               "the spec with `store_feature_spec`, or drop the family.")
         if self.snapshots and not self.needs_snapshots:
             raise OriginError("snapshots are given but the loss_snapshots family is not among the families.")
+        if self.captions_for not in ("all", "clid"):
+            raise OriginError(f"captions_for must be 'all' (captions condition every family) or 'clid' (only CLiD's; "
+                              f"the others under `prompt`), not {self.captions_for!r}.")
 
     @property
     def needs_theta(self) -> bool:
@@ -170,8 +174,8 @@ class FeatureSpec:
         """Whether features computed under `other` can be scored by a model fit under this spec: same timesteps,
         noise kind, θ, prompt and number of draws (the noise seed only draws other ε from the same distribution;
         a mean over more draws has a narrower distribution, so it is not interchangeable)."""
-        return (self.timesteps, self.noise, self.params, self.prompt, self.draws, self.snapshots) == \
-            (other.timesteps, other.noise, other.params, other.prompt, other.draws, other.snapshots)
+        keys = ("timesteps", "noise", "params", "prompt", "draws", "snapshots", "captions_for")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
 @dataclasses.dataclass
@@ -353,7 +357,12 @@ def trajectory_features(
     D = spec.draws
     main = tuple(f for f in spec.families if f in FAMILIES)
     prompts = list(captions) if captions is not None else [spec.prompt]
-    caption_rows = torch.arange(n) if captions is not None else torch.zeros(n, dtype=torch.long)
+    own_caption = torch.arange(n)  # each image's row in `prompts` under its own caption (CLiD)
+    caption_rows = own_caption if captions is not None else torch.zeros(n, dtype=torch.long)
+    if captions is not None and spec.captions_for == "clid":  # the other families under spec.prompt
+        prompts.append(spec.prompt)
+        caption_rows = torch.full((n,), n, dtype=torch.long)
+    clid_own = captions is not None and spec.captions_for == "all" and "loss" in main  # reuse the main loss
     # passes over (image, t, draw) pairs: families computed, noise, weights (None: the model's; "reference": adapters
     # off; a store row: that snapshot's adapter), output name per family, draws, per-tensor norms kept?, each image's
     # row in `prompts`
@@ -368,8 +377,8 @@ def trajectory_features(
                        caption_rows))
     hidden = []  # CLiD's losses under the caption, the null and the perturbed caption (differences at the end)
     if spec.needs_captions:
-        if "loss" not in main:
-            passes.append((("loss",), spec.noise, None, {"loss": "_clid_caption"}, D, False, caption_rows))
+        if not clid_own:
+            passes.append((("loss",), spec.noise, None, {"loss": "_clid_caption"}, D, False, own_caption))
             hidden.append("_clid_caption")
         others = {"clid_null": [""] * n, "clid_perturbed": [perturb_caption(c, k) for c, k in zip(captions, keys)]}
         for f in CLID_FAMILIES:
@@ -429,7 +438,7 @@ def trajectory_features(
         bar.close()
     for f in CLID_FAMILIES:
         if f in spec.families:
-            out[f] = out["loss" if "loss" in main else "_clid_caption"] - out["_" + f]
+            out[f] = out["loss" if clid_own else "_clid_caption"] - out["_" + f]
     if spec.needs_snapshots:
         out["loss_snapshots"] = np.concatenate([out[f"_snapshot{r}"] for r in spec.snapshots], axis=1)
     values = {f: out[f].astype(np.float32) for f in spec.families}

@@ -76,7 +76,8 @@ def snapshot_rows(model: DiffusionModel, count: int | None = None) -> tuple[int,
 def store_feature_spec(model: DiffusionModel, families=None, timesteps: int = 10, noise_seed: int = 0,
                        snapshots: int | None = None) -> FeatureSpec:
     """The feature spec of a store classifier: `families` (default montrage's; the word "default" expands to them,
-    e.g. ["default", "loss_snapshots"]) at `timesteps` uniform steps; `loss_snapshots` at `snapshot_rows`."""
+    e.g. ["default", "loss_snapshots"]) at `timesteps` uniform steps; `loss_snapshots` at `snapshot_rows`. Captions
+    condition only CLiD's families; the others stay under the empty prompt, as the benchmark measures them."""
     fams = []
     for f in families or ["default"]:
         fams.extend(default_families(model) if f == "default" else [f])
@@ -88,7 +89,7 @@ def store_feature_spec(model: DiffusionModel, families=None, timesteps: int = 10
                           "every_n_epochs / every_n_steps) or drop the family.")
     num_train = int(model.scheduler.config.num_train_timesteps)
     return FeatureSpec(tuple(default_timesteps(num_train, timesteps)), families=fams, noise_seed=noise_seed,
-                       snapshots=rows)
+                       snapshots=rows, captions_for="clid")
 
 
 def load_external(paths: list[str], size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
@@ -171,13 +172,16 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     then a refit on all, saved to `out` (default `<store>.origin`). Returns the report (also `out`/fit_report.json).
 
     CLiD families need every image's caption: members and generations have theirs; give the external images' with
-    `external_captions` ('sidecar' or a metadata.jsonl)."""
+    `external_captions` ('sidecar' or a metadata.jsonl). With them, the default families include CLiD's (on per-image
+    captions they are the strongest membership signal the benchmark found); without, they are left out."""
     from montrage.origin.classifier import OriginClassifier, relabel
     from montrage.origin.features import concat_feature_sets
     from montrage.origin.images import expand_image_paths, read_captions
     from montrage.origin.metrics import balanced_accuracy
 
     model = store_diffusion_model(store_path, model_path=model_path, device=device)
+    if families is None:
+        families = ["default"] + (list(CLID_FAMILIES) if external_captions else [])
     spec = store_feature_spec(model, families, timesteps, noise_seed=seed)
     ext_paths = expand_image_paths(list(external))
     ext_pixels, ext_paths = load_external(ext_paths, model.image_size, model.image_channels)
