@@ -10,7 +10,8 @@ model), and the methods are scored on a per-class half split:
 
   montrage            ModelAttributor: [features under adapter 1 | ... | adapter K] (montrage's default families)
                       into one linear softmax over K + 1 classes, C by cross-validation
-  montrage_relative   the same on [mean over adapters | each adapter minus the mean] (`relative=True`)
+  montrage_relative   the same on [mean over adapters | each adapter minus the mean | relative mean log-loss]
+                      (`relative=True`)
   montrage_snapshots  montrage with each adapter's training trajectory (`loss_snapshots`) added
   lowest_loss         the training-free rule: the adapter with the lowest mean log-loss, "none" when even that is
                       above a threshold fit on the training half
@@ -38,7 +39,7 @@ import torch
 from montrage.recipes.bench_origin import (LoraBenchConfig, _cached, _mean_std, class_split, lora_split, parse_seeds,
                                            train_lora)
 
-CACHE_VERSION = "v2"
+CACHE_VERSION = "v3"
 METHODS = ("montrage", "montrage_relative", "montrage_snapshots", "lowest_loss", "pixels")
 
 

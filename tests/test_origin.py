@@ -393,7 +393,7 @@ def test_model_attribution_and_baselines(tmp_path):
         loaded.predict(per_candidate[::-1])
     assert np.mean(lowest_loss_attribution(per_candidate)[:60] == np.r_[np.zeros(30), np.ones(30)]) > 0.8
     rel = ModelAttributor(["A", "B"], relative=True).fit(per_candidate, labels)  # [mean | differences]
-    assert len(rel.probe.mean) == 3 * len(att.probe.mean) // 2
+    assert len(rel.probe.mean) == 3 * len(att.probe.mean) // 2 + 2  # + each candidate's relative mean log-loss
     assert np.mean(rel.predict(per_candidate) == np.asarray(labels)) > 0.8
     back = ModelAttributor.load(rel.save(str(tmp_path / "rel")))
     assert back.relative and np.allclose(back.predict_proba(per_candidate), rel.predict_proba(per_candidate))

@@ -67,9 +67,10 @@ class ModelAttributor:
     """Linear softmax over the concatenated features under K candidates; classes are candidate names and any other
     labels seen in training (e.g. "external" for real images).
 
-    `relative=True` feeds [mean over candidates | each candidate minus that mean] instead (the same information):
-    an image's own difficulty, which every candidate sees, sits in the mean, and the standardised, regularised
-    probe reads "which candidate is at home" from the differences."""
+    `relative=True` feeds [mean over candidates | each candidate minus that mean | each candidate's mean log-loss
+    over t minus the mean of those] instead: an image's own difficulty, which every candidate sees, sits in the
+    mean; the standardised, regularised probe reads "which candidate is at home" from the differences, and the last
+    K columns are the lowest-loss rule's statistic, one strong column per candidate instead of one per t."""
 
     def __init__(self, candidates: list[str], families=FAMILIES, transform: str = "log", C: float | str = 1.0,
                  relative: bool = False):
@@ -77,6 +78,8 @@ class ModelAttributor:
             raise OriginError(f"candidate names must be unique and non-empty, got {candidates}.")
         self.candidates = list(candidates)
         self.families, self.transform, self.relative = tuple(families), transform, bool(relative)
+        if self.relative and "loss" not in self.families:
+            raise OriginError("relative=True adds each candidate's relative mean log-loss: include the loss family.")
         self.probe = LinearProbe(C=C)
         self.identities: list[dict] = []
         self.spec: FeatureSpec | None = None
@@ -97,7 +100,8 @@ class ModelAttributor:
         blocks = [feature_matrix(fs, self.families, self.transform)[0] for fs in per_candidate]
         if self.relative:
             mean = np.mean(blocks, axis=0)
-            blocks = [mean] + [b - mean for b in blocks]
+            losses = candidate_losses(per_candidate)
+            blocks = [mean] + [b - mean for b in blocks] + [losses - losses.mean(axis=1, keepdims=True)]
         return np.concatenate(blocks, axis=1)
 
     def fit(self, per_candidate: list[FeatureSet], labels) -> "ModelAttributor":
@@ -139,7 +143,8 @@ class ModelAttributor:
         if len(att.identities) != len(att.candidates):
             raise OriginError(f"attributor file {where!r}: {len(att.identities)} identities for "
                               f"{len(att.candidates)} candidates; refit it.")
-        expected = (len(att.candidates) + att.relative) * sum(len(att.spec.columns(f)) for f in att.families)
+        K = len(att.candidates)
+        expected = (K + att.relative) * sum(len(att.spec.columns(f)) for f in att.families) + K * att.relative
         if len(probe.mean) != expected:
             raise OriginError(f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
                               f"{expected}; the files do not belong together, refit it.")
