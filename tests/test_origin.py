@@ -793,7 +793,7 @@ def test_which_fine_tune_from_stores_cli(lora_stores, tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(none / f"n{i}.png")
     att = str(tmp_path / "att")
     assert main(["origin", "which-fit", lora_stores["snapshots"], lora_stores["other"], "--none", str(none),
-                 "--out", att, "--generate", "6", "--timesteps", "2", "--names", "a,b", "--quiet"]) == 0
+                 "--out", att, "--generate", "6", "--timesteps", "2", "--names", "a,b", "--relative", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"a": 6, "b": 6, "none": 6} and report["relative"] is True
     assert set(report["held_out"]["accuracy_per_class"]) == {"a", "b", "none"}

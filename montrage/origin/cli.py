@@ -146,7 +146,7 @@ def which_fit_main(args) -> int:
 
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
     report = fit_which_from_stores(args.stores, args.none, args.out, names=names,
-                                   generate=args.generate, timesteps=args.timesteps, relative=not args.absolute,
+                                   generate=args.generate, timesteps=args.timesteps, relative=args.relative,
                                    seed=args.seed, batch_size=args.batch_size, device=args.device,
                                    progress=not args.quiet)
     print(json.dumps(report))
@@ -263,8 +263,8 @@ def add_origin_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--names", default=None, help="comma-separated candidate names (default: the stores' file names)")
     s.add_argument("--generate", type=int, default=64, help="generations per candidate (its probes first)")
     s.add_argument("--timesteps", type=int, default=10)
-    s.add_argument("--absolute", action="store_true", help="feed the candidates' features as they are instead of "
-                                                           "[mean | differences]")
+    s.add_argument("--relative", action="store_true", help="feed [mean over candidates | differences | relative "
+                   "mean log-loss] instead of the candidates' features side by side (ModelAttributor(relative=True))")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default=None)

@@ -172,8 +172,9 @@ class FeatureSpec:
 
     def compatible(self, other: "FeatureSpec") -> bool:
         """Whether features computed under `other` can be scored by a model fit under this spec: same timesteps,
-        noise kind, θ, prompt and number of draws (the noise seed only draws other ε from the same distribution;
-        a mean over more draws has a narrower distribution, so it is not interchangeable)."""
+        noise kind, θ, prompt, number of draws, snapshot rows and caption use (the noise seed only draws other ε
+        from the same distribution; a mean over more draws has a narrower distribution, so it is not
+        interchangeable)."""
         keys = ("timesteps", "noise", "params", "prompt", "draws", "snapshots", "captions_for")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 

@@ -42,6 +42,7 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     """The store's fine-tuned model at its last adapter snapshot, as a DiffusionModel whose `snapshots` loads any
     other snapshot. Refused for a store without adapter snapshots: it does not hold the run's weights."""
     from montrage.attribution.reencode import StoreModel
+    from montrage.family import SDFamily
     from montrage.store import StoreReader
 
     store = StoreReader(store_path, features=False)
@@ -58,7 +59,7 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     c = sm.components
     for name, p in c.unet.named_parameters():  # θ of ∇θ: the adapter, as when a LoRA is loaded from a file
         p.requires_grad_("lora_" in name)
-    plain_sd = type(sm.family).__name__ == "SDFamily"  # SD 1.x/2.x go the plain UNet way, as `load_diffusion_model`
+    plain_sd = isinstance(sm.family, SDFamily)  # SD 1.x/2.x go the plain UNet way, as `load_diffusion_model`
     return DiffusionModel(c.unet, c.scheduler, str(model_path or store.spec["config"].get("model_path")), c.vae,
                           c.text_encoder, c.tokenizer, family=None if plain_sd else sm.family,
                           resolution=sm.resolution, snapshots=sm)
@@ -221,21 +222,20 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     return report
 
 
-def _features_under_stores(stores: list[str], pixels: torch.Tensor, spec_of, captions=None, batch_size: int = 32,
+def _features_under_stores(stores: list[str], pixels: torch.Tensor, spec_of, batch_size: int = 32,
                            progress: bool = True, device: str | None = None) -> list:
     """Features of `pixels` under each store's final model, one model in memory at a time."""
     out = []
     for store in stores:
         model = store_diffusion_model(store, device=device)
-        out.append(trajectory_features(model, pixels, spec_of(model), captions=captions, batch_size=batch_size,
-                                       progress=progress))
+        out.append(trajectory_features(model, pixels, spec_of(model), batch_size=batch_size, progress=progress))
         model.snapshots.store.close()
         del model
     return out
 
 
 def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: list[str] | None = None,
-                          generate: int = 64, timesteps: int = 10, relative: bool = True, holdout: float = 0.25,
+                          generate: int = 64, timesteps: int = 10, relative: bool = False, holdout: float = 0.25,
                           seed: int = 0, batch_size: int = 32, device: str | None = None,
                           progress: bool = True) -> dict:
     """Which of several fine-tunes made an image, or none: fit a ModelAttributor on `generate` generations of each
