@@ -28,7 +28,6 @@ generations alone (which adapter, "none" counting as wrong). Run: `montrage benc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -36,8 +35,8 @@ import time
 import numpy as np
 import torch
 
-from montrage.recipes.bench_origin import (LoraBenchConfig, _cached, _mean_std, class_split, lora_split, parse_seeds,
-                                           train_lora)
+from montrage.recipes.bench_origin import (LoraBenchConfig, _mean_std, cached_seeds, class_split, lora_split,
+                                           parse_seeds, train_lora)
 
 CACHE_VERSION = "v3"
 METHODS = ("montrage", "montrage_relative", "montrage_snapshots", "lowest_loss", "pixels")
@@ -190,15 +189,8 @@ def run_adapters_bench(out: str, seeds=(0,), workdir: str | None = None, threads
         torch.set_num_threads(int(threads))
     workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = []
-    for seed in seeds:
-        key = {"seed": seed, "version": CACHE_VERSION,
-               **{k: v.digest() if hasattr(v, "digest") else list(v) if isinstance(v, tuple) else v
-                  for k, v in kwargs.items()}}
-        path = os.path.join(workdir, f"adapters-seed{seed}-" +
-                            hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-                            + ".json")
-        runs.append(_cached(path, key, lambda: adapters_seed(seed, workdir, progress=progress, **kwargs)))
+    runs = cached_seeds("adapters", seeds, workdir, CACHE_VERSION,
+                        lambda seed, **kw: adapters_seed(seed, workdir, progress=progress, **kw), **kwargs)
     result = {"methods": aggregate(runs), "per_seed": {str(s): r for s, r in zip(seeds, runs)},
               "config": {**runs[0]["config"], "seeds": list(seeds), "test_per_class": runs[0]["test_per_class"],
                          "std": "population (ddof 0) over seeds",

@@ -508,6 +508,20 @@ def _cached(path: str, key: dict, compute) -> dict:
     return result
 
 
+def cached_seeds(name: str, seeds, workdir: str, version: str, compute, **kwargs) -> list[dict]:
+    """`compute(seed, **kwargs)` for every seed, each cached in `workdir` by its arguments (a config object with a
+    `digest` stands for itself)."""
+    runs = []
+    for seed in seeds:
+        key = {"seed": seed, "version": version,
+               **{k: v.digest() if hasattr(v, "digest") else list(v) if isinstance(v, tuple) else v
+                  for k, v in kwargs.items()}}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        runs.append(_cached(os.path.join(workdir, f"{name}-seed{seed}-{digest}.json"), key,
+                            lambda: compute(seed, **kwargs)))
+    return runs
+
+
 def _key_path(workdir: str, half: str, seed: int, key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(workdir, f"result-{half}-seed{seed}-{digest}.json")

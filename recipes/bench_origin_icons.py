@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from montrage.recipes.bench_origin import (LoraBenchConfig, _cached, _throughput, aggregate, evaluate,
+from montrage.recipes.bench_origin import (LoraBenchConfig, _throughput, aggregate, cached_seeds, evaluate,
                                            extract_features, fine_tune_with_store, parse_seeds, window_grids)
 
 THEMES = ("Tango", "oxygen", "breeze", "Papirus")  # customized (theme set A's first four)
@@ -128,13 +128,8 @@ def run(out: str, seeds, workdir: str | None = None, threads: int | None = None,
         torch.set_num_threads(int(threads))
     workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = []
-    for seed in seeds:
-        key = {"seed": seed, "version": CACHE_VERSION,
-               **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-        path = os.path.join(workdir, f"icons-seed{seed}-" +
-                            hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10] + ".json")
-        runs.append(_cached(path, key, lambda: icons_lora_seed(seed, workdir, progress=progress, **kwargs)))
+    runs = cached_seeds("icons", seeds, workdir, CACHE_VERSION,
+                        lambda seed, **kw: icons_lora_seed(seed, workdir, progress=progress, **kw), **kwargs)
     result = aggregate(runs)
     result["per_seed"] = {str(s): r for s, r in zip(seeds, runs)}
     result["config"] = {**{k: v for k, v in runs[0]["config"].items() if k != "seed"}, "seeds": list(seeds),

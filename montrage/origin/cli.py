@@ -32,6 +32,17 @@ def _spec_from_args(args, model):
                        draws=args.draws)
 
 
+def _print_results(results: list[dict], as_json: bool) -> int:
+    """One JSON list, or a line per image: its prediction and every class probability."""
+    if as_json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+        print(f"{r['image']}  {r['prediction']:>12s}   {probs}")
+    return 0
+
+
 def _model_arg(path: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) else path
 
@@ -131,13 +142,7 @@ def predict_main(args) -> int:
     results = predict_images(images, classifier, model=_model_arg(model) if model else None,
                              lora=args.lora, captions=captions, resize=resize, batch_size=args.batch_size,
                              device=args.device, progress=not args.quiet and not args.json)
-    if args.json:
-        print(json.dumps(results))
-        return 0
-    for r in results:
-        probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
-        print(f"{r['image']}  {r['prediction']:>12s}   {probs}")
-    return 0
+    return _print_results(results, args.json)
 
 
 def which_fit_main(args) -> int:
@@ -159,13 +164,7 @@ def which_main(args) -> int:
 
     results = which_images(args.attributor, args.images, batch_size=args.batch_size, device=args.device,
                            progress=not args.quiet and not args.json)
-    if args.json:
-        print(json.dumps(results))
-        return 0
-    for r in results:
-        probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
-        print(f"{r['image']}  {r['prediction']:>12s}   {probs}")
-    return 0
+    return _print_results(results, args.json)
 
 
 def add_origin_parser(subparsers) -> argparse.ArgumentParser:
