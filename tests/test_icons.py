@@ -161,3 +161,19 @@ def test_pretraining_can_leave_the_text_encoder_as_built(train_text_encoder):
     same = all(torch.equal(a, b) for a, b in zip(before, parts["text_encoder"].parameters()))
     assert same != train_text_encoder
     assert not all(torch.equal(a, b) for a, b in zip(unet_before, parts["unet"].parameters()))  # the UNet learns either way
+
+
+def test_origin_icon_split_keeps_members_held_out_and_shifted_apart(themes, tmp_path):
+    """The icons LoRA half of the origin benchmark: members and held-out icons of the customized themes never
+    overlap, the shifted images come from the other themes only, and every image keeps its own caption."""
+    from montrage.recipes.bench_origin_icons import icon_split
+
+    members, held, shifted = icon_split(["Tango", "oxygen"], ["Papirus"], 2, 0, str(tmp_path / "data"), themes)
+    assert len(members) == 4 and len(held) == 2 and len(shifted) == 2
+    assert {e.concept for e in members} == {e.concept for e in held} == {"Tango", "oxygen"}
+    assert {e.concept for e in shifted} == {"Papirus"}
+    assert not {e.path for e in members} & {e.path for e in held}
+    assert all(e.caption.startswith("an icon of a ") and icons.theme_token(e.concept) in e.caption
+               for e in members + held + shifted)
+    with pytest.raises(ValueError, match=r"icon theme '(Tango|oxygen)' has \d usable icons; --per-theme must be at most"):
+        icon_split(["Tango", "oxygen"], ["Papirus"], 4, 0, str(tmp_path / "data2"), themes)
