@@ -64,7 +64,9 @@ def test_demo_writes_its_files(tmp_path, capsys):
     assert origin["images_per_class"] == {"member": 8, "generated": max(8, summary["num_probes"]), "external": 8}
     assert set(origin["test_accuracy_per_class"]) == {"member", "generated", "external"}
     assert os.path.isfile(os.path.join(origin["classifier"], "classifier.json"))
-    assert summary["memorization_alerts"] >= 0 and "<img" in (out / "report.html").read_text()
+    record = json.loads((out / "store_memorization.json").read_text())  # the guard watched every snapshot
+    assert summary["memorization_alerts"] == len(record["alerts"]) and len(record["history"]) == 6
+    assert "<img" in (out / "report.html").read_text()
     with StoreReader(str(out / "store.h5")) as r:
         assert r.num_epochs == 6
 
