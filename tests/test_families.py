@@ -279,3 +279,33 @@ def test_origin_features_through_the_family(family_dirs, data_root, tmp_path, na
     for f, v in fs.values.items():
         assert v.shape == (2, 2) and np.isfinite(v).all() and (v > 0).all(), f
     assert not np.allclose(fs.values["loss"], fs.values["loss_ref"])  # the adapter changes the loss
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_origin_model_from_the_store_per_family(family_dirs, data_root, tmp_path, name):
+    """`store_diffusion_model` rebuilds an SDXL / Flux fine-tune from its store: its features equal those under the
+    base + the LoRA file the recipe saved, and the training trajectory reads every stored adapter."""
+    import os
+
+    import helpers
+    from montrage.origin.features import FeatureSpec, trajectory_features
+    from montrage.origin.from_store import store_diffusion_model, store_feature_spec
+    from montrage.origin.images import load_images
+    from montrage.origin.model import load_diffusion_model
+
+    store = tmp_path / "s.h5"
+    module = helpers.module(family_dirs[name], output_dir=str(tmp_path / "lora"), learning_rate=1e-2)
+    helpers.trainer(-1, [helpers.callback(store, every_n_steps=1)], max_steps=2).fit(module, helpers.data(batch_size=2))
+    model = store_diffusion_model(str(store))
+    pixels = load_images([os.path.join(data_root, "digit7", f"{k}.png") for k in range(2)], model.image_size,
+                         resize=True)
+    spec = FeatureSpec((100, 600), families=("loss", "grad_x", "loss_ref"))
+    from_store = trajectory_features(model, pixels, spec, progress=False)
+    from_file = trajectory_features(load_diffusion_model(family_dirs[name], lora=str(tmp_path / "lora"),
+                                                         resolution=model.image_size), pixels, spec, progress=False)
+    for f in spec.families:
+        np.testing.assert_allclose(from_store.values[f], from_file.values[f], rtol=1e-4, err_msg=f)
+    snap = store_feature_spec(model, ["loss", "loss_snapshots"], timesteps=2)
+    fs = trajectory_features(model, pixels, snap, progress=False)
+    assert snap.snapshots == (0, 1, 2) and fs.values["loss_snapshots"].shape == (2, 6)
+    np.testing.assert_allclose(fs.values["loss_snapshots"][:, 4:], fs.values["loss"], rtol=1e-5)
