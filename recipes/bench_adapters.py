@@ -88,8 +88,8 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     t0 = time.time()
     cfgs = [LoraBenchConfig(tuple(concepts), per_concept, epochs, repeats, learning_rate, rank, 100 * seed + k)
             for k in range(adapters)]
-    stores = [train_lora(cfg, workdir, progress, base_config)[2] for cfg in cfgs]
-    base = train_lora(cfgs[0], workdir, False, base_config)[0]
+    trained = [train_lora(cfg, workdir, progress, base_config) for cfg in cfgs]
+    base, stores = trained[0][0], [store for _, _, store in trained]
     seconds = {"fine_tune": time.time() - t0}
     names = [f"adapter{k}" for k in range(adapters)]
     prompts = [f"a photo of {digit_token(d)}" for d in concepts]
@@ -126,21 +126,19 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     seconds["generate"] = time.time() - t
 
     t = time.time()
-    under, snaps = [], []
+    under = []  # montrage's default families and the training trajectory, in one pass per adapter
     for store in stores:
         model = store_diffusion_model(store)
         grid = default_timesteps(int(model.scheduler.config.num_train_timesteps), timesteps)
-        spec = FeatureSpec(tuple(grid), families=default_families(model))
+        spec = FeatureSpec(tuple(grid), families=default_families(model) + SNAPSHOT_FAMILIES,
+                           snapshots=snapshot_rows(model))
         caps = captions if condition == "caption" else None
         under.append(trajectory_features(model, pixels, spec, captions=caps, batch_size=batch_size, progress=progress))
-        snap = FeatureSpec(tuple(grid), families=("loss_snapshots",), snapshots=snapshot_rows(model))
-        snaps.append(trajectory_features(model, pixels, snap, captions=caps, batch_size=batch_size,
-                                         progress=progress))
         del model
     seconds["features"] = time.time() - t
 
     tr, te = class_split(labels, seed, tuple(names) + ("none",), offset=300)
-    families = tuple(under[0].spec.families)
+    families = tuple(f for f in under[0].spec.families if f not in SNAPSHOT_FAMILIES)
     results = {}
     att = ModelAttributor(names, families=families, C="auto").fit([fs.subset(tr) for fs in under], labels[tr])
     predictions = {"montrage": att.predict([fs.subset(te) for fs in under])}
@@ -148,7 +146,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
                                                                                  labels[tr])
     predictions["montrage_relative"] = rel.predict([fs.subset(te) for fs in under])
     X = np.concatenate([feature_matrix(fs, families)[0] for fs in under]
-                       + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in snaps], axis=1)
+                       + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in under], axis=1)
     predictions["montrage_snapshots"] = LinearProbe(C="auto").fit(X[tr], labels[tr]).predict(X[te])
     tau = fit_none_threshold([fs.subset(tr) for fs in under], labels[tr], names)
     pick = lowest_loss_attribution([fs.subset(te) for fs in under], none_above=tau)
@@ -163,7 +161,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     return {"methods": results, "test_per_class": int(np.sum(labels[te] == "none")),
             "config": {"adapters": adapters, "concepts": list(concepts), "per_concept": per_concept, "epochs": epochs,
                        "repeats": repeats, "rank": rank, "per_class": per_class, "timesteps": list(grid),
-                       "families": list(families), "snapshots": list(snaps[0].spec.snapshots),
+                       "families": list(families), "snapshots": list(under[0].spec.snapshots),
                        "adapter_seeds": [c.seed for c in cfgs], "gen_steps": gen_steps, "guidance_scale": guidance,
                        "condition": condition,
                        "none": f"{half} held-out real digits + {len(none) - half} generations of the base"},

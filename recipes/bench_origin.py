@@ -131,9 +131,9 @@ def extract_features(model, pixels: torch.Tensor, grid: list[int], wgrids: list[
              "loss_windows": FeatureSpec(tuple(union), families=("loss",), draws=draws)}
     if clid_captions is not None:
         specs["clid"] = clid_spec(grid, draws)
-    if len(snapshot_rows(model)) >= 2:  # a model rebuilt from its store: the loss under every stored adapter
-        specs["snapshots"] = FeatureSpec(tuple(grid), families=("loss_snapshots",), draws=draws,
-                                         snapshots=snapshot_rows(model))
+    rows = snapshot_rows(model)
+    if len(rows) >= 2:  # a model rebuilt from its store: the loss under every stored adapter
+        specs["snapshots"] = FeatureSpec(tuple(grid), families=("loss_snapshots",), draws=draws, snapshots=rows)
     for name, spec in specs.items():
         t = time.time()
         sets[name] = trajectory_features(model, pixels, spec, captions=clid_captions if name == "clid" else captions,
@@ -432,12 +432,11 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     `prompt`: the text condition of every model-based feature. "empty": the empty prompt for all images; "caption":
     each image's natural caption, "a photo of <word>" of its digit: the training caption for members, the generation
     prompt for generations, the concept caption of the digit's class for external images."""
-    from montrage.data import _digits, digit_token
+    from montrage.data import _digits, digit_token, quantize
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
     from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
-    from montrage.data import quantize
     from montrage.recipes.pixel_ddpm import digits_images
 
     if prompt not in LORA_PROMPTS:
@@ -516,9 +515,7 @@ def cached_seeds(name: str, seeds, workdir: str, version: str, compute, **kwargs
         key = {"seed": seed, "version": version,
                **{k: v.digest() if hasattr(v, "digest") else list(v) if isinstance(v, tuple) else v
                   for k, v in kwargs.items()}}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        runs.append(_cached(os.path.join(workdir, f"{name}-seed{seed}-{digest}.json"), key,
-                            lambda: compute(seed, **kwargs)))
+        runs.append(_cached(_key_path(workdir, name, seed, key), key, lambda: compute(seed, **kwargs)))
     return runs
 
 

@@ -388,9 +388,13 @@ def trajectory_features(
                                torch.arange(len(prompts), len(prompts) + n)))
                 prompts += others[f]
                 hidden.append("_" + f)
-    for r in spec.snapshots:  # the training trajectory: the loss under each stored adapter, same ε
-        passes.append((("loss",), spec.noise, r, {"loss": f"_snapshot{r}"}, D, False, caption_rows))
-        hidden.append(f"_snapshot{r}")
+    # the training trajectory: the loss under each stored adapter, same ε; the model's own snapshot is the main loss
+    own_row = model.snapshots.row if spec.needs_snapshots and "loss" in main else None
+    snapshot_out = {r: "loss" if r == own_row else f"_snapshot{r}" for r in spec.snapshots}
+    for r, name in snapshot_out.items():
+        if name != "loss":
+            passes.append((("loss",), spec.noise, r, {"loss": name}, D, False, caption_rows))
+            hidden.append(name)
     out = {f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden)
            if f not in SNAPSHOT_FAMILIES}  # sums over draws
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
@@ -441,7 +445,7 @@ def trajectory_features(
         if f in spec.families:
             out[f] = out["loss" if clid_own else "_clid_caption"] - out["_" + f]
     if spec.needs_snapshots:
-        out["loss_snapshots"] = np.concatenate([out[f"_snapshot{r}"] for r in spec.snapshots], axis=1)
+        out["loss_snapshots"] = np.concatenate([out[snapshot_out[r]] for r in spec.snapshots], axis=1)
     values = {f: out[f].astype(np.float32) for f in spec.families}
     if layers is not None:
         layers = (layers / D).astype(np.float32)

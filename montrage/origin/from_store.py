@@ -162,6 +162,13 @@ def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, n
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
+def _held_out_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    from montrage.origin.metrics import balanced_accuracy
+
+    return {"images": int(len(y)), "balanced_accuracy": round(balanced_accuracy(y, pred), 4),
+            "accuracy_per_class": {c: round(float(np.mean(pred[y == c] == c)), 4) for c in classes}}
+
+
 def fit_from_store(store_path: str, external: list[str], out: str | None = None, members: int = 200,
                    generate: int | None = None, families=None, timesteps: int = 10, task: str = "ternary",
                    external_captions: str | None = None, holdout: float = 0.25, seed: int = 0,
@@ -178,7 +185,6 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     from montrage.origin.classifier import OriginClassifier, relabel
     from montrage.origin.features import concat_feature_sets
     from montrage.origin.images import expand_image_paths, read_captions
-    from montrage.origin.metrics import balanced_accuracy
 
     model = store_diffusion_model(store_path, model_path=model_path, device=device)
     if families is None:
@@ -209,9 +215,7 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     if len(te) and all(np.sum(labels[tr] == c) >= 2 for c in groups):
         held = OriginClassifier(task=task).fit(full.subset(tr), labels[tr])
         y, pred = relabel(labels[te], task), held.predict(full.subset(te))
-        report["held_out"] = {"images": int(len(te)), "balanced_accuracy": round(balanced_accuracy(y, pred), 4),
-                              "accuracy_per_class": {c: round(float(np.mean(pred[y == c] == c)), 4)
-                                                     for c in held.classes}}
+        report["held_out"] = _held_out_report(y, pred, held.classes)
     clf = OriginClassifier(task=task).fit(full, labels, model_path=os.path.abspath(store_path))
     out = out or os.path.splitext(store_path)[0] + ".origin"
     clf.save(out)
@@ -222,12 +226,17 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     return report
 
 
-def _features_under_stores(stores: list[str], pixels: torch.Tensor, spec_of, batch_size: int = 32,
+def _features_under_stores(stores: list[str], pixels: torch.Tensor | list[str], spec_of, batch_size: int = 32,
                            progress: bool = True, device: str | None = None) -> list:
-    """Features of `pixels` under each store's final model, one model in memory at a time."""
+    """Features of `pixels` (or image files, read at the first model's size) under each store's final model, one
+    model in memory at a time."""
+    from montrage.origin.images import load_images
+
     out = []
     for store in stores:
         model = store_diffusion_model(store, device=device)
+        if not isinstance(pixels, torch.Tensor):
+            pixels = load_images(pixels, model.image_size, model.image_channels, resize=True)
         out.append(trajectory_features(model, pixels, spec_of(model), batch_size=batch_size, progress=progress))
         model.snapshots.store.close()
         del model
@@ -243,7 +252,6 @@ def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: l
     other models' generations), every image under every candidate; held-out balanced accuracy, then a refit on all,
     saved to `out`. The candidates are reloaded from their stores at prediction (`which_images`)."""
     from montrage.origin.images import expand_image_paths
-    from montrage.origin.metrics import balanced_accuracy
     from montrage.origin.model_attribution import ModelAttributor
 
     if len(stores) < 2:
@@ -281,9 +289,7 @@ def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: l
         held = ModelAttributor(names, families=per_candidate[0].spec.families, C="auto", relative=relative)
         held.fit([fs.subset(tr) for fs in per_candidate], labels[tr])
         pred = held.predict([fs.subset(te) for fs in per_candidate])
-        report["held_out"] = {"images": int(len(te)), "balanced_accuracy": round(balanced_accuracy(labels[te], pred), 4),
-                              "accuracy_per_class": {c: round(float(np.mean(pred[labels[te] == c] == c)), 4)
-                                                     for c in names + ["none"]}}
+        report["held_out"] = _held_out_report(labels[te], pred, names + ["none"])
     att = ModelAttributor(names, families=per_candidate[0].spec.families, C="auto", relative=relative)
     att.fit(per_candidate, labels)
     att.save(out)
@@ -296,7 +302,7 @@ def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: l
 def which_images(attributor: str, images: list[str], batch_size: int = 32, device: str | None = None,
                  progress: bool = True) -> list[dict]:
     """Classify images with an attributor of `fit_which_from_stores`: each candidate rebuilt from its store."""
-    from montrage.origin.images import expand_image_paths, load_images
+    from montrage.origin.images import expand_image_paths
     from montrage.origin.model_attribution import ModelAttributor
 
     att = ModelAttributor.load(attributor)
@@ -308,11 +314,7 @@ def which_images(attributor: str, images: list[str], batch_size: int = 32, devic
     if missing:
         raise OriginError(f"the attributor's candidate stores {missing} do not exist here; refit it where they are.")
     paths = expand_image_paths(list(images))
-    model = store_diffusion_model(stores[0], device=device)
-    pixels = load_images(paths, model.image_size, model.image_channels, resize=True)
-    model.snapshots.store.close()
-    del model
-    per_candidate = _features_under_stores(stores, pixels, lambda m: att.spec, batch_size=batch_size,
+    per_candidate = _features_under_stores(stores, paths, lambda m: att.spec, batch_size=batch_size,
                                            progress=progress, device=device)
     proba = att.predict_proba(per_candidate)
     return [{"image": p, "prediction": att.classes[int(np.argmax(row))],
