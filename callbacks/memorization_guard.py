@@ -4,7 +4,9 @@ After each snapshot MontrageCallback writes, the guard compares every probe gene
 training image (`montrage.memorization`: pixel correlation of the thumbnails, optionally the similarity of the
 stored representations). A probe over the thresholds raises an alert: a Python warning, a W&B image of the probe
 beside the training image, a row in `<store>_memorization.json` (read by `montrage report`), and with
-`stop_training=True` the run stops at the end of that epoch on every rank.
+`stop_training=True` the run stops at the end of that epoch on every rank. Given an origin classifier
+(`montrage origin fit`), each alert also carries the probe generation's origin probabilities: a copy the classifier
+calls a training "member" is one the model treats like its training data.
 
 Place it after MontrageCallback in `callbacks=[...]`. It never stops or crashes training because of its own
 failure: errors are logged as warnings.
@@ -44,6 +46,9 @@ class MemorizationGuard(Callback):
         alerts_path: JSON record of alerts and per-snapshot maxima (default `<store>_memorization.json`).
         log_to_wandb: log alert images and the per-snapshot maxima to an attached WandbLogger.
         store_path: the store to read (default that of the MontrageCallback in the trainer).
+        origin_classifier: an origin classifier folder (`montrage origin fit STORE` writes `<store>.origin`), e.g. of
+            an earlier run of this fine-tune; each alert's probe generation gets its origin probabilities under the
+            classifier's own model (None: off). `montrage report` adds them after the run when the store has one.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class MemorizationGuard(Callback):
         alerts_path: Optional[str] = None,
         log_to_wandb: bool = True,
         store_path: Optional[str] = None,
+        origin_classifier: Optional[str] = None,
     ):
         super().__init__()
         if pixel_threshold is None and representation_threshold is None:
@@ -74,6 +80,8 @@ class MemorizationGuard(Callback):
         self.alerts_path = alerts_path
         self.log_to_wandb = log_to_wandb
         self.store_path = store_path
+        self.origin_classifier = origin_classifier
+        self._origin_model = None  # (classifier, model), loaded at the first alert
         # resumable state
         self.rows_checked = 0
         self.alerts: list[dict] = []
@@ -150,6 +158,7 @@ class MemorizationGuard(Callback):
             train_feats = store.train_features(layer, epochs=new_rows) if with_rep else None
             epochs, steps, train, items = store.epochs, store.global_steps, store.train, store.probes.items()
             new: list[Alert] = []
+            alert_thumbs: list[np.ndarray] = []  # each alert's probe generation
             for row in range(start, n):
                 k = row - start
                 pix = pixel_similarity(thumbs[k], train_thumbs) if self.pixel_threshold is not None else None
@@ -163,7 +172,10 @@ class MemorizationGuard(Callback):
                         seed=int(items[p][1]), train_index=i, train_id=train[i].id, train_concept=train[i].concept,
                         pixel=None if pix is None else round(float(pix[p, i]), 5),
                         representation=None if rep is None else round(float(rep[p, i]), 5)))
+                    alert_thumbs.append(thumbs[k, p])
             self.rows_checked = n
+        if new and self.origin_classifier is not None:
+            self._add_origins(new, alert_thumbs)
         self.alerts += alert_dicts(new)
         for alert in new:
             log.warning("montrage MemorizationGuard: %s", alert.describe())
@@ -172,10 +184,29 @@ class MemorizationGuard(Callback):
             self._log_wandb(trainer, new, thumbs, start, train_thumbs)
         return new
 
+    def _add_origins(self, alerts: list[Alert], thumbs: list[np.ndarray]) -> None:
+        """Each alert's probe generation classified by the origin classifier; a failure only drops the origins."""
+        from montrage.origin.classifier import OriginClassifier
+        from montrage.origin.predict import predict_generations, resolve_model
+
+        try:
+            if self._origin_model is None:
+                clf = OriginClassifier.load(self.origin_classifier)
+                self._origin_model = (clf, resolve_model(clf, None))
+            clf, model = self._origin_model
+            results = predict_generations(thumbs, [a.prompt for a in alerts], clf, model)
+        except Exception as err:  # the guard must never kill training
+            log.warning("montrage MemorizationGuard: origin of the alerted probes skipped (%s): %s: %s",
+                        self.origin_classifier, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            return
+        for alert, result in zip(alerts, results):
+            alert.origin = {c: round(p, 4) for c, p in result["probabilities"].items()}
+
     def record(self) -> dict:
         return {"alerts": self.alerts, "history": self.history, "store": self._store,
                 "config": {"pixel_threshold": self.pixel_threshold, "representation_threshold": self.representation_threshold,
-                           "require": self.require, "layer": self.layer, "stop_training": self.stop_training}}
+                           "require": self.require, "layer": self.layer, "stop_training": self.stop_training,
+                           "origin_classifier": self.origin_classifier}}
 
     def _log_wandb(self, trainer: pl.Trainer, new: list[Alert], thumbs: np.ndarray, first_row: int,
                    train_thumbs: np.ndarray) -> None:

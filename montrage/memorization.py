@@ -61,11 +61,25 @@ class Alert:
     train_concept: str
     pixel: Optional[float]
     representation: Optional[float]
+    origin: Optional[dict] = None  # the probe generation's origin probabilities {class: p}, when a classifier is given
 
     def describe(self) -> str:
-        parts = [f"{k} {v:.3f}" for k, v in (("pixel", self.pixel), ("representation", self.representation)) if v is not None]
-        return (f"epoch {self.epoch}: probe {self.probe} ({self.prompt!r}, seed {self.seed}) is a near-copy of training "
-                f"image {self.train_id!r} ({self.train_concept}): {', '.join(parts)} similarity")
+        return describe_alert(asdict(self))
+
+
+def describe_alert(alert: dict) -> str:
+    """One line for an alert (an `Alert` or a row of the guard's JSON record)."""
+    parts = [f"{k} {alert[k]:.3f}" for k in ("pixel", "representation") if alert.get(k) is not None]
+    text = (f"epoch {alert['epoch']}: probe {alert['probe']} ({alert['prompt']!r}, seed {alert['seed']}) is a near-copy "
+            f"of training image {alert['train_id']!r} ({alert['train_concept']}): {', '.join(parts)} similarity")
+    return text + (f"; origin {format_origin(alert['origin'])}" if alert.get("origin") else "")
+
+
+def format_origin(probabilities: dict) -> str:
+    """'member 0.71 (generated 0.20, external 0.09)': the most likely class first."""
+    ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+    rest = ", ".join(f"{c} {p:.2f}" for c, p in ranked[1:])
+    return f"{ranked[0][0]} {ranked[0][1]:.2f}" + (f" ({rest})" if rest else "")
 
 
 def near_copies(pixel: Optional[np.ndarray], representation: Optional[np.ndarray], pixel_threshold: Optional[float],

@@ -180,6 +180,26 @@ def origin_section(store_path: str, images: list[str] | None, classifier: str | 
             "image a training member, a generation of this model, or external?")
 
 
+def alert_origins(alerts: list[dict], probe_thumbs: list[np.ndarray], store_path: str, classifier: str | None) -> str:
+    """Give the alerts without origin probabilities those of their probe generation under the store's origin
+    classifier, if it has one; returns a sentence for the section text."""
+    classifier = classifier or os.path.splitext(store_path)[0] + ".origin"
+    todo = [k for k, a in enumerate(alerts) if not a.get("origin")]
+    if todo and os.path.isfile(os.path.join(classifier, "classifier.json")):
+        from montrage.origin.predict import predict_generations
+
+        results = predict_generations([probe_thumbs[k] for k in todo], [alerts[k]["prompt"] for k in todo],
+                                      classifier, model=store_path)
+        for k, r in zip(todo, results):
+            alerts[k]["origin"] = {c: round(p, 4) for c, p in r["probabilities"].items()}
+    classified = [a["origin"] for a in alerts if a.get("origin")]
+    if not classified:
+        return ""
+    members = sum(max(o, key=o.get) == "member" for o in classified)
+    return (f" Origin: each probe generation's probabilities under {classifier}; {members} of {len(classified)} look like "
+            "a training member to the model (a copy it treats as its own training data).")
+
+
 def top_images(store: StoreReader, model_dir: str | None, top_k: int) -> tuple[dict | None, np.ndarray, np.ndarray, str]:
     """Attribution curves (or None) and each probe's top-K training images at the last epoch, with how they were ranked."""
     from montrage.attribution_curves import attribution_curves, load_final_model
@@ -198,7 +218,7 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
                  top_k: int = 5, origin_images: list[str] | None = None, origin_classifier: str | None = None) -> dict:
     """Render the report to `out` (.html or .png); returns what it contains. `origin_images`: images whose origin
     probabilities to show (under `origin_classifier`, default `<store>.origin`)."""
-    from montrage.memorization import default_alerts_path, read_alerts
+    from montrage.memorization import default_alerts_path, format_origin, read_alerts
     from montrage.store import StoreError, StoreReader
 
     suffix = os.path.splitext(out)[1].lower()
@@ -238,10 +258,14 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
         if alerts:
             row_of = {e: r for r, e in enumerate(epochs)}
             shown = [a for a in alerts if a["epoch"] in row_of][:24]
-            rows = [(thumbs[row_of[a["epoch"]], a["probe"]], f"{a['prompt']}\nseed {a['seed']}, epoch {a['epoch']}",
-                     [(train_thumbs[a["train_index"]], f"{a['train_id']}\npixel {a['pixel']}")]) for a in shown]
+            probe_thumbs = [thumbs[row_of[a["epoch"]], a["probe"]] for a in shown]
+            origin_note = alert_origins(shown, probe_thumbs, store_path, origin_classifier)
+            rows = [(t, f"{a['prompt']}\nseed {a['seed']}, epoch {a['epoch']}"
+                     + (f"\norigin {format_origin(a['origin'])}" if a.get("origin") else ""),
+                     [(train_thumbs[a["train_index"]], f"{a['train_id']}\npixel {a['pixel']}")])
+                    for t, a in zip(probe_thumbs, shown)]
             text = (f"{len(alerts)} alert(s) in {alerts_path} (thresholds {record.get('config')}); first {len(shown)} shown: "
-                    "probe generation beside the training image it copies.")
+                    "probe generation beside the training image it copies." + origin_note)
             sections.append(("Memorization alerts", image_rows_figure(rows), text))
         else:
             text = (f"No alerts in {alerts_path}." if record else
@@ -271,9 +295,13 @@ def write_html(out: str, info: dict, sections: list, alerts: list[dict]) -> None
         if png is not None:
             parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     if alerts:
-        cols = ["epoch", "prompt", "seed", "train_id", "train_concept", "pixel", "representation"]
+        from montrage.memorization import format_origin
+
+        cols = ["epoch", "prompt", "seed", "train_id", "train_concept", "pixel", "representation", "origin"]
         parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(str(a.get(c)))}</td>" for c in cols) + "</tr>" for a in alerts]
+        for a in alerts:
+            values = {**a, "origin": format_origin(a["origin"]) if a.get("origin") else None}
+            parts.append("<tr>" + "".join(f"<td>{esc(str(values.get(c)))}</td>" for c in cols) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

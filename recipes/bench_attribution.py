@@ -263,6 +263,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     saved = {"seed": seed, "steps": steps, "queries": dataclasses.asdict(queries), "kinds": kinds,
              "concepts": concept_names, "image_metric": image_metric, "seconds": seconds, "timings": timings,
              "num_probes": len(probes), "repeats": repeats, "exemplars": exemplars, "diagnostics": diagnostics}
+    add_gated(methods, seconds, [e.concept for e in train], concept_names)
     np.savez(os.path.join(workdir, SCORES), **methods)  # what `rescore_seed` needs to refit montrage alone
     with open(os.path.join(workdir, RUN), "w") as fh:
         json.dump(saved, fh)
@@ -295,6 +296,32 @@ def score_montrage(att, qpix: torch.Tensor, prompts: list[str], methods: dict, s
         t = time.time()
         methods[name] = np.asarray(att.image_scores(qpix, fast=fast, prompts=prompts))
         seconds[name] = time.time() - t
+
+
+GATED = {"montrage-gated": "montrage", "montrage-gated-similarity": "final-epoch-similarity"}  # name: within-ranker
+
+
+def gated_scores(scores: np.ndarray, within: np.ndarray, train_concepts: list[str], concepts: list[str]) -> np.ndarray:
+    """(Q, N) scores that rank concepts as `scores` does (mean image score per concept) and, within a concept,
+    images as `within` does: -(concept rank) + the image's within-concept rank share in [0, 1). A candidate answer
+    to "which images": montrage decides whose style, a within-concept ranker which works."""
+    labels = np.asarray(train_concepts)
+    cs = metrics.concept_scores_from_images(scores, train_concepts, concepts)
+    concept_rank = np.argsort(np.argsort(-np.nan_to_num(cs, nan=-np.inf), axis=1), axis=1)
+    out = np.zeros(scores.shape)
+    for j, c in enumerate(concepts):
+        cols = labels == c
+        if cols.any():
+            share = np.argsort(np.argsort(within[:, cols], axis=1), axis=1) / cols.sum()
+            out[:, cols] = share - concept_rank[:, [j]]
+    return out
+
+
+def add_gated(methods: dict, seconds: dict, train_concepts: list[str], concepts: list[str]) -> None:
+    for name, ranker in GATED.items():
+        if "montrage" in methods and ranker in methods:
+            methods[name] = gated_scores(methods["montrage"], methods[ranker], train_concepts, concepts)
+            seconds[name] = seconds["montrage"] + seconds[ranker]
 
 
 def _score_all(att, methods: dict, saved: dict, qpix: torch.Tensor, prompts: list[str], queries: ProbeSet,
@@ -331,6 +358,7 @@ def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
     qpix = att.model.generate(queries, att.store.num_epochs - 1)
     prompts = [p for p, _ in queries.items()]
     score_montrage(att, qpix, prompts, methods, saved["seconds"])
+    add_gated(methods, saved["seconds"], [e.concept for e in att.train], saved["concepts"])
     out = _score_all(att, methods, saved, qpix, prompts, queries, fit_seeds, probe_features)
     att.close()
     return out

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 POINTS = 16  # fixed (t, epsilon) pairs per query
-METHODS = ("montrage", "montrage-final-epoch", "final-epoch-similarity", "pixel-cosine", "trak", "d-trak", "tracin",
+METHODS = ("montrage", "montrage-gated", "montrage-gated-similarity", "montrage-final-epoch", "final-epoch-similarity", "pixel-cosine", "trak", "d-trak", "tracin",
            "datainf", "random")
 BATCH = 32
 

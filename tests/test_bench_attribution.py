@@ -36,3 +36,15 @@ def test_evaluate_perfect_and_reversed_scores(setup):
     reversed_ = evaluate(-gt, q, kinds, examples, ["digit1", "digit7"])
     assert reversed_["top1"] == 0.0 and reversed_["auc"] == 0.0 and reversed_["within_recall@1"] == 0.0
     assert reversed_["within_token_recall@1"] == 0.0
+
+
+def test_gated_scores_rank_concepts_by_one_method_and_images_by_another():
+    from montrage.recipes.bench_attribution import gated_scores
+
+    labels = ["a", "a", "a", "b", "b"]
+    concept = np.array([[0.1, 0.2, 0.0, 0.9, 0.8], [0.9, 0.8, 0.7, 0.1, 0.0]])  # query 0 -> b, query 1 -> a
+    within = np.array([[5.0, 1.0, 3.0, 0.0, 2.0], [0.0, 2.0, 1.0, 9.0, 8.0]])
+    g = gated_scores(concept, within, labels, ["a", "b"])
+    assert list(np.argsort(-g[0])) == [4, 3, 0, 2, 1]  # b's images first, each concept ordered by `within`
+    assert list(np.argsort(-g[1])) == [1, 2, 0, 3, 4]
+    assert (g[0, 3:] > g[0, :3].max()).all() and (g[1, :3] > g[1, 3:].max()).all()

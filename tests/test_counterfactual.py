@@ -61,7 +61,7 @@ def test_unknown_method_is_refused_before_any_training(tmp_path):
 
     from montrage.recipes.bench_counterfactual import run_counterfactual
 
-    with pytest.raises(ValueError, match=r"unknown methods \['tark'\].*montrage, montrage-final-epoch"):
+    with pytest.raises(ValueError, match=r"unknown methods \['tark'\].*montrage, montrage-gated"):
         run_counterfactual(str(tmp_path / "cf.json"), methods=["montrage", "tark"])
     assert not (tmp_path / "cf.json").exists()
 

@@ -99,3 +99,46 @@ def test_thumbnails_are_the_stores_uint8_layout():
     x = torch.stack([torch.full((3, 16, 16), -1.0), torch.full((3, 16, 16), 1.0)])
     t = to_thumbnails(x, 8)
     assert t.shape == (2, 8, 8, 3) and t.dtype == np.uint8 and t[0].max() == 0 and t[1].min() == 255
+
+
+def test_alerts_carry_origin_probabilities_in_the_guard_and_the_report(tiny_model_dir, tmp_path, caplog):
+    """The report classifies each alerted probe generation with the store's origin classifier; the guard does so
+    live with a classifier of an earlier run; a classifier that cannot be used only drops the origins."""
+    from PIL import Image
+
+    from montrage.memorization import describe_alert
+    from montrage.origin.from_store import fit_from_store
+    from montrage.report import build_report
+
+    data_dir = copy_data_dir(tiny_model_dir, tmp_path / "data")
+    external = tmp_path / "external"
+    external.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(external / f"e{i}.png")
+
+    def run(name, **guard_kw):
+        guard = MemorizationGuard(**guard_kw)
+        pl.seed_everything(0)
+        helpers.trainer(1, [helpers.callback(tmp_path / f"{name}.h5", thumbnail_size=16), guard]).fit(
+            helpers.module(tiny_model_dir, learning_rate=1e-4), helpers.data(data_dir=data_dir, repeats=8, batch_size=8))
+        assert guard.alerts, "the constructed copy must alert"
+        return str(tmp_path / f"{name}.h5"), guard
+
+    first, guard = run("first")
+    assert all(a["origin"] is None for a in guard.alerts)
+    fit = fit_from_store(first, [str(external)], members=4, generate=1, timesteps=2, progress=False)
+    build_report(first, str(tmp_path / "r.html"))
+    html = (tmp_path / "r.html").read_text()
+    assert "look like a training member" in html and "<th>origin</th>" in html
+    assert any(f"<td>{c} 0." in html or f"<td>{c} 1.00" in html for c in fit["classes"])
+
+    _, live = run("second", origin_classifier=fit["classifier"])
+    for alert in live.alerts:
+        assert set(alert["origin"]) == set(fit["classes"]) and abs(sum(alert["origin"].values()) - 1) < 1e-3
+        assert "; origin " in describe_alert(alert)
+    assert read_alerts(str(tmp_path / "second_memorization.json"))["alerts"] == live.alerts
+
+    _, broken = run("third", origin_classifier=str(tmp_path / "no_such_classifier"))
+    assert all(a["origin"] is None for a in broken.alerts)
+    assert "origin of the alerted probes skipped" in caplog.text

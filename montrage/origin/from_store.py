@@ -166,7 +166,8 @@ def _held_out_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dic
     from montrage.origin.metrics import balanced_accuracy
 
     return {"images": int(len(y)), "balanced_accuracy": round(balanced_accuracy(y, pred), 4),
-            "accuracy_per_class": {c: round(float(np.mean(pred[y == c] == c)), 4) for c in classes}}
+            "accuracy_per_class": {c: round(float(np.mean(pred[y == c] == c)), 4) if np.any(y == c) else None
+                                   for c in classes}}  # None: no held-out image of that class
 
 
 def fit_from_store(store_path: str, external: list[str], out: str | None = None, members: int = 200,

@@ -69,21 +69,30 @@ def load_images(paths: list[str], size: int, channels: int = 3, resize: bool = F
     """
     if not paths:
         raise OriginError("no images given: pass at least one image file or folder.")
+    ims = []
+    for path in paths:
+        try:
+            ims.append(open_rgb(path))
+        except DataError as err:
+            raise OriginError(str(err)) from err
+    return images_to_pixels(ims, paths, size, channels, resize)
+
+
+def images_to_pixels(ims: list, names: list[str], size: int, channels: int = 3, resize: bool = False) -> torch.Tensor:
+    """PIL images (or (H, W, 3) uint8 arrays) as (N, channels, size, size) floats in [-1, 1]; `names` for errors."""
+    from PIL import Image
+
     if channels not in (1, 3):
         raise OriginError(f"the model takes {channels}-channel images; only 1 (greyscale) or 3 (RGB) can be read "
                           "from files. Pass a tensor instead.")
     out = []
-    for path in paths:
-        try:
-            im = open_rgb(path)
-        except DataError as err:
-            raise OriginError(str(err)) from err
-        if channels == 1:
-            im = im.convert("L")
+    for name, im in zip(names, ims):
+        im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
+        im = im.convert("L") if channels == 1 else im.convert("RGB")
         w, h = im.size
         if (w, h) != (size, size):
             if not resize:
-                raise OriginError(f"image {path!r} is {w}x{h} but the model works on {size}x{size} images: resize it "
+                raise OriginError(f"image {name!r} is {w}x{h} but the model works on {size}x{size} images: resize it "
                                   f"to {size}x{size} first, or pass resize=True (--resize) to centre-crop and resize.")
             im = center_crop_resize(im, size)
         arr = np.asarray(im, dtype=np.float32)

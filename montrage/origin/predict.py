@@ -58,3 +58,18 @@ def predict_images(images, classifier: str | OriginClassifier, model: str | Diff
     classes = clf.classes
     return [{"image": name, "prediction": classes[int(np.argmax(p))],
              "probabilities": {c: float(v) for c, v in zip(classes, p)}} for name, p in zip(names, proba)]
+
+
+def predict_generations(thumbnails: list[np.ndarray], prompts: list[str], classifier: str | OriginClassifier,
+                        model: str | DiffusionModel | None = None, device: str | None = None) -> list[dict]:
+    """Origin probabilities of a store's probe generations (its (S, S, 3) uint8 thumbnails, resized to the model's
+    size), each under its own prompt where the classifier's features need captions. A generation the classifier
+    calls a "member" is one the model treats like a training image: evidence for a memorization alert."""
+    from montrage.origin.images import images_to_pixels
+
+    clf = OriginClassifier.load(classifier) if isinstance(classifier, str) else classifier
+    m = resolve_model(clf, model, device=device)
+    names = [f"probe[{i}]" for i in range(len(thumbnails))]
+    pixels = images_to_pixels(list(thumbnails), names, m.image_size, m.image_channels, resize=True)
+    return predict_images(pixels, clf, m, captions=list(prompts) if clf.spec.needs_captions else None,
+                          device=device, progress=False)
