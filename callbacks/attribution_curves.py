@@ -92,7 +92,8 @@ class AttributionCurves(Callback):
         try:
             self._update_rank0(trainer)
         except Exception as err:  # never kill training over a live plot
-            log.warning("montrage AttributionCurves: skipped, training goes on. %s: %s", type(err).__name__, err)
+            log.warning("montrage AttributionCurves: skipped, training goes on. %s: %s", type(err).__name__, err,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
 
     def _update_rank0(self, trainer: pl.Trainer) -> None:
         with StoreReader(self._store) as store:

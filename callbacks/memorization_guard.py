@@ -124,7 +124,8 @@ class MemorizationGuard(Callback):
                 new = self._check_new_rows(trainer)
                 stop = bool(new) and self.stop_training and may_stop
             except Exception as err:  # the guard must never kill training
-                log.warning("montrage MemorizationGuard: check skipped, training goes on. %s: %s", type(err).__name__, err)
+                log.warning("montrage MemorizationGuard: check skipped, training goes on. %s: %s", type(err).__name__, err,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
         stop = bool(trainer.strategy.broadcast(stop, src=0))
         if stop:
             trainer.should_stop = True

@@ -6,10 +6,12 @@ from typing import Literal
 
 import torch
 
+from montrage.errors import MontrageError
+
 Pooling = Literal["mean", "max", "mean_max"]
 
 
-class UnknownModuleError(ValueError):
+class UnknownModuleError(MontrageError, ValueError):
     """A hooked module name that the model does not have."""
 
 

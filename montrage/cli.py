@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from montrage.errors import MontrageError
+
 
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -217,7 +219,7 @@ def cmd_attribute(args) -> int:
     from montrage.attribution.query import Attributor
 
     if not args.images:
-        raise ValueError("give at least one IMAGE to attribute.")
+        raise MontrageError("give at least one IMAGE to attribute.")
     att = Attributor.from_store(args.store, model_dir=args.model_dir, model_path=args.model_path)
     try:
         results = att.query(args.images, top_k=args.top_k, fast=args.fast, prompt=args.prompt)
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, OSError) as err:
+    except MontrageError as err:  # bad input: one line naming the fix; anything else keeps its traceback
         print(f"montrage {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from montrage.errors import MontrageError
+
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MontrageError, ValueError):
     """A model path or id that does not hold a diffusers text-to-image model."""
 
 

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from montrage.errors import MontrageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-class DataError(ValueError):
+class DataError(MontrageError, ValueError):
     """Bad training data: a missing folder, an unreadable image, a concept without images."""
 
 
@@ -118,7 +120,8 @@ def image_token(k: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _digits():
+def sklearn_digits():
+    """scikit-learn's 8x8 digits, read once: (images (1797, 8, 8) in 0..16, targets)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -127,7 +130,7 @@ def _digits():
 
 def digits_pixels(indices: np.ndarray | list[int], size: int) -> torch.Tensor:
     """scikit-learn digits (8x8, 0..16) as (N, 3, size, size) tensors in [-1, 1], bilinearly upsampled."""
-    images = _digits()[0][np.asarray(indices)].astype(np.float32) / 16.0
+    images = sklearn_digits()[0][np.asarray(indices)].astype(np.float32) / 16.0
     x = torch.from_numpy(images)[:, None] * 2.0 - 1.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
     return x.repeat(1, 3, 1, 1)
@@ -137,7 +140,7 @@ def digits_examples(
     concepts: list[int], per_concept: int, caption_template: str = "a photo of {token}", offset: int = 0
 ) -> list[TrainExample]:
     """`per_concept` digits of each class in `concepts`, skipping the first `offset` of each class (stable order)."""
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     examples = []
     for digit in concepts:
         idx = np.flatnonzero(target == digit)[offset: offset + per_concept]

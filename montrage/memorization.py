@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from montrage.errors import MontrageError
 from montrage.similarity import flatten_features
 
 Require = Literal["any", "all"]
@@ -121,10 +122,10 @@ def read_alerts(path: str) -> dict:
         with open(path) as fh:
             record = json.load(fh)
     except (OSError, ValueError) as err:
-        raise ValueError(f"memorization record {path!r} cannot be read ({type(err).__name__}: {err}); delete it or "
+        raise MontrageError(f"memorization record {path!r} cannot be read ({type(err).__name__}: {err}); delete it or "
                          "re-run training with the MemorizationGuard.") from err
     if not isinstance(record, dict) or not isinstance(record.get("alerts"), list):
-        raise ValueError(f"memorization record {path!r} has no 'alerts' list; it was not written by the MemorizationGuard.")
+        raise MontrageError(f"memorization record {path!r} has no 'alerts' list; it was not written by the MemorizationGuard.")
     return record
 
 

@@ -29,6 +29,7 @@ from montrage.components import Components, model_identity, resolve_components, 
 from montrage.data import DataError, to_thumbnails
 from montrage.distributed import Distributed, TorchDistributed
 from montrage.encode import condition_prompts, stable_seed
+from montrage.errors import MontrageError
 from montrage.family import Family, make_family
 from montrage.latent_cache import LatentCache, cache_key, trainable
 from montrage.probes import ProbeSet, default_probes, load_probe_file
@@ -41,11 +42,11 @@ from montrage.training_order import batch_indices, wrap_dataloader
 log = logging.getLogger(__name__)
 
 
-class MontrageConfigError(ValueError):
+class MontrageConfigError(MontrageError, ValueError):
     """The monitor cannot watch this model, data or schedule (named field or file, and the fix)."""
 
 
-class MontrageSnapshotError(RuntimeError):
+class MontrageSnapshotError(MontrageError, RuntimeError):
     """Monitoring failed during training (on some rank); skipped with a warning unless strict=True."""
 
 

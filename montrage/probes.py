@@ -12,8 +12,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from montrage.errors import MontrageError
 
-class ProbeError(ValueError):
+
+class ProbeError(MontrageError, ValueError):
     """An unusable probe specification."""
 
 

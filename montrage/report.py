@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from montrage.errors import MontrageError
+
 if TYPE_CHECKING:
     from montrage.store import StoreReader
 
@@ -223,9 +225,9 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
 
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"report output {out!r}: the file name must end in .html or .png.")
+        raise MontrageError(f"report output {out!r}: the file name must end in .html or .png.")
     if model_dir is not None and not os.path.isfile(os.path.join(model_dir, "final.json")):
-        raise ValueError(f"attribution model folder {model_dir!r} holds no final.json; pass the folder `montrage attribute "
+        raise MontrageError(f"attribution model folder {model_dir!r} holds no final.json; pass the folder `montrage attribute "
                          "fit` wrote (<store>_attribution), or omit --model-dir.")
     alerts_path = alerts_path or default_alerts_path(store_path)
     with StoreReader(store_path) as store:

@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 from montrage.data import TrainExample
+from montrage.errors import MontrageError
 from montrage.probes import ProbeSet
 
 SCHEMA_VERSION = 2
@@ -50,7 +51,7 @@ STR = h5py.string_dtype()
 log = logging.getLogger(__name__)
 
 
-class StoreError(ValueError):
+class StoreError(MontrageError, ValueError):
     """A store that cannot be read or must not be appended to."""
 
 

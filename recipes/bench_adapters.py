@@ -35,6 +35,7 @@ import time
 import numpy as np
 import torch
 
+from montrage.errors import MontrageError
 from montrage.recipes.bench_origin import (LoraBenchConfig, _mean_std, cached_seeds, class_split, lora_split,
                                            parse_seeds, train_lora)
 
@@ -71,7 +72,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
 
     `condition`: the text condition of every feature, "empty" (the prompt of an image is unknown) or "caption" (each
     image's prompt: a generation's own, "a photo of <word>" of a real digit's class)."""
-    from montrage.data import _digits, digit_token
+    from montrage.data import digit_token, sklearn_digits
     from montrage.origin.baselines import pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix
     from montrage.origin.features import (SNAPSHOT_FAMILIES, FeatureSpec, default_families, default_timesteps,
@@ -82,9 +83,9 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     from montrage.recipes.pixel_ddpm import digits_images
 
     if condition not in ("empty", "caption"):
-        raise ValueError(f"condition must be 'empty' or 'caption', not {condition!r}.")
+        raise MontrageError(f"condition must be 'empty' or 'caption', not {condition!r}.")
     if adapters < 2:
-        raise ValueError(f"model attribution needs at least 2 adapters, not {adapters}.")
+        raise MontrageError(f"model attribution needs at least 2 adapters, not {adapters}.")
     t0 = time.time()
     cfgs = [LoraBenchConfig(tuple(concepts), per_concept, epochs, repeats, learning_rate, rank, 100 * seed + k)
             for k in range(adapters)]
@@ -106,7 +107,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
         del model
     half = per_class // 2
     used = {i for cfg in cfgs for i in lora_split(cfg)[0]}  # real "none" digits are no customer's members
-    held = np.asarray([i for i in np.flatnonzero(np.isin(_digits()[1], concepts)) if i not in used])
+    held = np.asarray([i for i in np.flatnonzero(np.isin(sklearn_digits()[1], concepts)) if i not in used])
     rng = np.random.default_rng(seed)
     base_model = load_diffusion_model(base)
     size = base_model.image_size
@@ -114,7 +115,7 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     base_seeds = [30_000 + 1000 * seed + j for j in range(-(-half // len(prompts)))]
     none = torch.cat([digits_images(real, size),
                       _generate(base_model, prompts, base_seeds, gen_steps, guidance)[:per_class - half]])
-    captions += [f"a photo of {digit_token(int(_digits()[1][i]))}" for i in real]
+    captions += [f"a photo of {digit_token(int(sklearn_digits()[1][i]))}" for i in real]
     captions += [p for p in prompts for _ in base_seeds][:per_class - half]
     del base_model
     groups.append(none)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from montrage.errors import MontrageError
+
 POINTS = 16  # fixed (t, epsilon) pairs per query
 METHODS = ("montrage", "montrage-gated", "montrage-gated-similarity", "montrage-final-epoch", "final-epoch-similarity", "pixel-cosine", "trak", "d-trak", "tracin",
            "datainf", "random")
@@ -150,7 +152,7 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
-        raise ValueError(f"--methods names unknown methods {unknown}; known: {', '.join(METHODS)}.")
+        raise MontrageError(f"--methods names unknown methods {unknown}; known: {', '.join(METHODS)}.")
     icon_set = prepare_dataset(dataset, list(concepts), themes, pretrain_themes, icons_dir, icons_per_theme, progress,
                                pretrain_text_encoder=pretrain_text_encoder)
     t0 = time.time()
@@ -197,16 +199,16 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
                 deltas.setdefault((frac, k, name), []).append(float(losses[removed][j] - base_loss[j]))
                 bar.update(1)
             done = frac == ks[-1] and j == len(rows) - 1
-            _write(out, _summarize(deltas), dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1),
+            write_result(out, summarize(deltas), dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1),
                                                  complete=done))
     bar.close()
-    result = _summarize(deltas)
+    result = summarize(deltas)
     result["config"] = dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=True)
     print(format_counterfactual(result))
     return result
 
 
-def _summarize(deltas: dict[tuple, list]) -> dict:
+def summarize(deltas: dict[tuple, list]) -> dict:
     """Mean and standard error of the loss rise per (K, method); the smallest K also at the top level."""
     result: dict = {"methods": {}, "by_k": {}}
     for (frac, k, name), d in deltas.items():
@@ -218,7 +220,7 @@ def _summarize(deltas: dict[tuple, list]) -> dict:
     return result
 
 
-def _write(out: str, result: dict, config: dict) -> None:
+def write_result(out: str, result: dict, config: dict) -> None:
     """Rewrite the result file whole (via a temporary file), so it is never half-written."""
     tmp = out + ".tmp"
     with open(tmp, "w") as fh:

@@ -22,9 +22,9 @@ def write_images(root: str, n: int, size: int = 256) -> str:
     import numpy as np
     from PIL import Image
 
-    from montrage.data import _digits
+    from montrage.data import sklearn_digits
 
-    images, target = _digits()
+    images, target = sklearn_digits()
     rng = np.random.default_rng(0)
     for k in range(n):
         folder = os.path.join(root, f"c{k % 4}")

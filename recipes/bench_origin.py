@@ -58,6 +58,8 @@ import time
 import numpy as np
 import torch
 
+from montrage.errors import MontrageError
+
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
 BLOCKS = ("methods", "member_vs_rest", "membership", "member_vs_external")
@@ -107,9 +109,9 @@ def parse_seeds(text) -> list[int]:
             else:
                 seeds.append(int(part))
         except ValueError as err:
-            raise ValueError(f"--seed takes integers like 0 or 0,1,2 or 0-2, not {text!r}.") from err
+            raise MontrageError(f"--seed takes integers like 0 or 0,1,2 or 0-2, not {text!r}.") from err
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seed needs distinct seeds, got {text!r}.")
+        raise MontrageError(f"--seed needs distinct seeds, got {text!r}.")
     return seeds
 
 
@@ -352,16 +354,16 @@ class LoraBenchConfig:
 def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
     """Member, held-out external and shifted (to be rotated) digit indices: per concept, a seeded permutation of its
     digits gives `per_concept` members, then half as many held-out and half as many shifted images."""
-    from montrage.data import _digits
+    from montrage.data import sklearn_digits
 
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     rng = np.random.default_rng(cfg.seed)
     half = cfg.per_concept // 2
     member, held, shifted = [], [], []
     for d in cfg.concepts:
         idx = rng.permutation(np.flatnonzero(target == d))
         if len(idx) < 2 * cfg.per_concept:
-            raise ValueError(f"digit {d} has {len(idx)} images; --lora-per-concept must be at most {len(idx) // 2}.")
+            raise MontrageError(f"digit {d} has {len(idx)} images; --lora-per-concept must be at most {len(idx) // 2}.")
         member += idx[:cfg.per_concept].tolist()
         held += idx[cfg.per_concept:cfg.per_concept + half].tolist()
         shifted += idx[cfg.per_concept + half:cfg.per_concept + 2 * half].tolist()
@@ -409,13 +411,13 @@ def fine_tune_with_store(examples, tokens: dict[str, str], base: str, out: str, 
 def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True, base_config=None) -> tuple[str, str, str]:
     """Fine-tune the tiny base (`base_config`: another tiny base, e.g. an untrained one in tests) on the member
     digits (captions 'a photo of <word>') with `fine_tune_with_store`. Returns (base path, LoRA file, store)."""
-    from montrage.data import TrainExample, _digits, digit_token
+    from montrage.data import TrainExample, digit_token, sklearn_digits
     from montrage.recipes.tiny_base import tiny_base_path
 
     base = tiny_base_path(base_config, progress=progress)
     out = os.path.join(workdir, f"lora-{cfg.digest()}" + ("" if base_config is None else f"-{base_config.digest()}"))
     members, _, _ = lora_split(cfg)
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     examples = [TrainExample(id=f"digits/{i}", concept=f"digit{target[i]}",
                              caption=f"a photo of {digit_token(int(target[i]))}", path=f"sklearn:digits/{i}")
                 for i in members]
@@ -432,7 +434,7 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     `prompt`: the text condition of every model-based feature. "empty": the empty prompt for all images; "caption":
     each image's natural caption, "a photo of <word>" of its digit: the training caption for members, the generation
     prompt for generations, the concept caption of the digit's class for external images."""
-    from montrage.data import _digits, digit_token, quantize
+    from montrage.data import digit_token, quantize, sklearn_digits
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
     from montrage.origin.from_store import store_diffusion_model
@@ -440,7 +442,7 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     from montrage.recipes.pixel_ddpm import digits_images
 
     if prompt not in LORA_PROMPTS:
-        raise ValueError(f"prompt must be one of {LORA_PROMPTS}, not {prompt!r}.")
+        raise MontrageError(f"prompt must be one of {LORA_PROMPTS}, not {prompt!r}.")
     cfg = LoraBenchConfig(tuple(int(c) for c in concepts), per_concept, epochs, repeats, learning_rate, rank, seed)
     t = time.time()
     base, weights, store = train_lora(cfg, workdir, progress, base_config)
@@ -464,7 +466,7 @@ def lora_seed(seed: int, workdir: str, concepts=(1, 4, 7, 9), per_concept: int =
     T = int(model.scheduler.config.num_train_timesteps)
     grid = default_timesteps(T, timesteps)
     wgrids = window_grids(T, timesteps, windows)
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     caption = lambda i: f"a photo of {digit_token(int(target[i]))}"  # noqa: E731 (the training caption)
     natural = ([caption(i) for i in member_idx] + [p for p, _ in probes.items()]
                + [caption(i) for i in list(held_idx) + list(shifted_idx)])
@@ -607,9 +609,9 @@ def run_origin_bench(out: str, seeds=(0,), members: int = 200, timesteps: int = 
     next to it (`.png`), and return the result. `pixel=False` runs only the LoRA half (its block is then `lora`,
     the top level holds no pixel figures)."""
     if not (pixel or lora):
-        raise ValueError("both halves are off: drop --no-pixel or --no-lora.")
+        raise MontrageError("both halves are off: drop --no-pixel or --no-lora.")
     if lora_prompt not in LORA_PROMPTS:
-        raise ValueError(f"lora_prompt must be one of {LORA_PROMPTS}, not {lora_prompt!r}.")
+        raise MontrageError(f"lora_prompt must be one of {LORA_PROMPTS}, not {lora_prompt!r}.")
     if threads:
         torch.set_num_threads(int(threads))
     seeds = parse_seeds(",".join(str(s) for s in seeds) if not isinstance(seeds, (str, int)) else seeds)

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from montrage.errors import MontrageError
+
 SIZES = {
     "cifar": dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -47,7 +49,7 @@ def build_model(size: str = "cifar", model: str | None = None, seed: int = 0):
     if model:
         return load_diffusion_model(model)
     if size not in SIZES:
-        raise ValueError(f"--size must be one of {', '.join(SIZES)}, not {size!r}.")
+        raise MontrageError(f"--size must be one of {', '.join(SIZES)}, not {size!r}.")
     torch.manual_seed(seed)
     unet = UNet2DModel(in_channels=3, out_channels=3, **SIZES[size]).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

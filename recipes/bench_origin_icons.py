@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from montrage.errors import MontrageError
 from montrage.recipes.bench_origin import (LoraBenchConfig, _throughput, aggregate, cached_seeds, evaluate,
                                            extract_features, fine_tune_with_store, parse_seeds, window_grids)
 
@@ -45,7 +46,7 @@ def icon_split(themes, shifted_themes, per_theme: int, seed: int, root: str, ico
     for t in themes:
         rows = [e for e in own if e.concept == t]
         if len(rows) < per_theme + half:
-            raise ValueError(f"icon theme {t!r} has {len(rows)} usable icons; --per-theme must be at most "
+            raise MontrageError(f"icon theme {t!r} has {len(rows)} usable icons; --per-theme must be at most "
                              f"{2 * len(rows) // 3}.")
         order = rng.permutation(len(rows))
         members += [rows[i] for i in order[:per_theme]]

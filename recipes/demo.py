@@ -118,7 +118,7 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
     import torch
 
     from montrage.attribution import Attributor, fit_attribution
-    from montrage.data import _digits, digit_token
+    from montrage.data import digit_token, sklearn_digits
     from montrage.probes import ProbeSet
 
     report = fit_attribution(store_path, seed=seed)
@@ -126,7 +126,7 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
     try:
         prompts = tuple(f"a photo of {digit_token(d)}" for d in digits[:2])
         generated = att.model.generate(ProbeSet(prompts, tuple({} for _ in prompts), (1234,)), att.store.num_epochs - 1)
-        unseen = int(np.flatnonzero(_digits()[1] == digits[-1])[-1])  # the last image of a class is never trained on
+        unseen = int(np.flatnonzero(sklearn_digits()[1] == digits[-1])[-1])  # the last image of a class is never trained on
         pixels = torch.cat([generated, digits_pixels([unseen], att.model.resolution)])
         # generations are encoded under their prompts; the real digit's prompt is unknown (the empty prompt)
         results = att.query(pixels, top_k=5, prompt=list(prompts) + [""])
@@ -146,10 +146,10 @@ def origin_step(store_path: str, out: str, digits: list[int], images_per_concept
     external class is unseen digits written to `<out>/origin_external/`; half of each class is held out."""
     from PIL import Image
 
-    from montrage.data import _digits
+    from montrage.data import sklearn_digits
     from montrage.origin.from_store import fit_from_store
 
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     n = len(digits) * images_per_concept
     per = max(1, n // len(digits))
     unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])

@@ -35,6 +35,8 @@ import time
 import numpy as np
 import torch
 
+from montrage.errors import MontrageError
+
 META_NAME = "montrage_pixel_ddpm.json"
 
 
@@ -57,11 +59,11 @@ class PixelDDPMConfig:
 
 def split_digits(members: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Member indices and the held-out rest of scikit-learn's 1,797 digits, by a seeded permutation."""
-    from montrage.data import _digits
+    from montrage.data import sklearn_digits
 
-    n = len(_digits()[1])
+    n = len(sklearn_digits()[1])
     if not 0 < members < n:
-        raise ValueError(f"members must be between 1 and {n - 1}, not {members}.")
+        raise MontrageError(f"members must be between 1 and {n - 1}, not {members}.")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:members]), np.sort(perm[members:])
 
@@ -142,7 +144,7 @@ def train_pixel_ddpm(out_dir: str, cfg: PixelDDPMConfig = PixelDDPMConfig(), pro
     if os.path.isdir(out_dir):  # a model of another config: replace it, but never an unrelated folder
         if meta is None and os.listdir(out_dir):
             shutil.rmtree(tmp)
-            raise ValueError(f"{out_dir!r} exists and is not a pixel DDPM written by this recipe: pass a new folder.")
+            raise MontrageError(f"{out_dir!r} exists and is not a pixel DDPM written by this recipe: pass a new folder.")
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
@@ -162,7 +164,7 @@ def sample_images(model_dir: str, n: int, seed: int = 0, sampler: str = "ddpm", 
     from montrage.data import quantize
 
     if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', not {sampler!r}")
+        raise MontrageError(f"sampler must be 'ddpm' or 'ddim', not {sampler!r}")
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet").eval()
     train_sched = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     sched = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler).from_config(train_sched.config)

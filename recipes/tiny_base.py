@@ -128,9 +128,9 @@ def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[
 def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
     """Train the VAE to reconstruct digits, then the UNet to denoise their latents under the generic caption (and,
     for `cfg.class_digits`, under their word)."""
-    from montrage.data import _digits, digit_token
+    from montrage.data import digit_token, sklearn_digits
 
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     keep = np.flatnonzero(np.isin(target, cfg.digits))
     images = digits_pixels(keep, cfg.image_size)
     labels = target[keep]

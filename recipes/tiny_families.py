@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from montrage.errors import MontrageError
 from montrage.recipes.tiny_base import CHARS, WORDS, TinyBaseConfig, build_components, build_tokenizer
 
 FAMILY_NAMES = ("sd", "sd2v", "sdxl", "sd3", "flux")
@@ -107,7 +108,7 @@ def build_family(name: str, seed: int = 0):
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 1, shift=0.06, scale=1.5),
                             text_encoder=_clip(CLIPTextModel, len(tok), seed), tokenizer=tok,
                             text_encoder_2=_t5(len(t5_tok), seed + 4), tokenizer_2=t5_tok, transformer=transformer)
-    raise ValueError(f"unknown family {name!r}: one of {', '.join(FAMILY_NAMES)}.")
+    raise MontrageError(f"unknown family {name!r}: one of {', '.join(FAMILY_NAMES)}.")
 
 
 def save_family(name: str, path: str, seed: int = 0) -> str:
@@ -121,5 +122,5 @@ def load_family(path: str):
     from diffusers import DiffusionPipeline
 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path!r} holds no model_index.json; build it with save_family first.")
+        raise MontrageError(f"{path!r} holds no model_index.json; build it with save_family first.")
     return DiffusionPipeline.from_pretrained(path)

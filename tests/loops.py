@@ -16,9 +16,9 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def write_digit_folder(root, per_concept=3, digits=(1, 7), size=16, odd_sizes=False) -> str:
     """root/<digitK>/<i>.png with a sidecar caption; with `odd_sizes` some images are non-square or larger."""
-    from montrage.data import _digits, digit_token
+    from montrage.data import digit_token, sklearn_digits
 
-    target = _digits()[1]
+    target = sklearn_digits()[1]
     for d in digits:
         folder = os.path.join(root, f"digit{d}")
         os.makedirs(folder, exist_ok=True)

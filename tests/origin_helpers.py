@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from montrage.origin.features import FeatureSet, FeatureSpec, _noise
+from montrage.origin.features import FeatureSet, FeatureSpec, noise_for
 from montrage.origin.images import image_keys
 from montrage.origin.model import DiffusionModel
 
@@ -54,7 +54,7 @@ def naive_features(model: DiffusionModel, images: torch.Tensor, timesteps, param
     out = {k: np.zeros((n, T)) for k in ("loss", "grad_x", "grad_theta")}
     for i in range(n):
         for j, t in enumerate(timesteps):
-            eps = _noise(keys[i], t, 0, tuple(z.shape[1:]), draw)[None]
+            eps = noise_for(keys[i], t, 0, tuple(z.shape[1:]), draw)[None]
             xt = model.scheduler.add_noise(z[i:i + 1], eps, torch.tensor([t])).detach().requires_grad_(True)
             unet.zero_grad(set_to_none=True)
             kw = {} if cond is None else {"encoder_hidden_states": cond[i:i + 1]}

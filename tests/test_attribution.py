@@ -236,7 +236,9 @@ def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_
     np.savez(kept / SCORES, **{"pixel-cosine": pixel})
     (kept / RUN).write_text(json.dumps(saved))
     out = rescore_seed(str(kept), fit_seeds=[1])
-    assert list(out["methods"]) == ["pixel-cosine", "montrage", "montrage-final-epoch"]
+    # montrage-gated: montrage's concept order, montrage's order within (no final-epoch-similarity saved: no -similarity)
+    assert list(out["methods"]) == ["pixel-cosine", "montrage", "montrage-final-epoch", "montrage-gated"]
+    assert out["methods"]["montrage-gated"]["top1"] == out["methods"]["montrage"]["top1"]
     expected = {**evaluate(pixel, queries, kinds, train, concepts), "seconds": 0.5}
     assert out["methods"]["pixel-cosine"] == pytest.approx(expected, nan_ok=True)
     att = Attributor.from_store(str(kept / "store.h5"))  # the refitted model is the one kept beside the store

@@ -26,7 +26,8 @@ def test_live_curves_are_fitted_on_the_fly_and_logged(tiny_model_dir, tmp_path):
     run(tiny_model_dir, store, curves, epochs=3, logger=logger)
     last = curves.last
     assert last["epochs"] == [0, 1, 2, 3] and last["concepts"] == ["digit1", "digit7"]
-    assert last["scores"].shape == (4, 3, 2) and np.all((last["scores"] >= 0) & (last["scores"] <= 1))
+    assert last["scores"].shape == (4, 3, 2)
+    assert not np.allclose(last["scores"][0], last["scores"][-1], atol=1e-3)  # the curves move over the epochs
     # the model was fitted on the last epoch's probes: there each single-concept probe scores its own concept highest
     with StoreReader(str(store)) as r:
         primary = r.probes.primary_concepts()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from montrage.data import digit_token, digits_examples
+from montrage.errors import MontrageError
 from montrage.recipes.bench_attribution import ICON_PROMPTS, TEMPLATES, build_probes, split_images
 from montrage.recipes.bench_counterfactual import Retrainer, fixed_points, pick_queries
 
@@ -61,7 +62,7 @@ def test_unknown_method_is_refused_before_any_training(tmp_path):
 
     from montrage.recipes.bench_counterfactual import run_counterfactual
 
-    with pytest.raises(ValueError, match=r"unknown methods \['tark'\].*montrage, montrage-gated"):
+    with pytest.raises(MontrageError, match=r"unknown methods \['tark'\].*montrage, montrage-gated"):
         run_counterfactual(str(tmp_path / "cf.json"), methods=["montrage", "tark"])
     assert not (tmp_path / "cf.json").exists()
 
@@ -69,11 +70,11 @@ def test_unknown_method_is_refused_before_any_training(tmp_path):
 def test_partial_results_keep_every_method_on_the_same_queries(tmp_path):
     import json
 
-    from montrage.recipes.bench_counterfactual import _summarize, _write
+    from montrage.recipes.bench_counterfactual import summarize, write_result
 
     deltas = {(0.05, 2, "montrage"): [0.3, 0.1], (0.05, 2, "random"): [0.0, 0.2], (0.1, 3, "montrage"): [0.5]}
     out = str(tmp_path / "cf.json")
-    _write(out, _summarize(deltas), {"complete": False})
+    write_result(out, summarize(deltas), {"complete": False})
     got = json.load(open(out))
     assert got["methods"]["montrage"]["k"] == 2  # the smallest K at the top level
     assert got["by_k"]["2"]["montrage"]["delta_loss"] == pytest.approx(0.2)

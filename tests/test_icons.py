@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from montrage.data import DataError
+from montrage.errors import MontrageError
 from montrage.recipes import icons
 from montrage.recipes.art_base import default_pool, family, style_response, vocabulary
 
@@ -175,5 +176,5 @@ def test_origin_icon_split_keeps_members_held_out_and_shifted_apart(themes, tmp_
     assert not {e.path for e in members} & {e.path for e in held}
     assert all(e.caption.startswith("an icon of a ") and icons.theme_token(e.concept) in e.caption
                for e in members + held + shifted)
-    with pytest.raises(ValueError, match=r"icon theme '(Tango|oxygen)' has \d usable icons; --per-theme must be at most"):
+    with pytest.raises(MontrageError, match=r"icon theme '(Tango|oxygen)' has \d usable icons; --per-theme must be at most"):
         icon_split(["Tango", "oxygen"], ["Papirus"], 4, 0, str(tmp_path / "data2"), themes)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import origin_helpers as H
+from montrage.errors import MontrageError
 from montrage.origin import metrics as OM
 from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_features
 from montrage.origin.classifier import OriginClassifier, relabel
@@ -593,7 +594,7 @@ def test_bench_aggregates_seeds_and_checks_the_acceptance():
 
     assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2] and parse_seeds(5) == [5]
     for bad in ("a", "1,1", ""):
-        with pytest.raises(ValueError, match="seed"):
+        with pytest.raises(MontrageError, match="seed"):
             parse_seeds(bad)
     runs = [_seed_result(0.9, 0.4, True), _seed_result(0.6, 0.1, False)]
     assert runs[0]["claims"]["acceptance_trajectory_beats_thresholds"]["holds"]
@@ -628,7 +629,7 @@ def test_bench_splits_are_disjoint_and_shifted_set_is_rotated():
     assert len(member) == 12 and len(held) == 6 and len(shifted) == 6
     assert len(set(member) | set(held) | set(shifted)) == 24
     assert member != lora_split(LoraBenchConfig(concepts=(1, 7), per_concept=6, seed=3))[0]
-    with pytest.raises(ValueError, match="per-concept"):
+    with pytest.raises(MontrageError, match="per-concept"):
         lora_split(LoraBenchConfig(concepts=(1,), per_concept=150))
     x = shifted_digits([5, 9])
     assert torch.equal(x, torch.rot90(digits_images([5, 9]), 1, dims=(2, 3)))
@@ -651,7 +652,7 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             run_throughput("tiny", "cuda", images=1, timesteps=2, progress=False)
-    with pytest.raises(ValueError, match="--size"):
+    with pytest.raises(MontrageError, match="--size"):
         build_model("huge")
 
 

@@ -68,3 +68,20 @@ def test_report_without_model_or_record_and_errors(monitored_store, tmp_path, ca
     (tmp_path / "plain_memorization.json").write_text("{not json")
     assert main(["report", str(store), "--out", str(tmp_path / "x.html")]) == 2
     assert "plain_memorization.json" in capsys.readouterr().err
+
+
+def test_cli_says_bad_input_in_one_line_and_lets_bugs_raise(tmp_path, monkeypatch, capsys):
+    from montrage.errors import MontrageError
+
+    def bad_input(*a, **k):
+        raise MontrageError("store 'x.h5': no epoch yet; train first.")
+
+    def bug(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("montrage.report.build_report", bad_input)
+    assert main(["report", "x.h5", "--out", str(tmp_path / "r.html")]) == 2
+    assert capsys.readouterr().err.strip() == "montrage report: error: store 'x.h5': no epoch yet; train first."
+    monkeypatch.setattr("montrage.report.build_report", bug)
+    with pytest.raises(KeyError, match="a bug"):  # not swallowed into a one-line "error"
+        main(["report", "x.h5", "--out", str(tmp_path / "r.html")])

@@ -62,9 +62,9 @@ def test_shortlist_queries_beyond_exact(big_store, monkeypatch, tmp_path):
     short = att.index.shortlist(final, att.centre, 100)
     assert scored[np.arange(3)[:, None], short].all()  # every shortlisted image is scored exactly
     # the shortlist is the exact nearest set in the final snapshot
-    from montrage.attribution.index import _nn_vectors
+    from montrage.attribution.index import nn_vectors
 
-    sims = _nn_vectors(final, att.centre) @ np.asarray(att.index.nn, np.float32).T
+    sims = nn_vectors(final, att.centre) @ np.asarray(att.index.nn, np.float32).T
     assert set(short[0].tolist()) == set(np.argsort(-sims[0])[:100].tolist())
     result = att.query(torch.rand(1, 3, 16, 16) * 2 - 1, top_k=5)[0]
     assert len(result["top_images"]) == 5 and abs(sum(c["share"] for c in result["concepts"].values()) - 1) < 1e-3

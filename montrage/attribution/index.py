@@ -22,6 +22,7 @@ import numpy as np
 
 from montrage.attribution.table import (Mode, _unit, final_features, final_side, per_query_standardize, side_features,
                                         train_ranks, trajectory_side)
+from montrage.errors import MontrageError
 
 EXACT = 4096  # monitored images up to which queries score every image
 SHORTLIST = 1000
@@ -29,7 +30,7 @@ REFERENCE = 2048
 VERSION = 1
 
 
-def _nn_vectors(final: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> np.ndarray:
+def nn_vectors(final: dict[str, np.ndarray], centre: dict[str, np.ndarray]) -> np.ndarray:
     """(n, d): per layer the centred final-snapshot features (all timesteps), unit-normed, layers side by side."""
     parts = []
     for layer, x in final.items():  # x (n, T, F) of the last snapshot
@@ -117,7 +118,7 @@ def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: 
             if key not in ranks:
                 ranks[key] = RowFile(os.path.join(out_dir, f"ranks_{key[0]}_{key[1]}.npy"), "w", shape=(n, r.shape[1]))
             ranks[key].write(start, r)
-        v = _nn_vectors({layer: x[-1] for layer, x in feats.items()}, centre)
+        v = nn_vectors({layer: x[-1] for layer, x in feats.items()}, centre)
         if nn is None:
             nn = RowFile(os.path.join(out_dir, "nn.npy"), "w", shape=(n, v.shape[1]))
         nn.write(start, v)
@@ -142,13 +143,13 @@ class TrainIndex:
             self.meta = json.load(fh)
         if self.meta.get("store_identity") != store.spec["identity"] or self.meta["num_epochs"] != store.num_epochs \
                 or self.meta["num_train"] != store.num_train:
-            raise ValueError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
+            raise MontrageError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
                              f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
         self.dir = out_dir
         missing = [n for n in ["reference.npy", "nn.npy", *(f"{k}_{layer}.npy" for k in ("traj", "final") for layer in self.meta["layers"])]
                    if not os.path.isfile(os.path.join(out_dir, n))]
         if missing:
-            raise ValueError(f"attribution index {out_dir!r} lacks {', '.join(missing)}; re-run `montrage attribute fit {store.path}`.")
+            raise MontrageError(f"attribution index {out_dir!r} lacks {', '.join(missing)}; re-run `montrage attribute fit {store.path}`.")
         load = lambda name: RowFile(os.path.join(out_dir, name))  # noqa: E731
         self.reference = np.load(os.path.join(out_dir, "reference.npy"))
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
@@ -198,7 +199,7 @@ class TrainIndex:
         """(Q, k) rows of the k training images nearest each query in the final snapshot (exact inner product)."""
         import torch
 
-        q = torch.from_numpy(_nn_vectors(final_query, centre))
+        q = torch.from_numpy(nn_vectors(final_query, centre))
         return _top((q @ torch.from_numpy(self.nn).T).numpy(), min(k, len(self.nn)))  # torch: its threads, not BLAS's
 
 

@@ -13,11 +13,13 @@ from typing import Literal
 
 import torch
 
+from montrage.errors import MontrageError
+
 Loss = Literal["scos", "scos+rank", "mse", "bce"]
 RANK_WEIGHT = 0.1
 
 
-class AttributionModelError(ValueError):
+class AttributionModelError(MontrageError, ValueError):
     """A missing, corrupted or mismatched attribution-model file."""
 
 

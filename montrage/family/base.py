@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from montrage.capture import FeatureHooks, Pooling
+from montrage.errors import MontrageError
 
 
 # entries of a family's condition shared by the whole batch instead of one per image (Flux's text position ids)
 SHARED_COND_KEYS = ("txt_ids",)
 
 
-class FamilyError(ValueError):
+class FamilyError(MontrageError, ValueError):
     """A model no family adapter knows, or one used against a store of another family."""
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from montrage.origin.errors import OriginError
+
 
 def _families(text: str) -> tuple[str, ...] | None:
     return tuple(f.strip() for f in text.split(",") if f.strip()) or None
@@ -23,7 +25,7 @@ def _spec_from_args(args, model):
         try:
             timesteps = [int(t) for t in args.t_grid.split(",") if t.strip()]
         except ValueError as err:
-            raise ValueError(f"--t-grid must be comma-separated integers, e.g. 0,50,100: {err}") from err
+            raise OriginError(f"--t-grid must be comma-separated integers, e.g. 0,50,100: {err}") from err
     else:
         timesteps = default_timesteps(num_train_timesteps, args.timesteps)
     params = args.params if args.params in ("trainable", "all") else tuple(p for p in args.params.split(",") if p)
@@ -73,7 +75,7 @@ def fit_store_main(args) -> int:
     from montrage.origin.from_store import fit_from_store
 
     if len(args.features) != 1:
-        raise ValueError(f"--external takes one montrage store as input, got {len(args.features)} paths: "
+        raise OriginError(f"--external takes one montrage store as input, got {len(args.features)} paths: "
                          "`montrage origin fit STORE --external DIR`.")
     report = fit_from_store(args.features[0], args.external, out=args.out, members=args.members,
                             generate=args.generate, families=_families(args.families), timesteps=args.timesteps,
@@ -92,11 +94,11 @@ def fit_main(args) -> int:
 
     if args.external or (len(args.features) == 1 and is_store(args.features[0])):
         if not args.external:
-            raise ValueError(f"{args.features[0]!r} is a montrage store: pass the images the model never saw with "
+            raise OriginError(f"{args.features[0]!r} is a montrage store: pass the images the model never saw with "
                              "--external DIR (members and generations come from the store).")
         return fit_store_main(args)
     if not args.out:
-        raise ValueError("--out is required when fitting on features files: the classifier folder to write.")
+        raise OriginError("--out is required when fitting on features files: the classifier folder to write.")
 
     from montrage.origin.classifier import OriginClassifier, relabel
     from montrage.origin.featurefile import read_features
@@ -124,15 +126,15 @@ def predict_main(args) -> int:
     if is_store(images[0]):  # `origin predict STORE IMAGE...`: the store's model and classifier
         store, images = images[0], images[1:]
         if not images:
-            raise ValueError(f"no images to classify after the store {store!r}: `montrage origin predict STORE "
+            raise OriginError(f"no images to classify after the store {store!r}: `montrage origin predict STORE "
                              "IMAGE...`.")
         classifier = classifier or os.path.splitext(store)[0] + ".origin"
         model, resize = model or store, True  # centre-cropped and resized, as the classifier's images were
     if not classifier:
-        raise ValueError("pass the classifier folder (--classifier), or a store first: `montrage origin predict "
+        raise OriginError("pass the classifier folder (--classifier), or a store first: `montrage origin predict "
                          "STORE IMAGE...`.")
     if not os.path.isdir(classifier):
-        raise ValueError(f"classifier folder {classifier!r} does not exist: fit it with `montrage origin fit`.")
+        raise OriginError(f"classifier folder {classifier!r} does not exist: fit it with `montrage origin fit`.")
     captions = None
     if args.captions:
         from montrage.origin.images import expand_image_paths, read_captions

@@ -293,7 +293,7 @@ def check_captions(spec: FeatureSpec, captions: list[str] | None, ids: list[str]
                           "captions or drop these families.")
 
 
-def _noise(key: str, t: int, seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
+def noise_for(key: str, t: int, seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
     tag = f"origin|{seed}|{key}|{t}" + (f"|{draw}" if draw else "")
     return fixed_noise(stable_seed(tag), 1, shape)[0]
 
@@ -423,7 +423,7 @@ def trajectory_features(
                     if noise == "pia":
                         eps = pia[ii]
                     else:
-                        eps = torch.stack([_noise(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
+                        eps = torch.stack([noise_for(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
                                            for p in chunk])
                     if fam is not None:
                         noisy, target = fam.noise(z, eps, tt), fam.target(z, eps, tt)
