@@ -21,8 +21,8 @@ from typing import Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
+from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.store import StoreReader
 
@@ -47,11 +47,20 @@ class AttributionCurves(Callback):
         store_path: the store to read (default that of the MontrageCallback in the trainer).
     """
 
-    def __init__(self, model_dir: Optional[str] = None, fit_every_n_snapshots: int = 1, fit_steps: int = 200,
-                 top_k: int = 5, save_model: bool = True, store_path: Optional[str] = None):
+    def __init__(
+        self,
+        model_dir: Optional[str] = None,
+        fit_every_n_snapshots: int = 1,
+        fit_steps: int = 200,
+        top_k: int = 5,
+        save_model: bool = True,
+        store_path: Optional[str] = None,
+    ):
         super().__init__()
         if fit_every_n_snapshots < 1:
-            raise MontrageConfigError(f"AttributionCurves: fit_every_n_snapshots must be >= 1, got {fit_every_n_snapshots}.")
+            raise MontrageConfigError(
+                f"AttributionCurves: fit_every_n_snapshots must be >= 1, got {fit_every_n_snapshots}."
+            )
         if top_k < 1:
             raise MontrageConfigError(f"AttributionCurves: top_k must be >= 1, got {top_k}.")
         self.model_dir = model_dir
@@ -71,8 +80,10 @@ class AttributionCurves(Callback):
         if stage == "fit":
             self._store = monitor_store_path(trainer, self, self.store_path)
             if self.model_dir is not None and not os.path.isfile(os.path.join(self.model_dir, "final.json")):
-                raise MontrageConfigError(f"AttributionCurves: model_dir {self.model_dir!r} holds no final.json; give the "
-                                          "folder `montrage attribute fit` wrote (<store>_attribution), or leave it unset.")
+                raise MontrageConfigError(
+                    f"AttributionCurves: model_dir {self.model_dir!r} holds no final.json; give the "
+                    "folder `montrage attribute fit` wrote (<store>_attribution), or leave it unset."
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         warn_if_deferred(trainer, self._store, "AttributionCurves")
@@ -92,8 +103,12 @@ class AttributionCurves(Callback):
         try:
             self._update_rank0(trainer)
         except Exception as err:  # never kill training over a live plot
-            log.warning("montrage AttributionCurves: skipped, training goes on. %s: %s", type(err).__name__, err,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "montrage AttributionCurves: skipped, training goes on. %s: %s",
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
 
     def _update_rank0(self, trainer: pl.Trainer) -> None:
         with StoreReader(self._store) as store:
@@ -120,8 +135,14 @@ class AttributionCurves(Callback):
     def _save(self, store: StoreReader) -> None:
         from montrage.attribution.table import feature_names
 
-        meta = {"mode": "final", "live": True, "feature_names": feature_names(store.layers, store.timesteps, store.num_epochs, "final"),
-                "store_identity": store.spec["identity"], "num_epochs": store.num_epochs, "fit_steps": self.fit_steps}
+        meta = {
+            "mode": "final",
+            "live": True,
+            "feature_names": feature_names(store.layers, store.timesteps, store.num_epochs, "final"),
+            "store_identity": store.spec["identity"],
+            "num_epochs": store.num_epochs,
+            "fit_steps": self.fit_steps,
+        }
         self._model.save(os.path.join(live_model_dir(store.path), "final"), meta)
 
     def _log_wandb(self, trainer: pl.Trainer, store: StoreReader, curves: dict) -> None:
@@ -138,13 +159,27 @@ class AttributionCurves(Callback):
         payload = {}
         for p, label in enumerate(curves["labels"]):
             payload[f"montrage/attribution/{label}"] = wandb.plot.line_series(
-                xs=curves["epochs"], ys=curves["scores"][:, p, :].T.tolist(), keys=curves["concepts"],
-                title=f"attribution: {label}", xname="epoch")
-        table = wandb.Table(columns=["epoch", "probe", "probe image", "rank", "train id", "concept", "score", "train image"])
+                xs=curves["epochs"],
+                ys=curves["scores"][:, p, :].T.tolist(),
+                keys=curves["concepts"],
+                title=f"attribution: {label}",
+                xname="epoch",
+            )
+        table = wandb.Table(
+            columns=["epoch", "probe", "probe image", "rank", "train id", "concept", "score", "train image"]
+        )
         for p, label in enumerate(curves["labels"]):
             for r, (i, s) in enumerate(zip(curves["top"][p], curves["top_scores"][p])):
-                table.add_data(epoch, label, wandb.Image(curves["probe_thumbs"][p]), r + 1, train[i].id, train[i].concept,
-                               float(s), wandb.Image(self._train_thumbs[i]))
+                table.add_data(
+                    epoch,
+                    label,
+                    wandb.Image(curves["probe_thumbs"][p]),
+                    r + 1,
+                    train[i].id,
+                    train[i].concept,
+                    float(s),
+                    wandb.Image(self._train_thumbs[i]),
+                )
         payload["montrage/attribution/top_images"] = table
         for lg in loggers:
             lg.experiment.log(payload)

@@ -23,8 +23,15 @@ from pytorch_lightning.callbacks import Callback
 
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
 from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
-from montrage.memorization import (Alert, alert_dicts, default_alerts_path, near_copies, pixel_similarity,
-                                   representation_similarity, write_alerts)
+from montrage.memorization import (
+    Alert,
+    alert_dicts,
+    default_alerts_path,
+    near_copies,
+    pixel_similarity,
+    representation_similarity,
+    write_alerts,
+)
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -65,9 +72,14 @@ class MemorizationGuard(Callback):
     ):
         super().__init__()
         if pixel_threshold is None and representation_threshold is None:
-            raise MontrageConfigError("MemorizationGuard: both pixel_threshold and representation_threshold are None; "
-                                      "set at least one (e.g. pixel_threshold: 0.97).")
-        for name, value in (("pixel_threshold", pixel_threshold), ("representation_threshold", representation_threshold)):
+            raise MontrageConfigError(
+                "MemorizationGuard: both pixel_threshold and representation_threshold are None; "
+                "set at least one (e.g. pixel_threshold: 0.97)."
+            )
+        for name, value in (
+            ("pixel_threshold", pixel_threshold),
+            ("representation_threshold", representation_threshold),
+        ):
             if value is not None and not -1.0 <= value <= 1.0:
                 raise MontrageConfigError(f"MemorizationGuard: {name} is a correlation in [-1, 1], got {value}.")
         if require not in ("any", "all"):
@@ -124,8 +136,12 @@ class MemorizationGuard(Callback):
                 new = self._check_new_rows(trainer)
                 stop = bool(new) and self.stop_training and may_stop
             except Exception as err:  # the guard must never kill training
-                log.warning("montrage MemorizationGuard: check skipped, training goes on. %s: %s", type(err).__name__, err,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
+                log.warning(
+                    "montrage MemorizationGuard: check skipped, training goes on. %s: %s",
+                    type(err).__name__,
+                    err,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
         stop = bool(trainer.strategy.broadcast(stop, src=0))
         if stop:
             trainer.should_stop = True
@@ -164,15 +180,30 @@ class MemorizationGuard(Callback):
                 k = row - start
                 pix = pixel_similarity(thumbs[k], train_thumbs) if self.pixel_threshold is not None else None
                 rep = representation_similarity(probe_feats[k], train_feats[k]) if with_rep else None
-                self.history.append({"row": row, "epoch": int(epochs[row]), "global_step": int(steps[row]),
-                                     "max_pixel": None if pix is None else round(float(pix.max()), 5),
-                                     "max_representation": None if rep is None else round(float(rep.max()), 5)})
+                self.history.append(
+                    {
+                        "row": row,
+                        "epoch": int(epochs[row]),
+                        "global_step": int(steps[row]),
+                        "max_pixel": None if pix is None else round(float(pix.max()), 5),
+                        "max_representation": None if rep is None else round(float(rep.max()), 5),
+                    }
+                )
                 for p, i in near_copies(pix, rep, self.pixel_threshold, self.representation_threshold, self.require):
-                    new.append(Alert(
-                        epoch=int(epochs[row]), global_step=int(steps[row]), probe=p, prompt=items[p][0],
-                        seed=int(items[p][1]), train_index=i, train_id=train[i].id, train_concept=train[i].concept,
-                        pixel=None if pix is None else round(float(pix[p, i]), 5),
-                        representation=None if rep is None else round(float(rep[p, i]), 5)))
+                    new.append(
+                        Alert(
+                            epoch=int(epochs[row]),
+                            global_step=int(steps[row]),
+                            probe=p,
+                            prompt=items[p][0],
+                            seed=int(items[p][1]),
+                            train_index=i,
+                            train_id=train[i].id,
+                            train_concept=train[i].concept,
+                            pixel=None if pix is None else round(float(pix[p, i]), 5),
+                            representation=None if rep is None else round(float(rep[p, i]), 5),
+                        )
+                    )
                     alert_thumbs.append(thumbs[k, p])
             self.rows_checked = n
         if new and self.origin_classifier is not None:
@@ -197,20 +228,35 @@ class MemorizationGuard(Callback):
             clf, model = self._origin_model
             results = predict_generations(thumbs, [a.prompt for a in alerts], clf, model)
         except Exception as err:  # the guard must never kill training
-            log.warning("montrage MemorizationGuard: origin of the alerted probes skipped (%s): %s: %s",
-                        self.origin_classifier, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "montrage MemorizationGuard: origin of the alerted probes skipped (%s): %s: %s",
+                self.origin_classifier,
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             return
         for alert, result in zip(alerts, results):
             alert.origin = {c: round(p, 4) for c, p in result["probabilities"].items()}
 
     def record(self) -> dict:
-        return {"alerts": self.alerts, "history": self.history, "store": self._store,
-                "config": {"pixel_threshold": self.pixel_threshold, "representation_threshold": self.representation_threshold,
-                           "require": self.require, "layer": self.layer, "stop_training": self.stop_training,
-                           "origin_classifier": self.origin_classifier}}
+        return {
+            "alerts": self.alerts,
+            "history": self.history,
+            "store": self._store,
+            "config": {
+                "pixel_threshold": self.pixel_threshold,
+                "representation_threshold": self.representation_threshold,
+                "require": self.require,
+                "layer": self.layer,
+                "stop_training": self.stop_training,
+                "origin_classifier": self.origin_classifier,
+            },
+        }
 
-    def _log_wandb(self, trainer: pl.Trainer, new: list[Alert], thumbs: np.ndarray, first_row: int,
-                   train_thumbs: np.ndarray) -> None:
+    def _log_wandb(
+        self, trainer: pl.Trainer, new: list[Alert], thumbs: np.ndarray, first_row: int, train_thumbs: np.ndarray
+    ) -> None:
         """`thumbs`: the probe thumbnails of the stored rows from `first_row` on (those the alerts come from)."""
         loggers = wandb_loggers(trainer)
         if not loggers:

@@ -69,7 +69,8 @@ def _refuse_sharded(strategy) -> None:
     from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
-        isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False))
+        isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False)
+    )
     if sharded:
         raise MontrageConfigError(
             f"MontrageCallback does not support {type(strategy).__name__} (parameters sharded across ranks): its probe "
@@ -83,12 +84,15 @@ def _dotted(obj, path: str, owner: str):
     try:
         return functools.reduce(getattr, path.split("."), obj)
     except AttributeError:
-        raise MontrageConfigError(f"components: {owner} has no attribute path {path!r}; give dotted attribute paths "
-                                  "from the LightningModule, e.g. {unet: model.unet, vae: model.vae}.") from None
+        raise MontrageConfigError(
+            f"components: {owner} has no attribute path {path!r}; give dotted attribute paths "
+            "from the LightningModule, e.g. {unet: model.unet, vae: model.vae}."
+        ) from None
 
 
-def module_components(pl_module: pl.LightningModule, components: Optional[dict] = None,
-                      pipeline: Optional[str] = None) -> Any:
+def module_components(
+    pl_module: pl.LightningModule, components: Optional[dict] = None, pipeline: Optional[str] = None
+) -> Any:
     """The model's parts on a LightningModule: dotted paths (`components`), a pipeline attribute (`pipeline`), the
     module's own attributes (unet/transformer, vae, text_encoder, tokenizer, noise_scheduler/scheduler), or a
     `pipe`/`pipeline` attribute that is a diffusers pipeline."""
@@ -97,12 +101,20 @@ def module_components(pl_module: pl.LightningModule, components: Optional[dict] 
         return {k: _dotted(pl_module, v, name) for k, v in components.items()}
     if pipeline:
         return _dotted(pl_module, pipeline, name)
-    own = {k: getattr(pl_module, k) for k in sum(ALIASES.values(), ()) + EXTRA_PARTS if getattr(pl_module, k, None) is not None}
+    own = {
+        k: getattr(pl_module, k)
+        for k in sum(ALIASES.values(), ()) + EXTRA_PARTS
+        if getattr(pl_module, k, None) is not None
+    }
     if any(k in own for k in ALIASES["unet"]):
         return own
     for attr in ("pipe", "pipeline"):
         candidate = getattr(pl_module, attr, None)
-        if candidate is not None and not callable(getattr(candidate, "__func__", None)) and hasattr(candidate, "components"):
+        if (
+            candidate is not None
+            and not callable(getattr(candidate, "__func__", None))
+            and hasattr(candidate, "components")
+        ):
             return candidate
     return own
 
@@ -194,16 +206,43 @@ class MontrageCallback(Callback):
         self.images = images
         self.resolution = resolution
         self._monitor_args = dict(
-            probe_prompts=probe_prompts, probe_seeds=probe_seeds, probe_file=probe_file, probe_template=probe_template,
-            probe_mixtures=probe_mixtures, every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, at_steps=at_steps,
-            layers=layers, timesteps=timesteps, pooling=pooling, encode_prompt=encode_prompt,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, thumbnail_size=thumbnail_size,
-            save_lora_snapshots=save_lora_snapshots, mode=mode, projection_width=projection_width,
-            projection_seed=projection_seed, encode_batch_size=encode_batch_size,
-            image_keys={k: v for k, v in (("image_key", image_key), ("caption_key", caption_key), ("id_key", id_key),
-                                          ("concept_key", concept_key)) if v is not None},
-            monitor_images=monitor_images, subset_seed=subset_seed, latent_cache=latent_cache, overwrite=overwrite,
-            strict=strict, log_to_wandb=log_to_wandb)
+            probe_prompts=probe_prompts,
+            probe_seeds=probe_seeds,
+            probe_file=probe_file,
+            probe_template=probe_template,
+            probe_mixtures=probe_mixtures,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            at_steps=at_steps,
+            layers=layers,
+            timesteps=timesteps,
+            pooling=pooling,
+            encode_prompt=encode_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            thumbnail_size=thumbnail_size,
+            save_lora_snapshots=save_lora_snapshots,
+            mode=mode,
+            projection_width=projection_width,
+            projection_seed=projection_seed,
+            encode_batch_size=encode_batch_size,
+            image_keys={
+                k: v
+                for k, v in (
+                    ("image_key", image_key),
+                    ("caption_key", caption_key),
+                    ("id_key", id_key),
+                    ("concept_key", concept_key),
+                )
+                if v is not None
+            },
+            monitor_images=monitor_images,
+            subset_seed=subset_seed,
+            latent_cache=latent_cache,
+            overwrite=overwrite,
+            strict=strict,
+            log_to_wandb=log_to_wandb,
+        )
         Monitor(store_path, **self._monitor_args)  # argument errors surface here, at construction
         self.monitor: Optional[Monitor] = None
         self._state: Optional[dict] = None
@@ -231,7 +270,8 @@ class MontrageCallback(Callback):
             raise MontrageConfigError(
                 f"{err} On a LightningModule, assign the parts as attributes (self.unet = ..., as "
                 "montrage.recipes.DiffusionFineTune does), or set components: {unet: model.unet, ...} (dotted paths), "
-                "or pipeline: <attribute holding a diffusers pipeline>.") from err
+                "or pipeline: <attribute holding a diffusers pipeline>."
+            ) from err
         if self.layers:
             resolve_modules(c.unet, self.layers)  # unknown module names fail before training starts
         if self.probe_file is not None:
@@ -242,8 +282,10 @@ class MontrageCallback(Callback):
             return self.images
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None:
-            raise MontrageConfigError("MontrageCallback found no training dataset (trainer.train_dataloader.dataset); "
-                                      "set images: <folder or list of paths>.")
+            raise MontrageConfigError(
+                "MontrageCallback found no training dataset (trainer.train_dataloader.dataset); "
+                "set images: <folder or list of paths>."
+            )
         return dataset
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,9 +299,17 @@ class MontrageCallback(Callback):
         max_steps = int(steps) if steps is not None and steps != float("inf") else None
         model_id = getattr(pl_module, "model_id", None)
         self.monitor = Monitor(
-            self.store_path, module_components(pl_module, self.components, self.pipeline), images,
-            resolution=resolution, concept_tokens=tokens, max_steps=max_steps, model_id=model_id,
-            dist=StrategyDistributed(trainer), progress=trainer.is_global_zero, **self._monitor_args)
+            self.store_path,
+            module_components(pl_module, self.components, self.pipeline),
+            images,
+            resolution=resolution,
+            concept_tokens=tokens,
+            max_steps=max_steps,
+            model_id=model_id,
+            dist=StrategyDistributed(trainer),
+            progress=trainer.is_global_zero,
+            **self._monitor_args,
+        )
         self.monitor.wandb_runs = lambda: [lg.experiment for lg in wandb_loggers(trainer)] if self.log_to_wandb else []
         if self._state is not None:
             self.monitor.load_state_dict(self._state)

@@ -26,14 +26,16 @@ def live_model_dir(store_path: str) -> str:
 
 def _features(store: StoreReader, epochs: slice = slice(None)) -> tuple[dict, dict]:
     """Probe and training features per layer, (E, P, T, F) and (E, N, T, F), of the stored epoch rows `epochs`."""
-    return ({layer: store.probe_features(layer, epochs) for layer in store.layers},
-            {layer: store.train_features(layer, epochs=epochs) for layer in store.layers})
+    return (
+        {layer: store.probe_features(layer, epochs) for layer in store.layers},
+        {layer: store.train_features(layer, epochs=epochs) for layer in store.layers},
+    )
 
 
 def _epoch_table(probe: dict, train: dict, row: int) -> np.ndarray:
     """(P, N, 2D) final-mode features of the probes of epoch row `row` of `probe` against that row's training images."""
-    q = {layer: v[row:row + 1] for layer, v in probe.items()}
-    t = {layer: v[row:row + 1] for layer, v in train.items()}
+    q = {layer: v[row : row + 1] for layer, v in probe.items()}
+    t = {layer: v[row : row + 1] for layer, v in train.items()}
     centre = {layer: v.mean(axis=1) for layer, v in t.items()}
     return per_query_standardize(pair_features(q, t, centre, "final"))
 
@@ -61,7 +63,8 @@ def load_final_model(store: StoreReader, model_dir: str | None = None) -> Attrib
         raise AttributionModelError(
             f"attribution model {path!r} reads features {meta.get('feature_names')} but store {store.path!r} provides "
             f"{want} (layers {store.layers}, timesteps {store.timesteps}); fit it on a store monitored with the same "
-            "layers and timesteps, or let montrage fit one on this store.")
+            "layers and timesteps, or let montrage fit one on this store."
+        )
     return model
 
 
@@ -84,5 +87,10 @@ def attribution_curves(store: StoreReader, model: AttributionModel, top_k: int =
         scores[row] = np.stack([s[:, labels == c].mean(axis=1) for c in concepts], axis=1)
     k = min(top_k, len(train))
     top = np.argsort(-s, axis=1)[:, :k]
-    return {"scores": scores, "concepts": concepts, "epochs": [int(e) for e in store.epochs], "top": top,
-            "top_scores": np.take_along_axis(s, top, axis=1)}
+    return {
+        "scores": scores,
+        "concepts": concepts,
+        "epochs": [int(e) for e in store.epochs],
+        "top": top,
+        "top_scores": np.take_along_axis(s, top, axis=1),
+    }

@@ -78,6 +78,7 @@ class FeatureHooks:
             if hasattr(output, "sample") and not torch.is_tensor(output):
                 output = output.sample
             self.outputs[name].append(pool(output.detach().float(), self.pooling).cpu())
+
         return fn
 
     def __enter__(self) -> "FeatureHooks":

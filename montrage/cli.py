@@ -20,18 +20,24 @@ def _human(n: int) -> str:
 
 def print_summary(s: dict) -> None:
     print(f"store        {s['path']}  ({_human(s['file_bytes'])}, schema {s['schema_version']})")
-    print(f"model        {s['model'].get('model_id')}  [{s['model'].get('family', 'sd')}: {s['model'].get('unet_class')} "
-          f"{s['model'].get('unet_config_sha')}]")
+    print(
+        f"model        {s['model'].get('model_id')}  [{s['model'].get('family', 'sd')}: {s['model'].get('unet_class')} "
+        f"{s['model'].get('unet_config_sha')}]"
+    )
     print(f"epochs       {s['epochs']}  (global steps {s['global_steps']})")
     print(f"probes       {s['num_probes']} = {len(s['probe_prompts'])} prompts x seeds {s['probe_seeds']}")
-    print(f"train images {s['num_train_images']} ({s.get('num_monitored_images', s['num_train_images'])} monitored) in "
-          f"concepts {', '.join(s['concepts'])}")
+    print(
+        f"train images {s['num_train_images']} ({s.get('num_monitored_images', s['num_train_images'])} monitored) in "
+        f"concepts {', '.join(s['concepts'])}"
+    )
     print(f"layers       {', '.join(f'{k} ({v})' for k, v in s['feature_dims'].items())}; pooling {s['pooling']}")
     print(f"timesteps    {s['timesteps']}")
     print(f"order rows   {s['training_order_rows']}; LoRA snapshots: {'yes' if s['lora_snapshots'] else 'no'}")
     if s.get("mode") == "deferred":
-        print(f"deferred     {s['adapter_snapshots']} adapter snapshot(s), {len(s['epochs'])} encoded"
-              + ("" if len(s['epochs']) == s['adapter_snapshots'] else f" (run `montrage encode {s['path']}`)"))
+        print(
+            f"deferred     {s['adapter_snapshots']} adapter snapshot(s), {len(s['epochs'])} encoded"
+            + ("" if len(s["epochs"]) == s["adapter_snapshots"] else f" (run `montrage encode {s['path']}`)")
+        )
     if s.get("projection"):
         p = s["projection"]
         print(f"projection   pooled {p['pooled_dims']} -> {p['width']} (seed {p['seed']})")
@@ -64,11 +70,16 @@ def follow(args) -> int:
             if args.json:
                 print(json.dumps(ev), flush=True)
             elif ev["event"] == "epoch":
-                print(f"{time.strftime('%H:%M:%S')} snapshot {ev['row']}: epoch {ev['epoch']} "
-                      f"(global step {ev['global_step']})", flush=True)
+                print(
+                    f"{time.strftime('%H:%M:%S')} snapshot {ev['row']}: epoch {ev['epoch']} "
+                    f"(global step {ev['global_step']})",
+                    flush=True,
+                )
             elif ev["event"] == "cut":
-                print(f"{time.strftime('%H:%M:%S')} store cut back to {ev['epochs']} snapshot(s) (a resumed run)",
-                      flush=True)
+                print(
+                    f"{time.strftime('%H:%M:%S')} store cut back to {ev['epochs']} snapshot(s) (a resumed run)",
+                    flush=True,
+                )
             else:
                 why = "the writer closed the store" if ev["reason"] == "closed" else "timeout"
                 print(f"{time.strftime('%H:%M:%S')} {why}; {ev['epochs']} snapshot(s)", flush=True)
@@ -99,16 +110,29 @@ def cmd_encode(args) -> int:
         run = wandb.init(id=args.wandb_run_id, project=args.wandb_project, resume="allow") if dist.rank == 0 else None
         runs = lambda: [run] if run is not None else []  # noqa: E731
     try:
-        result = encode_store(args.store, _images_arg(args.images), args.model_path, follow=args.follow,
-                              timeout=args.timeout or None, interval=args.interval, device=device, dist=dist,
-                              batch_size=args.batch_size, log_to_wandb=runs is not None, wandb_runs=runs)
+        result = encode_store(
+            args.store,
+            _images_arg(args.images),
+            args.model_path,
+            follow=args.follow,
+            timeout=args.timeout or None,
+            interval=args.interval,
+            device=device,
+            dist=dist,
+            batch_size=args.batch_size,
+            log_to_wandb=runs is not None,
+            wandb_runs=runs,
+        )
     except NothingToEncode as err:
         print(f"montrage encode: nothing to do: {err}")
         return 0
     if dist.rank == 0:
-        print(json.dumps(result) if args.json else
-              f"encoded {result['encoded']} snapshot(s) ({result['already_encoded']} were already) of {args.store} "
-              f"into {result['features']} with {result['processes']} process(es) in {result['seconds']} s")
+        print(
+            json.dumps(result)
+            if args.json
+            else f"encoded {result['encoded']} snapshot(s) ({result['already_encoded']} were already) of {args.store} "
+            f"into {result['features']} with {result['processes']} process(es) in {result['seconds']} s"
+        )
     return 0
 
 
@@ -116,11 +140,32 @@ def cmd_demo(args) -> int:
     from montrage.recipes.demo import run_demo
 
     digits = [int(d) for d in args.digits.split(",")]
-    result = run_demo(args.out, digits=digits, epochs=args.epochs, images_per_concept=args.images_per_concept,
-                      seed=args.seed, progress=not args.quiet)
-    print(json.dumps({k: result[k] for k in ("store", "curves_png", "epochs", "probe_concept_accuracy_per_epoch",
-                                             "final_own_concept_is_most_similar", "attribution", "origin", "seconds")},
-                     indent=1))
+    result = run_demo(
+        args.out,
+        digits=digits,
+        epochs=args.epochs,
+        images_per_concept=args.images_per_concept,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "store",
+                    "curves_png",
+                    "epochs",
+                    "probe_concept_accuracy_per_epoch",
+                    "final_own_concept_is_most_similar",
+                    "attribution",
+                    "origin",
+                    "seconds",
+                )
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {args.out}/store.h5, {args.out}/demo_summary.json, {args.out}/curves.png, {args.out}/query.png")
     print(f"next: montrage inspect {args.out}/store.h5")
     return 0
@@ -145,37 +190,63 @@ def cmd_bench(args) -> int:
     if args.what == "attribution":
         from montrage.recipes.bench_attribution import run_attribution_bench
 
-        run_attribution_bench(args.out or "attribution_results.json", _digits(args.concepts or "0,1,2,3,4,5,6,7,8,9"),
-                              images_per_concept=args.images_per_concept or 8, epochs=args.epochs or 6,
-                              seeds=[int(s) for s in str(args.seed).split(",")], data_dir=args.data_dir,
-                              keep=args.keep, within=args.within, exemplar_repeats=args.exemplar_repeats,
-                              projection_width=None if args.projection_width in (None, "none") else int(args.projection_width),
-                              dataset=args.dataset, themes=_names(args.themes), pretrain_themes=_names(args.pretrain_themes),
-                              icons_dir=args.icons_dir, icons_per_theme=args.icons_per_theme,
-                              fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None,
-                              pretrain_text_encoder=args.pretrain_text_encoder, rescore=args.rescore)
+        run_attribution_bench(
+            args.out or "attribution_results.json",
+            _digits(args.concepts or "0,1,2,3,4,5,6,7,8,9"),
+            images_per_concept=args.images_per_concept or 8,
+            epochs=args.epochs or 6,
+            seeds=[int(s) for s in str(args.seed).split(",")],
+            data_dir=args.data_dir,
+            keep=args.keep,
+            within=args.within,
+            exemplar_repeats=args.exemplar_repeats,
+            projection_width=None if args.projection_width in (None, "none") else int(args.projection_width),
+            dataset=args.dataset,
+            themes=_names(args.themes),
+            pretrain_themes=_names(args.pretrain_themes),
+            icons_dir=args.icons_dir,
+            icons_per_theme=args.icons_per_theme,
+            fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None,
+            pretrain_text_encoder=args.pretrain_text_encoder,
+            rescore=args.rescore,
+        )
         return 0
     if args.what == "counterfactual":
         from montrage.recipes.bench_counterfactual import run_counterfactual
 
-        run_counterfactual(args.out or "counterfactual.json", args.dataset, _digits(args.concepts or "1,4,7,9"),
-                           args.images_per_concept or 8,
-                           _names(args.themes), _names(args.pretrain_themes), args.icons_dir, args.icons_per_theme,
-                           args.queries, tuple(float(k) for k in args.k.split(",")), int(args.seed), args.epochs or 6,
-                           _names(args.methods), pretrain_text_encoder=args.pretrain_text_encoder)
+        run_counterfactual(
+            args.out or "counterfactual.json",
+            args.dataset,
+            _digits(args.concepts or "1,4,7,9"),
+            args.images_per_concept or 8,
+            _names(args.themes),
+            _names(args.pretrain_themes),
+            args.icons_dir,
+            args.icons_per_theme,
+            args.queries,
+            tuple(float(k) for k in args.k.split(",")),
+            int(args.seed),
+            args.epochs or 6,
+            _names(args.methods),
+            pretrain_text_encoder=args.pretrain_text_encoder,
+        )
         return 0
     if args.what == "origin":
         from montrage.recipes.bench_origin import main as origin_bench_main
 
-        origin_bench_main(["--out", args.out or "origin_results.json", "--seed", str(args.seed)]
-                          + (["--members", str(args.members)] if args.members else [])
-                          + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
+        origin_bench_main(
+            ["--out", args.out or "origin_results.json", "--seed", str(args.seed)]
+            + (["--members", str(args.members)] if args.members else [])
+            + (["--timesteps", str(args.timesteps)] if args.timesteps else [])
+        )
         return 0
     if args.what == "adapters":
         from montrage.recipes.bench_adapters import main as adapters_bench_main
 
-        adapters_bench_main(["--out", args.out or "adapters_results.json", "--seed", str(args.seed)]
-                            + (["--timesteps", str(args.timesteps)] if args.timesteps else []))
+        adapters_bench_main(
+            ["--out", args.out or "adapters_results.json", "--seed", str(args.seed)]
+            + (["--timesteps", str(args.timesteps)] if args.timesteps else [])
+        )
         return 0
     if args.what == "scale":
         from montrage.recipes.bench_scale import run_scale
@@ -193,9 +264,17 @@ def cmd_bench(args) -> int:
     if args.what == "overhead":
         from montrage.recipes.bench import run_overhead
 
-        result = run_overhead(epochs=args.epochs or 3, images_per_concept=args.images_per_concept or 16, repeats=args.repeats,
-                              rounds=args.rounds, out=args.out, mode=args.mode, model=args.model,
-                              accelerator=args.accelerator, resolution=args.resolution)
+        result = run_overhead(
+            epochs=args.epochs or 3,
+            images_per_concept=args.images_per_concept or 16,
+            repeats=args.repeats,
+            rounds=args.rounds,
+            out=args.out,
+            mode=args.mode,
+            model=args.model,
+            accelerator=args.accelerator,
+            resolution=args.resolution,
+        )
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
         return 0
     if args.what == "memory":
@@ -211,9 +290,15 @@ def cmd_attribute(args) -> int:
     if args.action == "fit":
         from montrage.attribution.fit import fit_attribution
 
-        report = fit_attribution(args.store, out_dir=args.model_dir, loss=args.loss, steps=args.steps, seed=args.seed,
-                                 members=args.members,
-                                 model_path=args.model_path)
+        report = fit_attribution(
+            args.store,
+            out_dir=args.model_dir,
+            loss=args.loss,
+            steps=args.steps,
+            seed=args.seed,
+            members=args.members,
+            model_path=args.model_path,
+        )
         print(json.dumps(report, indent=1))
         return 0
     from montrage.attribution.query import Attributor
@@ -256,22 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="summarize a store: epochs, probes, images, layers, dataset shapes and bytes")
     s.add_argument("store")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--follow", action="store_true", help="print each snapshot as a running job commits it (SWMR); "
-                   "waits for the file to appear, ends when the writer closes it")
+    s.add_argument(
+        "--follow",
+        action="store_true",
+        help="print each snapshot as a running job commits it (SWMR); "
+        "waits for the file to appear, ends when the writer closes it",
+    )
     s.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --follow")
     s.add_argument("--timeout", type=float, default=0.0, help="stop following after this many seconds (0 = never)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("encode", help="encode a deferred store's adapter snapshots (probes and training images)")
     s.add_argument("store")
-    s.add_argument("--images", default=None, help="the training images, if the store's recorded folder or paths are "
-                   "not here (a folder, or a datasets.save_to_disk directory)")
+    s.add_argument(
+        "--images",
+        default=None,
+        help="the training images, if the store's recorded folder or paths are "
+        "not here (a folder, or a datasets.save_to_disk directory)",
+    )
     s.add_argument("--model-path", default=None, help="the run's base model, if not where the store says")
     s.add_argument("--devices", type=int, default=1, help="processes to split each snapshot's work across (DDP)")
     s.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     s.add_argument("--batch-size", type=int, default=None, help="denoiser forwards per batch (default: the run's)")
-    s.add_argument("--follow", action="store_true", help="keep encoding snapshots as the running job commits them, "
-                   "until it closes the store")
+    s.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep encoding snapshots as the running job commits them, until it closes the store",
+    )
     s.add_argument("--interval", type=float, default=5.0, help="seconds between polls with --follow")
     s.add_argument("--timeout", type=float, default=0.0, help="stop following after this many seconds (0 = never)")
     s.add_argument("--wandb-run-id", default=None, help="log the similarity curves into this W&B run (the training's)")
@@ -292,49 +388,92 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tiny_base)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "adapters", "memory",
-                                    "scale"])
-    s.add_argument("--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run")
+    s.add_argument(
+        "what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "adapters", "memory", "scale"]
+    )
+    s.add_argument(
+        "--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run"
+    )
     s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
     s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")
     s.add_argument("--timesteps", type=int, default=None, help="origin: timesteps in the trajectory grid (20)")
     s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
     s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
     s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
-    s.add_argument("--concepts", default=None, help="attribution: digit concepts (default: all ten; "
-                   "counterfactual: 1,4,7,9)")
+    s.add_argument(
+        "--concepts", default=None, help="attribution: digit concepts (default: all ten; counterfactual: 1,4,7,9)"
+    )
     s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
     s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
     s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
-    s.add_argument("--rescore", default=None, help="attribution: a --keep folder whose runs are scored again with "
-                   "montrage refitted (the baselines' saved scores reused; same flags as the kept run)")
-    s.add_argument("--dataset", default="digits", choices=["digits", "icons"],
-                   help="attribution: digits on the digits base, or installed icon themes on the art base")
+    s.add_argument(
+        "--rescore",
+        default=None,
+        help="attribution: a --keep folder whose runs are scored again with "
+        "montrage refitted (the baselines' saved scores reused; same flags as the kept run)",
+    )
+    s.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "icons"],
+        help="attribution: digits on the digits base, or installed icon themes on the art base",
+    )
     s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")
-    s.add_argument("--pretrain-themes", default=None, help="attribution (icons): the art base's pre-training themes "
-                   "(default: one installed theme of every other family)")
-    s.add_argument("--pretrain-text-encoder", default="frozen", choices=["frozen", "train"],
-                   help="attribution (icons): leave the art base's text encoder as built while its UNet pre-trains (as "
-                        "Stable Diffusion's UNet learns on a frozen CLIP; the default), or train it with the UNet")
+    s.add_argument(
+        "--pretrain-themes",
+        default=None,
+        help="attribution (icons): the art base's pre-training themes "
+        "(default: one installed theme of every other family)",
+    )
+    s.add_argument(
+        "--pretrain-text-encoder",
+        default="frozen",
+        choices=["frozen", "train"],
+        help="attribution (icons): leave the art base's text encoder as built while its UNet pre-trains (as "
+        "Stable Diffusion's UNet learns on a frozen CLIP; the default), or train it with the UNet",
+    )
     s.add_argument("--icons-dir", default=None, help="attribution (icons): folder of icon themes (/usr/share/icons)")
     s.add_argument("--icons-per-theme", type=int, default=16, help="attribution (icons): training icons per theme")
     s.add_argument("--queries", type=int, default=8, help="counterfactual: held-out queries retrained for")
-    s.add_argument("--k", default="0.05,0.1", help="counterfactual: removed images, as fractions of the training set "
-                   "(< 1) or counts, comma-separated")
+    s.add_argument(
+        "--k",
+        default="0.05,0.1",
+        help="counterfactual: removed images, as fractions of the training set (< 1) or counts, comma-separated",
+    )
     s.add_argument("--methods", default=None, help="counterfactual: methods to retrain for (default: all, and random)")
-    s.add_argument("--fit-seeds", default=None, help="attribution: also refit the attribution model with each of "
-                   "these seeds (comma-separated) on every run's store and report the spread")
+    s.add_argument(
+        "--fit-seeds",
+        default=None,
+        help="attribution: also refit the attribution model with each of "
+        "these seeds (comma-separated) on every run's store and report the spread",
+    )
     s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
-    s.add_argument("--within", default="exemplar", choices=["exemplar", "tokens"],
-                   help="attribution: within-concept ground truth (an over-sampled exemplar, or per-image tokens)")
-    s.add_argument("--exemplar-repeats", type=int, default=8,
-                   help="attribution: how many times more often each concept's exemplar image is seen")
+    s.add_argument(
+        "--within",
+        default="exemplar",
+        choices=["exemplar", "tokens"],
+        help="attribution: within-concept ground truth (an over-sampled exemplar, or per-image tokens)",
+    )
+    s.add_argument(
+        "--exemplar-repeats",
+        type=int,
+        default=8,
+        help="attribution: how many times more often each concept's exemplar image is seen",
+    )
     s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
-    s.add_argument("--projection-width", default="none", help="attribution: store features through a random "
-                   "projection to this width ('none': unprojected; the benchmark's pooled features are 128 wide)")
+    s.add_argument(
+        "--projection-width",
+        default="none",
+        help="attribution: store features through a random "
+        "projection to this width ('none': unprojected; the benchmark's pooled features are 128 wide)",
+    )
     s.add_argument("--mode", default="both", choices=["inline", "deferred", "both"], help="overhead: monitoring modes")
-    s.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sdxl"],
-                   help="overhead: the tiny base, or random-weight SD 1.5 / SDXL architectures (256 / 1024 px)")
+    s.add_argument(
+        "--model",
+        default="tiny",
+        choices=["tiny", "sd15", "sdxl"],
+        help="overhead: the tiny base, or random-weight SD 1.5 / SDXL architectures (256 / 1024 px)",
+    )
     s.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="overhead: where training runs")
     s.add_argument("--resolution", type=int, default=None, help="overhead: image side (tiny 16, sd15 256, sdxl 1024)")
     s.add_argument("--out", default=None, help="write the result JSON here too")
@@ -346,13 +485,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="*", help="query images (query)")
     s.add_argument("--model-dir", default=None, help="attribution models (default: <store>_attribution/)")
     s.add_argument("--model-path", default=None, help="the run's base model, if not where the store says")
-    s.add_argument("--loss", default="scos+rank", choices=["scos+rank", "scos", "mse", "bce"],
-                   help="fit: training loss (scos+rank: shifted cosine plus the within-concept ranking term)")
+    s.add_argument(
+        "--loss",
+        default="scos+rank",
+        choices=["scos+rank", "scos", "mse", "bce"],
+        help="fit: training loss (scos+rank: shifted cosine plus the within-concept ranking term)",
+    )
     s.add_argument("--members", type=int, default=5, help="fit: independently initialized MLPs averaged into the score")
     s.add_argument("--steps", type=int, default=400, help="fit: optimizer steps")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--prompt", default=None, help="query: the prompt that made the images; they are encoded under it, as the "
-                   "training images were under their captions (omit if unknown: the empty prompt is used)")
+    s.add_argument(
+        "--prompt",
+        default=None,
+        help="query: the prompt that made the images; they are encoded under it, as the "
+        "training images were under their captions (omit if unknown: the empty prompt is used)",
+    )
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--fast", action="store_true", help="query: encode at the final epoch only")
     s.add_argument("--json", action="store_true")

@@ -67,7 +67,9 @@ def load_components(pretrained: str, revision: str | None = None, torch_dtype: t
     kw = {"revision": revision} if revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(
+            pretrained, subfolder="text_encoder", torch_dtype=torch_dtype, **kw
+        )
         vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=torch_dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=torch_dtype, **kw)
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
@@ -76,9 +78,15 @@ def load_components(pretrained: str, revision: str | None = None, torch_dtype: t
             f"could not load a diffusers text-to-image model from {pretrained!r}: {err}. Pass a local folder in the "
             "diffusers layout or a hub id (downloads need network access; set HF_HUB_OFFLINE=0)."
         ) from err
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, model_id=pretrained,
-                      parts={"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-                             "scheduler": scheduler})
+    return Components(
+        tokenizer,
+        text_encoder,
+        vae,
+        unet,
+        scheduler,
+        model_id=pretrained,
+        parts={"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler},
+    )
 
 
 def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> Components:
@@ -89,15 +97,19 @@ def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> Compo
     try:
         cfg = DiffusionPipeline.load_config(pretrained)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not read model_index.json of {pretrained!r}: {err}. Pass the folder written by "
-                             "`save_pretrained`, or a hub id (downloads need network access).") from err
+        raise ModelLoadError(
+            f"could not read model_index.json of {pretrained!r}: {err}. Pass the folder written by "
+            "`save_pretrained`, or a hub id (downloads need network access)."
+        ) from err
     if "transformer" not in cfg and "text_encoder_2" not in cfg:
         return load_components(pretrained, torch_dtype=torch_dtype)
     from montrage.family import PIPELINES
 
     if cfg.get("_class_name") not in PIPELINES:
-        raise ModelLoadError(f"{pretrained!r} holds a {cfg.get('_class_name')}, which no montrage family adapter knows "
-                             f"(supported: {', '.join(PIPELINES)}); for another model subclass montrage.family.Family.")
+        raise ModelLoadError(
+            f"{pretrained!r} holds a {cfg.get('_class_name')}, which no montrage family adapter knows "
+            f"(supported: {', '.join(PIPELINES)}); for another model subclass montrage.family.Family."
+        )
     try:
         pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype)
     except (OSError, ValueError) as err:
@@ -134,7 +146,9 @@ def unwrap(module):
             module = module.module
         elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
             module = module._orig_mod
-        elif type(module).__name__.startswith("Peft") and isinstance(getattr(getattr(module, "base_model", None), "model", None), torch.nn.Module):
+        elif type(module).__name__.startswith("Peft") and isinstance(
+            getattr(getattr(module, "base_model", None), "model", None), torch.nn.Module
+        ):
             module = module.base_model.model
         else:
             return module
@@ -148,13 +162,18 @@ def strip_wrapper_prefixes(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 
 # what each part may be called in a pipeline, a mapping or a LightningModule
-ALIASES = {"unet": ("unet", "transformer"), "vae": ("vae",), "text_encoder": ("text_encoder",),
-           "tokenizer": ("tokenizer",), "scheduler": ("scheduler", "noise_scheduler")}
+ALIASES = {
+    "unet": ("unet", "transformer"),
+    "vae": ("vae",),
+    "text_encoder": ("text_encoder",),
+    "tokenizer": ("tokenizer",),
+    "scheduler": ("scheduler", "noise_scheduler"),
+}
 EXTRA_PARTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
@@ -169,7 +188,9 @@ def resolve_components(model, model_id: str | None = None, where: str = "pipelin
     elif isinstance(getattr(model, "components", None), dict):
         parts = dict(model.components)
     else:
-        parts = {k: getattr(model, k) for k in sum(ALIASES.values(), ()) + EXTRA_PARTS if getattr(model, k, None) is not None}
+        parts = {
+            k: getattr(model, k) for k in sum(ALIASES.values(), ()) + EXTRA_PARTS if getattr(model, k, None) is not None
+        }
     found = {}
     for key, names in ALIASES.items():
         found[key] = next((parts[n] for n in names if parts.get(n) is not None), None)
@@ -180,14 +201,20 @@ def resolve_components(model, model_id: str | None = None, where: str = "pipelin
             f"the {where} lacks {', '.join('denoiser (unet or transformer)' if m == 'unet' else m for m in missing)} "
             f"(it has: {have}). Give a diffusers pipeline built from the live training modules, e.g. "
             "StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, "
-            "scheduler=noise_scheduler, safety_checker=None, feature_extractor=None), or a mapping with these names.")
+            "scheduler=noise_scheduler, safety_checker=None, feature_extractor=None), or a mapping with these names."
+        )
     unet = unwrap(found["unet"])
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "config"):
         raise ModelLoadError(f"the {where}'s denoiser is a {type(found['unet']).__name__}, not a diffusers model.")
     ident = model_id or str(getattr(unet.config, "_name_or_path", "") or "unknown")
-    named = {"transformer" if type(unet).__name__.endswith("Transformer2DModel") else "unet": unet,
-             "vae": unwrap(found["vae"]), "text_encoder": unwrap(found["text_encoder"]), "tokenizer": found["tokenizer"],
-             "scheduler": found["scheduler"]}
+    named = {
+        "transformer" if type(unet).__name__.endswith("Transformer2DModel") else "unet": unet,
+        "vae": unwrap(found["vae"]),
+        "text_encoder": unwrap(found["text_encoder"]),
+        "tokenizer": found["tokenizer"],
+        "scheduler": found["scheduler"],
+    }
     named.update({k: unwrap(parts[k]) for k in EXTRA_PARTS if parts.get(k) is not None})
-    return Components(found["tokenizer"], named["text_encoder"], named["vae"], unet, found["scheduler"], model_id=ident,
-                      parts=named)
+    return Components(
+        found["tokenizer"], named["text_encoder"], named["vae"], unet, found["scheduler"], model_id=ident, parts=named
+    )

@@ -49,8 +49,10 @@ def open_rgb(path: str):
         with Image.open(path) as im:
             return _to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as err:
-        raise DataError(f"image {path!r} is too large to decode safely ({err}). Downscale it, or raise "
-                        "PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from err
+        raise DataError(
+            f"image {path!r} is too large to decode safely ({err}). Downscale it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read image {path!r}: {err}. Remove or replace the file.") from err
 
@@ -77,17 +79,23 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def scan_concept_folder(root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None) -> list[TrainExample]:
+def scan_concept_folder(
+    root: str, caption_template: str = "a photo of {token}", tokens: dict | None = None
+) -> list[TrainExample]:
     """One subfolder per concept; the caption is the template with the concept's token, or a sidecar .txt file.
 
     The template may use `{token}`, `{concept}` and `{image_token}` (a per-image token, see `image_token`).
     `tokens` maps concept folder names to the token put in captions (default: the folder name itself).
     """
     if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist: pass `data_dir` pointing at a folder with one subfolder per concept.")
+        raise DataError(
+            f"image folder {root!r} does not exist: pass `data_dir` pointing at a folder with one subfolder per concept."
+        )
     concepts = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not concepts:
-        raise DataError(f"image folder {root!r} has no concept subfolders: put each concept's images in {root}/<concept>/.")
+        raise DataError(
+            f"image folder {root!r} has no concept subfolders: put each concept's images in {root}/<concept>/."
+        )
     examples = []
     for concept in concepts:
         folder = os.path.join(root, concept)
@@ -143,13 +151,20 @@ def digits_examples(
     target = sklearn_digits()[1]
     examples = []
     for digit in concepts:
-        idx = np.flatnonzero(target == digit)[offset: offset + per_concept]
+        idx = np.flatnonzero(target == digit)[offset : offset + per_concept]
         if len(idx) < per_concept:
-            raise DataError(f"digits has only {len(idx)} images of {digit} after offset {offset}; lower `images_per_concept`.")
+            raise DataError(
+                f"digits has only {len(idx)} images of {digit} after offset {offset}; lower `images_per_concept`."
+            )
         for k, i in enumerate(idx):
-            caption = caption_template.format(token=digit_token(digit), concept=f"digit{digit}", image_token=image_token(k))
-            examples.append(TrainExample(id=f"digits/{int(i)}", concept=f"digit{digit}", caption=caption,
-                                         path=f"sklearn:digits/{int(i)}"))
+            caption = caption_template.format(
+                token=digit_token(digit), concept=f"digit{digit}", image_token=image_token(k)
+            )
+            examples.append(
+                TrainExample(
+                    id=f"digits/{int(i)}", concept=f"digit{digit}", caption=caption, path=f"sklearn:digits/{int(i)}"
+                )
+            )
     return examples
 
 
@@ -175,7 +190,9 @@ class ConceptImageDataset(torch.utils.data.Dataset):
         self.repeats = max(1, int(repeats))
         weights = [1] * len(self.examples) if weights is None else [int(w) for w in weights]
         if len(weights) != len(self.examples) or min(weights) < 0 or sum(weights) == 0:
-            raise DataError(f"weights must be {len(self.examples)} non-negative counts, not all 0; got {weights[:8]}...")
+            raise DataError(
+                f"weights must be {len(self.examples)} non-negative counts, not all 0; got {weights[:8]}..."
+            )
         self._order = [j for j, w in enumerate(weights) for _ in range(w)]
         self.pixels = torch.stack([read_example(ex, size) for ex in self.examples])
 

@@ -20,8 +20,17 @@ import numpy as np
 
 from montrage.distributed import Distributed, TorchDistributed
 from montrage.monitor import Monitor, MontrageConfigError
-from montrage.store import (StoreError, StoreMismatchError, StoreReader, StoreSpec, StoreWriter, adapter_digest,
-                            features_path, first_difference, left_open_for_write)
+from montrage.store import (
+    StoreError,
+    StoreMismatchError,
+    StoreReader,
+    StoreSpec,
+    StoreWriter,
+    adapter_digest,
+    features_path,
+    first_difference,
+    left_open_for_write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,10 @@ def _source_for(store: StoreReader, images: Any):
     cfg = store.spec["config"]
     if cfg.get("images"):
         if not os.path.isdir(cfg["images"]):
-            raise MontrageConfigError(f"store {store.path!r} was trained on the folder {cfg['images']!r}, which is not "
-                                      "here: pass the images (--images FOLDER).")
+            raise MontrageConfigError(
+                f"store {store.path!r} was trained on the folder {cfg['images']!r}, which is not "
+                "here: pass the images (--images FOLDER)."
+            )
         return cfg["images"]
     train = store.all_train
     missing = [train[i].id for i in store.monitored_rows if not train[i].path]
@@ -46,7 +57,8 @@ def _source_for(store: StoreReader, images: Any):
         raise MontrageConfigError(
             f"store {store.path!r} records no file for {len(missing)} monitored image(s) (e.g. {missing[0]!r}: they "
             "came from a dataset): pass the same dataset, encode_store(..., images=dataset), or --images "
-            "<folder or datasets.save_to_disk directory>.")
+            "<folder or datasets.save_to_disk directory>."
+        )
     return train
 
 
@@ -67,7 +79,8 @@ class _Encoder(Monitor):
         if diff is not None:
             raise StoreMismatchError(
                 f"the rebuilt run does not match store {self.store.path!r}: field {diff[0]!r} differs (store: "
-                f"{diff[1]!r}, rebuilt: {diff[2]!r}). Pass the run's images (--images) and base model (--model-path).")
+                f"{diff[1]!r}, rebuilt: {diff[2]!r}). Pass the run's images (--images) and base model (--model-path)."
+            )
         # take the file (its lock; a killed encode's committed rows are recovered), then drop stale rows
         self._writer = StoreWriter(features_path(self.store_path), spec, truncate_to=(1 << 62, 0), part="features")
         self._writer.truncate(valid_rows(self.store, self._writer.f), 0)
@@ -85,10 +98,21 @@ def valid_rows(store: StoreReader, f) -> int:
     return n
 
 
-def encode_store(store_path: str, images: Any = None, model_path: Optional[str] = None, *, follow: bool = False,
-                 timeout: Optional[float] = None, interval: float = 2.0, device: str = "cpu",
-                 dist: Optional[Distributed] = None, batch_size: Optional[int] = None, log_to_wandb: bool = False,
-                 wandb_runs=None, progress: bool = True) -> dict:
+def encode_store(
+    store_path: str,
+    images: Any = None,
+    model_path: Optional[str] = None,
+    *,
+    follow: bool = False,
+    timeout: Optional[float] = None,
+    interval: float = 2.0,
+    device: str = "cpu",
+    dist: Optional[Distributed] = None,
+    batch_size: Optional[int] = None,
+    log_to_wandb: bool = False,
+    wandb_runs=None,
+    progress: bool = True,
+) -> dict:
     """Encode every adapter snapshot of a deferred store not yet encoded; returns what was done.
 
     `follow`: keep encoding snapshots as a running training job commits them, until it closes the store (or
@@ -101,25 +125,44 @@ def encode_store(store_path: str, images: Any = None, model_path: Optional[str] 
     store = StoreReader(store_path, features=False)
     try:
         if not store.deferred:
-            raise NothingToEncode(f"store {store_path!r} is inline: its training run wrote every snapshot's features "
-                                  "(nothing to encode).")
+            raise NothingToEncode(
+                f"store {store_path!r} is inline: its training run wrote every snapshot's features (nothing to encode)."
+            )
         from montrage.attribution.reencode import StoreModel
 
         sm = StoreModel(store, model_path, device)
         cfg = store.spec["config"]
         train = store.all_train
         enc = _Encoder(
-            store, store_path, sm.components.parts, _source_for(store, images), image_keys=cfg.get("image_keys") or {},
-            monitor_images=[train[i].id for i in store.monitored_rows], resolution=sm.resolution, probes=store.probes,
-            every_n_steps=1, layers=store.layers, timesteps=store.timesteps, pooling=store.spec["pooling"],
-            encode_prompt=cfg.get("encode_prompt", ""), num_inference_steps=int(cfg.get("num_inference_steps", 25)),
-            guidance_scale=float(cfg.get("guidance_scale", 7.5)), thumbnail_size=int(store.spec["thumbnail_size"]),
-            latent_cache=bool(cfg.get("latent_cache", True)), save_lora_snapshots=False, mode="inline",
+            store,
+            store_path,
+            sm.components.parts,
+            _source_for(store, images),
+            image_keys=cfg.get("image_keys") or {},
+            monitor_images=[train[i].id for i in store.monitored_rows],
+            resolution=sm.resolution,
+            probes=store.probes,
+            every_n_steps=1,
+            layers=store.layers,
+            timesteps=store.timesteps,
+            pooling=store.spec["pooling"],
+            encode_prompt=cfg.get("encode_prompt", ""),
+            num_inference_steps=int(cfg.get("num_inference_steps", 25)),
+            guidance_scale=float(cfg.get("guidance_scale", 7.5)),
+            thumbnail_size=int(store.spec["thumbnail_size"]),
+            latent_cache=bool(cfg.get("latent_cache", True)),
+            save_lora_snapshots=False,
+            mode="inline",
             projection_width=(store.spec.get("projection") or {}).get("width"),
             projection_seed=int((store.spec.get("projection") or {}).get("seed", 0)),
-            encode_batch_size=int(batch_size or cfg.get("encode_batch_size", 32)), strict=True,
-            log_to_wandb=log_to_wandb, model_id=store.spec["model"].get("model_id"), family=sm.family, dist=dist,
-            progress=progress)
+            encode_batch_size=int(batch_size or cfg.get("encode_batch_size", 32)),
+            strict=True,
+            log_to_wandb=log_to_wandb,
+            model_id=store.spec["model"].get("model_id"),
+            family=sm.family,
+            dist=dist,
+            progress=progress,
+        )
         if wandb_runs is not None:
             enc.wandb_runs = wandb_runs
         enc.start()
@@ -145,17 +188,27 @@ def encode_store(store_path: str, images: Any = None, model_path: Optional[str] 
                 if not follow or not open_:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
-                    log.warning("montrage encode: %s is still open for writing after %.0f s; stopping (run again to "
-                                "encode what comes later).", store_path, timeout)
+                    log.warning(
+                        "montrage encode: %s is still open for writing after %.0f s; stopping (run again to "
+                        "encode what comes later).",
+                        store_path,
+                        timeout,
+                    )
                     break
                 time.sleep(interval)
         finally:
             enc._close_store()
         dist.barrier("montrage-encode")
-        return {"store": store_path, "features": features_path(store_path), "snapshots": int(enc.snapshots_written),
-                "encoded": encoded, "already_encoded": int(skipped), "processes": dist.world_size,
-                "seconds": round(time.time() - t0, 2),
-                "images_per_second": round(encoded * len(enc.monitored) / max(time.time() - t0, 1e-9), 2)}
+        return {
+            "store": store_path,
+            "features": features_path(store_path),
+            "snapshots": int(enc.snapshots_written),
+            "encoded": encoded,
+            "already_encoded": int(skipped),
+            "processes": dist.world_size,
+            "seconds": round(time.time() - t0, 2),
+            "images_per_second": round(encoded * len(enc.monitored) / max(time.time() - t0, 1e-9), 2),
+        }
     finally:
         store.close()
 
@@ -186,8 +239,9 @@ def _log_attribution(store: StoreReader, enc: _Encoder) -> None:
 def _rows(start: int, stop: int, bar: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(range(start, stop), desc="montrage encode", unit="snapshot", disable=not bar or stop - start < 2,
-                leave=False)
+    return tqdm(
+        range(start, stop), desc="montrage encode", unit="snapshot", disable=not bar or stop - start < 2, leave=False
+    )
 
 
 def _wait_for(path: str, timeout: Optional[float]) -> None:
@@ -206,13 +260,17 @@ def launch(devices: int, accelerator: str = "cpu"):
     if accelerator == "gpu":
         have = torch.cuda.device_count()
         if devices > have:
-            raise MontrageConfigError(f"--devices {devices} with --accelerator gpu, but this machine has {have} GPU(s): "
-                                      f"use --devices {max(have, 1)}{'' if have else ' --accelerator cpu'}.")
+            raise MontrageConfigError(
+                f"--devices {devices} with --accelerator gpu, but this machine has {have} GPU(s): "
+                f"use --devices {max(have, 1)}{'' if have else ' --accelerator cpu'}."
+            )
     elif accelerator == "cpu":
         have = os.cpu_count() or 1
         if devices > have:
-            raise MontrageConfigError(f"--devices {devices} CPU processes, but this machine has {have} core(s): use "
-                                      f"--devices {have} or fewer.")
+            raise MontrageConfigError(
+                f"--devices {devices} CPU processes, but this machine has {have} core(s): use "
+                f"--devices {have} or fewer."
+            )
     else:
         raise MontrageConfigError(f"--accelerator {accelerator!r}: use 'cpu' or 'gpu'.")
     if devices < 1:

@@ -36,8 +36,10 @@ def image_latents(vae: torch.nn.Module | None, images: torch.Tensor, batch_size:
         return images
     p = next(vae.parameters())
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
-    out = [vae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist.mean * scale
-           for i in range(0, len(images), batch_size)]
+    out = [
+        vae.encode(images[i : i + batch_size].to(p.device, p.dtype)).latent_dist.mean * scale
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).float().cpu()
 
 
@@ -71,14 +73,14 @@ def encode_images(
     rows_per_call = max(1, batch_size // max(T, 1))
     with FeatureHooks(unet, layers, pooling) as hooks:
         for i in range(0, n, rows_per_call):
-            z = latents[i:i + rows_per_call]
-            eps = torch.stack([fixed_noise(s, T, tuple(z.shape[1:])) for s in noise_seeds[i:i + rows_per_call]])
+            z = latents[i : i + rows_per_call]
+            eps = torch.stack([fixed_noise(s, T, tuple(z.shape[1:])) for s in noise_seeds[i : i + rows_per_call]])
             z_rep = z[:, None].expand(-1, T, *z.shape[1:]).reshape(-1, *z.shape[1:])
             t_rep = t_all.repeat(len(z))
             noisy = scheduler.add_noise(z_rep, eps.reshape(-1, *z.shape[1:]), t_rep)
             kwargs = {}
             if cond is not None:
-                c = cond if len(cond) == 1 else cond[i:i + rows_per_call].repeat_interleave(T, dim=0)
+                c = cond if len(cond) == 1 else cond[i : i + rows_per_call].repeat_interleave(T, dim=0)
                 kwargs["encoder_hidden_states"] = c.to(p.device, p.dtype).expand(len(noisy), -1, -1)
             unet(noisy.to(p.device, p.dtype), t_rep.to(p.device), **kwargs)
             for name, feats in hooks.pop().items():
@@ -94,9 +96,21 @@ def condition_prompts(encode_prompt: str, texts: list[str]) -> list[str]:
     return list(texts) if encode_prompt == CAPTION else [encode_prompt] * len(texts)
 
 
-def encode_conditioned(unet, vae, scheduler, tokenizer, text_encoder, images: torch.Tensor, noise_seeds: list[int],
-                       prompts: list[str], timesteps: list[int], layers: list[str], pooling: Pooling = "mean",
-                       batch_size: int = 32, chunk: int = 256) -> dict[str, np.ndarray]:
+def encode_conditioned(
+    unet,
+    vae,
+    scheduler,
+    tokenizer,
+    text_encoder,
+    images: torch.Tensor,
+    noise_seeds: list[int],
+    prompts: list[str],
+    timesteps: list[int],
+    layers: list[str],
+    pooling: Pooling = "mean",
+    batch_size: int = 32,
+    chunk: int = 256,
+) -> dict[str, np.ndarray]:
     """`encode_images` with image i under `prompts[i]`; text embeddings are made a chunk at a time (bounded memory).
 
     `vae=None` takes `images` as latents already (see `image_latents`).
@@ -107,8 +121,20 @@ def encode_conditioned(unet, vae, scheduler, tokenizer, text_encoder, images: to
         return encode_images(unet, vae, scheduler, images, noise_seeds, timesteps, layers, pooling, None, batch_size)
     parts = []
     for i in range(0, max(len(images), 1), chunk):
-        texts = prompts[i:i + chunk]
+        texts = prompts[i : i + chunk]
         cond = embed_prompts(tokenizer, text_encoder, texts[:1] if len(set(texts)) == 1 else texts)
-        parts.append(encode_images(unet, vae, scheduler, images[i:i + chunk], noise_seeds[i:i + chunk], timesteps,
-                                   layers, pooling, cond, batch_size))
+        parts.append(
+            encode_images(
+                unet,
+                vae,
+                scheduler,
+                images[i : i + chunk],
+                noise_seeds[i : i + chunk],
+                timesteps,
+                layers,
+                pooling,
+                cond,
+                batch_size,
+            )
+        )
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -12,8 +12,13 @@ def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -28,7 +33,12 @@ def initial_latents(seed: int, unet: torch.nn.Module, vae_scale_factor: int, hei
 
 @torch.no_grad()
 def generate_probes(
-    pipe, probes: ProbeSet, height: int, num_inference_steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8,
+    pipe,
+    probes: ProbeSet,
+    height: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 8,
     indices: list[int] | None = None,
 ) -> torch.Tensor:
     """Images (len(indices), 3, H, W) in [-1, 1] for the selected probes (all by default), deterministic per seed."""
@@ -37,11 +47,16 @@ def generate_probes(
     p = next(pipe.unet.parameters())
     out = []
     for i in range(0, len(indices), batch_size):
-        chunk = [items[k] for k in indices[i:i + batch_size]]
+        chunk = [items[k] for k in indices[i : i + batch_size]]
         latents = torch.cat([initial_latents(s, pipe.unet, pipe.vae_scale_factor, height) for _, s in chunk])
         images = pipe(
-            [prompt for prompt, _ in chunk], height=height, width=height, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, latents=latents.to(p.device, p.dtype), output_type="pt",
+            [prompt for prompt, _ in chunk],
+            height=height,
+            width=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents.to(p.device, p.dtype),
+            output_type="pt",
         ).images
         out.append(images.float().cpu() * 2.0 - 1.0)
     if not out:

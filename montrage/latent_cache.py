@@ -30,8 +30,10 @@ def trainable(module: torch.nn.Module) -> bool:
 
 
 def cache_key(vae: torch.nn.Module, preprocessing: dict, ids: Sequence[str]) -> str:
-    blob = json.dumps({"vae": module_digest(vae), "pre": preprocessing,
-                       "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest()}, sort_keys=True)
+    blob = json.dumps(
+        {"vae": module_digest(vae), "pre": preprocessing, "ids": hashlib.sha1("\n".join(ids).encode()).hexdigest()},
+        sort_keys=True,
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 

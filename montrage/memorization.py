@@ -33,7 +33,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 def pixel_similarity(probe_thumbs: np.ndarray, train_thumbs: np.ndarray) -> np.ndarray:
     """(P, N) Pearson correlation between probe and training thumbnails of equal size (uint8 or float)."""
     if probe_thumbs.shape[1:] != train_thumbs.shape[1:]:
-        raise ValueError(f"thumbnail shapes differ: probes {probe_thumbs.shape[1:]}, training {train_thumbs.shape[1:]}.")
+        raise ValueError(
+            f"thumbnail shapes differ: probes {probe_thumbs.shape[1:]}, training {train_thumbs.shape[1:]}."
+        )
     a = probe_thumbs.reshape(len(probe_thumbs), -1).astype(np.float64)
     b = train_thumbs.reshape(len(train_thumbs), -1).astype(np.float64)
     return _unit_rows(a - a.mean(1, keepdims=True)) @ _unit_rows(b - b.mean(1, keepdims=True)).T
@@ -71,8 +73,10 @@ class Alert:
 def describe_alert(alert: dict) -> str:
     """One line for an alert (an `Alert` or a row of the guard's JSON record)."""
     parts = [f"{k} {alert[k]:.3f}" for k in ("pixel", "representation") if alert.get(k) is not None]
-    text = (f"epoch {alert['epoch']}: probe {alert['probe']} ({alert['prompt']!r}, seed {alert['seed']}) is a near-copy "
-            f"of training image {alert['train_id']!r} ({alert['train_concept']}): {', '.join(parts)} similarity")
+    text = (
+        f"epoch {alert['epoch']}: probe {alert['probe']} ({alert['prompt']!r}, seed {alert['seed']}) is a near-copy "
+        f"of training image {alert['train_id']!r} ({alert['train_concept']}): {', '.join(parts)} similarity"
+    )
     return text + (f"; origin {format_origin(alert['origin'])}" if alert.get("origin") else "")
 
 
@@ -83,14 +87,22 @@ def format_origin(probabilities: dict) -> str:
     return f"{ranked[0][0]} {ranked[0][1]:.2f}" + (f" ({rest})" if rest else "")
 
 
-def near_copies(pixel: Optional[np.ndarray], representation: Optional[np.ndarray], pixel_threshold: Optional[float],
-                representation_threshold: Optional[float], require: Require = "all") -> list[tuple[int, int]]:
+def near_copies(
+    pixel: Optional[np.ndarray],
+    representation: Optional[np.ndarray],
+    pixel_threshold: Optional[float],
+    representation_threshold: Optional[float],
+    require: Require = "all",
+) -> list[tuple[int, int]]:
     """(probe, training image) pairs over the enabled thresholds; per probe only its most similar flagged image.
 
     `require="all"`: every enabled measure must pass for the same training image; "any": one is enough.
     """
-    checks = [(s, th) for s, th in ((pixel, pixel_threshold), (representation, representation_threshold))
-              if th is not None and s is not None]
+    checks = [
+        (s, th)
+        for s, th in ((pixel, pixel_threshold), (representation, representation_threshold))
+        if th is not None and s is not None
+    ]
     if not checks:
         return []
     passed = [s >= th for s, th in checks]
@@ -122,10 +134,14 @@ def read_alerts(path: str) -> dict:
         with open(path) as fh:
             record = json.load(fh)
     except (OSError, ValueError) as err:
-        raise MontrageError(f"memorization record {path!r} cannot be read ({type(err).__name__}: {err}); delete it or "
-                         "re-run training with the MemorizationGuard.") from err
+        raise MontrageError(
+            f"memorization record {path!r} cannot be read ({type(err).__name__}: {err}); delete it or "
+            "re-run training with the MemorizationGuard."
+        ) from err
     if not isinstance(record, dict) or not isinstance(record.get("alerts"), list):
-        raise MontrageError(f"memorization record {path!r} has no 'alerts' list; it was not written by the MemorizationGuard.")
+        raise MontrageError(
+            f"memorization record {path!r} has no 'alerts' list; it was not written by the MemorizationGuard."
+        )
     return record
 
 

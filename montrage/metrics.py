@@ -1,14 +1,17 @@
-"""Attribution metrics: how well per-image or per-concept scores recover the ground truth (numpy only).
+"""Attribution metrics: how well per-image or per-concept scores recover the ground truth.
 
-Conventions: `scores` are "higher = more influential"; Q = queries, N = training images, C = concepts. Rankings
-break ties by index (a stable sort), except the AUCs, where ties count half (Mann-Whitney). Queries a metric is
-undefined for (no positives, constant scores, ...) are skipped; a metric with no valid query is NaN.
+AUC, average precision and ROC points are scikit-learn's; what it lacks (top-k masks, per-query means, concept
+aggregation, recall and mAP among a query's candidates) is here. Conventions: `scores` are "higher = more
+influential"; Q = queries, N = training images, C = concepts. Top-k breaks ties by index (a stable sort); the AUCs
+count ties half, average precision takes tied scores together (scikit-learn). Queries a metric is undefined for
+(no positives, constant scores, ...) are skipped; a metric with no valid query is NaN.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def _mean_or_nan(values: list[float]) -> float:
@@ -23,8 +26,9 @@ def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def concept_scores_from_images(image_scores: np.ndarray, train_concepts: list[str], concepts: list[str],
-                               how: str = "mean", k: int = 3) -> np.ndarray:
+def concept_scores_from_images(
+    image_scores: np.ndarray, train_concepts: list[str], concepts: list[str], how: str = "mean", k: int = 3
+) -> np.ndarray:
     """Per-concept scores (Q, C) from per-image scores (Q, N), so image-level methods compete at concept level.
 
     `how="mean"` averages a concept's images; `how="topk"` averages its k best images (a concept that influenced a
@@ -53,14 +57,11 @@ def top1_accuracy(concept_scores: np.ndarray, true_concept: np.ndarray) -> float
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Binary ROC AUC = P(score of a positive > score of a negative), ties counting half; NaN if one class is empty."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
+    """Binary ROC AUC (ties count half); NaN if one class is empty."""
     y = np.asarray(labels, dtype=bool).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = rankdata(s)  # average ranks of ties -> Mann-Whitney U with ties counted half
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64).ravel()))
 
 
 def mean_auc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -109,12 +110,11 @@ def within_recall_at_k(scores: np.ndarray, exemplar: np.ndarray, candidates: np.
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    """Mean over the relevant items of the precision at their rank (ties broken by index); NaN if none is relevant."""
-    rel = np.asarray(relevant, dtype=bool)[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
+    """Average precision of the relevant items (scikit-learn's); NaN if none is relevant."""
+    rel = np.asarray(relevant, dtype=bool).ravel()
     if not rel.any():
         return float("nan")
-    hits = np.cumsum(rel)
-    return float(np.mean(hits[rel] / (np.flatnonzero(rel) + 1)))
+    return float(average_precision_score(rel, np.asarray(scores, dtype=np.float64).ravel()))
 
 
 def within_map(scores: np.ndarray, exemplar: np.ndarray, candidates: np.ndarray) -> float:
@@ -133,14 +133,8 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
     The low-FPR operating point used for membership / origin inference (an attack must be right when it says yes).
     NaN if one class is empty.
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=bool).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]  # thresholds lie between distinct scores: keep tied scores together
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    ok = fp / n_neg <= fpr + 1e-12
-    return float(tp[ok].max() / n_pos) if ok.any() else 0.0
+    fprs, tprs, _ = roc_curve(y, np.asarray(scores, dtype=np.float64).ravel(), drop_intermediate=False)
+    return float(tprs[fprs <= fpr + 1e-12].max())

@@ -33,7 +33,8 @@ from montrage.errors import MontrageError
 from montrage.family import Family, make_family
 from montrage.latent_cache import LatentCache, cache_key, trainable
 from montrage.probes import ProbeSet, default_probes, load_probe_file
-from montrage.projection import DEFAULT_WIDTH, describe as describe_projection, project
+from montrage.projection import DEFAULT_WIDTH, project
+from montrage.projection import describe as describe_projection
 from montrage.rng import isolated_rng
 from montrage.sources import ImageSource, image_source, select_monitored
 from montrage.store import StoreSpec, StoreWriter, features_path
@@ -68,8 +69,10 @@ def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str],
     for layer in probe_feats:
         arr = probe_feats[layer]
         probe_bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)).tolist()
-        for kind, bad, n, names in (("probes", probe_bad, len(arr), probe_names),
-                                    ("training images", train_bad.get(layer, []), len(train_ids), train_ids)):
+        for kind, bad, n, names in (
+            ("probes", probe_bad, len(arr), probe_names),
+            ("training images", train_bad.get(layer, []), len(train_ids), train_ids),
+        ):
             if r := describe(bad, n, names):
                 found.append(f"layer {layer!r}, {kind} {r}")
     if lora is not None and not np.isfinite(lora).all():
@@ -94,7 +97,7 @@ def kept_up_to(store_path: str, step: int) -> tuple[int, int]:
     from montrage.store import StoreReader
 
     with StoreReader(store_path) as r:
-        snaps = int(np.searchsorted(r.f["global_step"][:r.adapter_snapshots], step, side="right"))
+        snaps = int(np.searchsorted(r.f["global_step"][: r.adapter_snapshots], step, side="right"))
         rows = int(np.searchsorted(r.training_order()["global_step"], step, side="right"))
     return snaps, rows
 
@@ -107,7 +110,9 @@ def base_model_path(pipeline, unet) -> str:
         return path
     path = str(getattr(unet.config, "_name_or_path", "") or "")
     parent = os.path.dirname(path.rstrip("/"))
-    if os.path.basename(path.rstrip("/")) in ("unet", "transformer") and os.path.isfile(os.path.join(parent, "model_index.json")):
+    if os.path.basename(path.rstrip("/")) in ("unet", "transformer") and os.path.isfile(
+        os.path.join(parent, "model_index.json")
+    ):
         return parent
     return path
 
@@ -190,23 +195,33 @@ class Monitor:
         progress: bool = True,
     ):
         if probe_prompts is not None and len(probe_prompts) == 0:
-            raise MontrageConfigError("probe_prompts is empty: list at least one prompt, or leave it unset (null) for "
-                                      "one probe per training concept from probe_template.")
+            raise MontrageConfigError(
+                "probe_prompts is empty: list at least one prompt, or leave it unset (null) for "
+                "one probe per training concept from probe_template."
+            )
         if len(probe_seeds) == 0:
             raise MontrageConfigError("probe_seeds is empty: give at least one seed, e.g. [0, 1].")
         if layers is not None and not layers:
-            raise MontrageConfigError("layers is empty: name at least one denoiser module to hook, e.g. 'mid_block', "
-                                      "or leave it unset for the model family's default.")
+            raise MontrageConfigError(
+                "layers is empty: name at least one denoiser module to hook, e.g. 'mid_block', "
+                "or leave it unset for the model family's default."
+            )
         if not timesteps:
             raise MontrageConfigError("timesteps is empty: give at least one timestep, e.g. [500].")
         if mode not in ("auto", "inline", "deferred"):
-            raise MontrageConfigError(f"mode={mode!r}: use 'deferred' (encode after training with `montrage encode`), "
-                                      "'inline' (encode during training) or 'auto'.")
+            raise MontrageConfigError(
+                f"mode={mode!r}: use 'deferred' (encode after training with `montrage encode`), "
+                "'inline' (encode during training) or 'auto'."
+            )
         if mode == "deferred" and not save_lora_snapshots:
-            raise MontrageConfigError("mode='deferred' encodes from the saved adapter snapshots: keep "
-                                      "save_lora_snapshots=True, or use mode='inline'.")
+            raise MontrageConfigError(
+                "mode='deferred' encodes from the saved adapter snapshots: keep "
+                "save_lora_snapshots=True, or use mode='inline'."
+            )
         if projection_width is not None and int(projection_width) < 1:
-            raise MontrageConfigError(f"projection_width must be >= 1 (or null for unprojected features), got {projection_width}.")
+            raise MontrageConfigError(
+                f"projection_width must be >= 1 (or null for unprojected features), got {projection_width}."
+            )
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and int(value) < 1:
                 raise MontrageConfigError(f"{name} must be >= 1 (or unset), got {value}.")
@@ -214,21 +229,32 @@ class Monitor:
         if at and at[0] < 0:
             raise MontrageConfigError(f"at_steps must be optimizer steps >= 0, got {at[0]}.")
         if every_n_steps is None and every_n_epochs is None and not at:
-            raise MontrageConfigError("the schedule never fires: set every_n_steps (e.g. 500), every_n_epochs (e.g. 1) "
-                                      "or at_steps (e.g. [100, 1000]); step 0 and the final step are added to it.")
+            raise MontrageConfigError(
+                "the schedule never fires: set every_n_steps (e.g. 500), every_n_epochs (e.g. 1) "
+                "or at_steps (e.g. [100, 1000]); step 0 and the final step are added to it."
+            )
         if max_steps is not None and every_n_epochs is None:
             fires = (every_n_steps is not None and every_n_steps <= max_steps) or any(0 < s < max_steps for s in at)
             if not fires:
                 raise MontrageConfigError(
                     f"the schedule never fires before the final step {max_steps}: every_n_steps={every_n_steps}, "
-                    f"at_steps={at or None}. Lower every_n_steps or give at_steps within the run.")
+                    f"at_steps={at or None}. Lower every_n_steps or give at_steps within the run."
+                )
         self.store_path = str(store_path)
         self.pipeline, self.images = pipeline, images
         self.image_keys = dict(image_keys or {})
         self.monitor_images, self.subset_seed = monitor_images, int(subset_seed)
         self.resolution = resolution
-        self.probe_set, self.probe_prompts, self.probe_file = probes, list(probe_prompts) if probe_prompts else None, probe_file
-        self.probe_seeds, self.probe_template, self.probe_mixtures = [int(s) for s in probe_seeds], probe_template, probe_mixtures
+        self.probe_set, self.probe_prompts, self.probe_file = (
+            probes,
+            list(probe_prompts) if probe_prompts else None,
+            probe_file,
+        )
+        self.probe_seeds, self.probe_template, self.probe_mixtures = (
+            [int(s) for s in probe_seeds],
+            probe_template,
+            probe_mixtures,
+        )
         self.concept_tokens = dict(concept_tokens or {})
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.every_n_epochs = None if every_n_epochs is None else int(every_n_epochs)
@@ -295,15 +321,19 @@ class Monitor:
         self.layers = self.layers or self.family.default_layers()
         resolve_modules(c.unet, self.layers)  # unknown layer names fail here, listing the available blocks
         if self.images is None:
-            raise MontrageConfigError("Monitor needs the training images (images=...): a folder, a list of paths, a "
-                                      "dataset of dicts or a Hugging Face Dataset.")
+            raise MontrageConfigError(
+                "Monitor needs the training images (images=...): a folder, a list of paths, a "
+                "dataset of dicts or a Hugging Face Dataset."
+            )
         self.source = image_source(self.images, **self.image_keys)
         self._index = self.source.index_of()
         self.monitored = select_monitored(self.source.examples, self.monitor_images, self.subset_seed)
         factor = vae_scale_factor(c.vae)
         if self.resolution % factor:
-            raise MontrageConfigError(f"resolution={self.resolution} is not a multiple of the VAE's downsampling "
-                                      f"({factor}); give e.g. resolution={self.resolution // factor * factor or factor}.")
+            raise MontrageConfigError(
+                f"resolution={self.resolution} is not a multiple of the VAE's downsampling "
+                f"({factor}); give e.g. resolution={self.resolution // factor * factor or factor}."
+            )
         self.probes = self._build_probes()
         self.mode = self._resolve_mode()
         error = None
@@ -314,24 +344,41 @@ class Monitor:
             error = err
         errors = [e for e in self.dist.all_gather(None if error is None else f"{type(error).__name__}: {error}") if e]
         if errors:  # every rank raises, before training: nobody is left waiting at a collective
-            raise error if error is not None else MontrageConfigError(f"another rank could not read its images: {errors[0]}")
+            raise (
+                error
+                if error is not None
+                else MontrageConfigError(f"another rank could not read its images: {errors[0]}")
+            )
         with self._quiet():
-            pooled = {k: v.shape[-1] for k, v in self.family.encode(
-                self._blank_latents(), [0], [""], self.timesteps[:1], self.layers, self.pooling, 1).items()}
+            pooled = {
+                k: v.shape[-1]
+                for k, v in self.family.encode(
+                    self._blank_latents(), [0], [""], self.timesteps[:1], self.layers, self.pooling, 1
+                ).items()
+            }
         projection = describe_projection(pooled, self.projection_width, self.projection_seed)
         self._projection = projection.get("matrices", {})
         dims = {k: (self.projection_width if k in self._projection else v) for k, v in pooled.items()}
         spec = StoreSpec(
-            model={**model_identity(c.unet, c.model_id), "family": self.family.name}, layers=self.layers, feature_dims=dims, timesteps=self.timesteps,
-            pooling=self.pooling, probes=self.probes, train=list(self.source.examples), thumbnail_size=self.thumbnail_size,
-            monitored=self.monitored, config={**self.config(), **self._model_facts()}, projection=projection,
+            model={**model_identity(c.unet, c.model_id), "family": self.family.name},
+            layers=self.layers,
+            feature_dims=dims,
+            timesteps=self.timesteps,
+            pooling=self.pooling,
+            probes=self.probes,
+            train=list(self.source.examples),
+            thumbnail_size=self.thumbnail_size,
+            monitored=self.monitored,
+            config={**self.config(), **self._model_facts()},
+            projection=projection,
             **self._lora_layout(),
         )
         error = self._rank0_do(lambda: self._open_store(spec, int(step)))
         if error is not None:  # a configuration error, before the first training step: raise on every rank
             raise error
         self.snapshots_written, self.order_rows, self.last_snapshot_step = self.dist.broadcast(
-            (self.snapshots_written, self.order_rows, self.last_snapshot_step), src=0)
+            (self.snapshots_written, self.order_rows, self.last_snapshot_step), src=0
+        )
         resume = self._resume
         if resume:
             self.epoch = int(resume.get("epoch", self.epoch))
@@ -351,8 +398,13 @@ class Monitor:
         cut = (int(resume["snapshots_written"]), int(resume["order_rows"])) if resume else None
         if cut is None and step > 0 and os.path.exists(self.store_path):
             cut = kept_up_to(self.store_path, step)  # resumed without the monitor's state: cut by step
-        self._writer = StoreWriter(self.store_path, spec, overwrite=self.overwrite, truncate_to=cut,
-                                   part="adapter" if self.mode == "deferred" else "all")
+        self._writer = StoreWriter(
+            self.store_path,
+            spec,
+            overwrite=self.overwrite,
+            truncate_to=cut,
+            part="adapter" if self.mode == "deferred" else "all",
+        )
         self.snapshots_written, self.order_rows = self._writer.committed
         stale = features_path(self.store_path)
         if self.mode == "deferred" and self.snapshots_written == 0 and os.path.exists(stale):
@@ -362,16 +414,26 @@ class Monitor:
 
     def _resolve_mode(self) -> str:
         """'deferred' needs every trained parameter to be an adapter weight that the snapshots save."""
-        trained = [n for part, m in self.components.parts.items() if isinstance(m, torch.nn.Module)
-                   for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n]
+        trained = [
+            n
+            for part, m in self.components.parts.items()
+            if isinstance(m, torch.nn.Module)
+            for n, p in m.named_parameters()
+            if p.requires_grad and "lora_" not in n
+        ]
         adapters = self.save_lora_snapshots and bool(self.family.lora_modules())
         if self.mode == "auto":
             return "deferred" if adapters and not trained else "inline"
         if self.mode == "deferred" and (trained or not adapters):
-            what = (f"{len(trained)} non-adapter parameters train (e.g. {trained[0]})" if trained
-                    else "the model carries no adapter")
-            raise MontrageConfigError(f"mode='deferred' re-creates each snapshot from its adapter weights, but {what}; "
-                                      "use mode='inline' for full fine-tunes.")
+            what = (
+                f"{len(trained)} non-adapter parameters train (e.g. {trained[0]})"
+                if trained
+                else "the model carries no adapter"
+            )
+            raise MontrageConfigError(
+                f"mode='deferred' re-creates each snapshot from its adapter weights, but {what}; "
+                "use mode='inline' for full fine-tunes."
+            )
         return self.mode
 
     def _build_probes(self) -> ProbeSet:
@@ -388,18 +450,44 @@ class Monitor:
                 weights.append({c: 1.0 / len(named) for c in named})
             return ProbeSet(tuple(self.probe_prompts), tuple(weights), tuple(self.probe_seeds), tuple(concepts))
         if not concepts:
-            raise MontrageConfigError("the training images have no concepts, so no default probes can be made: give "
-                                      "probe_prompts (e.g. ['a painting in the style of sks']) or a probe_file.")
-        return default_probes({c: tokens.get(c, c) for c in concepts}, self.probe_template, self.probe_seeds,
-                              self.probe_mixtures)
+            raise MontrageConfigError(
+                "the training images have no concepts, so no default probes can be made: give "
+                "probe_prompts (e.g. ['a painting in the style of sks']) or a probe_file."
+            )
+        return default_probes(
+            {c: tokens.get(c, c) for c in concepts}, self.probe_template, self.probe_seeds, self.probe_mixtures
+        )
 
     def config(self) -> dict:
         """The monitor's settings as recorded in the store."""
-        keys = ("store_path", "probe_prompts", "probe_seeds", "probe_file", "probe_template", "probe_mixtures",
-                "every_n_steps", "every_n_epochs", "at_steps", "max_steps", "layers", "timesteps", "pooling",
-                "encode_prompt", "num_inference_steps", "guidance_scale", "thumbnail_size", "save_lora_snapshots",
-                "monitor_images", "subset_seed", "mode", "projection_width", "projection_seed", "encode_batch_size",
-                "latent_cache", "image_keys")
+        keys = (
+            "store_path",
+            "probe_prompts",
+            "probe_seeds",
+            "probe_file",
+            "probe_template",
+            "probe_mixtures",
+            "every_n_steps",
+            "every_n_epochs",
+            "at_steps",
+            "max_steps",
+            "layers",
+            "timesteps",
+            "pooling",
+            "encode_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "thumbnail_size",
+            "save_lora_snapshots",
+            "monitor_images",
+            "subset_seed",
+            "mode",
+            "projection_width",
+            "projection_seed",
+            "encode_batch_size",
+            "latent_cache",
+            "image_keys",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["images"] = os.path.abspath(self.images) if isinstance(self.images, (str, os.PathLike)) else None
         return out
@@ -407,12 +495,20 @@ class Monitor:
     def _model_facts(self) -> dict:
         """What an offline query needs to rebuild the model: base path, adapter config, image size."""
         unet = self.components.unet
-        facts = {"model_path": base_model_path(self.pipeline, unet), "resolution": self.resolution,
-                 **self.family.describe(), "noise_points": [self.family.noise_point(t) for t in self.timesteps]}
+        facts = {
+            "model_path": base_model_path(self.pipeline, unet),
+            "resolution": self.resolution,
+            **self.family.describe(),
+            "noise_points": [self.family.noise_point(t) for t in self.timesteps],
+        }
         for part, module in self.family.lora_modules().items():
             cfg = next(iter(module.peft_config.values()))
-            lc = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules),
-                  "lora_dropout": float(cfg.lora_dropout)}
+            lc = {
+                "r": int(cfg.r),
+                "lora_alpha": float(cfg.lora_alpha),
+                "target_modules": sorted(cfg.target_modules),
+                "lora_dropout": float(cfg.lora_dropout),
+            }
             facts["lora_config" if module is unet else f"lora_config_{part}"] = lc
         return facts
 
@@ -440,18 +536,25 @@ class Monitor:
         cfg = 2 if self.guidance_scale > 1.0 else 1
         p = len(self.probes) if self.probes is not None else 0
         m = len(self.monitored)
-        return {"monitored_images": m, "probes": p, "timesteps": len(self.timesteps),
-                "image_forwards": m * len(self.timesteps), "probe_encode_forwards": p * len(self.timesteps),
-                "probe_sampling_forwards": p * self.num_inference_steps * cfg,
-                "forwards_per_snapshot": (m + p) * len(self.timesteps) + p * self.num_inference_steps * cfg}
+        return {
+            "monitored_images": m,
+            "probes": p,
+            "timesteps": len(self.timesteps),
+            "image_forwards": m * len(self.timesteps),
+            "probe_encode_forwards": p * len(self.timesteps),
+            "probe_sampling_forwards": p * self.num_inference_steps * cfg,
+            "forwards_per_snapshot": (m + p) * len(self.timesteps) + p * self.num_inference_steps * cfg,
+        }
 
     def describe_cost(self) -> str:
         c = self.cost()
-        return (f"each snapshot costs {c['forwards_per_snapshot']:,} denoiser forwards: {c['monitored_images']:,} "
-                f"monitored images x {c['timesteps']} timesteps = {c['image_forwards']:,}, plus {c['probes']} probes x "
-                f"({c['timesteps']} timesteps + {self.num_inference_steps} sampler steps x "
-                f"{2 if self.guidance_scale > 1 else 1} for CFG); {len(self.source)} training images, store "
-                f"{self.store_path}")
+        return (
+            f"each snapshot costs {c['forwards_per_snapshot']:,} denoiser forwards: {c['monitored_images']:,} "
+            f"monitored images x {c['timesteps']} timesteps = {c['image_forwards']:,}, plus {c['probes']} probes x "
+            f"({c['timesteps']} timesteps + {self.num_inference_steps} sampler steps x "
+            f"{2 if self.guidance_scale > 1 else 1} for CFG); {len(self.source)} training images, store "
+            f"{self.store_path}"
+        )
 
     # --- images and latents ----------------------------------------------------------------------------------
     def _share_rows(self) -> list[int]:
@@ -461,7 +564,7 @@ class Monitor:
     def _pixel_batches(self, rows: list[int], batch: int):
         """Pixels of source rows, a batch at a time (dataset sources isolate the RNG of their own reads)."""
         for i in range(0, len(rows), batch):
-            yield slice(i, min(len(rows), i + batch)), self.source.pixels(rows[i:i + batch], self.resolution)
+            yield slice(i, min(len(rows), i + batch)), self.source.pixels(rows[i : i + batch], self.resolution)
 
     def _prepare_latents(self) -> None:
         """Build (or find) the latent cache of this rank's monitored images; reads every one, so bad files fail now."""
@@ -471,8 +574,14 @@ class Monitor:
             for _ in self._pixel_batches(rows, self.encode_batch_size):  # still read each once: fail before training
                 pass
             return
-        pre = {"resolution": self.resolution, "crop": "centre-square/bicubic", "scaling_factor": vae.config.get("scaling_factor"),
-               "shift_factor": vae.config.get("shift_factor"), "rank": self.dist.rank, "world": self.dist.world_size}
+        pre = {
+            "resolution": self.resolution,
+            "crop": "centre-square/bicubic",
+            "scaling_factor": vae.config.get("scaling_factor"),
+            "shift_factor": vae.config.get("shift_factor"),
+            "rank": self.dist.rank,
+            "world": self.dist.world_size,
+        }
         directory = os.path.splitext(self.store_path)[0] + "_latents"
         with self._quiet():
             key = cache_key(vae, pre, [self.source.examples[r].id for r in rows])
@@ -483,8 +592,12 @@ class Monitor:
         def batches():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(rows), desc="montrage: latent cache", disable=not self.progress or len(rows) < 256,
-                       leave=False)
+            bar = tqdm(
+                total=len(rows),
+                desc="montrage: latent cache",
+                disable=not self.progress or len(rows) < 256,
+                leave=False,
+            )
             for sl, px in self._pixel_batches(rows, self.encode_batch_size):
                 with self._quiet():
                     yield sl, self.family.latents(px, self.encode_batch_size)
@@ -520,8 +633,14 @@ class Monitor:
         """The loader with each dict batch carrying its dataset indices (`montrage_index`), for `on_batch`."""
         return wrap_dataloader(loader)
 
-    def on_batch(self, indices=None, step: Optional[int] = None, *, ids: Optional[Sequence[str]] = None,
-                 epoch: Optional[int] = None) -> None:
+    def on_batch(
+        self,
+        indices=None,
+        step: Optional[int] = None,
+        *,
+        ids: Optional[Sequence[str]] = None,
+        epoch: Optional[int] = None,
+    ) -> None:
         """Record which training images a (micro-)batch holds.
 
         `indices`: the batch of a wrapped loader, or the batch's dataset indices; or `ids` of the images. `step`:
@@ -531,22 +650,28 @@ class Monitor:
         if ids is not None:
             missing = [str(i) for i in ids if str(i) not in self._index]
             if missing:
-                raise MontrageConfigError(f"on_batch: {len(missing)} id(s) are not in the image source "
-                                          f"({', '.join(missing[:3])}); pass ids the source holds.")
+                raise MontrageConfigError(
+                    f"on_batch: {len(missing)} id(s) are not in the image source "
+                    f"({', '.join(missing[:3])}); pass ids the source holds."
+                )
             idx = np.array([self._index[str(i)] for i in ids], dtype=np.int64)
         else:
             idx = batch_indices(indices)
         if idx is None:
             if not self._warned_order and self.is_writer:
-                log.warning("montrage: the batches carry no dataset indices, so the training order is not recorded. "
-                            "Wrap the loader (monitor.wrap_dataloader(loader)) or pass indices/ids to on_batch.")
+                log.warning(
+                    "montrage: the batches carry no dataset indices, so the training order is not recorded. "
+                    "Wrap the loader (monitor.wrap_dataloader(loader)) or pass indices/ids to on_batch."
+                )
             self._warned_order = True
             return
         n = len(self.source)
         bad = idx[(idx < 0) | (idx >= n)]
         if len(bad):
-            raise MontrageConfigError(f"on_batch: index {int(bad[0])} is out of range for the image source ({n} images): "
-                                      "pass positions in the same dataset the monitor was given.")
+            raise MontrageConfigError(
+                f"on_batch: index {int(bad[0])} is out of range for the image source ({n} images): "
+                "pass positions in the same dataset the monitor was given."
+            )
         self._saw_order = True
         e = self.epoch if epoch is None else int(epoch)
         self._rows.extend((None if step is None else int(step), e, int(i)) for i in idx)
@@ -650,8 +775,13 @@ class Monitor:
         if self.strict:
             raise error
         if self.is_writer:
-            log.warning("montrage: %s failed and was skipped; training goes on (strict=False). %s: %s",
-                        what, type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "montrage: %s failed and was skipped; training goes on (strict=False). %s: %s",
+                what,
+                type(error).__name__,
+                error,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
 
     # --- the snapshot --------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -669,8 +799,15 @@ class Monitor:
                 m.training = mode
 
     def _encode_latents(self, latents: torch.Tensor, keys: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        feats = self.family.encode(latents, [stable_seed(k) for k in keys], condition_prompts(self.encode_prompt, texts),
-                                   self.timesteps, self.layers, self.pooling, self.encode_batch_size)
+        feats = self.family.encode(
+            latents,
+            [stable_seed(k) for k in keys],
+            condition_prompts(self.encode_prompt, texts),
+            self.timesteps,
+            self.layers,
+            self.pooling,
+            self.encode_batch_size,
+        )
         return project(feats, self._projection)
 
     def _chunks(self) -> int:
@@ -697,11 +834,13 @@ class Monitor:
         if any(trainable(m) for k, m in self.components.parts.items() if k.startswith("text_encoder")):
             self.family.forget_texts()  # a text encoder trains: its cached conditions are stale
         with self._quiet():
-            images = self.family.generate(probes, self.resolution, self.num_inference_steps, self.guidance_scale,
-                                          indices=p_idx)
+            images = self.family.generate(
+                probes, self.resolution, self.num_inference_steps, self.guidance_scale, indices=p_idx
+            )
             probe_latents = self.family.latents(images, self.encode_batch_size)
-            feats = self._encode_latents(probe_latents, [probe_noise_key(*items[k]) for k in p_idx],
-                                         [items[k][0] for k in p_idx])
+            feats = self._encode_latents(
+                probe_latents, [probe_noise_key(*items[k]) for k in p_idx], [items[k][0] for k in p_idx]
+            )
         lora = None
         if self.is_writer and self._has_lora():
             lora = torch.cat([v.flatten() for v in self._lora_state().values()]).numpy()
@@ -769,10 +908,13 @@ class Monitor:
                 raise write_error
             message = non_finite(probe_feats, bad, lora, [f"{p} (seed {s})" for p, s in probes.items()], ids)
             if message:
-                raise MontrageSnapshotError(f"non-finite values, nothing written for {label}: {message}. The model "
-                                            "may have diverged (check the loss and learning rate).")
-            self.snapshots_written = self._writer.commit_epoch(epoch, step, probe_feats, thumbs, lora,
-                                                               adapter_check=self._adapter_check)
+                raise MontrageSnapshotError(
+                    f"non-finite values, nothing written for {label}: {message}. The model "
+                    "may have diverged (check the loss and learning rate)."
+                )
+            self.snapshots_written = self._writer.commit_epoch(
+                epoch, step, probe_feats, thumbs, lora, adapter_check=self._adapter_check
+            )
 
         failure = self._rank0_do(commit)
         if failure is not None:
@@ -782,8 +924,13 @@ class Monitor:
         self.last_snapshot_step = step
         if self.is_writer:
             log.info("montrage: snapshot of step %d (epoch %d) written to %s", step, epoch, self.store_path)
-        info = {"step": step, "epoch": epoch, "row": self.snapshots_written - 1, "probe_feats": probe_feats,
-                "thumbs": thumbs}
+        info = {
+            "step": step,
+            "epoch": epoch,
+            "row": self.snapshots_written - 1,
+            "probe_feats": probe_feats,
+            "thumbs": thumbs,
+        }
         failure = self._rank0_do(lambda: self._log_wandb(info) if self.log_to_wandb else None)
         if failure is not None:
             self._failed(f"logging the snapshot of {label} to W&B", failure)
@@ -795,8 +942,10 @@ class Monitor:
         def commit():
             lora = torch.cat([v.flatten() for v in self._lora_state().values()]).numpy()
             if not np.isfinite(lora).all():
-                raise MontrageSnapshotError(f"non-finite adapter weights, nothing written for {label}. The model may "
-                                            "have diverged (check the loss and learning rate).")
+                raise MontrageSnapshotError(
+                    f"non-finite adapter weights, nothing written for {label}. The model may "
+                    "have diverged (check the loss and learning rate)."
+                )
             self.snapshots_written = self._writer.commit_epoch(epoch, step, lora_params=lora)
 
         failure = self._rank0_do(commit)
@@ -874,20 +1023,31 @@ class Monitor:
         import wandb
 
         for run in runs:
-            art = wandb.Artifact(f"montrage-store-{run.id}", type="dataset",
-                                 metadata={"snapshots": self.snapshots_written, "config": json.dumps(self.config())})
+            art = wandb.Artifact(
+                f"montrage-store-{run.id}",
+                type="dataset",
+                metadata={"snapshots": self.snapshots_written, "config": json.dumps(self.config())},
+            )
             art.add_file(self.store_path, name="store.h5", policy="immutable")
             run.log_artifact(art)
 
     # --- resumable state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume without duplicating or losing a snapshot or a training-order row."""
-        return {"snapshots_written": self.snapshots_written, "order_rows": self.order_rows, "store_path": self.store_path,
-                "rows": [list(r) for r in self._rows], "last_snapshot_step": self.last_snapshot_step, "epoch": self.epoch}
+        return {
+            "snapshots_written": self.snapshots_written,
+            "order_rows": self.order_rows,
+            "store_path": self.store_path,
+            "rows": [list(r) for r in self._rows],
+            "last_snapshot_step": self.last_snapshot_step,
+            "epoch": self.epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._started:
-            raise MontrageConfigError("Monitor.load_state_dict after start(): restore the checkpoint first, then start.")
+            raise MontrageConfigError(
+                "Monitor.load_state_dict after start(): restore the checkpoint first, then start."
+            )
         self._resume = dict(state)
 
 

@@ -79,21 +79,38 @@ class ProbeSet:
         return rows
 
     def to_json(self) -> str:
-        return json.dumps({"prompts": list(self.prompts), "weights": list(self.weights), "seeds": list(self.seeds),
-                           "concepts": list(self.concepts), "exemplars": list(self.exemplars)}, sort_keys=True)
+        return json.dumps(
+            {
+                "prompts": list(self.prompts),
+                "weights": list(self.weights),
+                "seeds": list(self.seeds),
+                "concepts": list(self.concepts),
+                "exemplars": list(self.exemplars),
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "ProbeSet":
         d = json.loads(text)
-        return cls(tuple(d["prompts"]), tuple(d["weights"]), tuple(int(s) for s in d["seeds"]), tuple(d.get("concepts", ())),
-                   tuple(d.get("exemplars", ())))
+        return cls(
+            tuple(d["prompts"]),
+            tuple(d["weights"]),
+            tuple(int(s) for s in d["seeds"]),
+            tuple(d.get("concepts", ())),
+            tuple(d.get("exemplars", ())),
+        )
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def default_probes(
-    concept_tokens: dict[str, str], template: str, seeds: list[int], mixtures: bool = True, mixture_template: str | None = None
+    concept_tokens: dict[str, str],
+    template: str,
+    seeds: list[int],
+    mixtures: bool = True,
+    mixture_template: str | None = None,
 ) -> ProbeSet:
     """One prompt per concept (weight 1) and, with `mixtures`, one per pair of concepts (0.5 each)."""
     concepts = sorted(concept_tokens)
@@ -134,5 +151,7 @@ def load_probe_file(path: str, seeds: list[int] | None = None) -> ProbeSet:
     if not prompts:
         raise ProbeError(f"probe file {path!r}: field 'probes' is empty; list at least one {{prompt, concepts}} entry.")
     if not seeds:
-        raise ProbeError(f"probe file {path!r}: field 'seeds' is empty (and no probe_seeds were given); give at least one.")
+        raise ProbeError(
+            f"probe file {path!r}: field 'seeds' is empty (and no probe_seeds were given); give at least one."
+        )
     return ProbeSet(prompts, weights, seeds, exemplars=exemplars)

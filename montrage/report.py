@@ -15,7 +15,6 @@ import html
 import io
 import os
 import time
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,8 +78,14 @@ def store_concept_curves(store: StoreReader) -> tuple[np.ndarray, list[str]]:
     from montrage.similarity import concept_curves
 
     layer, concepts = store.layers[0], sorted({e.concept for e in store.train})
-    curves = concept_curves(store.probe_features(layer), store.train_features(layer), store.probes.primary_concepts(),
-                            [e.concept for e in store.train], concepts, centre=True)
+    curves = concept_curves(
+        store.probe_features(layer),
+        store.train_features(layer),
+        store.probes.primary_concepts(),
+        [e.concept for e in store.train],
+        concepts,
+        centre=True,
+    )
     return curves, concepts
 
 
@@ -145,8 +150,9 @@ def image_rows_figure(rows: list[tuple[np.ndarray, str, list[tuple[np.ndarray, s
 def origin_figure(thumbs: list[np.ndarray], results: list[dict]) -> bytes:
     """Each row: an image, then a bar per origin class with its probability (the predicted class dark)."""
     plt = _plt()
-    fig, axes = plt.subplots(len(results), 2, figsize=(5.5, 1.2 * len(results) + 0.3), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 3]})
+    fig, axes = plt.subplots(
+        len(results), 2, figsize=(5.5, 1.2 * len(results) + 0.3), squeeze=False, gridspec_kw={"width_ratios": [1, 3]}
+    )
     for (ax_img, ax_bar), img, r in zip(axes, thumbs, results):
         ax_img.imshow(img, interpolation="nearest")
         ax_img.set_title(os.path.basename(r["image"]), fontsize=6)
@@ -165,11 +171,18 @@ def origin_section(store_path: str, images: list[str] | None, classifier: str | 
     """The report's origin section: the images' origin probabilities under the store's classifier."""
     classifier = classifier or os.path.splitext(store_path)[0] + ".origin"
     if not os.path.isfile(os.path.join(classifier, "classifier.json")):
-        return ("Origin", None, f"No origin classifier at {classifier}: run `montrage origin fit {store_path} "
-                                "--external DIR`, then `montrage report ... --origin IMAGE...`.")
+        return (
+            "Origin",
+            None,
+            f"No origin classifier at {classifier}: run `montrage origin fit {store_path} "
+            "--external DIR`, then `montrage report ... --origin IMAGE...`.",
+        )
     if not images:
-        return ("Origin", None, f"Origin classifier at {classifier}: pass --origin IMAGE... to show images' origin "
-                                "probabilities.")
+        return (
+            "Origin",
+            None,
+            f"Origin classifier at {classifier}: pass --origin IMAGE... to show images' origin probabilities.",
+        )
     from montrage.data import open_rgb
     from montrage.origin.images import expand_image_paths
     from montrage.origin.predict import predict_images
@@ -177,9 +190,12 @@ def origin_section(store_path: str, images: list[str] | None, classifier: str | 
     paths = expand_image_paths(list(images))
     results = predict_images(paths, classifier, model=store_path, resize=True, progress=False)
     thumbs = [np.asarray(open_rgb(p)) for p in paths]
-    return ("Origin", origin_figure(thumbs, results),
-            f"Origin probabilities under {classifier} (classes {', '.join(results[0]['probabilities'])}): is the "
-            "image a training member, a generation of this model, or external?")
+    return (
+        "Origin",
+        origin_figure(thumbs, results),
+        f"Origin probabilities under {classifier} (classes {', '.join(results[0]['probabilities'])}): is the "
+        "image a training member, a generation of this model, or external?",
+    )
 
 
 def alert_origins(alerts: list[dict], probe_thumbs: list[np.ndarray], store_path: str, classifier: str | None) -> str:
@@ -190,19 +206,24 @@ def alert_origins(alerts: list[dict], probe_thumbs: list[np.ndarray], store_path
     if todo and os.path.isfile(os.path.join(classifier, "classifier.json")):
         from montrage.origin.predict import predict_generations
 
-        results = predict_generations([probe_thumbs[k] for k in todo], [alerts[k]["prompt"] for k in todo],
-                                      classifier, model=store_path)
+        results = predict_generations(
+            [probe_thumbs[k] for k in todo], [alerts[k]["prompt"] for k in todo], classifier, model=store_path
+        )
         for k, r in zip(todo, results):
             alerts[k]["origin"] = {c: round(p, 4) for c, p in r["probabilities"].items()}
     classified = [a["origin"] for a in alerts if a.get("origin")]
     if not classified:
         return ""
     members = sum(max(o, key=o.get) == "member" for o in classified)
-    return (f" Origin: each probe generation's probabilities under {classifier}; {members} of {len(classified)} look like "
-            "a training member to the model (a copy it treats as its own training data).")
+    return (
+        f" Origin: each probe generation's probabilities under {classifier}; {members} of {len(classified)} look like "
+        "a training member to the model (a copy it treats as its own training data)."
+    )
 
 
-def top_images(store: StoreReader, model_dir: str | None, top_k: int) -> tuple[dict | None, np.ndarray, np.ndarray, str]:
+def top_images(
+    store: StoreReader, model_dir: str | None, top_k: int
+) -> tuple[dict | None, np.ndarray, np.ndarray, str]:
     """Attribution curves (or None) and each probe's top-K training images at the last epoch, with how they were ranked."""
     from montrage.attribution_curves import attribution_curves, load_final_model
     from montrage.memorization import representation_similarity
@@ -216,8 +237,15 @@ def top_images(store: StoreReader, model_dir: str | None, top_k: int) -> tuple[d
     return None, top, np.take_along_axis(sim, top, axis=1), f"representation similarity ({layer}; no attribution model)"
 
 
-def build_report(store_path: str, out: str, model_dir: str | None = None, alerts_path: str | None = None,
-                 top_k: int = 5, origin_images: list[str] | None = None, origin_classifier: str | None = None) -> dict:
+def build_report(
+    store_path: str,
+    out: str,
+    model_dir: str | None = None,
+    alerts_path: str | None = None,
+    top_k: int = 5,
+    origin_images: list[str] | None = None,
+    origin_classifier: str | None = None,
+) -> dict:
     """Render the report to `out` (.html or .png); returns what it contains. `origin_images`: images whose origin
     probabilities to show (under `origin_classifier`, default `<store>.origin`)."""
     from montrage.memorization import default_alerts_path, format_origin, read_alerts
@@ -227,8 +255,10 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
     if suffix not in SUFFIXES:
         raise MontrageError(f"report output {out!r}: the file name must end in .html or .png.")
     if model_dir is not None and not os.path.isfile(os.path.join(model_dir, "final.json")):
-        raise MontrageError(f"attribution model folder {model_dir!r} holds no final.json; pass the folder `montrage attribute "
-                         "fit` wrote (<store>_attribution), or omit --model-dir.")
+        raise MontrageError(
+            f"attribution model folder {model_dir!r} holds no final.json; pass the folder `montrage attribute "
+            "fit` wrote (<store>_attribution), or omit --model-dir."
+        )
     alerts_path = alerts_path or default_alerts_path(store_path)
     with StoreReader(store_path) as store:
         if store.num_epochs == 0:
@@ -238,23 +268,50 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
         train, items, epochs = store.train, store.probes.items(), [int(e) for e in store.epochs]
         train_thumbs, missing = train_thumbnails(store, size)
         sections: list[tuple[str, bytes | None, str]] = []
-        sections.append(("Concept similarity over epochs", concept_curves_figure(store),
-                         "Per probe concept: mean similarity of its probe generations to each training concept's images."))
+        sections.append(
+            (
+                "Concept similarity over epochs",
+                concept_curves_figure(store),
+                "Per probe concept: mean similarity of its probe generations to each training concept's images.",
+            )
+        )
         model_dir = find_model_dir(store_path, model_dir)
         curves, top, top_scores, ranked_by = top_images(store, model_dir, top_k)
         if curves is not None:
             seeds = len(store.probes.seeds)
-            sections.append(("Attribution curves", attribution_figure(curves, list(store.probes.prompts), seeds),
-                             f"Final-epoch attribution model from {model_dir}: each epoch's probe generations scored against "
-                             "that epoch's training images; mean over seeds."))
+            sections.append(
+                (
+                    "Attribution curves",
+                    attribution_figure(curves, list(store.probes.prompts), seeds),
+                    f"Final-epoch attribution model from {model_dir}: each epoch's probe generations scored against "
+                    "that epoch's training images; mean over seeds.",
+                )
+            )
         else:
-            sections.append(("Attribution curves", None, "No attribution model found: run `montrage attribute fit "
-                             f"{store_path}`, or train with the AttributionCurves callback."))
-        rows = [(thumbs[last, p], f"{prompt}\nseed {seed}, epoch {epochs[last]}",
-                 [(train_thumbs[i], f"{train[i].concept}\n{s:.3f}") for i, s in zip(top[p], top_scores[p])])
-                for p, (prompt, seed) in enumerate(items)]
-        sections.append(("Top training images per probe", image_rows_figure(rows), f"Ranked by {ranked_by}."
-                         + (f" {len(missing)} training image(s) could not be read and show grey." if missing else "")))
+            sections.append(
+                (
+                    "Attribution curves",
+                    None,
+                    "No attribution model found: run `montrage attribute fit "
+                    f"{store_path}`, or train with the AttributionCurves callback.",
+                )
+            )
+        rows = [
+            (
+                thumbs[last, p],
+                f"{prompt}\nseed {seed}, epoch {epochs[last]}",
+                [(train_thumbs[i], f"{train[i].concept}\n{s:.3f}") for i, s in zip(top[p], top_scores[p])],
+            )
+            for p, (prompt, seed) in enumerate(items)
+        ]
+        sections.append(
+            (
+                "Top training images per probe",
+                image_rows_figure(rows),
+                f"Ranked by {ranked_by}."
+                + (f" {len(missing)} training image(s) could not be read and show grey." if missing else ""),
+            )
+        )
         record = read_alerts(alerts_path) if os.path.isfile(alerts_path) else None
         alerts = record["alerts"] if record else []
         if alerts:
@@ -262,20 +319,38 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
             shown = [a for a in alerts if a["epoch"] in row_of][:24]
             probe_thumbs = [thumbs[row_of[a["epoch"]], a["probe"]] for a in shown]
             origin_note = alert_origins(shown, probe_thumbs, store_path, origin_classifier)
-            rows = [(t, f"{a['prompt']}\nseed {a['seed']}, epoch {a['epoch']}"
-                     + (f"\norigin {format_origin(a['origin'])}" if a.get("origin") else ""),
-                     [(train_thumbs[a["train_index"]], f"{a['train_id']}\npixel {a['pixel']}")])
-                    for t, a in zip(probe_thumbs, shown)]
-            text = (f"{len(alerts)} alert(s) in {alerts_path} (thresholds {record.get('config')}); first {len(shown)} shown: "
-                    "probe generation beside the training image it copies." + origin_note)
+            rows = [
+                (
+                    t,
+                    f"{a['prompt']}\nseed {a['seed']}, epoch {a['epoch']}"
+                    + (f"\norigin {format_origin(a['origin'])}" if a.get("origin") else ""),
+                    [(train_thumbs[a["train_index"]], f"{a['train_id']}\npixel {a['pixel']}")],
+                )
+                for t, a in zip(probe_thumbs, shown)
+            ]
+            text = (
+                f"{len(alerts)} alert(s) in {alerts_path} (thresholds {record.get('config')}); first {len(shown)} shown: "
+                "probe generation beside the training image it copies." + origin_note
+            )
             sections.append(("Memorization alerts", image_rows_figure(rows), text))
         else:
-            text = (f"No alerts in {alerts_path}." if record else
-                    "No memorization record (train with the MemorizationGuard callback to get one).")
+            text = (
+                f"No alerts in {alerts_path}."
+                if record
+                else "No memorization record (train with the MemorizationGuard callback to get one)."
+            )
             sections.append(("Memorization alerts", None, text))
-        info = {"store": store_path, "epochs": epochs, "probes": len(items), "training images": len(train),
-                "concepts": sorted({e.concept for e in train}), "layers": store.layers, "timesteps": store.timesteps,
-                "attribution model": model_dir, "memorization alerts": len(alerts)}
+        info = {
+            "store": store_path,
+            "epochs": epochs,
+            "probes": len(items),
+            "training images": len(train),
+            "concepts": sorted({e.concept for e in train}),
+            "layers": store.layers,
+            "timesteps": store.timesteps,
+            "attribution model": model_dir,
+            "memorization alerts": len(alerts),
+        }
     sections.append(origin_section(store_path, origin_images, origin_classifier))  # opens the store itself
     if suffix == ".html":
         write_html(out, info, sections, alerts)
@@ -286,10 +361,12 @@ def build_report(store_path: str, out: str, model_dir: str | None = None, alerts
 
 def write_html(out: str, info: dict, sections: list, alerts: list[dict]) -> None:
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>montrage report</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:2px 8px;text-align:left}"
-             "img{max-width:100%}</style></head><body>",
-             f"<h1>montrage report</h1><p>{esc(time.strftime('%Y-%m-%d %H:%M'))}</p><table>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>montrage report</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:2px 8px;text-align:left}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>montrage report</h1><p>{esc(time.strftime('%Y-%m-%d %H:%M'))}</p><table>",
+    ]
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in info.items()]
     parts.append("</table>")
     for title, png, text in sections:
@@ -335,24 +412,40 @@ def write_png(out: str, sections: list) -> None:
 
 
 def cmd_report(args) -> int:
-    result = build_report(args.store, args.out, args.model_dir, args.alerts, args.top_k, args.origin,
-                          args.origin_classifier)
-    print(f"montrage report: wrote {result['out']} ({', '.join(result['sections'])}; "
-          f"{result['memorization alerts']} memorization alert(s))")
+    result = build_report(
+        args.store, args.out, args.model_dir, args.alerts, args.top_k, args.origin, args.origin_classifier
+    )
+    print(
+        f"montrage report: wrote {result['out']} ({', '.join(result['sections'])}; "
+        f"{result['memorization alerts']} memorization alert(s))"
+    )
     return 0
 
 
 def add_report_parser(sub) -> None:
-    s = sub.add_parser("report", help="render a store's curves, attribution, top images and memorization alerts "
-                       "to one HTML (self-contained) or PNG file")
+    s = sub.add_parser(
+        "report",
+        help="render a store's curves, attribution, top images and memorization alerts "
+        "to one HTML (self-contained) or PNG file",
+    )
     s.add_argument("store")
     s.add_argument("--out", required=True, help="report.html or report.png")
-    s.add_argument("--model-dir", default=None, help="attribution models (default: <store>_attribution/, else the live "
-                   "<store>_attribution_live/)")
+    s.add_argument(
+        "--model-dir",
+        default=None,
+        help="attribution models (default: <store>_attribution/, else the live <store>_attribution_live/)",
+    )
     s.add_argument("--alerts", default=None, help="memorization record (default: <store>_memorization.json)")
     s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--origin", nargs="+", default=None, help="images (files or folders) whose origin probabilities "
-                                                             "to show, under the store's origin classifier")
-    s.add_argument("--origin-classifier", default=None, help="origin classifier folder (default: <store>.origin, "
-                                                             "written by `montrage origin fit STORE`)")
+    s.add_argument(
+        "--origin",
+        nargs="+",
+        default=None,
+        help="images (files or folders) whose origin probabilities to show, under the store's origin classifier",
+    )
+    s.add_argument(
+        "--origin-classifier",
+        default=None,
+        help="origin classifier folder (default: <store>.origin, written by `montrage origin fit STORE`)",
+    )
     s.set_defaults(fn=cmd_report)

@@ -17,7 +17,9 @@ def flatten_features(x: np.ndarray) -> np.ndarray:
     return x.reshape(*x.shape[:-2], -1)
 
 
-def concept_similarity(probe: np.ndarray, train: np.ndarray, train_concepts: list[str], concepts: list[str]) -> np.ndarray:
+def concept_similarity(
+    probe: np.ndarray, train: np.ndarray, train_concepts: list[str], concepts: list[str]
+) -> np.ndarray:
     """Mean shifted cosine of each probe (P, D) to the training images (N, D) of each concept -> (P, len(concepts))."""
     sim = shifted_cosine(probe, train)
     labels = np.asarray(train_concepts)
@@ -29,8 +31,14 @@ def concept_similarity(probe: np.ndarray, train: np.ndarray, train_concepts: lis
     return out
 
 
-def concept_curves(probe_feats: np.ndarray, train_feats: np.ndarray, probe_concepts: list[str], train_concepts: list[str],
-                   concepts: list[str], centre: bool = False) -> np.ndarray:
+def concept_curves(
+    probe_feats: np.ndarray,
+    train_feats: np.ndarray,
+    probe_concepts: list[str],
+    train_concepts: list[str],
+    concepts: list[str],
+    centre: bool = False,
+) -> np.ndarray:
     """Curves (E, probe concept, train concept): per epoch, mean over a concept's probes of `concept_similarity`.
 
     probe_feats (E, P, T, F) and train_feats (E, N, T, F) of one layer. `centre` subtracts the epoch's mean

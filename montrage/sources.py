@@ -17,8 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from montrage.data import (IMAGE_SUFFIXES, DataError, TrainExample, center_crop_resize, open_rgb, read_example,
-                           scan_concept_folder)
+from montrage.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    TrainExample,
+    center_crop_resize,
+    open_rgb,
+    read_example,
+    scan_concept_folder,
+)
 
 
 def to_pixels(image: Any, size: int, name: str = "image") -> torch.Tensor:
@@ -38,8 +45,10 @@ def to_pixels(image: Any, size: int, name: str = "image") -> torch.Tensor:
         if image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
             image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
-        raise DataError(f"{name}: cannot read an image from a {type(image).__name__}; give a PIL image, a path, a "
-                        "uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1].")
+        raise DataError(
+            f"{name}: cannot read an image from a {type(image).__name__}; give a PIL image, a path, a "
+            "uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1]."
+        )
     x = image.detach().cpu()
     x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
     if x.ndim == 2:
@@ -52,7 +61,7 @@ def to_pixels(image: Any, size: int, name: str = "image") -> torch.Tensor:
     h, w = x.shape[-2:]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    x = x[:, top:top + side, left:left + side]
+    x = x[:, top : top + side, left : left + side]
     if side != size:
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
     return x.clamp(-1, 1)
@@ -80,8 +89,10 @@ class ImageSource:
 
     def __init__(self, examples: list[TrainExample], reader: Callable[[int, int], torch.Tensor], kind: str):
         if not examples:
-            raise DataError(f"the image source ({kind}) yields no images: point it at a folder, paths or a dataset "
-                            "that holds training images.")
+            raise DataError(
+                f"the image source ({kind}) yields no images: point it at a folder, paths or a dataset "
+                "that holds training images."
+            )
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
             seen, dup = set(), []
@@ -89,8 +100,10 @@ class ImageSource:
                 if i in seen:
                     dup.append(i)
                 seen.add(i)
-            raise DataError(f"the image source ({kind}) has repeated ids ({', '.join(dup[:3])}): ids must be unique; "
-                            "give each item its own id (or a distinct path).")
+            raise DataError(
+                f"the image source ({kind}) has repeated ids ({', '.join(dup[:3])}): ids must be unique; "
+                "give each item its own id (or a distinct path)."
+            )
         self.examples = examples
         self._reader = reader
         self.kind = kind
@@ -119,9 +132,13 @@ def folder_source(root: str, caption_template: str = "a photo of {token}", token
     """One subfolder per concept (captions from the template or sidecar .txt), or a flat folder of images with
     sidecar captions (one concept, named after the folder)."""
     if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist: pass a folder of images (one subfolder per concept, "
-                        "or flat with sidecar .txt captions).")
-    flat = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
+        raise DataError(
+            f"image folder {root!r} does not exist: pass a folder of images (one subfolder per concept, "
+            "or flat with sidecar .txt captions)."
+        )
+    flat = sorted(
+        f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f))
+    )
     if flat:  # one concept (e.g. a DreamBooth instance folder), named after the folder
         return paths_source([os.path.join(root, f) for f in flat], root=root)
     examples = scan_concept_folder(root, caption_template, tokens)
@@ -132,9 +149,15 @@ def paths_source(paths: Sequence[str], root: str | None = None) -> ImageSource:
     """Image files, in the given order; the id is the path (relative to `root` when given), the concept the name of
     the file's folder (as torchvision's ImageFolder has it), the caption a sidecar .txt if present."""
     paths = [str(p) for p in paths]
-    examples = [TrainExample(id=os.path.relpath(p, root) if root else p,
-                             concept=os.path.basename(os.path.dirname(os.path.abspath(p))), caption=_sidecar_caption(p),
-                             path=p) for p in paths]
+    examples = [
+        TrainExample(
+            id=os.path.relpath(p, root) if root else p,
+            concept=os.path.basename(os.path.dirname(os.path.abspath(p))),
+            caption=_sidecar_caption(p),
+            path=p,
+        )
+        for p in paths
+    ]
     return ImageSource(examples, lambda i, size: read_example(examples[i], size), f"{len(paths)} paths")
 
 
@@ -155,13 +178,16 @@ def _rng_free(fn):
     return wrapped
 
 
-def dataset_source(dataset, image_key: str = "image", caption_key: str = "caption", id_key: str = "id",
-                   concept_key: str = "concept") -> ImageSource:
+def dataset_source(
+    dataset, image_key: str = "image", caption_key: str = "caption", id_key: str = "id", concept_key: str = "concept"
+) -> ImageSource:
     """A map-style dataset whose items are dicts: `image` (PIL, path or tensor), `caption`, optional `id` and
     `concept` (key names configurable). Records are read once at the start, one item at a time."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise DataError(f"the image source {type(dataset).__name__} is not a map-style dataset (it needs __len__ and "
-                        "__getitem__); iterable datasets cannot be re-read at a snapshot: pass a folder or paths.")
+        raise DataError(
+            f"the image source {type(dataset).__name__} is not a map-style dataset (it needs __len__ and "
+            "__getitem__); iterable datasets cannot be re-read at a snapshot: pass a folder or paths."
+        )
     read = _rng_free(dataset.__getitem__)
     name = type(dataset).__name__
 
@@ -169,8 +195,10 @@ def dataset_source(dataset, image_key: str = "image", caption_key: str = "captio
         x = read(i)
         if not isinstance(x, dict) or image_key not in x:
             keys = sorted(x) if isinstance(x, dict) else type(x).__name__
-            raise DataError(f"dataset {name} item {i}: expected a dict with the image under {image_key!r}, got {keys}. "
-                            "Set image_key (and caption_key, id_key, concept_key) to your dataset's names.")
+            raise DataError(
+                f"dataset {name} item {i}: expected a dict with the image under {image_key!r}, got {keys}. "
+                "Set image_key (and caption_key, id_key, concept_key) to your dataset's names."
+            )
         return x
 
     examples = []
@@ -180,24 +208,46 @@ def dataset_source(dataset, image_key: str = "image", caption_key: str = "captio
         path = str(image) if isinstance(image, (str, os.PathLike)) else str(getattr(image, "filename", "") or "")
         ident = x.get(id_key)
         ident = str(ident) if ident is not None else (path or content_id(image))
-        examples.append(TrainExample(id=ident, concept=str(x.get(concept_key, "") or ""),
-                                     caption=str(x.get(caption_key, "") or ""), path=path))
-    return ImageSource(examples, lambda i, size: to_pixels(item(i)[image_key], size, f"dataset {name} item {i}"),
-                       f"dataset {name}")
+        examples.append(
+            TrainExample(
+                id=ident,
+                concept=str(x.get(concept_key, "") or ""),
+                caption=str(x.get(caption_key, "") or ""),
+                path=path,
+            )
+        )
+    return ImageSource(
+        examples, lambda i, size: to_pixels(item(i)[image_key], size, f"dataset {name} item {i}"), f"dataset {name}"
+    )
 
 
-def hf_source(ds, image_column: str = "image", caption_column: str = "text", id_column: str | None = None,
-              concept_column: str | None = None) -> ImageSource:
+def hf_source(
+    ds,
+    image_column: str = "image",
+    caption_column: str = "text",
+    id_column: str | None = None,
+    concept_column: str | None = None,
+) -> ImageSource:
     """A Hugging Face `datasets.Dataset` (column names configurable); text columns are read without decoding images."""
     from datasets import Image as HFImage
 
     cols = list(ds.column_names)
-    for field, col in (("image_column", image_column), ("caption_column", caption_column), ("id_column", id_column),
-                       ("concept_column", concept_column)):
+    for field, col in (
+        ("image_column", image_column),
+        ("caption_column", caption_column),
+        ("id_column", id_column),
+        ("concept_column", concept_column),
+    ):
         if col is not None and col not in cols and (field, col) != ("caption_column", "text"):  # captions optional
-            raise DataError(f"Hugging Face dataset: {field}={col!r} is not a column (columns: {', '.join(cols)}); "
-                            "name the dataset's columns (image_key, caption_key, id_key, concept_key).")
-    raw = ds.cast_column(image_column, HFImage(decode=False)) if isinstance(ds.features.get(image_column), HFImage) else ds
+            raise DataError(
+                f"Hugging Face dataset: {field}={col!r} is not a column (columns: {', '.join(cols)}); "
+                "name the dataset's columns (image_key, caption_key, id_key, concept_key)."
+            )
+    raw = (
+        ds.cast_column(image_column, HFImage(decode=False))
+        if isinstance(ds.features.get(image_column), HFImage)
+        else ds
+    )
     captions = ds[caption_column] if caption_column in cols else [""] * len(ds)
     concepts = ds[concept_column] if concept_column else [""] * len(ds)
     ids = ds[id_column] if id_column else None
@@ -232,7 +282,9 @@ def image_source(images, **keys) -> ImageSource:
     inner = getattr(images, "dataset", None)  # a wrapped dataset (montrage's index wrapper)
     if getattr(images, "montrage_wrapped", False) and inner is not None:
         return image_source(inner, **keys)
-    if isinstance(getattr(images, "examples", None), (list, tuple)) and all(isinstance(e, TrainExample) for e in images.examples):
+    if isinstance(getattr(images, "examples", None), (list, tuple)) and all(
+        isinstance(e, TrainExample) for e in images.examples
+    ):
         return examples_source(images.examples)
     if isinstance(images, (list, tuple)):
         if images and all(isinstance(e, TrainExample) for e in images):
@@ -240,7 +292,9 @@ def image_source(images, **keys) -> ImageSource:
         if images and all(isinstance(p, (str, os.PathLike)) for p in images):
             return paths_source(images)
         if not images:
-            raise DataError("the image source (an empty list) yields no images: give image paths, a folder or a dataset.")
+            raise DataError(
+                "the image source (an empty list) yields no images: give image paths, a folder or a dataset."
+            )
     if type(images).__module__.startswith("datasets.") and hasattr(images, "column_names"):
         hf = {k.replace("_key", "_column"): v for k, v in keys.items() if k.endswith("_key")}
         return hf_source(images, **hf)
@@ -251,7 +305,7 @@ def image_source(images, **keys) -> ImageSource:
 def stable_unit(seed: int, ident: str) -> float:
     """A number in [0, 1) fixed by (seed, id): the same across runs, processes and dataset orders."""
     h = hashlib.sha256(f"{int(seed)}/{ident}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64
+    return int.from_bytes(h[:8], "big") / 2**64
 
 
 def select_monitored(examples: Sequence[TrainExample], monitor_images=None, seed: int = 0) -> list[int]:
@@ -268,8 +322,10 @@ def select_monitored(examples: Sequence[TrainExample], monitor_images=None, seed
         index = {e.id: i for i, e in enumerate(examples)}
         missing = [str(i) for i in monitor_images if str(i) not in index]
         if missing:
-            raise DataError(f"monitor_images names {len(missing)} id(s) that the image source does not hold "
-                            f"({', '.join(missing[:3])}); use ids from the source (e.g. 'concept/file.png').")
+            raise DataError(
+                f"monitor_images names {len(missing)} id(s) that the image source does not hold "
+                f"({', '.join(missing[:3])}); use ids from the source (e.g. 'concept/file.png')."
+            )
         return sorted({index[str(i)] for i in monitor_images})
     units = [stable_unit(seed, e.id) for e in examples]
     if isinstance(monitor_images, float):
@@ -284,8 +340,10 @@ def select_monitored(examples: Sequence[TrainExample], monitor_images=None, seed
     if k < 1:
         raise DataError(f"monitor_images={monitor_images}: give a count >= 1, a fraction in (0, 1], or a list of ids.")
     if k > n:
-        raise DataError(f"monitor_images={k} is larger than the image source ({n} images): lower it, or leave it unset "
-                        "to monitor every image.")
+        raise DataError(
+            f"monitor_images={k} is larger than the image source ({n} images): lower it, or leave it unset "
+            "to monitor every image."
+        )
     by_concept: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
         by_concept.setdefault(e.concept, []).append(i)

@@ -117,8 +117,14 @@ def _float_ds(group, name, row_shape, dtype="float16", rows_per_chunk=None):
     if rows_per_chunk is None and row_bytes > (1 << 20) and len(inner) >= 1:
         inner[0] = max(1, int(inner[0] * (1 << 20) // row_bytes))  # keep chunks near 1 MiB
     return group.create_dataset(
-        name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(1, *inner),
-        compression="lzf", shuffle=True, fletcher32=True,  # a checksum per chunk: damaged data fails, not misleads
+        name,
+        shape=(0, *row_shape),
+        maxshape=(None, *row_shape),
+        dtype=dtype,
+        chunks=(1, *inner),
+        compression="lzf",
+        shuffle=True,
+        fletcher32=True,  # a checksum per chunk: damaged data fails, not misleads
     )
 
 
@@ -140,7 +146,7 @@ def _superblock(path: str) -> tuple[int, int] | None:
         addresses = fh.read(3 * size)
     if len(addresses) < 3 * size:
         return None
-    return head[11], int.from_bytes(addresses[2 * size:], "little")
+    return head[11], int.from_bytes(addresses[2 * size :], "little")
 
 
 def left_open_for_write(path: str) -> bool:
@@ -180,9 +186,16 @@ def rebuild_committed(path: str) -> tuple[int, int]:
             if rows is None:
                 dst.create_dataset(name, data=obj[...], dtype=obj.dtype)
             else:
-                out = dst.create_dataset(name, shape=(rows, *obj.shape[1:]), maxshape=obj.maxshape, dtype=obj.dtype,
-                                         chunks=obj.chunks, compression=obj.compression, shuffle=obj.shuffle,
-                                         fletcher32=obj.fletcher32)
+                out = dst.create_dataset(
+                    name,
+                    shape=(rows, *obj.shape[1:]),
+                    maxshape=obj.maxshape,
+                    dtype=obj.dtype,
+                    chunks=obj.chunks,
+                    compression=obj.compression,
+                    shuffle=obj.shuffle,
+                    fletcher32=obj.fletcher32,
+                )
                 for i in range(0, rows, obj.chunks[0]):  # a chunk at a time: bounded memory
                     j = min(rows, i + obj.chunks[0])
                     out[i:j] = obj[i:j]
@@ -212,8 +225,10 @@ class _WriterLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise StoreError(f"store {path!r} is being written by another live process (it holds {self.path!r}). "
-                             "One store per run: give this run another store_path, or stop the other run.") from None
+            raise StoreError(
+                f"store {path!r} is being written by another live process (it holds {self.path!r}). "
+                "One store per run: give this run another store_path, or stop the other run."
+            ) from None
         self.fd = fd
 
     @property
@@ -239,8 +254,9 @@ def adapter_digest(params: np.ndarray) -> int:
     """A signed 64-bit digest of one adapter snapshot: tells a deferred encode whether a row it encoded is stale."""
     import hashlib
 
-    return int.from_bytes(hashlib.sha1(np.ascontiguousarray(params, np.float32).tobytes()).digest()[:8], "little",
-                          signed=True)
+    return int.from_bytes(
+        hashlib.sha1(np.ascontiguousarray(params, np.float32).tobytes()).digest()[:8], "little", signed=True
+    )
 
 
 class StoreWriter:
@@ -254,8 +270,14 @@ class StoreWriter:
     EPOCH_DATASETS = ("epoch", "global_step", "probes/images", "lora/params", "adapter_check")
     ORDER_DATASETS = ("order/epoch", "order/global_step", "order/example_index")
 
-    def __init__(self, path: str, spec: StoreSpec, overwrite: bool = False, truncate_to: tuple[int, int] | None = None,
-                 part: Part = "all"):
+    def __init__(
+        self,
+        path: str,
+        spec: StoreSpec,
+        overwrite: bool = False,
+        truncate_to: tuple[int, int] | None = None,
+        part: Part = "all",
+    ):
         """Open `path`; a new file gets the schema, an existing one must match `spec`.
 
         `truncate_to=(epochs, order_rows)` cuts an existing store back (resume from a checkpoint); without it, an
@@ -282,15 +304,21 @@ class StoreWriter:
             check_compatible(path, spec)
             if self._lock.held and left_open_for_write(path):
                 epochs, rows = rebuild_committed(path)
-                log.warning("store %s: its last writer stopped without closing it (killed or crashed); recovered its "
-                            "%d complete epoch(s) and %d training-order rows, a partly written epoch is dropped.",
-                            path, epochs, rows)
+                log.warning(
+                    "store %s: its last writer stopped without closing it (killed or crashed); recovered its "
+                    "%d complete epoch(s) and %d training-order rows, a partly written epoch is dropped.",
+                    path,
+                    epochs,
+                    rows,
+                )
             try:
                 self.f = h5py.File(path, "a", libver="latest")
             except BlockingIOError as err:
-                raise StoreError(f"store {path!r} is open in another process ({err}): a reader opened while no writer "
-                                 "had it (montrage inspect, an Attributor) blocks writers. Close it and start again; "
-                                 "readers started after the writer (inspect --follow) do not block it.") from err
+                raise StoreError(
+                    f"store {path!r} is open in another process ({err}): a reader opened while no writer "
+                    "had it (montrage inspect, an Attributor) blocks writers. Close it and start again; "
+                    "readers started after the writer (inspect --follow) do not block it."
+                ) from err
             held = int(self.f["committed"][0])
             if truncate_to is None and held > 0:
                 raise StoreError(
@@ -319,8 +347,9 @@ class StoreWriter:
             for layer in s.layers:
                 _float_ds(f.require_group("probes/features"), layer, (len(items), T, s.feature_dims[layer]))
                 _float_ds(f.require_group("train/features"), layer, (len(s.monitored), T, s.feature_dims[layer]))
-            _float_ds(f.require_group("probes"), "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3),
-                      dtype="uint8")
+            _float_ds(
+                f.require_group("probes"), "images", (len(items), s.thumbnail_size, s.thumbnail_size, 3), dtype="uint8"
+            )
         if self.part == "features":
             _grow(f, "adapter_check", "int64")  # digest of the adapter snapshot each row was encoded from
             f.flush()
@@ -374,14 +403,23 @@ class StoreWriter:
         self.f["committed"][...] = [epochs, order_rows]
         self.f.flush()
 
-    def append_epoch(self, epoch: int, global_step: int, probe_features: dict, train_features: dict,
-                     probe_images: np.ndarray, lora_params: np.ndarray | None = None) -> int:
+    def append_epoch(
+        self,
+        epoch: int,
+        global_step: int,
+        probe_features: dict,
+        train_features: dict,
+        probe_images: np.ndarray,
+        lora_params: np.ndarray | None = None,
+    ) -> int:
         """Write one snapshot; it counts only once the commit counter is written (after a flush)."""
         for layer in self.spec.layers:
             a = train_features.get(layer)
             if a is None or a.shape[0] != len(self.spec.monitored) or not np.all(np.isfinite(a)):
-                raise StoreError(f"refusing to write epoch {epoch}: train features of layer {layer!r} are missing, of "
-                                 "the wrong size or not finite.")
+                raise StoreError(
+                    f"refusing to write epoch {epoch}: train features of layer {layer!r} are missing, of "
+                    "the wrong size or not finite."
+                )
         self.begin_epoch()  # commit_epoch checks the probe features and the adapter before anything counts
         for layer in self.spec.layers:
             self.write_train_rows(layer, slice(None), train_features[layer])
@@ -391,8 +429,10 @@ class StoreWriter:
         for layer in self.spec.layers if self.part != "adapter" else ():
             a = probe_features.get(layer)
             if a is None or a.shape[0] != len(self.spec.probes) or not np.all(np.isfinite(a)):
-                raise StoreError(f"refusing to write epoch {epoch}: probe features of layer {layer!r} are missing, of "
-                                 "the wrong size or not finite.")
+                raise StoreError(
+                    f"refusing to write epoch {epoch}: probe features of layer {layer!r} are missing, of "
+                    "the wrong size or not finite."
+                )
         if lora_params is not None and not np.all(np.isfinite(lora_params)):
             raise StoreError(f"refusing to write epoch {epoch}: the LoRA snapshot is not finite.")
 
@@ -413,9 +453,15 @@ class StoreWriter:
             raise StoreError(f"store {self.path!r}: no snapshot row is open (call begin_epoch first).")
         ds[e, rows] = np.asarray(values, dtype=np.float16)
 
-    def commit_epoch(self, epoch: int, global_step: int, probe_features: dict | None = None,
-                     probe_images: np.ndarray | None = None, lora_params: np.ndarray | None = None,
-                     adapter_check: int | None = None) -> int:
+    def commit_epoch(
+        self,
+        epoch: int,
+        global_step: int,
+        probe_features: dict | None = None,
+        probe_images: np.ndarray | None = None,
+        lora_params: np.ndarray | None = None,
+        adapter_check: int | None = None,
+    ) -> int:
         """Write the open snapshot's remaining values and commit it (flush first, the counter last). The adapter
         part takes no features; the features part no adapter."""
         self._check_probe_values(epoch, probe_features, lora_params)
@@ -424,7 +470,9 @@ class StoreWriter:
         if "adapter_check" in self.f:
             values["adapter_check"] = 0 if adapter_check is None else int(adapter_check)
         if "lora/params" in self.f:
-            values["lora/params"] = lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)
+            values["lora/params"] = (
+                lora_params if lora_params is not None else np.zeros(self.f["lora/params"].shape[1:], np.float32)
+            )
         if self.part != "adapter":
             values["probes/images"] = probe_images
             for layer in self.spec.layers:
@@ -448,10 +496,14 @@ class StoreWriter:
         if n == 0:
             return o
         epochs = np.broadcast_to(np.asarray(epoch, dtype=np.int64), (n,))
-        for name, value in (("order/epoch", epochs), ("order/global_step", global_steps), ("order/example_index", example_index)):
+        for name, value in (
+            ("order/epoch", epochs),
+            ("order/global_step", global_steps),
+            ("order/example_index", example_index),
+        ):
             ds = self.f[name]
             ds.resize(o + n, axis=0)
-            ds[o:o + n] = value
+            ds[o : o + n] = value
             ds.flush()
         self.f["committed"][1] = o + n
         self.f["committed"].flush()
@@ -473,12 +525,16 @@ def _open_read(path: str) -> h5py.File:
     sb = _superblock(path)
     live = sb is not None and sb[0] != 0
     if sb is not None and not live and os.path.getsize(path) < sb[1]:
-        raise StoreError(f"{path!r} is truncated: {os.path.getsize(path)} bytes where its HDF5 superblock says {sb[1]} "
-                         "(an interrupted copy or download, or a full disk). Copy it again from its source.")
+        raise StoreError(
+            f"{path!r} is truncated: {os.path.getsize(path)} bytes where its HDF5 superblock says {sb[1]} "
+            "(an interrupted copy or download, or a full disk). Copy it again from its source."
+        )
     try:
         f = h5py.File(path, "r", libver="latest", swmr=live)
     except OSError as err:
-        raise StoreError(f"{path!r} is not a readable HDF5 file ({err}); it may be truncated or not a montrage store.") from err
+        raise StoreError(
+            f"{path!r} is not a readable HDF5 file ({err}); it may be truncated or not a montrage store."
+        ) from err
     try:
         _check_header(f)
         _check_layout(f)
@@ -493,18 +549,37 @@ def _check_header(f: h5py.File) -> None:
     try:
         fmt, has_spec, version = f.attrs.get("format"), "spec" in f.attrs, int(f.attrs.get("schema_version", -1))
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        raise StoreError(f"store {path!r} is damaged: its root attributes do not read ({err}). Copy it again from "
-                         "its source, or re-run the monitoring.") from err
+        raise StoreError(
+            f"store {path!r} is damaged: its root attributes do not read ({err}). Copy it again from "
+            "its source, or re-run the monitoring."
+        ) from err
     if fmt not in FORMATS.values() or not has_spec:
         raise StoreError(f"{path!r} is an HDF5 file but not a montrage store (attribute 'format' is missing).")
     if version != SCHEMA_VERSION:
-        raise StoreError(f"store {path!r} has schema_version {version}; this montrage reads version {SCHEMA_VERSION}. "
-                         "Use the montrage release that wrote it, or re-run the monitoring.")
+        raise StoreError(
+            f"store {path!r} has schema_version {version}; this montrage reads version {SCHEMA_VERSION}. "
+            "Use the montrage release that wrote it, or re-run the monitoring."
+        )
 
 
-REQUIRED = ("committed", "epoch", "global_step", "concepts", "probes/prompt", "probes/seed", "probes/weights",
-            "train/id", "train/concept", "train/caption", "train/path", "train/monitored", "order/epoch",
-            "order/global_step", "order/example_index", "lora/params")
+REQUIRED = (
+    "committed",
+    "epoch",
+    "global_step",
+    "concepts",
+    "probes/prompt",
+    "probes/seed",
+    "probes/weights",
+    "train/id",
+    "train/concept",
+    "train/caption",
+    "train/path",
+    "train/monitored",
+    "order/epoch",
+    "order/global_step",
+    "order/example_index",
+    "lora/params",
+)
 
 
 def _check_layout(f: h5py.File) -> None:
@@ -514,22 +589,36 @@ def _check_layout(f: h5py.File) -> None:
         # committed first: a live writer only grows the datasets after it, so their shapes read later cover it
         committed = f["committed"][...] if "committed" in f else None
         spec, part = json.loads(f.attrs["spec"]), f.attrs.get("part", "all")
-        features = ["probes/images"] + [f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]]
-        names = {"all": list(REQUIRED) + features, "adapter": list(REQUIRED),
-                 "features": ["committed", "epoch", "global_step"] + features}[part]
+        features = ["probes/images"] + [
+            f"{g}/features/{layer}" for g in ("probes", "train") for layer in spec["layers"]
+        ]
+        names = {
+            "all": list(REQUIRED) + features,
+            "adapter": list(REQUIRED),
+            "features": ["committed", "epoch", "global_step"] + features,
+        }[part]
         for name in names:
             if name not in f:
-                raise StoreError(f"store {path!r} lacks the dataset {name!r}: it was not written by a complete montrage "
-                                 "run of this schema. Re-run the monitoring into a new store.")
+                raise StoreError(
+                    f"store {path!r} lacks the dataset {name!r}: it was not written by a complete montrage "
+                    "run of this schema. Re-run the monitoring into a new store."
+                )
             f[name].id.get_storage_size()
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         if isinstance(err, StoreError):
             raise
-        raise StoreError(f"store {path!r} is damaged ({err}). Copy it again from its source, or re-run the monitoring.") from err
-    if committed.shape != (2,) or committed[0] > f["epoch"].shape[0] or (
-            part != "features" and committed[1] > f["order/epoch"].shape[0]):
-        raise StoreError(f"store {path!r}: field 'committed' ({committed.tolist()}) does not match its datasets; the "
-                         "file is damaged. Copy it again from its source, or re-run the monitoring.")
+        raise StoreError(
+            f"store {path!r} is damaged ({err}). Copy it again from its source, or re-run the monitoring."
+        ) from err
+    if (
+        committed.shape != (2,)
+        or committed[0] > f["epoch"].shape[0]
+        or (part != "features" and committed[1] > f["order/epoch"].shape[0])
+    ):
+        raise StoreError(
+            f"store {path!r}: field 'committed' ({committed.tolist()}) does not match its datasets; the "
+            "file is damaged. Copy it again from its source, or re-run the monitoring."
+        )
 
 
 def first_difference(held: dict, spec: StoreSpec) -> tuple[str, object, object] | None:
@@ -575,8 +664,10 @@ class StoreReader:
         ff = _open_read(self.features_path)
         if json.loads(ff.attrs["spec"]).get("identity") != self.spec.get("identity"):
             ff.close()
-            raise StoreError(f"{self.features_path!r} holds the encoded features of another run than {self.path!r}; "
-                             f"delete it and run `montrage encode {self.path}` again.")
+            raise StoreError(
+                f"{self.features_path!r} holds the encoded features of another run than {self.path!r}; "
+                f"delete it and run `montrage encode {self.path}` again."
+            )
         self.ff = ff
 
     def __enter__(self):
@@ -665,15 +756,19 @@ class StoreReader:
         feature = name == "probes/images" or name.startswith(("probes/features/", "train/features/"))
         f = self.ff if feature else self.f
         if f is None:
-            raise StoreError(f"store {self.path!r} is deferred (training saved the adapter snapshots only) and none is "
-                             f"encoded yet: run `montrage encode {self.path}` first.")
+            raise StoreError(
+                f"store {self.path!r} is deferred (training saved the adapter snapshots only) and none is "
+                f"encoded yet: run `montrage encode {self.path}` first."
+            )
         ds = f[name]
         ds.refresh()
         try:
             return ds[sel]
         except (OSError, RuntimeError) as err:
-            raise StoreError(f"store {f.filename!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
-                             "from its source, or re-run the monitoring.") from err
+            raise StoreError(
+                f"store {f.filename!r}: cannot read {name!r} ({err}); the file is damaged. Copy it again "
+                "from its source, or re-run the monitoring."
+            ) from err
 
     def projection(self, layer: str) -> np.ndarray | None:
         """The fixed (pooled, stored) projection of a layer's features, or None when they are stored unprojected."""
@@ -708,7 +803,7 @@ class StoreReader:
         out, at = {}, 0
         for name, shape in zip(names, shapes):
             n = int(np.prod(shape))
-            out[name] = flat[at:at + n].reshape(shape)
+            out[name] = flat[at : at + n].reshape(shape)
             at += n
         return out
 
@@ -718,7 +813,11 @@ class StoreReader:
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
-                datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype), "bytes": int(obj.id.get_storage_size())}
+                datasets[name] = {
+                    "shape": list(obj.shape),
+                    "dtype": str(obj.dtype),
+                    "bytes": int(obj.id.get_storage_size()),
+                }
 
         self.f.visititems(visit)
         if self.ff is not None and self.ff is not self.f:
@@ -745,8 +844,8 @@ class StoreReader:
             "mode": "deferred" if self.deferred else "inline",
             "adapter_snapshots": self.adapter_snapshots,
             "projection": self.spec.get("projection") or None,
-            "file_bytes": os.path.getsize(self.path) + (os.path.getsize(self.features_path) if self.deferred and
-                                                        os.path.isfile(self.features_path) else 0),
+            "file_bytes": os.path.getsize(self.path)
+            + (os.path.getsize(self.features_path) if self.deferred and os.path.isfile(self.features_path) else 0),
             "datasets": datasets,
         }
 

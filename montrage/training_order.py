@@ -47,8 +47,10 @@ class IndexedCollate:
         indices = [i for i, _ in items]
         batch = self.collate([x for _, x in items])
         if not isinstance(batch, Mapping):
-            raise TypeError(f"wrap_dataloader needs batches that are dicts (got a {type(batch).__name__}); pass the "
-                            "batch's dataset indices to Monitor.on_batch(indices=...) instead.")
+            raise TypeError(
+                f"wrap_dataloader needs batches that are dicts (got a {type(batch).__name__}); pass the "
+                "batch's dataset indices to Monitor.on_batch(indices=...) instead."
+            )
         batch = dict(batch) if not hasattr(batch, "__setitem__") else batch
         batch[INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
         return batch
@@ -57,15 +59,27 @@ class IndexedCollate:
 def wrap_dataloader(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
     """The same loader (dataset, sampler, workers, generator) whose batches also carry their dataset indices."""
     if isinstance(loader.dataset, torch.utils.data.IterableDataset):
-        raise TypeError("wrap_dataloader needs a map-style dataset (an IterableDataset has no indices); pass ids to "
-                        "Monitor.on_batch(ids=...) instead.")
-    kw = dict(num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
-              worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-              generator=loader.generator, persistent_workers=loader.persistent_workers)
+        raise TypeError(
+            "wrap_dataloader needs a map-style dataset (an IterableDataset has no indices); pass ids to "
+            "Monitor.on_batch(ids=...) instead."
+        )
+    kw = dict(
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+    )
     if loader.num_workers > 0:
         kw["prefetch_factor"] = loader.prefetch_factor
-    return torch.utils.data.DataLoader(IndexedDataset(loader.dataset), batch_sampler=loader.batch_sampler,
-                                       collate_fn=IndexedCollate(loader.collate_fn), **kw)
+    return torch.utils.data.DataLoader(
+        IndexedDataset(loader.dataset),
+        batch_sampler=loader.batch_sampler,
+        collate_fn=IndexedCollate(loader.collate_fn),
+        **kw,
+    )
 
 
 def batch_indices(batch) -> np.ndarray | None:

@@ -36,9 +36,34 @@ FAMILIES = {
     "adwaita": ("Adwaita*",),
     "oxygen": ("oxygen*",),
 }
-KNOWN_THEMES = ("Adwaita", "Faba", "Faenza", "Moka", "Numix", "Nuovo", "Obsidian", "Papirus", "Sea", "Suede", "Tango",
-                "Vintage", "bloom", "breeze", "deepin", "elementary", "gartoon", "gnome", "hicolor", "mate", "menta",
-                "nuoveXT2", "oxygen", "sugar", "suru", "yasis")
+KNOWN_THEMES = (
+    "Adwaita",
+    "Faba",
+    "Faenza",
+    "Moka",
+    "Numix",
+    "Nuovo",
+    "Obsidian",
+    "Papirus",
+    "Sea",
+    "Suede",
+    "Tango",
+    "Vintage",
+    "bloom",
+    "breeze",
+    "deepin",
+    "elementary",
+    "gartoon",
+    "gnome",
+    "hicolor",
+    "mate",
+    "menta",
+    "nuoveXT2",
+    "oxygen",
+    "sugar",
+    "suru",
+    "yasis",
+)
 MIN_POOL_ICONS = 40
 
 
@@ -95,14 +120,21 @@ def default_pool(customized: list[str], icons_dir: str = icons.ICONS_DIR, size: 
             best[fam] = (n, name)
     pool = sorted(name for _, name in best.values())
     if len(pool) < 2:
-        raise icons.DataError(f"the art base needs at least two icon themes outside the customized families "
-                              f"({', '.join(sorted(taken))}) with {MIN_POOL_ICONS}+ icons in {icons_dir!r}; found "
-                              f"{pool or 'none'}: install more themes (see the README) or pass --pretrain-themes.")
+        raise icons.DataError(
+            f"the art base needs at least two icon themes outside the customized families "
+            f"({', '.join(sorted(taken))}) with {MIN_POOL_ICONS}+ icons in {icons_dir!r}; found "
+            f"{pool or 'none'}: install more themes (see the README) or pass --pretrain-themes."
+        )
     return pool
 
 
-def art_base_path(pool: list[str], icons_dir: str = icons.ICONS_DIR, cfg: ArtBaseConfig | None = None,
-                  progress: bool = True, cache_dir: str | None = None) -> str:
+def art_base_path(
+    pool: list[str],
+    icons_dir: str = icons.ICONS_DIR,
+    cfg: ArtBaseConfig | None = None,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> str:
     """Path of the cached art base pre-trained on the themes `pool` (built on first use, a few minutes on 2 cores)."""
     cfg = cfg or ArtBaseConfig(themes=tuple(sorted(pool)))
 
@@ -110,8 +142,14 @@ def art_base_path(pool: list[str], icons_dir: str = icons.ICONS_DIR, cfg: ArtBas
         from montrage.data import ConceptImageDataset
 
         with tempfile.TemporaryDirectory() as tmp:
-            examples = icons.build_icon_set(list(cfg.themes), os.path.join(tmp, "pool"), icons_per_theme=10 ** 6,
-                                            size=cfg.image_size, icons_dir=icons_dir, shared=False)
+            examples = icons.build_icon_set(
+                list(cfg.themes),
+                os.path.join(tmp, "pool"),
+                icons_per_theme=10**6,
+                size=cfg.image_size,
+                icons_dir=icons_dir,
+                shared=False,
+            )
             pixels = ConceptImageDataset(examples, cfg.image_size).pixels
         contents = [icons.content_words(icons.icon_of(e)) for e in examples]
         captions = [f"an icon of a {c}" for c in contents] + [e.caption for e in examples]
@@ -132,12 +170,17 @@ def style_response(base: str, prompts: list[str], seed: int = 0) -> float:
     from montrage.components import load_components
 
     c = load_components(base)
-    ids = c.tokenizer(list(prompts), padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+    ids = c.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=c.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     size = c.unet.config.sample_size
     z = torch.randn(4, c.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     t = torch.full((len(z),), 500)
     with torch.no_grad():
         h = c.text_encoder(ids)[0]
-        out = torch.stack([c.unet(z, t, h[i:i + 1].expand(len(z), -1, -1)).sample for i in range(len(prompts))])
+        out = torch.stack([c.unet(z, t, h[i : i + 1].expand(len(z), -1, -1)).sample for i in range(len(prompts))])
     return float(out.std(dim=0).mean() / out.abs().mean().clamp_min(1e-12))

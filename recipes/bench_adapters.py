@@ -36,8 +36,15 @@ import numpy as np
 import torch
 
 from montrage.errors import MontrageError
-from montrage.recipes.bench_origin import (LoraBenchConfig, _mean_std, cached_seeds, class_split, lora_split,
-                                           parse_seeds, train_lora)
+from montrage.recipes.bench_origin import (
+    LoraBenchConfig,
+    _mean_std,
+    cached_seeds,
+    class_split,
+    lora_split,
+    parse_seeds,
+    train_lora,
+)
 
 CACHE_VERSION = "v3"
 METHODS = ("montrage", "montrage_relative", "montrage_snapshots", "lowest_loss", "pixels")
@@ -58,16 +65,32 @@ def _report(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
     from montrage.origin.metrics import balanced_accuracy
 
     gen = np.isin(y_true, names)
-    return {"balanced_accuracy": round(balanced_accuracy(y_true, y_pred), 4),
-            "accuracy_per_class": {c: round(float(np.mean(y_pred[y_true == c] == c)), 4)
-                                   for c in list(names) + ["none"]},
-            "accuracy_on_generations": round(float(np.mean(y_pred[gen] == y_true[gen])), 4)}
+    return {
+        "balanced_accuracy": round(balanced_accuracy(y_true, y_pred), 4),
+        "accuracy_per_class": {c: round(float(np.mean(y_pred[y_true == c] == c)), 4) for c in list(names) + ["none"]},
+        "accuracy_on_generations": round(float(np.mean(y_pred[gen] == y_true[gen])), 4),
+    }
 
 
-def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7, 9), per_concept: int = 16,
-                  epochs: int = 4, repeats: int = 25, learning_rate: float = 1e-2, rank: int = 8,
-                  per_class: int = 64, timesteps: int = 10, gen_steps: int = 25, guidance: float = 3.0,
-                  batch_size: int = 64, condition: str = "empty", base_config=None, progress: bool = True) -> dict:
+def adapters_seed(
+    seed: int,
+    workdir: str,
+    adapters: int = 3,
+    concepts=(1, 4, 7, 9),
+    per_concept: int = 16,
+    epochs: int = 4,
+    repeats: int = 25,
+    learning_rate: float = 1e-2,
+    rank: int = 8,
+    per_class: int = 64,
+    timesteps: int = 10,
+    gen_steps: int = 25,
+    guidance: float = 3.0,
+    batch_size: int = 64,
+    condition: str = "empty",
+    base_config=None,
+    progress: bool = True,
+) -> dict:
     """One seed: train (or reuse) the K adapters, generate, featurize under each, score every method.
 
     `condition`: the text condition of every feature, "empty" (the prompt of an image is unknown) or "caption" (each
@@ -75,8 +98,13 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     from montrage.data import digit_token, sklearn_digits
     from montrage.origin.baselines import pixel_features
     from montrage.origin.classifier import LinearProbe, feature_matrix
-    from montrage.origin.features import (SNAPSHOT_FAMILIES, FeatureSpec, default_families, default_timesteps,
-                                          trajectory_features)
+    from montrage.origin.features import (
+        SNAPSHOT_FAMILIES,
+        FeatureSpec,
+        default_families,
+        default_timesteps,
+        trajectory_features,
+    )
     from montrage.origin.from_store import snapshot_rows, store_diffusion_model
     from montrage.origin.model import load_diffusion_model
     from montrage.origin.model_attribution import ModelAttributor, fit_none_threshold, lowest_loss_attribution
@@ -87,8 +115,10 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     if adapters < 2:
         raise MontrageError(f"model attribution needs at least 2 adapters, not {adapters}.")
     t0 = time.time()
-    cfgs = [LoraBenchConfig(tuple(concepts), per_concept, epochs, repeats, learning_rate, rank, 100 * seed + k)
-            for k in range(adapters)]
+    cfgs = [
+        LoraBenchConfig(tuple(concepts), per_concept, epochs, repeats, learning_rate, rank, 100 * seed + k)
+        for k in range(adapters)
+    ]
     trained = [train_lora(cfg, workdir, progress, base_config) for cfg in cfgs]
     base, stores = trained[0][0], [store for _, _, store in trained]
     seconds = {"fine_tune": time.time() - t0}
@@ -113,14 +143,15 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     size = base_model.image_size
     real = rng.permutation(held)[:half]
     base_seeds = [30_000 + 1000 * seed + j for j in range(-(-half // len(prompts)))]
-    none = torch.cat([digits_images(real, size),
-                      _generate(base_model, prompts, base_seeds, gen_steps, guidance)[:per_class - half]])
+    none = torch.cat(
+        [digits_images(real, size), _generate(base_model, prompts, base_seeds, gen_steps, guidance)[: per_class - half]]
+    )
     captions += [f"a photo of {digit_token(int(sklearn_digits()[1][i]))}" for i in real]
-    captions += [p for p in prompts for _ in base_seeds][:per_class - half]
+    captions += [p for p in prompts for _ in base_seeds][: per_class - half]
     del base_model
     groups.append(none)
     labels += ["none"] * len(none)
-    sources = labels[:-len(none)] + ["none:real"] * half + ["none:base_generation"] * (len(none) - half)
+    sources = labels[: -len(none)] + ["none:real"] * half + ["none:base_generation"] * (len(none) - half)
     pixels = torch.cat(groups)
     assert len(captions) == len(pixels) == len(labels)
     labels, sources = np.asarray(labels), np.asarray(sources)
@@ -131,8 +162,9 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     for store in stores:
         model = store_diffusion_model(store)
         grid = default_timesteps(int(model.scheduler.config.num_train_timesteps), timesteps)
-        spec = FeatureSpec(tuple(grid), families=default_families(model) + SNAPSHOT_FAMILIES,
-                           snapshots=snapshot_rows(model))
+        spec = FeatureSpec(
+            tuple(grid), families=default_families(model) + SNAPSHOT_FAMILIES, snapshots=snapshot_rows(model)
+        )
         caps = captions if condition == "caption" else None
         under.append(trajectory_features(model, pixels, spec, captions=caps, batch_size=batch_size, progress=progress))
         del model
@@ -143,11 +175,14 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
     results = {}
     att = ModelAttributor(names, families=families, C="auto").fit([fs.subset(tr) for fs in under], labels[tr])
     predictions = {"montrage": att.predict([fs.subset(te) for fs in under])}
-    rel = ModelAttributor(names, families=families, C="auto", relative=True).fit([fs.subset(tr) for fs in under],
-                                                                                 labels[tr])
+    rel = ModelAttributor(names, families=families, C="auto", relative=True).fit(
+        [fs.subset(tr) for fs in under], labels[tr]
+    )
     predictions["montrage_relative"] = rel.predict([fs.subset(te) for fs in under])
-    X = np.concatenate([feature_matrix(fs, families)[0] for fs in under]
-                       + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in under], axis=1)
+    X = np.concatenate(
+        [feature_matrix(fs, families)[0] for fs in under] + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in under],
+        axis=1,
+    )
     predictions["montrage_snapshots"] = LinearProbe(C="auto").fit(X[tr], labels[tr]).predict(X[te])
     tau = fit_none_threshold([fs.subset(tr) for fs in under], labels[tr], names)
     pick = lowest_loss_attribution([fs.subset(te) for fs in under], none_above=tau)
@@ -158,15 +193,30 @@ def adapters_seed(seed: int, workdir: str, adapters: int = 3, concepts=(1, 4, 7,
         results[name] = _report(labels[te], pred, names)
         results[name]["none_accuracy_per_source"] = {  # real digits vs the base model's own generations
             src: round(float(np.mean(pred[sources[te] == src] == "none")), 4)
-            for src in ("none:real", "none:base_generation")}
-    return {"methods": results, "test_per_class": int(np.sum(labels[te] == "none")),
-            "config": {"adapters": adapters, "concepts": list(concepts), "per_concept": per_concept, "epochs": epochs,
-                       "repeats": repeats, "rank": rank, "per_class": per_class, "timesteps": list(grid),
-                       "families": list(families), "snapshots": list(under[0].spec.snapshots),
-                       "adapter_seeds": [c.seed for c in cfgs], "gen_steps": gen_steps, "guidance_scale": guidance,
-                       "condition": condition,
-                       "none": f"{half} held-out real digits + {len(none) - half} generations of the base"},
-            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+            for src in ("none:real", "none:base_generation")
+        }
+    return {
+        "methods": results,
+        "test_per_class": int(np.sum(labels[te] == "none")),
+        "config": {
+            "adapters": adapters,
+            "concepts": list(concepts),
+            "per_concept": per_concept,
+            "epochs": epochs,
+            "repeats": repeats,
+            "rank": rank,
+            "per_class": per_class,
+            "timesteps": list(grid),
+            "families": list(families),
+            "snapshots": list(under[0].spec.snapshots),
+            "adapter_seeds": [c.seed for c in cfgs],
+            "gen_steps": gen_steps,
+            "guidance_scale": guidance,
+            "condition": condition,
+            "none": f"{half} held-out real digits + {len(none) - half} generations of the base",
+        },
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -181,20 +231,34 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
-def run_adapters_bench(out: str, seeds=(0,), workdir: str | None = None, threads: int | None = None,
-                       progress: bool = True, **kwargs) -> dict:
+def run_adapters_bench(
+    out: str, seeds=(0,), workdir: str | None = None, threads: int | None = None, progress: bool = True, **kwargs
+) -> dict:
     """Every seed (cached in `workdir`), aggregated; writes `out` (JSON) and returns it."""
     if threads:
         torch.set_num_threads(int(threads))
     workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = cached_seeds("adapters", seeds, workdir, CACHE_VERSION,
-                        lambda seed, **kw: adapters_seed(seed, workdir, progress=progress, **kw), **kwargs)
-    result = {"methods": aggregate(runs), "per_seed": {str(s): r for s, r in zip(seeds, runs)},
-              "config": {**runs[0]["config"], "seeds": list(seeds), "test_per_class": runs[0]["test_per_class"],
-                         "std": "population (ddof 0) over seeds",
-                         "torch_threads": torch.get_num_threads()},
-              "seconds": {"total_this_run": round(time.time() - t, 1)}}
+    runs = cached_seeds(
+        "adapters",
+        seeds,
+        workdir,
+        CACHE_VERSION,
+        lambda seed, **kw: adapters_seed(seed, workdir, progress=progress, **kw),
+        **kwargs,
+    )
+    result = {
+        "methods": aggregate(runs),
+        "per_seed": {str(s): r for s, r in zip(seeds, runs)},
+        "config": {
+            **runs[0]["config"],
+            "seeds": list(seeds),
+            "test_per_class": runs[0]["test_per_class"],
+            "std": "population (ddof 0) over seeds",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "seconds": {"total_this_run": round(time.time() - t, 1)},
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -205,12 +269,16 @@ def run_adapters_bench(out: str, seeds=(0,), workdir: str | None = None, threads
 
 def format_table(result: dict) -> str:
     k = result["config"]["adapters"]
-    lines = [f"which of {k} adapters made it, or none ({k + 1} classes, chance {1 / (k + 1):.2f}); "
-             f"seeds {result['config']['seeds']}, {result['config']['test_per_class']} test images per class",
-             f"{'method':20s} {'balanced acc':>16s} {'acc on generations':>20s}"]
+    lines = [
+        f"which of {k} adapters made it, or none ({k + 1} classes, chance {1 / (k + 1):.2f}); "
+        f"seeds {result['config']['seeds']}, {result['config']['test_per_class']} test images per class",
+        f"{'method':20s} {'balanced acc':>16s} {'acc on generations':>20s}",
+    ]
     for name, r in result["methods"].items():
-        lines.append(f"{name:20s} {r['balanced_accuracy']:8.3f} ± {r['balanced_accuracy_std']:.3f} "
-                     f"{r['accuracy_on_generations']:12.3f} ± {r['accuracy_on_generations_std']:.3f}")
+        lines.append(
+            f"{name:20s} {r['balanced_accuracy']:8.3f} ± {r['balanced_accuracy_std']:.3f} "
+            f"{r['accuracy_on_generations']:12.3f} ± {r['accuracy_on_generations_std']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -226,17 +294,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-class", type=int, default=64, help="images per class (each adapter, and none)")
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--gen-steps", type=int, default=25)
-    p.add_argument("--condition", default="empty", choices=["empty", "caption"],
-                   help="text condition of the features: the empty prompt, or each image's prompt")
+    p.add_argument(
+        "--condition",
+        default="empty",
+        choices=["empty", "caption"],
+        help="text condition of the features: the empty prompt, or each image's prompt",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    result = run_adapters_bench(a.out, parse_seeds(a.seed), workdir=a.workdir, threads=a.threads,
-                                progress=not a.quiet, adapters=a.adapters,
-                                concepts=tuple(int(c) for c in a.concepts.split(",")), per_concept=a.per_concept,
-                                epochs=a.epochs, repeats=a.repeats, per_class=a.per_class, timesteps=a.timesteps,
-                                gen_steps=a.gen_steps, **({"condition": a.condition} if a.condition != "empty" else {}))
+    result = run_adapters_bench(
+        a.out,
+        parse_seeds(a.seed),
+        workdir=a.workdir,
+        threads=a.threads,
+        progress=not a.quiet,
+        adapters=a.adapters,
+        concepts=tuple(int(c) for c in a.concepts.split(",")),
+        per_concept=a.per_concept,
+        epochs=a.epochs,
+        repeats=a.repeats,
+        per_class=a.per_class,
+        timesteps=a.timesteps,
+        gen_steps=a.gen_steps,
+        **({"condition": a.condition} if a.condition != "empty" else {}),
+    )
     if a.quiet:
         print(format_table(result))
 

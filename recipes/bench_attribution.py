@@ -42,12 +42,22 @@ FINE_TUNE = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-2}  # the benc
 
 
 PROMPTS = {"concept": "a photo of {token}", "mixture": "a photo of {a} and {b}", "image": "a photo of {token} {image}"}
-ICON_PROMPTS = {"concept": "an icon in the style of {token}", "mixture": "an icon in the style of {a} and {b}",
-                "image": "an icon of a {image} in the style of {token}"}
+ICON_PROMPTS = {
+    "concept": "an icon in the style of {token}",
+    "mixture": "an icon in the style of {a} and {b}",
+    "image": "an icon of a {image} in the style of {token}",
+}
 
 
-def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[int], mixtures: bool = True,
-                 exemplars: dict[str, str] | None = None, prompts: dict[str, str] = PROMPTS) -> tuple[ProbeSet, list[str]]:
+def build_probes(
+    examples,
+    tokens: dict[str, str],
+    per_image: list,
+    seeds: list[int],
+    mixtures: bool = True,
+    exemplars: dict[str, str] | None = None,
+    prompts: dict[str, str] = PROMPTS,
+) -> tuple[ProbeSet, list[str]]:
     """Concept, mixture and per-image prompts with their ground truth, and each prompt's kind.
 
     `per_image`: (example, the words that name it: its image token, or an icon's content). `exemplars`: concept ->
@@ -64,7 +74,7 @@ def build_probes(examples, tokens: dict[str, str], per_image: list, seeds: list[
         kinds.append("concept")
     if mixtures:
         for i, a in enumerate(concepts):
-            for b in concepts[i + 1:]:
+            for b in concepts[i + 1 :]:
                 texts.append(prompts["mixture"].format(a=tokens[a], b=tokens[b]))
                 weights.append({a: 0.5, b: 0.5})
                 within.append({})
@@ -92,8 +102,14 @@ def split_images(examples, name=lambda k, ex: image_token(k)) -> tuple[list, lis
     return probe, held
 
 
-def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, concepts: list[str],
-             image_metric: str = "within_token") -> dict:
+def evaluate(
+    scores: np.ndarray,
+    queries: ProbeSet,
+    kinds: list[str],
+    train,
+    concepts: list[str],
+    image_metric: str = "within_token",
+) -> dict:
     """All metrics of one method's (Q, N) image scores on the held-out queries (`kinds` from `build_probes`); the
     per-image queries' within-concept figures are named `image_metric` (`within_token`, `within_content`)."""
     train_concepts = [e.concept for e in train]
@@ -119,11 +135,24 @@ def evaluate(scores: np.ndarray, queries: ProbeSet, kinds: list[str], train, con
     return {k: float(v) for k, v in out.items()}
 
 
-def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: int, data_dir: str | None,
-             workdir: str, query_seeds: list[int], within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
-             progress: bool = False, steps: int = 400, repeats: int | None = None,
-             projection_width: int | None = None, icon_set: dict | None = None, fit_seeds: list[int] | None = None,
-             return_run: bool = False) -> dict:
+def run_seed(
+    seed: int,
+    concepts: list[int],
+    images_per_concept: int,
+    epochs: int,
+    data_dir: str | None,
+    workdir: str,
+    query_seeds: list[int],
+    within: str = "exemplar",
+    exemplar_repeats: int = EXEMPLAR_REPEATS,
+    progress: bool = False,
+    steps: int = 400,
+    repeats: int | None = None,
+    projection_width: int | None = None,
+    icon_set: dict | None = None,
+    fit_seeds: list[int] | None = None,
+    return_run: bool = False,
+) -> dict:
     """One customization run monitored by the callback, then every method on its held-out queries.
 
     icon_set ({themes, pool, icons_dir, icons_per_theme}): customize the art base (pre-trained on `pool`) to icon
@@ -154,8 +183,13 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     if icon_set is not None:
         from montrage.recipes import icons
 
-        examples = icons.build_icon_set(icon_set["themes"], os.path.join(workdir, "icons"), icon_set["icons_per_theme"],
-                                        icons_dir=icon_set["icons_dir"], seed=seed)
+        examples = icons.build_icon_set(
+            icon_set["themes"],
+            os.path.join(workdir, "icons"),
+            icon_set["icons_per_theme"],
+            icons_dir=icon_set["icons_dir"],
+            seed=seed,
+        )
         tokens = {c: icons.theme_token(c) for c in sorted({e.concept for e in examples})}
         base = icon_set["base"]
         resolution, prompts, image_metric = icons.SIZE, ICON_PROMPTS, "within_content"
@@ -173,11 +207,21 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     weights = [exemplar_repeats if e.id in exemplars.values() else 1 for e in examples]
     repeats = repeats or max(1, round(2560 / sum(weights)))  # ~80 steps of 32 per epoch
     probes, _ = build_probes(examples, tokens, probe_images, seeds=probe_seeds, exemplars=exemplars, prompts=prompts)
-    queries, kinds = build_probes(examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars, prompts=prompts)
+    queries, kinds = build_probes(
+        examples, tokens, held_images, seeds=query_seeds, exemplars=exemplars, prompts=prompts
+    )
     probe_file = os.path.join(workdir, "probes.json")
     with open(probe_file, "w") as fh:
-        json.dump({"probes": [{"prompt": p, "concepts": w, "exemplars": e}
-                              for p, w, e in zip(probes.prompts, probes.weights, probes.exemplars)], "seeds": probe_seeds}, fh)
+        json.dump(
+            {
+                "probes": [
+                    {"prompt": p, "concepts": w, "exemplars": e}
+                    for p, w, e in zip(probes.prompts, probes.weights, probes.exemplars)
+                ],
+                "seeds": probe_seeds,
+            },
+            fh,
+        )
 
     class FixedData(ConceptDataModule):
         def examples(self):
@@ -199,12 +243,29 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
         def on_train_epoch_end(self, trainer, pl_module):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"] * trainer.num_training_batches)
 
-    cb = MontrageCallback(store_path=store_path, probe_file=probe_file, num_inference_steps=10, guidance_scale=3.0,
-                          thumbnail_size=16, overwrite=True, log_to_wandb=False, layers=LAYERS, pooling="mean_max",
-                          encode_prompt=CAPTION, mode="inline",  # queries come with their prompts
-                          projection_width=projection_width)
-    pl.Trainer(max_epochs=epochs, callbacks=[cb, LrLog()], logger=False, enable_checkpointing=False,
-               enable_progress_bar=progress, enable_model_summary=False, deterministic=True).fit(module, data)
+    cb = MontrageCallback(
+        store_path=store_path,
+        probe_file=probe_file,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        thumbnail_size=16,
+        overwrite=True,
+        log_to_wandb=False,
+        layers=LAYERS,
+        pooling="mean_max",
+        encode_prompt=CAPTION,
+        mode="inline",  # queries come with their prompts
+        projection_width=projection_width,
+    )
+    pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[cb, LrLog()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=True,
+    ).fit(module, data)
     timings["fine_tune"] = time.time() - t0
 
     t0 = time.time()
@@ -217,7 +278,7 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     train_pix = ConceptImageDataset(train, sm.resolution).pixels
     concept_names = sorted(tokens)
     q_prompts = [p for p, _ in queries.items()]  # every method that reads text sees the query's prompt
-    t_prompts = [e.caption for e in train]        # and each training image's caption
+    t_prompts = [e.caption for e in train]  # and each training image's caption
     methods: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
 
@@ -250,19 +311,35 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     def grads(side, output, row):
         pix, keys, cond = side
         sm.set_epoch(row)
-        return gradients.lora_gradient_features(unet, vae, sched, pix, cond, grad_t, keys, output=output,
-                                                proj_dim=256, proj_seed=seed)
+        return gradients.lora_gradient_features(
+            unet, vae, sched, pix, cond, grad_t, keys, output=output, proj_dim=256, proj_seed=seed
+        )
 
     last = att.store.num_epochs - 1
     timed("trak", lambda: gradients.trak_scores(grads(query, "loss", last), grads(training, "loss", last)))
     timed("d-trak", lambda: gradients.trak_scores(grads(query, "sq_norm", last), grads(training, "sq_norm", last)))
     rows = list(range(1, att.store.num_epochs))
-    timed("tracin", lambda: gradients.tracin_scores([grads(query, "loss", r) for r in rows],
-                                                    [grads(training, "loss", r) for r in rows], lrs[: len(rows)]))
+    timed(
+        "tracin",
+        lambda: gradients.tracin_scores(
+            [grads(query, "loss", r) for r in rows], [grads(training, "loss", r) for r in rows], lrs[: len(rows)]
+        ),
+    )
     timed("datainf", lambda: gradients.datainf_scores(grads(query, "loss", last), grads(training, "loss", last)))
-    saved = {"seed": seed, "steps": steps, "queries": dataclasses.asdict(queries), "kinds": kinds,
-             "concepts": concept_names, "image_metric": image_metric, "seconds": seconds, "timings": timings,
-             "num_probes": len(probes), "repeats": repeats, "exemplars": exemplars, "diagnostics": diagnostics}
+    saved = {
+        "seed": seed,
+        "steps": steps,
+        "queries": dataclasses.asdict(queries),
+        "kinds": kinds,
+        "concepts": concept_names,
+        "image_metric": image_metric,
+        "seconds": seconds,
+        "timings": timings,
+        "num_probes": len(probes),
+        "repeats": repeats,
+        "exemplars": exemplars,
+        "diagnostics": diagnostics,
+    }
     add_gated(methods, seconds, [e.concept for e in train], concept_names)
     np.savez(os.path.join(workdir, SCORES), **methods)  # what `rescore_seed` needs to refit montrage alone
     with open(os.path.join(workdir, RUN), "w") as fh:
@@ -271,9 +348,20 @@ def run_seed(seed: int, concepts: list[int], images_per_concept: int, epochs: in
     att.close()
     if return_run:  # what a counterfactual retraining needs: the recipe, the queries and every method's scores
         steps_per_epoch = math.ceil(len(data.dataset) / data.hparams.batch_size)
-        out["run"] = {"scores": methods, "qpix": qpix, "prompts": q_prompts, "queries": queries, "kinds": kinds,
-                      "train": train, "examples": examples, "weights": weights, "base": base, "resolution": resolution,
-                      "steps": steps_per_epoch * epochs, "hparams": dict(module.hparams)}
+        out["run"] = {
+            "scores": methods,
+            "qpix": qpix,
+            "prompts": q_prompts,
+            "queries": queries,
+            "kinds": kinds,
+            "train": train,
+            "examples": examples,
+            "weights": weights,
+            "base": base,
+            "resolution": resolution,
+            "steps": steps_per_epoch * epochs,
+            "hparams": dict(module.hparams),
+        }
     return out
 
 
@@ -324,17 +412,33 @@ def add_gated(methods: dict, seconds: dict, train_concepts: list[str], concepts:
             seconds[name] = seconds["montrage"] + seconds[ranker]
 
 
-def _score_all(att, methods: dict, saved: dict, qpix: torch.Tensor, prompts: list[str], queries: ProbeSet,
-               fit_seeds: list[int] | None, probe_features: dict[str, np.ndarray]) -> dict:
+def _score_all(
+    att,
+    methods: dict,
+    saved: dict,
+    qpix: torch.Tensor,
+    prompts: list[str],
+    queries: ProbeSet,
+    fit_seeds: list[int] | None,
+    probe_features: dict[str, np.ndarray],
+) -> dict:
     """Every method's metrics on the queries, and the fit-seed sweep: one seed's result."""
     train = att.train
     score = lambda sc: evaluate(sc, queries, saved["kinds"], train, saved["concepts"], saved["image_metric"])  # noqa: E731
     results = {name: {**score(s), "seconds": saved["seconds"][name]} for name, s in methods.items()}
-    sweep = fit_seed_sweep(att.store.path, att, qpix, prompts, fit_seeds, saved["steps"], score,
-                           probe_features) if fit_seeds else None
+    sweep = (
+        fit_seed_sweep(att.store.path, att, qpix, prompts, fit_seeds, saved["steps"], score, probe_features)
+        if fit_seeds
+        else None
+    )
     keep = ("timings", "num_probes", "repeats", "exemplars", "diagnostics")
-    return {"methods": results, "fit_seeds": sweep, "num_queries": len(queries), "num_train_images": len(train),
-            **{k: saved[k] for k in keep}}
+    return {
+        "methods": results,
+        "fit_seeds": sweep,
+        "num_queries": len(queries),
+        "num_train_images": len(train),
+        **{k: saved[k] for k in keep},
+    }
 
 
 def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
@@ -364,8 +468,16 @@ def rescore_seed(workdir: str, fit_seeds: list[int] | None = None) -> dict:
     return out
 
 
-def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str], fit_seeds: list[int], steps: int,
-                   score, probe_features: dict[str, np.ndarray]) -> dict:
+def fit_seed_sweep(
+    store_path: str,
+    att,
+    qpix: torch.Tensor,
+    prompts: list[str],
+    fit_seeds: list[int],
+    steps: int,
+    score,
+    probe_features: dict[str, np.ndarray],
+) -> dict:
     """Refit the attribution models on the same store with each fit seed; per mode, every metric per seed and the
     within-concept spread (max - min). The queries are encoded once; `probe_features` from `fit_default`."""
     from montrage.attribution.fit import fit_attribution
@@ -378,7 +490,9 @@ def fit_seed_sweep(store_path: str, att, qpix: torch.Tensor, prompts: list[str],
     out: dict = {}
     for fs in fit_seeds:
         model_dir = os.path.join(os.path.dirname(store_path), f"fit_seed{fs}")
-        fit_attribution(store_path, out_dir=model_dir, steps=steps, seed=fs, progress=False, probe_features=probe_features)
+        fit_attribution(
+            store_path, out_dir=model_dir, steps=steps, seed=fs, progress=False, probe_features=probe_features
+        )
         other = Attributor.from_store(store_path, model_dir=model_dir)
         for name, fast in (("montrage", False), ("montrage-final-epoch", True)):
             metrics_ = score(other.score_trajectories(traj[fast], fast)[0])
@@ -397,9 +511,17 @@ def _seeds(pixels: torch.Tensor) -> list[int]:
     return [query_seed(p) for p in pixels]
 
 
-def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None, pretrain_themes: list[str] | None,
-                    icons_dir: str | None, icons_per_theme: int, progress: bool = True,
-                    data_dir: str | None = None, pretrain_text_encoder: str = "frozen") -> dict | None:
+def prepare_dataset(
+    dataset: str,
+    concepts: list[int],
+    themes: list[str] | None,
+    pretrain_themes: list[str] | None,
+    icons_dir: str | None,
+    icons_per_theme: int,
+    progress: bool = True,
+    data_dir: str | None = None,
+    pretrain_text_encoder: str = "frozen",
+) -> dict | None:
     """Check the dataset flags and build the base once: the icon set's description for `run_seed` (None: digits or
     a folder)."""
     from montrage.recipes.tiny_base import tiny_base_path
@@ -410,24 +532,41 @@ def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None,
 
         icons_dir = icons_dir or icons.ICONS_DIR
         if not themes or len(themes) < 2:
-            raise DataError("--dataset icons needs --themes with at least two installed icon themes, e.g. "
-                            f"--themes Tango,oxygen,breeze,Papirus; installed in {icons_dir!r}: "
-                            f"{', '.join(icons.installed_themes(icons_dir)) or 'none'}.")
+            raise DataError(
+                "--dataset icons needs --themes with at least two installed icon themes, e.g. "
+                f"--themes Tango,oxygen,breeze,Papirus; installed in {icons_dir!r}: "
+                f"{', '.join(icons.installed_themes(icons_dir)) or 'none'}."
+            )
         themes = list(icons.resolve_themes(themes, icons_dir))
-        pool = list(icons.resolve_themes(pretrain_themes, icons_dir)) if pretrain_themes else default_pool(themes, icons_dir)
+        pool = (
+            list(icons.resolve_themes(pretrain_themes, icons_dir))
+            if pretrain_themes
+            else default_pool(themes, icons_dir)
+        )
         shared = sorted({family(t) for t in pool} & {family(t) for t in themes})
         if shared:
-            raise DataError(f"--pretrain-themes {', '.join(pool)} share a family ({', '.join(shared)}) with --themes; "
-                            "the art base must not know a customized style: choose pre-training themes of other families.")
+            raise DataError(
+                f"--pretrain-themes {', '.join(pool)} share a family ({', '.join(shared)}) with --themes; "
+                "the art base must not know a customized style: choose pre-training themes of other families."
+            )
         if pretrain_text_encoder not in ("train", "frozen"):
             raise DataError(f"--pretrain-text-encoder must be train or frozen, not {pretrain_text_encoder!r}.")
         cfg = ArtBaseConfig(themes=tuple(sorted(pool)), train_text_encoder=pretrain_text_encoder == "train")
         base = art_base_path(pool, icons_dir, cfg, progress=progress)
         style = ICON_PROMPTS["concept"]
-        diagnostics = {name: style_response(base, [style.format(token=icons.theme_token(t)) for t in group])
-                       for name, group in (("style_response", themes), ("pool_style_response", pool))}
-        return {"themes": themes, "pool": pool, "icons_dir": icons_dir, "icons_per_theme": icons_per_theme,
-                "base": base, "text_encoder": pretrain_text_encoder, "diagnostics": diagnostics}
+        diagnostics = {
+            name: style_response(base, [style.format(token=icons.theme_token(t)) for t in group])
+            for name, group in (("style_response", themes), ("pool_style_response", pool))
+        }
+        return {
+            "themes": themes,
+            "pool": pool,
+            "icons_dir": icons_dir,
+            "icons_per_theme": icons_per_theme,
+            "base": base,
+            "text_encoder": pretrain_text_encoder,
+            "diagnostics": diagnostics,
+        }
     if dataset != "digits":
         raise DataError(f"--dataset must be digits or icons, not {dataset!r}.")
     if data_dir is None and len(concepts) < 2:
@@ -436,19 +575,43 @@ def prepare_dataset(dataset: str, concepts: list[int], themes: list[str] | None,
     return None
 
 
-def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int = 8, epochs: int = 6, seeds: list[int] = [0],
-                          repeats: int | None = None, data_dir: str | None = None, progress: bool = True,
-                          keep: str | None = None, within: str = "exemplar", exemplar_repeats: int = EXEMPLAR_REPEATS,
-                          projection_width: int | None = None, dataset: str = "digits", themes: list[str] | None = None,
-                          pretrain_themes: list[str] | None = None, icons_dir: str | None = None,
-                          icons_per_theme: int = 16, fit_seeds: list[int] | None = None,
-                          pretrain_text_encoder: str = "frozen", rescore: str | None = None) -> dict:
+def run_attribution_bench(
+    out: str,
+    concepts: list[int],
+    images_per_concept: int = 8,
+    epochs: int = 6,
+    seeds: list[int] = [0],
+    repeats: int | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    keep: str | None = None,
+    within: str = "exemplar",
+    exemplar_repeats: int = EXEMPLAR_REPEATS,
+    projection_width: int | None = None,
+    dataset: str = "digits",
+    themes: list[str] | None = None,
+    pretrain_themes: list[str] | None = None,
+    icons_dir: str | None = None,
+    icons_per_theme: int = 16,
+    fit_seeds: list[int] | None = None,
+    pretrain_text_encoder: str = "frozen",
+    rescore: str | None = None,
+) -> dict:
     """Run every seed, print a table, write `out`. `keep`: a folder in which each seed's store is kept; `rescore`:
     such a folder, whose runs are not repeated: montrage alone is refitted and every method scored again.
     dataset="icons": customize the art base to the icon `themes` (pre-trained on `pretrain_themes`, default: one
     theme of each other installed family)."""
-    icon_set = prepare_dataset(dataset, concepts, themes, pretrain_themes, icons_dir, icons_per_theme, progress,
-                               data_dir, pretrain_text_encoder)
+    icon_set = prepare_dataset(
+        dataset,
+        concepts,
+        themes,
+        pretrain_themes,
+        icons_dir,
+        icons_per_theme,
+        progress,
+        data_dir,
+        pretrain_text_encoder,
+    )
     per_seed = {}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -459,43 +622,96 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
             if rescore:
                 per_seed[seed] = rescore_seed(os.path.join(rescore, f"seed{seed}"), fit_seeds)
             else:
-                per_seed[seed] = run_seed(seed, concepts, images_per_concept, epochs, data_dir, tmp, QUERY_SEEDS, within,
-                                          exemplar_repeats, progress=progress, repeats=repeats,
-                                          projection_width=projection_width, icon_set=icon_set, fit_seeds=fit_seeds)
+                per_seed[seed] = run_seed(
+                    seed,
+                    concepts,
+                    images_per_concept,
+                    epochs,
+                    data_dir,
+                    tmp,
+                    QUERY_SEEDS,
+                    within,
+                    exemplar_repeats,
+                    progress=progress,
+                    repeats=repeats,
+                    projection_width=projection_width,
+                    icon_set=icon_set,
+                    fit_seeds=fit_seeds,
+                )
             if progress:
                 print(f"seed {seed}: {time.time() - t:.0f} s", flush=True)
                 if per_seed[seed]["diagnostics"]:
-                    print("diagnostics:", json.dumps({k: round(v, 4) for k, v in per_seed[seed]["diagnostics"].items()}))
-                print(format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()}))
+                    print(
+                        "diagnostics:", json.dumps({k: round(v, 4) for k, v in per_seed[seed]["diagnostics"].items()})
+                    )
+                print(
+                    format_table({m: {k: (v, 0.0) for k, v in r.items()} for m, r in per_seed[seed]["methods"].items()})
+                )
     names = list(next(iter(per_seed.values()))["methods"])
     keys = list(next(iter(per_seed.values()))["methods"][names[0]])
-    agg = {m: {k: (float(np.nanmean([per_seed[s]["methods"][m][k] for s in seeds])),
-                   float(np.nanstd([per_seed[s]["methods"][m][k] for s in seeds]))) for k in keys} for m in names}
+    agg = {
+        m: {
+            k: (
+                float(np.nanmean([per_seed[s]["methods"][m][k] for s in seeds])),
+                float(np.nanstd([per_seed[s]["methods"][m][k] for s in seeds])),
+            )
+            for k in keys
+        }
+        for m in names
+    }
     result = {
         "methods": {m: {k: v[0] for k, v in agg[m].items()} for m in names},
         "std": {m: {k: v[1] for k, v in agg[m].items()} for m in names},
-        "config": {"concepts": concepts, "images_per_concept": images_per_concept, "epochs": epochs, "seeds": seeds,
-                   "repeats": repeats, "within": within, "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
-                   "data_dir": data_dir, "base": "tiny", "lora_rank": 8, "probe_seeds": PROBE_SEEDS[within],
-                   "query_seeds": QUERY_SEEDS, "template": TEMPLATES[within], "layers": LAYERS, "pooling": "mean_max",
-                   "encode_prompt": CAPTION, "projection_width": projection_width, "dataset": dataset,
-                   "rescored": rescore is not None},
+        "config": {
+            "concepts": concepts,
+            "images_per_concept": images_per_concept,
+            "epochs": epochs,
+            "seeds": seeds,
+            "repeats": repeats,
+            "within": within,
+            "exemplar_repeats": exemplar_repeats if within == "exemplar" else None,
+            "data_dir": data_dir,
+            "base": "tiny",
+            "lora_rank": 8,
+            "probe_seeds": PROBE_SEEDS[within],
+            "query_seeds": QUERY_SEEDS,
+            "template": TEMPLATES[within],
+            "layers": LAYERS,
+            "pooling": "mean_max",
+            "encode_prompt": CAPTION,
+            "projection_width": projection_width,
+            "dataset": dataset,
+            "rescored": rescore is not None,
+        },
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
     if fit_seeds:
-        result["fit_seed_spread"] = {m: {k: max(per_seed[s]["fit_seeds"][m][k] for s in seeds)
-                                         for k in per_seed[seeds[0]]["fit_seeds"][m] if k.endswith("_spread")}
-                                     for m in ("montrage", "montrage-final-epoch")}
+        result["fit_seed_spread"] = {
+            m: {
+                k: max(per_seed[s]["fit_seeds"][m][k] for s in seeds)
+                for k in per_seed[seeds[0]]["fit_seeds"][m]
+                if k.endswith("_spread")
+            }
+            for m in ("montrage", "montrage-final-epoch")
+        }
         result["config"]["fit_seeds"] = fit_seeds
         print("fit-seed spread (max - min over fit seeds; worst run seed):", json.dumps(result["fit_seed_spread"]))
     if icon_set is not None:
         from montrage.recipes.icons import TEMPLATE as ICON_TEMPLATE
 
-        result["config"].update({"themes": icon_set["themes"], "pretrain_themes": icon_set["pool"],
-                                 "pretrain_text_encoder": icon_set["text_encoder"],
-                                 "icons_dir": icon_set["icons_dir"], "icons_per_theme": icons_per_theme, "base": "art",
-                                 "template": ICON_TEMPLATE,
-                                 "concepts": None, "images_per_concept": None})
+        result["config"].update(
+            {
+                "themes": icon_set["themes"],
+                "pretrain_themes": icon_set["pool"],
+                "pretrain_text_encoder": icon_set["text_encoder"],
+                "icons_dir": icon_set["icons_dir"],
+                "icons_per_theme": icons_per_theme,
+                "base": "art",
+                "template": ICON_TEMPLATE,
+                "concepts": None,
+                "images_per_concept": None,
+            }
+        )
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(format_table(agg))
@@ -503,8 +719,16 @@ def run_attribution_bench(out: str, concepts: list[int], images_per_concept: int
 
 
 def format_table(agg: dict) -> str:
-    keys = ["top1", "auc", "mixture_spearman", "within_recall@1", "within_map", "within_token_map", "within_content_map",
-            "seconds"]
+    keys = [
+        "top1",
+        "auc",
+        "mixture_spearman",
+        "within_recall@1",
+        "within_map",
+        "within_token_map",
+        "within_content_map",
+        "seconds",
+    ]
     keys = [k for k in keys if any(k in vals for vals in agg.values())]
     lines = [f"{'method':24s}" + "".join(f"{k:>20s}" for k in keys)]
     for m, vals in agg.items():

@@ -24,8 +24,19 @@ import torch.nn.functional as F
 from montrage.errors import MontrageError
 
 POINTS = 16  # fixed (t, epsilon) pairs per query
-METHODS = ("montrage", "montrage-gated", "montrage-gated-similarity", "montrage-final-epoch", "final-epoch-similarity", "pixel-cosine", "trak", "d-trak", "tracin",
-           "datainf", "random")
+METHODS = (
+    "montrage",
+    "montrage-gated",
+    "montrage-gated-similarity",
+    "montrage-final-epoch",
+    "final-epoch-similarity",
+    "pixel-cosine",
+    "trak",
+    "d-trak",
+    "tracin",
+    "datainf",
+    "random",
+)
 BATCH = 32
 
 
@@ -41,8 +52,16 @@ class Retrainer:
     then `steps` AdamW steps on batches drawn from the weighted image list, reshuffled per pass (seeded).
     `hparams`: the monitored run's DiffusionFineTune settings (default: the benchmark's `FINE_TUNE`)."""
 
-    def __init__(self, base: str, examples: list, weights: list[int], resolution: int, steps: int, seed: int,
-                 hparams: dict | None = None):
+    def __init__(
+        self,
+        base: str,
+        examples: list,
+        weights: list[int],
+        resolution: int,
+        steps: int,
+        seed: int,
+        hparams: dict | None = None,
+    ):
         from peft import LoraConfig
 
         from montrage.components import load_model
@@ -59,9 +78,10 @@ class Retrainer:
         pixels = ConceptImageDataset(examples, resolution).pixels
         with torch.no_grad():
             vae = self.parts["vae"]
-            dist = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.parameters for i in range(0, len(pixels), 64)])
-            self.cond = torch.cat([self.family.embed([e.caption for e in examples[i:i + 64]])
-                                   for i in range(0, len(examples), 64)])
+            dist = torch.cat([vae.encode(pixels[i : i + 64]).latent_dist.parameters for i in range(0, len(pixels), 64)])
+            self.cond = torch.cat(
+                [self.family.embed([e.caption for e in examples[i : i + 64]]) for i in range(0, len(examples), 64)]
+            )
         self.mean, logvar = dist.chunk(2, dim=1)
         self.std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         self.scale = float(vae.config.scaling_factor)
@@ -70,8 +90,14 @@ class Retrainer:
         unet = self.parts["unet"]
         unet.requires_grad_(False)
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], init_lora_weights="gaussian",
-                                    target_modules=list(hp["lora_target_modules"])))
+        unet.add_adapter(
+            LoraConfig(
+                r=hp["lora_rank"],
+                lora_alpha=hp["lora_alpha"],
+                init_lora_weights="gaussian",
+                target_modules=list(hp["lora_target_modules"]),
+            )
+        )
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self._init = [p.detach().clone() for p in self.params]  # every retraining starts from the same adapter
 
@@ -114,15 +140,22 @@ class Retrainer:
             tt = torch.full((len(z),), t, dtype=torch.long)
             e = eps.expand_as(z)
             pred = self.family.denoise(self.family.noise(z, e, tt), tt, cond)
-            out += F.mse_loss(pred.float(), self.family.target(z, e, tt).float(), reduction="none").mean(dim=(1, 2, 3)).numpy()
+            out += (
+                F.mse_loss(pred.float(), self.family.target(z, e, tt).float(), reduction="none")
+                .mean(dim=(1, 2, 3))
+                .numpy()
+            )
         return out / len(points)
 
 
 def _defaults(cls) -> dict:
     import inspect
 
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def pick_queries(kinds: list[str], queries, n: int, seed: int) -> np.ndarray:
@@ -140,11 +173,23 @@ def pick_queries(kinds: list[str], queries, n: int, seed: int) -> np.ndarray:
     return np.array(sorted(out))
 
 
-def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = (1, 4, 7, 9), images_per_concept: int = 8,
-                       themes: list[str] | None = None, pretrain_themes: list[str] | None = None,
-                       icons_dir: str | None = None, icons_per_theme: int = 12, num_queries: int = 8,
-                       ks: tuple[float, ...] = (0.05, 0.10), seed: int = 0, epochs: int = 6,
-                       methods: list[str] | None = None, progress: bool = True, pretrain_text_encoder: str = "frozen") -> dict:
+def run_counterfactual(
+    out: str,
+    dataset: str = "digits",
+    concepts: list[int] = (1, 4, 7, 9),
+    images_per_concept: int = 8,
+    themes: list[str] | None = None,
+    pretrain_themes: list[str] | None = None,
+    icons_dir: str | None = None,
+    icons_per_theme: int = 12,
+    num_queries: int = 8,
+    ks: tuple[float, ...] = (0.05, 0.10),
+    seed: int = 0,
+    epochs: int = 6,
+    methods: list[str] | None = None,
+    progress: bool = True,
+    pretrain_text_encoder: str = "frozen",
+) -> dict:
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
     from tqdm.auto import tqdm
 
@@ -153,14 +198,34 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
         raise MontrageError(f"--methods names unknown methods {unknown}; known: {', '.join(METHODS)}.")
-    icon_set = prepare_dataset(dataset, list(concepts), themes, pretrain_themes, icons_dir, icons_per_theme, progress,
-                               pretrain_text_encoder=pretrain_text_encoder)
+    icon_set = prepare_dataset(
+        dataset,
+        list(concepts),
+        themes,
+        pretrain_themes,
+        icons_dir,
+        icons_per_theme,
+        progress,
+        pretrain_text_encoder=pretrain_text_encoder,
+    )
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:  # the icon images live here until the retrainer has read them
-        res = run_seed(seed, list(concepts), images_per_concept, epochs, None, tmp, QUERY_SEEDS, progress=progress,
-                       icon_set=icon_set, return_run=True)
+        res = run_seed(
+            seed,
+            list(concepts),
+            images_per_concept,
+            epochs,
+            None,
+            tmp,
+            QUERY_SEEDS,
+            progress=progress,
+            icon_set=icon_set,
+            return_run=True,
+        )
         run = res.pop("run")
-        re = Retrainer(run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed, run["hparams"])
+        re = Retrainer(
+            run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed, run["hparams"]
+        )
     scores = {m: s for m, s in run["scores"].items() if methods is None or m in methods}
     rows = pick_queries(run["kinds"], run["queries"], num_queries, seed)
     qpix, prompts = run["qpix"][rows], [run["prompts"][r] for r in rows]
@@ -173,17 +238,36 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
     n = len(ids)
     names = list(scores) + (["random"] if methods is None or "random" in methods else [])
     rng = np.random.default_rng(seed + 1)
-    config = {"dataset": dataset, "concepts": list(concepts) if dataset == "digits" else None,
-              "themes": icon_set["themes"] if icon_set else None,
-              "pretrain_themes": icon_set["pool"] if icon_set else None,
-              "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None, "seed": seed, "epochs": epochs,
-              "queries": num_queries, "query_prompts": prompts, "k_fractions": list(ks), "points": POINTS,
-              "train_images": n, "retrain_steps": run["steps"], "retrain_seconds": round(retrain_seconds, 1),
-              "base_query_loss": base_loss.tolist(), "threads": torch.get_num_threads(),
-              "command": "montrage bench counterfactual " + " ".join(
-                  [f"--dataset {dataset}", f"--themes {','.join(icon_set['themes'])}" if icon_set else
-                   f"--concepts {','.join(map(str, concepts))}", f"--queries {num_queries}",
-                   f"--k {','.join(map(str, ks))}", f"--seed {seed}"])}
+    config = {
+        "dataset": dataset,
+        "concepts": list(concepts) if dataset == "digits" else None,
+        "themes": icon_set["themes"] if icon_set else None,
+        "pretrain_themes": icon_set["pool"] if icon_set else None,
+        "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None,
+        "seed": seed,
+        "epochs": epochs,
+        "queries": num_queries,
+        "query_prompts": prompts,
+        "k_fractions": list(ks),
+        "points": POINTS,
+        "train_images": n,
+        "retrain_steps": run["steps"],
+        "retrain_seconds": round(retrain_seconds, 1),
+        "base_query_loss": base_loss.tolist(),
+        "threads": torch.get_num_threads(),
+        "command": "montrage bench counterfactual "
+        + " ".join(
+            [
+                f"--dataset {dataset}",
+                f"--themes {','.join(icon_set['themes'])}"
+                if icon_set
+                else f"--concepts {','.join(map(str, concepts))}",
+                f"--queries {num_queries}",
+                f"--k {','.join(map(str, ks))}",
+                f"--seed {seed}",
+            ]
+        ),
+    }
     bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
     losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss: methods that agree share a retraining
     deltas: dict[tuple, list] = {}
@@ -199,8 +283,11 @@ def run_counterfactual(out: str, dataset: str = "digits", concepts: list[int] = 
                 deltas.setdefault((frac, k, name), []).append(float(losses[removed][j] - base_loss[j]))
                 bar.update(1)
             done = frac == ks[-1] and j == len(rows) - 1
-            write_result(out, summarize(deltas), dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1),
-                                                 complete=done))
+            write_result(
+                out,
+                summarize(deltas),
+                dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=done),
+            )
     bar.close()
     result = summarize(deltas)
     result["config"] = dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=True)
@@ -212,9 +299,14 @@ def summarize(deltas: dict[tuple, list]) -> dict:
     """Mean and standard error of the loss rise per (K, method); the smallest K also at the top level."""
     result: dict = {"methods": {}, "by_k": {}}
     for (frac, k, name), d in deltas.items():
-        entry = {"k": k, "k_fraction": frac, "delta_loss": float(np.mean(d)), "queries_done": len(d),
-                 "delta_loss_se": float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
-                 "per_query": d}
+        entry = {
+            "k": k,
+            "k_fraction": frac,
+            "delta_loss": float(np.mean(d)),
+            "queries_done": len(d),
+            "delta_loss_se": float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
+            "per_query": d,
+        }
         result["by_k"].setdefault(str(k), {})[name] = entry
         result["methods"].setdefault(name, entry)
     return result

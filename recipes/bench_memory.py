@@ -49,19 +49,54 @@ def tiny_256_pipeline():
 
     tok = build_tokenizer(16)
     torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=16))
-    vae = AutoencoderKL(block_out_channels=[8, 16, 16, 16], in_channels=3, out_channels=3, latent_channels=4,
-                        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=256)
-    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tok),
+            max_position_embeddings=16,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16, 16, 16],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     for m in (te, vae, unet):
         m.requires_grad_(False).eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _rss_mib() -> float:
@@ -80,38 +115,64 @@ def _variant(folder: str, monitored: int, workdir: str, snapshots: int) -> dict:
     source = image_source(folder)
     before = _rss_mib()
     t0 = time.perf_counter()
-    m = Monitor(os.path.join(workdir, f"store{monitored}.h5"), pipe, source, monitor_images=monitored, every_n_steps=1,
-                probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0, thumbnail_size=16, log_to_wandb=False,
-                progress=False, overwrite=True, mode="inline")
+    m = Monitor(
+        os.path.join(workdir, f"store{monitored}.h5"),
+        pipe,
+        source,
+        monitor_images=monitored,
+        every_n_steps=1,
+        probe_seeds=[0],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        thumbnail_size=16,
+        log_to_wandb=False,
+        progress=False,
+        overwrite=True,
+        mode="inline",
+    )
     m.start()
     for step in range(1, snapshots):
         m.maybe_snapshot(step)
     cache = m.latent_cache_bytes
     m.close()
-    return {"monitored_images": monitored, "rss_before_mib": round(before, 1), "peak_rss_mib": round(_rss_mib(), 1),
-            "monitor_peak_mib": round(_rss_mib() - before, 1), "latent_cache_mib": round(cache / 2 ** 20, 1),
-            "seconds": round(time.perf_counter() - t0, 1), "snapshots": snapshots,
-            "source_images": len(source)}
+    return {
+        "monitored_images": monitored,
+        "rss_before_mib": round(before, 1),
+        "peak_rss_mib": round(_rss_mib(), 1),
+        "monitor_peak_mib": round(_rss_mib() - before, 1),
+        "latent_cache_mib": round(cache / 2**20, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "snapshots": snapshots,
+        "source_images": len(source),
+    }
 
 
-def run_memory(images: int = 4000, small: int = 500, snapshots: int = 2, out: str | None = None,
-               workdir: str | None = None) -> dict:
+def run_memory(
+    images: int = 4000, small: int = 500, snapshots: int = 2, out: str | None = None, workdir: str | None = None
+) -> dict:
     """Peak monitor memory at `small` and `images` monitored images of one folder, each in its own process."""
     work = workdir or tempfile.mkdtemp(prefix="montrage-memory-")
     folder = write_images(os.path.join(work, "images"), images)
     runs = []
     for n in (small, images):
-        proc = subprocess.run([sys.executable, "-m", "montrage.recipes.bench_memory", "--variant", folder, str(n), work,
-                               str(snapshots)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "montrage.recipes.bench_memory", "--variant", folder, str(n), work, str(snapshots)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"memory variant {n} failed:\n{proc.stderr[-3000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     a, b = runs
     bound = a["monitor_peak_mib"] + b["latent_cache_mib"]
-    result = {"runs": runs, "resolution": 256, "bound_mib": round(bound, 1),
-              "within_bound": b["monitor_peak_mib"] <= bound,
-              "growth_mib": round(b["monitor_peak_mib"] - a["monitor_peak_mib"], 1),
-              "command": f"montrage bench memory --images {images} --small {small}"}
+    result = {
+        "runs": runs,
+        "resolution": 256,
+        "bound_mib": round(bound, 1),
+        "within_bound": b["monitor_peak_mib"] <= bound,
+        "growth_mib": round(b["monitor_peak_mib"] - a["monitor_peak_mib"], 1),
+        "command": f"montrage bench memory --images {images} --small {small}",
+    }
     if out:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)

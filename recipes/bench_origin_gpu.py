@@ -30,12 +30,23 @@ import torch
 from montrage.errors import MontrageError
 
 SIZES = {
-    "cifar": dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32),
-    "tiny": dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                 norm_num_groups=4, attention_head_dim=4),
+    "cifar": dict(
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+    ),
+    "tiny": dict(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ),
 }
 PAPER_IMAGES = 3000  # 1000 member + 1000 generated + 1000 external (the paper's per-class budget)
 
@@ -56,15 +67,26 @@ def build_model(size: str = "cifar", model: str | None = None, seed: int = 0):
     return DiffusionModel(unet, scheduler, f"random-ddpm-{size}")
 
 
-def run_throughput(size: str = "cifar", device: str = "cpu", images: int = 16, timesteps: int = 1000,
-                   batch_size: int = 64, params: str = "all", dtype: str = "float32", model: str | None = None,
-                   warmup: bool = True, progress: bool = True) -> dict:
+def run_throughput(
+    size: str = "cifar",
+    device: str = "cpu",
+    images: int = 16,
+    timesteps: int = 1000,
+    batch_size: int = 64,
+    params: str = "all",
+    dtype: str = "float32",
+    model: str | None = None,
+    warmup: bool = True,
+    progress: bool = True,
+) -> dict:
     """Time `trajectory_features` on `images` random images at `timesteps` uniform timesteps (1000 = every t)."""
     from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device on this machine "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run with --device cpu.")
+        raise SystemExit(
+            "--device cuda was asked for, but torch sees no CUDA device on this machine "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run with --device cpu."
+        )
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     m = build_model(size, model)
     m.unet.to(device)
@@ -78,8 +100,13 @@ def run_throughput(size: str = "cifar", device: str = "cpu", images: int = 16, t
     pixels = torch.rand((images, m.image_channels, res, res), generator=g) * 2 - 1
     spec = FeatureSpec(tuple(grid), params=params)
     if warmup:  # kernels, allocator and vmap tracing, outside the timed run
-        trajectory_features(m, pixels[:1], FeatureSpec(tuple(grid[:min(len(grid), batch_size)]), params=params),
-                            batch_size=batch_size, progress=False)
+        trajectory_features(
+            m,
+            pixels[:1],
+            FeatureSpec(tuple(grid[: min(len(grid), batch_size)]), params=params),
+            batch_size=batch_size,
+            progress=False,
+        )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,16 +119,24 @@ def run_throughput(size: str = "cifar", device: str = "cpu", images: int = 16, t
     result = {
         "size": size if not model else f"loaded from {model}",
         "device": device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(0)})",
-        "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "unet_parameters": n_params, "image_size": res, "dtype": dtype, "params": params,
-        "images": images, "timesteps": len(grid), "batch_size": batch_size,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "unet_parameters": n_params,
+        "image_size": res,
+        "dtype": dtype,
+        "params": params,
+        "images": images,
+        "timesteps": len(grid),
+        "batch_size": batch_size,
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 4),
         "pairs_per_second": round(images * len(grid) / seconds, 1),
         # the paper's 3 x 1000 images on the full T = 1000 grid, at this run's (image, t) rate
         "paper_budget_hours": round(PAPER_IMAGES * T / (images * len(grid) / seconds) / 3600, 2),
         "features_finite": finite,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.startswith("cuda") else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if device.startswith("cuda")
+        else None,
     }
     return result
 
@@ -122,8 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_throughput(args.size, args.device, args.images, args.timesteps, args.batch_size, args.params,
-                            args.dtype, args.model, progress=not args.quiet)
+    result = run_throughput(
+        args.size,
+        args.device,
+        args.images,
+        args.timesteps,
+        args.batch_size,
+        args.params,
+        args.dtype,
+        args.model,
+        progress=not args.quiet,
+    )
     print(json.dumps(result, indent=1))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

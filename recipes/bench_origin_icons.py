@@ -25,8 +25,17 @@ import numpy as np
 import torch
 
 from montrage.errors import MontrageError
-from montrage.recipes.bench_origin import (LoraBenchConfig, _throughput, aggregate, cached_seeds, evaluate,
-                                           extract_features, fine_tune_with_store, parse_seeds, window_grids)
+from montrage.recipes.bench_origin import (
+    LoraBenchConfig,
+    _throughput,
+    aggregate,
+    cached_seeds,
+    evaluate,
+    extract_features,
+    fine_tune_with_store,
+    parse_seeds,
+    window_grids,
+)
 
 THEMES = ("Tango", "oxygen", "breeze", "Papirus")  # customized (theme set A's first four)
 SHIFTED = ("elementary", "Adwaita")  # set A's other two: external styles
@@ -39,29 +48,57 @@ def icon_split(themes, shifted_themes, per_theme: int, seed: int, root: str, ico
 
     icons_dir = icons_dir or icons.ICONS_DIR
     half = per_theme // 2
-    own = icons.build_icon_set(list(themes), os.path.join(root, "themes"), icons_per_theme=per_theme + half,
-                               icons_dir=icons_dir, seed=seed, shared=False)
+    own = icons.build_icon_set(
+        list(themes),
+        os.path.join(root, "themes"),
+        icons_per_theme=per_theme + half,
+        icons_dir=icons_dir,
+        seed=seed,
+        shared=False,
+    )
     rng = np.random.default_rng(seed)
     members, held = [], []
     for t in themes:
         rows = [e for e in own if e.concept == t]
         if len(rows) < per_theme + half:
-            raise MontrageError(f"icon theme {t!r} has {len(rows)} usable icons; --per-theme must be at most "
-                             f"{2 * len(rows) // 3}.")
+            raise MontrageError(
+                f"icon theme {t!r} has {len(rows)} usable icons; --per-theme must be at most {2 * len(rows) // 3}."
+            )
         order = rng.permutation(len(rows))
         members += [rows[i] for i in order[:per_theme]]
-        held += [rows[i] for i in order[per_theme:per_theme + half]]
+        held += [rows[i] for i in order[per_theme : per_theme + half]]
     per_shifted = -(-len(held) // len(shifted_themes))
-    other = icons.build_icon_set(list(shifted_themes), os.path.join(root, "shifted"), icons_per_theme=per_shifted,
-                                 icons_dir=icons_dir, seed=seed, shared=False)
-    return members, held, other[:len(held)]
+    other = icons.build_icon_set(
+        list(shifted_themes),
+        os.path.join(root, "shifted"),
+        icons_per_theme=per_shifted,
+        icons_dir=icons_dir,
+        seed=seed,
+        shared=False,
+    )
+    return members, held, other[: len(held)]
 
 
-def icons_lora_seed(seed: int, workdir: str, themes=THEMES, shifted_themes=SHIFTED, per_theme: int = 16,
-                    epochs: int = 6, repeats: int = 40, learning_rate: float = 1e-2, rank: int = 8,
-                    timesteps: int = 20, gen_steps: int = 25, guidance: float = 3.0, windows: int = 4,
-                    batch_size: int = 64, C: float = 1.0, draws: int = 1, icons_dir: str | None = None,
-                    progress: bool = True) -> dict:
+def icons_lora_seed(
+    seed: int,
+    workdir: str,
+    themes=THEMES,
+    shifted_themes=SHIFTED,
+    per_theme: int = 16,
+    epochs: int = 6,
+    repeats: int = 40,
+    learning_rate: float = 1e-2,
+    rank: int = 8,
+    timesteps: int = 20,
+    gen_steps: int = 25,
+    guidance: float = 3.0,
+    windows: int = 4,
+    batch_size: int = 64,
+    C: float = 1.0,
+    draws: int = 1,
+    icons_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
     """One seed of the icons LoRA half: customize (or reuse), generate from the member captions, extract, evaluate."""
     from montrage.data import quantize, read_example
     from montrage.generate import build_pipeline, generate_probes
@@ -75,14 +112,17 @@ def icons_lora_seed(seed: int, workdir: str, themes=THEMES, shifted_themes=SHIFT
     prepared = prepare_dataset("icons", [], themes + shifted_themes, None, icons_dir, per_theme, progress)
     base = prepared["base"]
     cfg = LoraBenchConfig((), per_theme, epochs, repeats, learning_rate, rank, seed)
-    key = json.dumps({"cfg": dataclasses.asdict(cfg), "themes": themes, "shifted": shifted_themes, "base": base},
-                     sort_keys=True)
+    key = json.dumps(
+        {"cfg": dataclasses.asdict(cfg), "themes": themes, "shifted": shifted_themes, "base": base}, sort_keys=True
+    )
     out = os.path.join(workdir, "lora-icons-" + hashlib.sha256(key.encode()).hexdigest()[:12])
-    members, held, shifted = icon_split(themes, shifted_themes, per_theme, seed, os.path.join(out, "data"),
-                                        prepared["icons_dir"])
+    members, held, shifted = icon_split(
+        themes, shifted_themes, per_theme, seed, os.path.join(out, "data"), prepared["icons_dir"]
+    )
     t = time.time()
-    weights, store = fine_tune_with_store(members, {th: icons.theme_token(th) for th in themes}, base, out, cfg,
-                                          resolution=icons.SIZE, progress=progress)
+    weights, store = fine_tune_with_store(
+        members, {th: icons.theme_token(th) for th in themes}, base, out, cfg, resolution=icons.SIZE, progress=progress
+    )
     seconds = {"fine_tune": time.time() - t}
     model = store_diffusion_model(store)
     size = model.image_size
@@ -100,42 +140,71 @@ def icons_lora_seed(seed: int, workdir: str, themes=THEMES, shifted_themes=SHIFT
     images = {"member": read(members), "generated": generated, "external": read(held + shifted)}
     pixels = torch.cat([images[o] for o in ("member", "generated", "external")])
     labels = np.concatenate([[o] * len(images[o]) for o in ("member", "generated", "external")])
-    sources = np.concatenate([labels[: len(members) + len(generated)], ["external:held-out"] * len(held),
-                              ["external:shifted"] * len(shifted)])
+    sources = np.concatenate(
+        [
+            labels[: len(members) + len(generated)],
+            ["external:held-out"] * len(held),
+            ["external:shifted"] * len(shifted),
+        ]
+    )
     natural = [e.caption for e in members] + list(prompts) + [e.caption for e in held + shifted]
     T = int(model.scheduler.config.num_train_timesteps)
     grid, wgrids = default_timesteps(T, timesteps), window_grids(T, timesteps, windows)
-    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, None,
-                                  clid_captions=natural)
+    sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, None, clid_captions=natural)
     seconds.update({f"features_{k}": v for k, v in secs.items()})
     result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
-    result["throughput"] = _throughput(len(pixels), grid, draws, secs["trajectory"],
-                                       ", ".join(sets["trajectory"].spec.families))
-    result["config"] = {**dataclasses.asdict(cfg), "themes": themes, "shifted_themes": shifted_themes,
-                        "pool": prepared["pool"], "base": base, "timesteps": grid, "draws": draws, "windows": wgrids,
-                        "generation": {"prompts": "one per member caption", "sampler": "ddim", "steps": gen_steps,
-                                       "guidance_scale": guidance},
-                        "condition": "empty prompt (CLiD: each image's own caption)", "batch_size": batch_size,
-                        "C": C, "external": f"{len(held)} held-out icons of the themes + {len(shifted)} icons of "
-                                            f"{', '.join(shifted_themes)}"}
+    result["throughput"] = _throughput(
+        len(pixels), grid, draws, secs["trajectory"], ", ".join(sets["trajectory"].spec.families)
+    )
+    result["config"] = {
+        **dataclasses.asdict(cfg),
+        "themes": themes,
+        "shifted_themes": shifted_themes,
+        "pool": prepared["pool"],
+        "base": base,
+        "timesteps": grid,
+        "draws": draws,
+        "windows": wgrids,
+        "generation": {
+            "prompts": "one per member caption",
+            "sampler": "ddim",
+            "steps": gen_steps,
+            "guidance_scale": guidance,
+        },
+        "condition": "empty prompt (CLiD: each image's own caption)",
+        "batch_size": batch_size,
+        "C": C,
+        "external": f"{len(held)} held-out icons of the themes + {len(shifted)} icons of {', '.join(shifted_themes)}",
+    }
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return result
 
 
-def run(out: str, seeds, workdir: str | None = None, threads: int | None = None, progress: bool = True,
-        **kwargs) -> dict:
+def run(
+    out: str, seeds, workdir: str | None = None, threads: int | None = None, progress: bool = True, **kwargs
+) -> dict:
     """Every seed (cached in `workdir`), aggregated as the digits halves are; writes `out`."""
     if threads:
         torch.set_num_threads(int(threads))
     workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = cached_seeds("icons", seeds, workdir, CACHE_VERSION,
-                        lambda seed, **kw: icons_lora_seed(seed, workdir, progress=progress, **kw), **kwargs)
+    runs = cached_seeds(
+        "icons",
+        seeds,
+        workdir,
+        CACHE_VERSION,
+        lambda seed, **kw: icons_lora_seed(seed, workdir, progress=progress, **kw),
+        **kwargs,
+    )
     result = aggregate(runs)
     result["per_seed"] = {str(s): r for s, r in zip(seeds, runs)}
-    result["config"] = {**{k: v for k, v in runs[0]["config"].items() if k != "seed"}, "seeds": list(seeds),
-                        "test_per_class": runs[0]["test_per_class"], "train_per_class": runs[0]["train_per_class"],
-                        "torch_threads": torch.get_num_threads()}
+    result["config"] = {
+        **{k: v for k, v in runs[0]["config"].items() if k != "seed"},
+        "seeds": list(seeds),
+        "test_per_class": runs[0]["test_per_class"],
+        "train_per_class": runs[0]["train_per_class"],
+        "torch_threads": torch.get_num_threads(),
+    }
     result["seconds"] = {"total_this_run": round(time.time() - t, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
@@ -160,10 +229,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    result = run(a.out, parse_seeds(a.seed), workdir=a.workdir, threads=a.threads, progress=not a.quiet,
-                 themes=tuple(t for t in a.themes.split(",") if t), per_theme=a.per_theme,
-                 shifted_themes=tuple(t for t in a.shifted_themes.split(",") if t), epochs=a.epochs,
-                 repeats=a.repeats, timesteps=a.timesteps, icons_dir=a.icons_dir)
+    result = run(
+        a.out,
+        parse_seeds(a.seed),
+        workdir=a.workdir,
+        threads=a.threads,
+        progress=not a.quiet,
+        themes=tuple(t for t in a.themes.split(",") if t),
+        per_theme=a.per_theme,
+        shifted_themes=tuple(t for t in a.shifted_themes.split(",") if t),
+        epochs=a.epochs,
+        repeats=a.repeats,
+        timesteps=a.timesteps,
+        icons_dir=a.icons_dir,
+    )
     print(format_table(result))
 
 

@@ -22,8 +22,9 @@ import numpy as np
 SNAPSHOTS, CONCEPTS, F, TIMESTEPS = 20, 10, 128, [200, 500, 800]
 
 
-def synthetic_store(path: str, n: int, snapshots: int = SNAPSHOTS, seed: int = 0, block: int = 16384,
-                    base: str | None = None) -> dict:
+def synthetic_store(
+    path: str, n: int, snapshots: int = SNAPSHOTS, seed: int = 0, block: int = 16384, base: str | None = None
+) -> dict:
     """Write a store of n monitored images over the model at `base` (default: the tiny base); returns its facts."""
     import torch
     from peft import LoraConfig
@@ -41,14 +42,31 @@ def synthetic_store(path: str, n: int, snapshots: int = SNAPSHOTS, seed: int = 0
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=targets))
     lora = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet).items()}
     concepts = [f"c{k}" for k in range(CONCEPTS)]
-    train = [TrainExample(f"img/{i}", concepts[i % CONCEPTS], "a photo", f"sklearn:digits/{i % 1797}") for i in range(n)]
+    train = [
+        TrainExample(f"img/{i}", concepts[i % CONCEPTS], "a photo", f"sklearn:digits/{i % 1797}") for i in range(n)
+    ]
     probes = default_probes({c: c for c in concepts}, "a photo of {token}", [0, 1], mixtures=False)
     T = len(TIMESTEPS)
-    spec = StoreSpec(model=model_identity(unet, os.path.basename(base)), layers=["mid_block"],
-                     feature_dims={"mid_block": F}, timesteps=TIMESTEPS, pooling="mean_max", probes=probes, train=train,
-                     thumbnail_size=16, lora_names=list(lora), lora_shapes=[list(v.shape) for v in lora.values()],
-                     config={"model_path": base, "resolution": 16, "encode_prompt": "", "num_inference_steps": 10,
-                             "guidance_scale": 3.0, "lora_config": {"r": 8, "lora_alpha": 8.0, "target_modules": targets}})
+    spec = StoreSpec(
+        model=model_identity(unet, os.path.basename(base)),
+        layers=["mid_block"],
+        feature_dims={"mid_block": F},
+        timesteps=TIMESTEPS,
+        pooling="mean_max",
+        probes=probes,
+        train=train,
+        thumbnail_size=16,
+        lora_names=list(lora),
+        lora_shapes=[list(v.shape) for v in lora.values()],
+        config={
+            "model_path": base,
+            "resolution": 16,
+            "encode_prompt": "",
+            "num_inference_steps": 10,
+            "guidance_scale": 3.0,
+            "lora_config": {"r": 8, "lora_alpha": 8.0, "target_modules": targets},
+        },
+    )
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CONCEPTS, T, F)).astype(np.float32)
     drift = rng.normal(size=(CONCEPTS, T, F)).astype(np.float32)
@@ -74,8 +92,12 @@ def synthetic_store(path: str, n: int, snapshots: int = SNAPSHOTS, seed: int = 0
 
     with StoreReader(path) as s:
         feature_bytes = int(s.f["train/features/mid_block"].id.get_storage_size())
-    return {"write_seconds": time.perf_counter() - t0, "feature_bytes": feature_bytes, "file_bytes": os.path.getsize(path),
-            "bytes_per_image_snapshot_layer": feature_bytes / (n * snapshots)}
+    return {
+        "write_seconds": time.perf_counter() - t0,
+        "feature_bytes": feature_bytes,
+        "file_bytes": os.path.getsize(path),
+        "bytes_per_image_snapshot_layer": feature_bytes / (n * snapshots),
+    }
 
 
 def _fit(path: str, steps: int) -> dict:
@@ -83,8 +105,11 @@ def _fit(path: str, steps: int) -> dict:
 
     t = time.perf_counter()
     report = fit_attribution(path, steps=steps, probes="stored", progress=False)
-    return {"fit_seconds": time.perf_counter() - t, "fit_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "index_seconds": report.get("index_seconds", 0.0)}
+    return {
+        "fit_seconds": time.perf_counter() - t,
+        "fit_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "index_seconds": report.get("index_seconds", 0.0),
+    }
 
 
 def _time(fn, repeats: int) -> float:
@@ -98,8 +123,9 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times)) * 1000
 
 
-def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, out: str | None = None,
-              workdir: str | None = None) -> dict:
+def run_scale(
+    sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, out: str | None = None, workdir: str | None = None
+) -> dict:
     import torch
 
     from montrage.attribution.query import Attributor
@@ -110,8 +136,11 @@ def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, 
         for n in sizes:
             path = os.path.join(tmp, f"store{n}.h5")
             facts = synthetic_store(path, n)
-            proc = subprocess.run([sys.executable, "-m", "montrage.recipes.bench_scale", "_fit", path, str(steps)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "montrage.recipes.bench_scale", "_fit", path, str(steps)],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"fit failed:\n{proc.stderr[-3000:]}")
             fit = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -121,17 +150,25 @@ def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, 
             q1 = {"mid_block": rng.normal(size=(E, 1, len(TIMESTEPS), F)).astype(np.float32)}
             q100 = {"mid_block": rng.normal(size=(E, 100, len(TIMESTEPS), F)).astype(np.float32)}
             image = torch.rand(1, 3, 16, 16) * 2 - 1
-            row = {"train_images": n, "snapshots": E, "layers": 1, "features": F, "timesteps": len(TIMESTEPS),
-                   "bytes_per_image_snapshot_layer": round(facts["bytes_per_image_snapshot_layer"], 1),
-                   "store_bytes": facts["file_bytes"], "exact": n <= len(att.index.reference),
-                   "query_ms_fast": round(_time(lambda: att.score_trajectories(q1, fast=True), repeats), 2),
-                   "query_ms_full": round(_time(lambda: att.score_trajectories(q1, fast=False), repeats), 2),
-                   "batch_query_ms_fast": round(_time(lambda: att.score_trajectories(q100, fast=True), 1) / 100, 2),
-                   "batch_query_ms_full": round(_time(lambda: att.score_trajectories(q100, fast=False), 1) / 100, 2),
-                   "query_ms_fast_with_encode": round(_time(lambda: att.query(image, fast=True), repeats), 1),
-                   "query_ms_full_with_encode": round(_time(lambda: att.query(image, fast=False), repeats), 1),
-                   "fit_seconds": round(fit["fit_seconds"], 1), "fit_index_seconds": round(fit["index_seconds"], 1),
-                   "fit_peak_rss_mib": round(fit["fit_peak_rss_mib"], 1)}
+            row = {
+                "train_images": n,
+                "snapshots": E,
+                "layers": 1,
+                "features": F,
+                "timesteps": len(TIMESTEPS),
+                "bytes_per_image_snapshot_layer": round(facts["bytes_per_image_snapshot_layer"], 1),
+                "store_bytes": facts["file_bytes"],
+                "exact": n <= len(att.index.reference),
+                "query_ms_fast": round(_time(lambda: att.score_trajectories(q1, fast=True), repeats), 2),
+                "query_ms_full": round(_time(lambda: att.score_trajectories(q1, fast=False), repeats), 2),
+                "batch_query_ms_fast": round(_time(lambda: att.score_trajectories(q100, fast=True), 1) / 100, 2),
+                "batch_query_ms_full": round(_time(lambda: att.score_trajectories(q100, fast=False), 1) / 100, 2),
+                "query_ms_fast_with_encode": round(_time(lambda: att.query(image, fast=True), repeats), 1),
+                "query_ms_full_with_encode": round(_time(lambda: att.query(image, fast=False), repeats), 1),
+                "fit_seconds": round(fit["fit_seconds"], 1),
+                "fit_index_seconds": round(fit["index_seconds"], 1),
+                "fit_peak_rss_mib": round(fit["fit_peak_rss_mib"], 1),
+            }
             final = {"mid_block": q1["mid_block"][-1]}
             row["shortlist_search_ms"] = round(_time(lambda: att.index.shortlist(final, att.centre, 1000), repeats), 2)
             idx = os.path.join(att.model_dir, "index")
@@ -147,8 +184,11 @@ def run_scale(sizes=(1000, 10000, 100000), steps: int = 400, repeats: int = 15, 
 
             os.remove(path)
             shutil.rmtree(att.model_dir, ignore_errors=True)
-    result = {"command": f"montrage bench scale --sizes {','.join(map(str, sizes))}", "rows": rows,
-              "extrapolation_1m": extrapolate(rows)}
+    result = {
+        "command": f"montrage bench scale --sizes {','.join(map(str, sizes))}",
+        "rows": rows,
+        "extrapolation_1m": extrapolate(rows),
+    }
     if out:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -164,12 +204,16 @@ def extrapolate(rows: list[dict], n: int = 1_000_000) -> dict | None:
     r = big[-1]
     k = n / r["train_images"]
     steps = r["fit_seconds"] - r["fit_index_seconds"]
-    return {"train_images": n, "store_gb": round(r["store_bytes"] * k / 1e9, 1), "index_gb": round(r["index_bytes"] * k / 1e9, 1),
-            "fit_seconds_upper": round(r["fit_index_seconds"] * k + steps * k, 0),
-            "fit_seconds_if_steps_constant": round(r["fit_index_seconds"] * k + steps, 0),
-            "query_ms_fast": round(r["query_ms_fast"] + r["shortlist_search_ms"] * (k - 1), 1),
-            "query_ms_full": round(r["query_ms_full"] + r["shortlist_search_ms"] * (k - 1), 1),
-            "index_nn_mib_in_memory": round(n * 4 * r["features"] * r["timesteps"] * r["layers"] / 2 ** 20, 0)}
+    return {
+        "train_images": n,
+        "store_gb": round(r["store_bytes"] * k / 1e9, 1),
+        "index_gb": round(r["index_bytes"] * k / 1e9, 1),
+        "fit_seconds_upper": round(r["fit_index_seconds"] * k + steps * k, 0),
+        "fit_seconds_if_steps_constant": round(r["fit_index_seconds"] * k + steps, 0),
+        "query_ms_fast": round(r["query_ms_fast"] + r["shortlist_search_ms"] * (k - 1), 1),
+        "query_ms_full": round(r["query_ms_full"] + r["shortlist_search_ms"] * (k - 1), 1),
+        "index_nn_mib_in_memory": round(n * 4 * r["features"] * r["timesteps"] * r["layers"] / 2**20, 0),
+    }
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "_fit":

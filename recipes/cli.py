@@ -16,6 +16,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningC
     from montrage.recipes.fine_tune import DiffusionFineTune
 
     return LightningCLI(
-        DiffusionFineTune, subclass_mode_data=True, args=args, run=run, save_config_kwargs={"overwrite": True},
+        DiffusionFineTune,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -9,7 +9,15 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
-from montrage.data import IMAGE_SUFFIXES, ConceptImageDataset, DataError, TrainExample, digit_token, digits_examples, scan_concept_folder
+from montrage.data import (
+    IMAGE_SUFFIXES,
+    ConceptImageDataset,
+    DataError,
+    TrainExample,
+    digit_token,
+    digits_examples,
+    scan_concept_folder,
+)
 
 
 def collate(batch: list[dict]) -> dict:
@@ -63,8 +71,13 @@ class ConceptDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.hparams.seed)
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=collate,
-            num_workers=self.hparams.num_workers, generator=g, drop_last=False,
+            self.dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            generator=g,
+            drop_last=False,
         )
 
 
@@ -133,7 +146,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         files = sorted(f for f in os.listdir(hp.instance_data_dir) if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise DataError(f"instance_data_dir {hp.instance_data_dir!r} holds no images.")
-        return [TrainExample(f"instance/{f}", "instance", hp.instance_prompt, os.path.join(hp.instance_data_dir, f)) for f in files]
+        return [
+            TrainExample(f"instance/{f}", "instance", hp.instance_prompt, os.path.join(hp.instance_data_dir, f))
+            for f in files
+        ]
 
     def concept_tokens(self) -> dict[str, str]:
         return {"instance": self.hparams.instance_prompt}
@@ -175,7 +191,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.hparams.seed)
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.hparams.batch_size, shuffle=True, generator=g,
+            self.dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            generator=g,
             collate_fn=functools.partial(collate_prior, class_prompt=self.hparams.class_prompt),
             num_workers=self.hparams.num_workers,
         )

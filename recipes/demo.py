@@ -34,9 +34,17 @@ def read_digits(clf, thumbs: np.ndarray) -> np.ndarray:
     return clf.predict(x.reshape(len(x), -1).numpy())
 
 
-def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int = 16, epochs: int = 6,
-             repeats: int = 40, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True,
-             base_config=None) -> dict:
+def run_demo(
+    out: str,
+    digits: list[int] = [1, 4, 7, 9],
+    images_per_concept: int = 16,
+    epochs: int = 6,
+    repeats: int = 40,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+    base_config=None,
+) -> dict:
     """Customize the tiny base to `digits` with the callback; write store.h5, demo_summary.json and curves.png.
 
     `base_config` (a TinyBaseConfig) selects another tiny base, e.g. an un-pretrained one in tests.
@@ -55,16 +63,37 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     base = tiny_base_path(base_config, progress=progress)
     t_base = time.time() - t0
     pl.seed_everything(seed, verbose=False)
-    module = DiffusionFineTune(pretrained_model="tiny" if base_config is None else base, lora_rank=8, lora_alpha=8, learning_rate=learning_rate,
-                               output_dir=os.path.join(out, "lora"))
-    data = ConceptDataModule(digits=digits, images_per_concept=images_per_concept, batch_size=32, repeats=repeats, seed=seed)
+    module = DiffusionFineTune(
+        pretrained_model="tiny" if base_config is None else base,
+        lora_rank=8,
+        lora_alpha=8,
+        learning_rate=learning_rate,
+        output_dir=os.path.join(out, "lora"),
+    )
+    data = ConceptDataModule(
+        digits=digits, images_per_concept=images_per_concept, batch_size=32, repeats=repeats, seed=seed
+    )
     store_path = os.path.join(out, "store.h5")
-    callback = MontrageCallback(store_path=store_path, probe_seeds=[0, 1], num_inference_steps=10, guidance_scale=3.0,
-                                thumbnail_size=16, overwrite=True, timesteps=[200, 500, 800],
-                                mode="inline")  # the guard checks each snapshot as it is written (deferred: `montrage encode`)
+    callback = MontrageCallback(
+        store_path=store_path,
+        probe_seeds=[0, 1],
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        thumbnail_size=16,
+        overwrite=True,
+        timesteps=[200, 500, 800],
+        mode="inline",
+    )  # the guard checks each snapshot as it is written (deferred: `montrage encode`)
     guard = MemorizationGuard()  # after the callback: reads each snapshot once written; alerts on near-copies
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, guard], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=progress, enable_model_summary=False, deterministic=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback, guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     t1 = time.time()
     trainer.fit(module, data)
     t_fit = time.time() - t1
@@ -93,9 +122,15 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
         "num_train_images": summary["num_train_images"],
         "store_bytes": summary["file_bytes"],
         "probe_concept_accuracy_per_epoch": accuracy,
-        "final_similarity": {pc: {tc: round(float(final[i, j]), 4) for j, tc in enumerate(concepts)} for i, pc in enumerate(concepts)},
+        "final_similarity": {
+            pc: {tc: round(float(final[i, j]), 4) for j, tc in enumerate(concepts)} for i, pc in enumerate(concepts)
+        },
         "final_own_concept_is_most_similar": [bool(np.nanargmax(final[i]) == i) for i in range(len(concepts))],
-        "seconds": {"tiny_base": round(t_base, 1), "fine_tune_with_callback": round(t_fit, 1), "total": round(time.time() - t0, 1)},
+        "seconds": {
+            "tiny_base": round(t_base, 1),
+            "fine_tune_with_callback": round(t_fit, 1),
+            "total": round(time.time() - t0, 1),
+        },
     }
     t2 = time.time()
     result["attribution"] = attribution_step(store_path, out, digits, seed)
@@ -105,7 +140,9 @@ def run_demo(out: str, digits: list[int] = [1, 4, 7, 9], images_per_concept: int
     result["memorization_alerts"] = len(guard.alerts)
     result["report_html"] = os.path.join(out, "report.html")
     ext = result["origin"]["external_dir"]  # the report shows the origin of two images the run never saw
-    build_report(store_path, result["report_html"], origin_images=[os.path.join(ext, f) for f in sorted(os.listdir(ext))[:2]])
+    build_report(
+        store_path, result["report_html"], origin_images=[os.path.join(ext, f) for f in sorted(os.listdir(ext))[:2]]
+    )
     result["seconds"]["attribution_origin_report"] = round(time.time() - t2, 1)
     result["seconds"]["total"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "demo_summary.json"), "w") as fh:
@@ -126,7 +163,9 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
     try:
         prompts = tuple(f"a photo of {digit_token(d)}" for d in digits[:2])
         generated = att.model.generate(ProbeSet(prompts, tuple({} for _ in prompts), (1234,)), att.store.num_epochs - 1)
-        unseen = int(np.flatnonzero(sklearn_digits()[1] == digits[-1])[-1])  # the last image of a class is never trained on
+        unseen = int(
+            np.flatnonzero(sklearn_digits()[1] == digits[-1])[-1]
+        )  # the last image of a class is never trained on
         pixels = torch.cat([generated, digits_pixels([unseen], att.model.resolution)])
         # generations are encoded under their prompts; the real digit's prompt is unknown (the empty prompt)
         results = att.query(pixels, top_k=5, prompt=list(prompts) + [""])
@@ -134,14 +173,24 @@ def attribution_step(store_path: str, out: str, digits: list[int], seed: int) ->
     finally:
         att.close()
     names = [f"generated: {p}" for p in prompts] + [f"real unseen digit {digits[-1]}"]
-    return {"fit": {m: v["final_loss"] for m, v in report["models"].items()}, "query_png": os.path.join(out, "query.png"),
-            "queries": [{"query": n, "top_concept": r["top_concept"],
-                         "shares": {c: v["share"] for c, v in r["concepts"].items()},
-                         "top_images": [i["id"] for i in r["top_images"]]} for n, r in zip(names, results)]}
+    return {
+        "fit": {m: v["final_loss"] for m, v in report["models"].items()},
+        "query_png": os.path.join(out, "query.png"),
+        "queries": [
+            {
+                "query": n,
+                "top_concept": r["top_concept"],
+                "shares": {c: v["share"] for c, v in r["concepts"].items()},
+                "top_images": [i["id"] for i in r["top_images"]],
+            }
+            for n, r in zip(names, results)
+        ],
+    }
 
 
-def origin_step(store_path: str, out: str, digits: list[int], images_per_concept: int, seed: int,
-                progress: bool) -> dict:
+def origin_step(
+    store_path: str, out: str, digits: list[int], images_per_concept: int, seed: int, progress: bool
+) -> dict:
     """`montrage origin fit STORE --external DIR` on the run: members and generations come from the store, the
     external class is unseen digits written to `<out>/origin_external/`; half of each class is held out."""
     from PIL import Image
@@ -152,7 +201,9 @@ def origin_step(store_path: str, out: str, digits: list[int], images_per_concept
     target = sklearn_digits()[1]
     n = len(digits) * images_per_concept
     per = max(1, n // len(digits))
-    unseen = np.concatenate([np.flatnonzero(target == d)[images_per_concept: images_per_concept + per] for d in digits])
+    unseen = np.concatenate(
+        [np.flatnonzero(target == d)[images_per_concept : images_per_concept + per] for d in digits]
+    )
     folder = os.path.join(out, "origin_external")
     os.makedirs(folder, exist_ok=True)
     pixels = digits_pixels(unseen[:n], 16)
@@ -161,7 +212,12 @@ def origin_step(store_path: str, out: str, digits: list[int], images_per_concept
         Image.fromarray(arr).save(os.path.join(folder, f"digit_{int(i)}.png"))
     report = fit_from_store(store_path, [folder], members=n, timesteps=10, holdout=0.5, seed=seed, progress=progress)
     held = report.get("held_out", {})
-    return {"classes": ["member", "generated", "external"], "classifier": report["classifier"],
-            "test_accuracy_per_class": held.get("accuracy_per_class"),
-            "balanced_accuracy": held.get("balanced_accuracy"), "timesteps": report["timesteps"],
-            "images_per_class": report["counts"], "external_dir": folder}
+    return {
+        "classes": ["member", "generated", "external"],
+        "classifier": report["classifier"],
+        "test_accuracy_per_class": held.get("accuracy_per_class"),
+        "balanced_accuracy": held.get("balanced_accuracy"),
+        "timesteps": report["timesteps"],
+        "images_per_class": report["counts"],
+        "external_dir": folder,
+    }

@@ -17,7 +17,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from montrage.components import EXTRA_PARTS, embed_prompts, load_components, load_model, model_identity, vae_scale_factor
+from montrage.components import (
+    EXTRA_PARTS,
+    embed_prompts,
+    load_components,
+    load_model,
+    model_identity,
+    vae_scale_factor,
+)
 from montrage.family import make_family
 
 TINY = "tiny"
@@ -67,7 +74,9 @@ class DiffusionFineTune(pl.LightningModule):
         for extra in EXTRA_PARTS:  # SDXL / SD3 / Flux: the second (and third) text encoder and tokenizer
             if parts.parts.get(extra) is not None:
                 value = parts.parts[extra]
-                setattr(self, extra, value.requires_grad_(False).eval() if isinstance(value, torch.nn.Module) else value)
+                setattr(
+                    self, extra, value.requires_grad_(False).eval() if isinstance(value, torch.nn.Module) else value
+                )
         self.tokenizer = parts.tokenizer
         self.text_encoder = parts.text_encoder.requires_grad_(False).eval()
         self.vae = parts.vae.requires_grad_(False).eval()
@@ -76,16 +85,23 @@ class DiffusionFineTune(pl.LightningModule):
         if prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         # the tiny base is named by its cache folder, which encodes its config hash
-        self.model_id = os.path.basename(resolve_pretrained(pretrained_model)) if pretrained_model == TINY else pretrained_model
+        self.model_id = (
+            os.path.basename(resolve_pretrained(pretrained_model)) if pretrained_model == TINY else pretrained_model
+        )
         self.base_identity = model_identity(self.unet, self.model_id)
         if train_mode == "lora":
             from peft import LoraConfig
 
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_lora_weights="gaussian",
-                target_modules=list(lora_target_modules),
-            ))
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_target_modules),
+                )
+            )
         else:
             self.unet.requires_grad_(True)
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
@@ -145,8 +161,14 @@ class DiffusionFineTune(pl.LightningModule):
         return self.family.pipeline()
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 7.5,
-                 height: Optional[int] = None) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: Optional[int] = None,
+    ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from fixed per-seed initial latents."""
         from montrage.probes import ProbeSet
 

@@ -26,20 +26,89 @@ SIZE = 32
 # Icon names drawn by most Debian themes (PNG and SVG), the content side of the benchmark; fixed, so a dataset and
 # the art base's vocabulary do not depend on which themes are chosen.
 ICON_NAMES = (
-    "accessories-calculator", "accessories-text-editor", "address-book-new", "application-exit", "applications-games",
-    "applications-graphics", "applications-internet", "applications-multimedia", "applications-office",
-    "applications-system", "audio-card", "audio-x-generic", "battery", "bookmark-new", "camera-photo", "camera-web",
-    "computer", "dialog-error", "dialog-information", "dialog-warning", "document-new", "document-open",
-    "document-print", "document-properties", "document-save", "drive-harddisk", "drive-optical", "edit-clear",
-    "edit-copy", "edit-cut", "edit-delete", "edit-find", "edit-paste", "edit-redo", "edit-undo", "folder",
-    "folder-documents", "folder-download", "folder-music", "folder-pictures", "folder-remote", "folder-videos",
-    "font-x-generic", "go-down", "go-home", "go-next", "go-previous", "go-up", "help-browser", "image-x-generic",
-    "input-gaming", "input-keyboard", "input-mouse", "list-add", "list-remove", "mail-send", "media-floppy",
-    "media-playback-pause", "media-playback-start", "media-playback-stop", "multimedia-player", "network-wired",
-    "network-wireless", "package-x-generic", "preferences-desktop", "printer", "process-stop", "system-search",
-    "text-html", "text-x-generic", "user-desktop", "user-home", "user-trash", "utilities-terminal", "video-x-generic",
-    "view-refresh", "weather-clear", "web-browser", "x-office-calendar", "x-office-document", "x-office-spreadsheet",
-    "zoom-in", "zoom-out",
+    "accessories-calculator",
+    "accessories-text-editor",
+    "address-book-new",
+    "application-exit",
+    "applications-games",
+    "applications-graphics",
+    "applications-internet",
+    "applications-multimedia",
+    "applications-office",
+    "applications-system",
+    "audio-card",
+    "audio-x-generic",
+    "battery",
+    "bookmark-new",
+    "camera-photo",
+    "camera-web",
+    "computer",
+    "dialog-error",
+    "dialog-information",
+    "dialog-warning",
+    "document-new",
+    "document-open",
+    "document-print",
+    "document-properties",
+    "document-save",
+    "drive-harddisk",
+    "drive-optical",
+    "edit-clear",
+    "edit-copy",
+    "edit-cut",
+    "edit-delete",
+    "edit-find",
+    "edit-paste",
+    "edit-redo",
+    "edit-undo",
+    "folder",
+    "folder-documents",
+    "folder-download",
+    "folder-music",
+    "folder-pictures",
+    "folder-remote",
+    "folder-videos",
+    "font-x-generic",
+    "go-down",
+    "go-home",
+    "go-next",
+    "go-previous",
+    "go-up",
+    "help-browser",
+    "image-x-generic",
+    "input-gaming",
+    "input-keyboard",
+    "input-mouse",
+    "list-add",
+    "list-remove",
+    "mail-send",
+    "media-floppy",
+    "media-playback-pause",
+    "media-playback-start",
+    "media-playback-stop",
+    "multimedia-player",
+    "network-wired",
+    "network-wireless",
+    "package-x-generic",
+    "preferences-desktop",
+    "printer",
+    "process-stop",
+    "system-search",
+    "text-html",
+    "text-x-generic",
+    "user-desktop",
+    "user-home",
+    "user-trash",
+    "utilities-terminal",
+    "video-x-generic",
+    "view-refresh",
+    "weather-clear",
+    "web-browser",
+    "x-office-calendar",
+    "x-office-document",
+    "x-office-spreadsheet",
+    "zoom-in",
+    "zoom-out",
 )
 
 
@@ -55,8 +124,10 @@ def content_words(icon: str) -> str:
 def installed_themes(icons_dir: str = ICONS_DIR) -> dict[str, str]:
     """Theme name (its folder) -> folder, for every folder with an `index.theme` that lists icon directories."""
     if not os.path.isdir(icons_dir):
-        raise DataError(f"icon folder {icons_dir!r} does not exist: install icon themes (see the README) or pass "
-                        "--icons-dir pointing at a folder of themes.")
+        raise DataError(
+            f"icon folder {icons_dir!r} does not exist: install icon themes (see the README) or pass "
+            "--icons-dir pointing at a folder of themes."
+        )
     out = {}
     for name in sorted(os.listdir(icons_dir)):
         index = os.path.join(icons_dir, name, "index.theme")
@@ -147,15 +218,18 @@ def render(path: str, size: int = SIZE, background=BACKGROUND):
     if path.lower().endswith(".svg"):
         tool = rasterizer()
         if tool is None:
-            raise DataError(f"{path!r} is an SVG icon and no SVG rasterizer is installed: `apt-get install "
-                            "librsvg2-bin` (rsvg-convert) or `pip install cairosvg`.")
+            raise DataError(
+                f"{path!r} is an SVG icon and no SVG rasterizer is installed: `apt-get install "
+                "librsvg2-bin` (rsvg-convert) or `pip install cairosvg`."
+            )
         if tool == "cairosvg":
             import cairosvg
 
             data = cairosvg.svg2png(url=path, output_width=size, output_height=size)
         else:
-            proc = subprocess.run(["rsvg-convert", "-w", str(size), "-h", str(size), "-f", "png", path],
-                                  capture_output=True)
+            proc = subprocess.run(
+                ["rsvg-convert", "-w", str(size), "-h", str(size), "-f", "png", path], capture_output=True
+            )
             if proc.returncode != 0:
                 raise OSError(proc.stderr.decode(errors="replace").strip() or f"rsvg-convert failed on {path}")
             data = proc.stdout
@@ -179,17 +253,27 @@ def resolve_themes(themes: list[str], icons_dir: str = ICONS_DIR) -> dict[str, s
     for t in themes:
         key = lower.get(t.lower())
         if key is None:
-            raise DataError(f"icon theme {t!r} is not installed in {icons_dir!r}; installed: {', '.join(have) or 'none'} "
-                            "(install more with apt-get, see the README, or pass --icons-dir).")
+            raise DataError(
+                f"icon theme {t!r} is not installed in {icons_dir!r}; installed: {', '.join(have) or 'none'} "
+                "(install more with apt-get, see the README, or pass --icons-dir)."
+            )
         out[key] = have[key]
     if len(out) != len(themes):
         raise DataError(f"--themes names a theme twice: {', '.join(themes)}.")
     return out
 
 
-def build_icon_set(themes: list[str], out_dir: str, icons_per_theme: int = 24, size: int = SIZE,
-                   icons_dir: str = ICONS_DIR, seed: int = 0, shared: bool = True, template: str = TEMPLATE,
-                   background=BACKGROUND) -> list[TrainExample]:
+def build_icon_set(
+    themes: list[str],
+    out_dir: str,
+    icons_per_theme: int = 24,
+    size: int = SIZE,
+    icons_dir: str = ICONS_DIR,
+    seed: int = 0,
+    shared: bool = True,
+    template: str = TEMPLATE,
+    background=BACKGROUND,
+) -> list[TrainExample]:
     """Rasterize `icons_per_theme` icons of each theme into the concept folder `out_dir` and return its examples.
 
     shared=True draws the same icon names in every theme (the names all of them have, a seeded choice), so that a
@@ -200,19 +284,24 @@ def build_icon_set(themes: list[str], out_dir: str, icons_per_theme: int = 24, s
     found = {t: theme_icons(p, size) for t, p in folders.items()}
     for t, icons in found.items():
         if len(icons) < 2:
-            raise DataError(f"icon theme {t!r} ({folders[t]}) has {len(icons)} usable icons among montrage's icon "
-                            f"names at {size} px; a concept needs at least two images: choose another theme.")
+            raise DataError(
+                f"icon theme {t!r} ({folders[t]}) has {len(icons)} usable icons among montrage's icon "
+                f"names at {size} px; a concept needs at least two images: choose another theme."
+            )
     rng = np.random.default_rng(seed)
     if shared:
         common = [n for n in ICON_NAMES if all(n in icons for icons in found.values())]
         if len(common) < 2:
-            raise DataError(f"the themes {', '.join(found)} share {len(common)} icon names; use shared=False or "
-                            "other themes.")
+            raise DataError(
+                f"the themes {', '.join(found)} share {len(common)} icon names; use shared=False or other themes."
+            )
         names = sorted(rng.choice(common, min(icons_per_theme, len(common)), replace=False).tolist())
         pick = {t: names for t in found}  # one draw, the same names everywhere
     else:
-        pick = {t: sorted(rng.choice(sorted(icons), min(icons_per_theme, len(icons)), replace=False).tolist())
-                for t, icons in found.items()}
+        pick = {
+            t: sorted(rng.choice(sorted(icons), min(icons_per_theme, len(icons)), replace=False).tolist())
+            for t, icons in found.items()
+        }
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     for t, names in pick.items():

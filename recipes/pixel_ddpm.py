@@ -81,18 +81,28 @@ def build_unet(cfg: PixelDDPMConfig):
 
     torch.manual_seed(cfg.seed)
     return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=1,
+        sample_size=cfg.image_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=1,
         down_block_types=("DownBlock2D",) * len(cfg.block_out_channels),
-        up_block_types=("UpBlock2D",) * len(cfg.block_out_channels), norm_num_groups=8,
+        up_block_types=("UpBlock2D",) * len(cfg.block_out_channels),
+        norm_num_groups=8,
     )
 
 
 def build_scheduler(cfg: PixelDDPMConfig):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=1e-4, beta_end=0.02,
-                         beta_schedule="linear", prediction_type="epsilon", clip_sample=True)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
 
 
 def read_meta(path: str) -> dict | None:
@@ -109,7 +119,11 @@ def train_pixel_ddpm(out_dir: str, cfg: PixelDDPMConfig = PixelDDPMConfig(), pro
     from tqdm.auto import tqdm
 
     meta = read_meta(out_dir)
-    if meta is not None and meta.get("digest") == cfg.digest() and os.path.isfile(os.path.join(out_dir, "model_index.json")):
+    if (
+        meta is not None
+        and meta.get("digest") == cfg.digest()
+        and os.path.isfile(os.path.join(out_dir, "model_index.json"))
+    ):
         return out_dir
     members, _ = split_digits(cfg.members, cfg.seed)
     data = digits_images(members, cfg.image_size, cfg.channels)
@@ -137,22 +151,39 @@ def train_pixel_ddpm(out_dir: str, cfg: PixelDDPMConfig = PixelDDPMConfig(), pro
     tmp = tempfile.mkdtemp(prefix=".pixel-ddpm-", dir=parent)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp)
     with open(os.path.join(tmp, META_NAME), "w") as fh:
-        json.dump({"config": dataclasses.asdict(cfg), "digest": cfg.digest(), "member_indices": members.tolist(),
-                   "seconds": round(time.time() - t0, 1), "seconds_per_step": round((time.time() - t0) / max(cfg.steps, 1), 4),
-                   "loss_every_50": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)]},
-                  fh, indent=1)
+        json.dump(
+            {
+                "config": dataclasses.asdict(cfg),
+                "digest": cfg.digest(),
+                "member_indices": members.tolist(),
+                "seconds": round(time.time() - t0, 1),
+                "seconds_per_step": round((time.time() - t0) / max(cfg.steps, 1), 4),
+                "loss_every_50": [round(float(np.mean(losses[i : i + 50])), 5) for i in range(0, len(losses), 50)],
+            },
+            fh,
+            indent=1,
+        )
     if os.path.isdir(out_dir):  # a model of another config: replace it, but never an unrelated folder
         if meta is None and os.listdir(out_dir):
             shutil.rmtree(tmp)
-            raise MontrageError(f"{out_dir!r} exists and is not a pixel DDPM written by this recipe: pass a new folder.")
+            raise MontrageError(
+                f"{out_dir!r} exists and is not a pixel DDPM written by this recipe: pass a new folder."
+            )
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
 
 
 @torch.no_grad()
-def sample_images(model_dir: str, n: int, seed: int = 0, sampler: str = "ddpm", steps: int = 100,
-                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+def sample_images(
+    model_dir: str,
+    n: int,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    steps: int = 100,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
     """n generations (n, C, H, W) in [-1, 1], 8-bit quantised, of the pixel DDPM saved in `model_dir`.
 
     `sampler="ddpm"`: ancestral sampling on `steps` respaced timesteps (1000 = the full chain); "ddim": DDIM (η=0,
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_digits:
         members, rest = split_digits(cfg.members, cfg.seed)
         save_pngs(digits_images(members), os.path.join(args.out, "images", "member"), "member")
-        save_pngs(digits_images(rest[:cfg.members]), os.path.join(args.out, "images", "external"), "external")
+        save_pngs(digits_images(rest[: cfg.members]), os.path.join(args.out, "images", "external"), "external")
     if args.samples:
         imgs = sample_images(path, args.samples, seed=args.seed + 1, sampler=args.sampler, steps=args.sample_steps)
         save_pngs(imgs, os.path.join(args.out, "images", "generated"), "generated")

@@ -24,7 +24,22 @@ import torch.nn.functional as F
 
 from montrage.data import DIGIT_WORDS, digits_pixels
 
-WORDS = ("a", "an", "the", "photo", "picture", "of", "digit", "handwritten", "in", "style", "and", "sks", "dog", "person") + DIGIT_WORDS
+WORDS = (
+    "a",
+    "an",
+    "the",
+    "photo",
+    "picture",
+    "of",
+    "digit",
+    "handwritten",
+    "in",
+    "style",
+    "and",
+    "sks",
+    "dog",
+    "person",
+) + DIGIT_WORDS
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789<>_-,.'!?"
 
 
@@ -78,8 +93,13 @@ def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS, whole_
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             vocab.setdefault(pieces[0], len(vocab))
     return CLIPTokenizer(
-        vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", model_max_length=max_length,
+        vocab=vocab,
+        merges=merges,
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=max_length,
     )
 
 
@@ -90,11 +110,13 @@ def _bpe(pieces: list[str], ranks: dict) -> list[str]:
         rank, i = min(pairs)
         if rank > len(ranks):
             break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
     return pieces
 
 
-def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[str, ...] = (), vae_blocks: int = 2) -> dict:
+def build_components(
+    cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[str, ...] = (), vae_blocks: int = 2
+) -> dict:
     """Untrained tiny components with SD 1.x's layout (deterministic for a config). The VAE downsamples by
     2 ** (vae_blocks - 1); the UNet's sample size follows."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -102,24 +124,50 @@ def build_components(cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[
 
     tokenizer = build_tokenizer(cfg.max_length, WORDS, whole_words)
     torch.manual_seed(cfg.seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=cfg.max_length,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=cfg.max_length,
+        )
+    )
     torch.manual_seed(cfg.seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=[32] + [64] * (vae_blocks - 1), in_channels=3, out_channels=3, latent_channels=4,
-        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * vae_blocks,
-        up_block_types=["UpDecoderBlock2D"] * vae_blocks, norm_num_groups=8, sample_size=cfg.image_size,
+        block_out_channels=[32] + [64] * (vae_blocks - 1),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * vae_blocks,
+        up_block_types=["UpDecoderBlock2D"] * vae_blocks,
+        norm_num_groups=8,
+        sample_size=cfg.image_size,
     )
     torch.manual_seed(cfg.seed + 2)
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (vae_blocks - 1), in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        sample_size=cfg.image_size // 2 ** (vae_blocks - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
         steps_offset=1,
     )
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
@@ -139,8 +187,16 @@ def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
     return pretrain_on(parts, images, captions, np.zeros(len(labels), np.int64), named, cfg, progress, "tiny base")
 
 
-def pretrain_on(parts: dict, images: torch.Tensor, captions: list[str], generic: np.ndarray, named: np.ndarray, cfg,
-                progress: bool = True, desc: str = "base") -> dict:
+def pretrain_on(
+    parts: dict,
+    images: torch.Tensor,
+    captions: list[str],
+    generic: np.ndarray,
+    named: np.ndarray,
+    cfg,
+    progress: bool = True,
+    desc: str = "base",
+) -> dict:
     """Train the VAE on `images`, then the UNet (and the text encoder, unless `cfg.train_text_encoder` is False) to
     denoise their latents: image i under caption `captions[named[i]]` with probability `cfg.class_caption_prob`,
     else under `captions[generic[i]]`."""
@@ -163,19 +219,21 @@ def pretrain_on(parts: dict, images: torch.Tensor, captions: list[str], generic:
     vae.eval().requires_grad_(False)
 
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
-    ids = parts["tokenizer"](captions, padding="max_length", max_length=cfg.max_length, truncation=True,
-                             return_tensors="pt").input_ids
+    ids = parts["tokenizer"](
+        captions, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     generic, named = torch.as_tensor(generic), torch.as_tensor(named)
     text_encoder = parts["text_encoder"]
     train_text = getattr(cfg, "train_text_encoder", True)  # frozen: every word keeps its own (random) encoding
     text_encoder.requires_grad_(train_text)
 
-    opt = torch.optim.AdamW(list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else []),
-                            lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(
+        list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else []), lr=cfg.learning_rate
+    )
     unet.train()
     text_encoder.train(train_text)
     for _ in tqdm(range(cfg.unet_steps), desc=f"{desc}: UNet", disable=not progress):
@@ -199,8 +257,14 @@ def save_pipeline(parts: dict, path: str) -> None:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
 

@@ -15,6 +15,7 @@ import loops  # noqa: E402
 if __name__ == "__main__":
     torch.set_num_threads(1)
     model_dir, data_root, store, out = sys.argv[1:5]
-    loops.accelerate_loop(model_dir, data_root, store, out, epochs=2, accumulation=1, batch_size=2, every_n_epochs=1,
-                          probe_seeds=[0, 1])
+    loops.accelerate_loop(
+        model_dir, data_root, store, out, epochs=2, accumulation=1, batch_size=2, every_n_epochs=1, probe_seeds=[0, 1]
+    )
     print(f"rank {os.environ['RANK']} done", flush=True)

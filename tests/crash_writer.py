@@ -35,7 +35,6 @@ def stop_inside_epoch(row: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "live":
         from helpers import epoch_arrays, make_spec
-
         from montrage.store import StoreWriter
 
         spec = make_spec()
@@ -49,7 +48,6 @@ if __name__ == "__main__":
         sys.exit(0)
     if sys.argv[1] == "store":
         from helpers import epoch_arrays, make_spec
-
         from montrage.store import StoreWriter
 
         spec = make_spec()
@@ -71,5 +69,6 @@ if __name__ == "__main__":
         pl.seed_everything(0)
         saver = pl.callbacks.ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
         helpers.trainer(3, [helpers.callback(store), saver], enable_checkpointing=True).fit(
-            helpers.module(model_dir), helpers.data())
+            helpers.module(model_dir), helpers.data()
+        )
     print("NOT KILLED", flush=True)

@@ -36,6 +36,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     model_dir, store = sys.argv[1], sys.argv[2]
     pl.seed_everything(0)
-    trainer = helpers.trainer(3, [FailOnRank1(), helpers.callback(store, probe_seeds=[0, 1])], devices=2, strategy="ddp")
+    trainer = helpers.trainer(
+        3, [FailOnRank1(), helpers.callback(store, probe_seeds=[0, 1])], devices=2, strategy="ddp"
+    )
     trainer.fit(helpers.module(model_dir), helpers.data())
     print(f"rank {trainer.global_rank} done", flush=True)

@@ -24,8 +24,7 @@ if __name__ == "__main__":
         import loops
 
         model, data, store, pause = sys.argv[2:6]
-        loops.plain_loop(model, data, store, steps=6, every_n_steps=2, max_steps=6, mode="deferred",
-                         pause=float(pause))
+        loops.plain_loop(model, data, store, steps=6, every_n_steps=2, max_steps=6, mode="deferred", pause=float(pause))
         print("CLOSED", time.time(), flush=True)
     elif sys.argv[1] == "encode":
         store, row = sys.argv[2], int(sys.argv[3])
@@ -33,8 +32,11 @@ if __name__ == "__main__":
 
         def flush(self):
             real(self)
-            if self.file.filename.endswith(".features.h5") and self.name.startswith("/train/features/") \
-                    and self.shape[0] == row + 1:
+            if (
+                self.file.filename.endswith(".features.h5")
+                and self.name.startswith("/train/features/")
+                and self.shape[0] == row + 1
+            ):
                 print("MID-WRITE", flush=True)
                 time.sleep(600)
 

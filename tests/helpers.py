@@ -20,8 +20,16 @@ CRASH_WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_w
 
 
 def callback(store_path, **kw) -> MontrageCallback:
-    args = dict(store_path=str(store_path), probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0,
-                timesteps=[300, 700], thumbnail_size=8, log_to_wandb=False, mode="inline")
+    args = dict(
+        store_path=str(store_path),
+        probe_seeds=[0],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        timesteps=[300, 700],
+        thumbnail_size=8,
+        log_to_wandb=False,
+        mode="inline",
+    )
     args.update(kw)
     return MontrageCallback(**args)
 
@@ -39,18 +47,39 @@ def data(**kw) -> ConceptDataModule:
 
 
 def trainer(max_epochs=2, callbacks=(), **kw) -> pl.Trainer:
-    args = dict(max_epochs=max_epochs, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    args = dict(
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     args.update(kw)
     return pl.Trainer(**args)
 
 
-def make_spec(prompts=("a photo of one", "a photo of seven"), model_id="m", layers=("mid_block",), lora=True) -> StoreSpec:
-    probes = ProbeSet(tuple(prompts), tuple({"digit1": 1.0} if "one" in p else {"digit7": 1.0} for p in prompts), (0, 1))
+def make_spec(
+    prompts=("a photo of one", "a photo of seven"), model_id="m", layers=("mid_block",), lora=True
+) -> StoreSpec:
+    probes = ProbeSet(
+        tuple(prompts), tuple({"digit1": 1.0} if "one" in p else {"digit7": 1.0} for p in prompts), (0, 1)
+    )
     train = [TrainExample(f"digits/{i}", "digit1" if i < 3 else "digit7", "cap", f"p{i}") for i in range(5)]
-    return StoreSpec(model={"model_id": model_id}, layers=list(layers), feature_dims={l: 6 for l in layers},
-                     timesteps=[100, 500], pooling="mean", probes=probes, train=train, thumbnail_size=4,
-                     lora_names=["a", "b"] if lora else [], lora_shapes=[[2, 3], [3]] if lora else [])
+    return StoreSpec(
+        model={"model_id": model_id},
+        layers=list(layers),
+        feature_dims={l: 6 for l in layers},
+        timesteps=[100, 500],
+        pooling="mean",
+        probes=probes,
+        train=train,
+        thumbnail_size=4,
+        lora_names=["a", "b"] if lora else [],
+        lora_shapes=[[2, 3], [3]] if lora else [],
+    )
 
 
 def epoch_arrays(spec, value):

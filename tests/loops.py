@@ -50,8 +50,12 @@ class DiskDataset(torch.utils.data.Dataset):
         path, concept = self.items[i]
         with open(os.path.splitext(path)[0] + ".txt") as fh:
             caption = fh.read().strip()
-        return {"image": Image.open(path), "caption": caption, "id": os.path.relpath(path, os.path.dirname(os.path.dirname(path))),
-                "concept": concept}
+        return {
+            "image": Image.open(path),
+            "caption": caption,
+            "id": os.path.relpath(path, os.path.dirname(os.path.dirname(path))),
+            "concept": concept,
+        }
 
 
 def train_collate(items, size=16):
@@ -75,8 +79,9 @@ def lora_pipeline(model_dir, dropout=0.1):
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS,
-                                     lora_dropout=dropout))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS, lora_dropout=dropout)
+    )
     return pipe
 
 
@@ -95,8 +100,16 @@ def loss_of(pipe, batch, unet=None):
 
 
 def monitor_args(**kw):
-    args = dict(probe_seeds=[0], num_inference_steps=2, guidance_scale=1.0, timesteps=[300, 700], thumbnail_size=8,
-                log_to_wandb=False, progress=False, mode="inline")
+    args = dict(
+        probe_seeds=[0],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        timesteps=[300, 700],
+        thumbnail_size=8,
+        log_to_wandb=False,
+        progress=False,
+        mode="inline",
+    )
     args.update(kw)
     return args
 
@@ -108,8 +121,13 @@ def plain_loop(model_dir, data_root, store=None, steps=5, seed=0, batch_size=2, 
     torch.manual_seed(seed)
     pipe = lora_pipeline(model_dir)
     dataset = DiskDataset(data_root)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=train_collate,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=train_collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     monitor = None
     if store is not None:
         monitor = Monitor(str(store), pipe, dataset, **monitor_args(**monitor_kw))
@@ -159,8 +177,21 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
-def accelerate_loop(model_dir, data_root, store, out_dir, epochs=2, accumulation=2, batch_size=2, resume_from=None,
-                    save_at=None, stop_at=None, lr=1e-2, register=True, **monitor_kw):
+def accelerate_loop(
+    model_dir,
+    data_root,
+    store,
+    out_dir,
+    epochs=2,
+    accumulation=2,
+    batch_size=2,
+    resume_from=None,
+    save_at=None,
+    stop_at=None,
+    lr=1e-2,
+    register=True,
+    **monitor_kw,
+):
     """The shape of diffusers' train_text_to_image_lora.py with montrage's six added lines (marked)."""
     from accelerate import Accelerator
 
@@ -198,7 +229,7 @@ def accelerate_loop(model_dir, data_root, store, out_dir, epochs=2, accumulation
                 opt.zero_grad()
             monitor.on_batch(batch)  # montrage (4)
             step_of_batch = epoch * steps_per_epoch + k // accumulation + 1
-            seen += [(step_of_batch, i) for i in sampler.last[k * batch_size:(k + 1) * batch_size]]
+            seen += [(step_of_batch, i) for i in sampler.last[k * batch_size : (k + 1) * batch_size]]
             if accelerator.sync_gradients:
                 global_step += 1
                 monitor.maybe_snapshot(global_step, epoch=epoch + 1 if k + 1 == len(loader) else None)  # montrage (5)

@@ -20,17 +20,20 @@ def run_store(tiny_model_dir, tmp_path_factory):
     import pytorch_lightning as pl
 
     tmp = tmp_path_factory.mktemp("attr")
-    probes = {"probes": [{"prompt": "a photo of one", "concepts": {"digit1": 1.0}},
-                         {"prompt": "a photo of seven", "concepts": {"digit7": 1.0}},
-                         {"prompt": "a photo of one and seven", "concepts": {"digit1": 0.5, "digit7": 0.5}},
-                         {"prompt": "a photo of seven kb", "concepts": {"digit7": 1.0}, "exemplars": {"digits/17": 1.0}}],
-              "seeds": [0, 1]}
+    probes = {
+        "probes": [
+            {"prompt": "a photo of one", "concepts": {"digit1": 1.0}},
+            {"prompt": "a photo of seven", "concepts": {"digit7": 1.0}},
+            {"prompt": "a photo of one and seven", "concepts": {"digit1": 0.5, "digit7": 0.5}},
+            {"prompt": "a photo of seven kb", "concepts": {"digit7": 1.0}, "exemplars": {"digits/17": 1.0}},
+        ],
+        "seeds": [0, 1],
+    }
     (tmp / "probes.json").write_text(json.dumps(probes))
     store = tmp / "store.h5"
     pl.seed_everything(0)
     cb = helpers.callback(store, probe_file=str(tmp / "probes.json"), probe_seeds=[0, 1], encode_prompt="{caption}")
-    helpers.trainer(3, [cb]).fit(
-        helpers.module(tiny_model_dir, learning_rate=2e-2), helpers.data())
+    helpers.trainer(3, [cb]).fit(helpers.module(tiny_model_dir, learning_rate=2e-2), helpers.data())
     return str(store)
 
 
@@ -86,7 +89,7 @@ def test_ensemble_scores_are_the_members_mean_and_one_member_files_load(tmp_path
     for k, net in enumerate(model.nets):  # the batched product is each member's own MLP
         assert torch.allclose(members[k], torch.sigmoid(net((x - model.mu) / model.sigma)).squeeze(-1), atol=1e-6)
     one = AttributionModel(6, hidden=8)
-    legacy = {("net." + k[len("nets.0."):] if k.startswith("nets.0.") else k): v for k, v in one.state_dict().items()}
+    legacy = {("net." + k[len("nets.0.") :] if k.startswith("nets.0.") else k): v for k, v in one.state_dict().items()}
     save_file(legacy, str(tmp_path / "m.safetensors"))
     (tmp_path / "m.json").write_text(json.dumps({"model": {"in_dim": 6, "hidden": 8, "depth": 2}}))
     loaded, _ = AttributionModel.load(str(tmp_path / "m"))
@@ -145,8 +148,25 @@ def test_cli_fit_and_query(run_store, tmp_path, capsys):
     capsys.readouterr()
     img = tmp_path / "q.png"
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(img)
-    assert main(["attribute", "query", run_store, str(img), "--model-dir", str(tmp_path / "m"), "--json", "--top-k", "2",
-                 "--fast", "--plot", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(
+            [
+                "attribute",
+                "query",
+                run_store,
+                str(img),
+                "--model-dir",
+                str(tmp_path / "m"),
+                "--json",
+                "--top-k",
+                "2",
+                "--fast",
+                "--plot",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out[0]["image"] == str(img) and len(out[0]["top_images"]) == 2 and (tmp_path / "p.png").is_file()
 
@@ -226,13 +246,29 @@ def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_
     shutil.copytree(os.path.dirname(run_store), kept)
     with StoreReader(str(kept / "store.h5")) as store:
         train = store.train
-    queries = ProbeSet(("a photo of one", "a photo of seven"), ({"digit1": 1.0}, {"digit7": 1.0}), (100, 101),
-                       ("digit1", "digit7"), ({}, {train[-1].id: 1.0}))
+    queries = ProbeSet(
+        ("a photo of one", "a photo of seven"),
+        ({"digit1": 1.0}, {"digit7": 1.0}),
+        (100, 101),
+        ("digit1", "digit7"),
+        ({}, {train[-1].id: 1.0}),
+    )
     kinds, concepts = ["concept", "concept"], ["digit1", "digit7"]
     pixel = np.random.default_rng(0).random((4, len(train)))
-    saved = {"seed": 0, "steps": 20, "queries": dataclasses.asdict(queries), "kinds": kinds, "concepts": concepts,
-             "image_metric": "within_token", "seconds": {"pixel-cosine": 0.5}, "timings": {"fine_tune": 1.0},
-             "num_probes": 8, "repeats": 1, "exemplars": {}, "diagnostics": {}}
+    saved = {
+        "seed": 0,
+        "steps": 20,
+        "queries": dataclasses.asdict(queries),
+        "kinds": kinds,
+        "concepts": concepts,
+        "image_metric": "within_token",
+        "seconds": {"pixel-cosine": 0.5},
+        "timings": {"fine_tune": 1.0},
+        "num_probes": 8,
+        "repeats": 1,
+        "exemplars": {},
+        "diagnostics": {},
+    }
     np.savez(kept / SCORES, **{"pixel-cosine": pixel})
     (kept / RUN).write_text(json.dumps(saved))
     out = rescore_seed(str(kept), fit_seeds=[1])
@@ -243,8 +279,7 @@ def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_
     assert out["methods"]["pixel-cosine"] == pytest.approx(expected, nan_ok=True)
     att = Attributor.from_store(str(kept / "store.h5"))  # the refitted model is the one kept beside the store
     qpix = att.model.generate(queries, att.store.num_epochs - 1)
-    again = evaluate(att.image_scores(qpix, prompts=[p for p, _ in queries.items()]),
-                     queries, kinds, train, concepts)
+    again = evaluate(att.image_scores(qpix, prompts=[p for p, _ in queries.items()]), queries, kinds, train, concepts)
     att.close()
     assert {k: out["methods"]["montrage"][k] for k in again} == pytest.approx(again, nan_ok=True)
     assert out["timings"]["fit"] > 0 and out["timings"]["fine_tune"] == 1.0  # refitted; the run's own timings kept

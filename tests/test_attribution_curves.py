@@ -7,10 +7,10 @@ import pytest
 import pytorch_lightning as pl
 
 import helpers
+from helpers import fake_wandb_logger
 from montrage.callbacks import AttributionCurves, MontrageConfigError
 from montrage.callbacks.attribution_curves import live_model_dir
 from montrage.store import StoreReader
-from helpers import fake_wandb_logger
 
 
 def run(tiny_model_dir, store, curves, epochs=2, logger=None, **cb):
@@ -73,4 +73,5 @@ def test_curves_configuration_errors(tiny_model_dir, tmp_path):
         run(tiny_model_dir, tmp_path / "s.h5", AttributionCurves(model_dir=str(tmp_path)))
     with pytest.raises(MontrageConfigError, match="put AttributionCurves after MontrageCallback"):
         helpers.trainer(1, [AttributionCurves(), helpers.callback(tmp_path / "t.h5")]).fit(
-            helpers.module(tiny_model_dir), helpers.data())
+            helpers.module(tiny_model_dir), helpers.data()
+        )

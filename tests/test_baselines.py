@@ -27,8 +27,9 @@ def lora_parts(tiny_model_dir):
 
     parts = load_components(tiny_model_dir)
     parts.unet.requires_grad_(False)
-    parts.unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
-                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    parts.unet.add_adapter(
+        peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     cond = embed_prompts(parts.tokenizer, parts.text_encoder, [""])
     pixels = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return parts, cond, pixels
@@ -56,7 +57,7 @@ def _naive_features(unet, vae, scheduler, pixels, cond, seeds, output, proj_dim,
             noisy = scheduler.add_noise(z[None], eps_all[j][None], tt)
             pred = unet(noisy, tt, encoder_hidden_states=cond).sample
             target = scheduler.get_velocity(z[None], eps_all[j][None], tt) if v_pred else eps_all[j][None]
-            value = ((pred - target) ** 2).mean() if output == "loss" else (pred ** 2).mean()
+            value = ((pred - target) ** 2).mean() if output == "loss" else (pred**2).mean()
             (value / len(TIMESTEPS)).backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in params.values()]))
     for p in params.values():
@@ -71,15 +72,36 @@ def test_gradient_features_match_naive_loop(lora_parts, output, prediction):
     parts, cond, pixels = lora_parts
     scheduler = DDPMScheduler.from_config(parts.scheduler.config, prediction_type=prediction)
     seeds = [3, 4, 5]
-    fast = lora_gradient_features(parts.unet, parts.vae, scheduler, pixels, cond, TIMESTEPS, seeds, output=output,
-                                  proj_dim=64, proj_seed=7, batch_size=2)
+    fast = lora_gradient_features(
+        parts.unet,
+        parts.vae,
+        scheduler,
+        pixels,
+        cond,
+        TIMESTEPS,
+        seeds,
+        output=output,
+        proj_dim=64,
+        proj_seed=7,
+        batch_size=2,
+    )
     slow = _naive_features(parts.unet, parts.vae, scheduler, pixels, cond, seeds, output, 64, 7)
     assert fast.shape == (3, 64) and fast.dtype == np.float32
     assert np.abs(fast).max() > 0
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5 * np.abs(slow).max())
     # an image's feature does not depend on its batch neighbours
-    alone = lora_gradient_features(parts.unet, parts.vae, scheduler, pixels[2:], cond, TIMESTEPS, seeds[2:],
-                                   output=output, proj_dim=64, proj_seed=7)
+    alone = lora_gradient_features(
+        parts.unet,
+        parts.vae,
+        scheduler,
+        pixels[2:],
+        cond,
+        TIMESTEPS,
+        seeds[2:],
+        output=output,
+        proj_dim=64,
+        proj_seed=7,
+    )
     np.testing.assert_allclose(alone[0], fast[2], rtol=1e-4, atol=1e-6 * np.abs(fast).max())
 
 
@@ -89,8 +111,10 @@ def test_gradient_features_leave_the_model_as_it_was(lora_parts):
     unet.train()
     unet.mid_block.eval()  # a mixed state must come back exactly
     unet.enable_gradient_checkpointing()  # as a memory-saving recipe would; torch.func cannot differentiate through it
-    ckpt_flags = lambda: {n: m.gradient_checkpointing for n, m in unet.named_modules()  # noqa: E731
-                          if hasattr(m, "gradient_checkpointing")}
+
+    def ckpt_flags():
+        return {n: m.gradient_checkpointing for n, m in unet.named_modules() if hasattr(m, "gradient_checkpointing")}
+
     ckpt = ckpt_flags()
     assert any(ckpt.values())
     modes = {n: m.training for n, m in unet.named_modules()}
@@ -124,7 +148,7 @@ def test_gradient_features_with_one_condition_per_image(lora_parts):
     args = (parts.unet, parts.vae, parts.scheduler)
     mixed = lora_gradient_features(*args, pixels, per_image, TIMESTEPS, [0, 1, 2], proj_dim=16, batch_size=2)
     for i in range(3):  # equal to each image alone under its own condition
-        alone = lora_gradient_features(*args, pixels[i:i + 1], per_image[i:i + 1], TIMESTEPS, [i], proj_dim=16)
+        alone = lora_gradient_features(*args, pixels[i : i + 1], per_image[i : i + 1], TIMESTEPS, [i], proj_dim=16)
         np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-3, atol=1e-5)
     shared = lora_gradient_features(*args, pixels, cond, TIMESTEPS, [0, 1, 2], proj_dim=16)
     np.testing.assert_allclose(mixed[1], shared[1], rtol=1e-3, atol=1e-5)  # image 1's prompt is the shared "" one
@@ -157,7 +181,7 @@ def test_projection_deterministic_and_preserves_inner_products():
     m = _dense_projection(GaussianProjection(dim, 2048, seed=3))
     assert m.shape == (dim, 2048)
     assert abs(m.var().item() * 2048 - 1) < 0.01 and abs(m.mean().item()) < 1e-3
-    xx = torch.cat([x, (x[0] + x[1])[None] / 2 ** 0.5])  # include a correlated pair (<x6, x0> ≈ 0.7)
+    xx = torch.cat([x, (x[0] + x[1])[None] / 2**0.5])  # include a correlated pair (<x6, x0> ≈ 0.7)
     pa = GaussianProjection(dim, 2048, seed=3)(xx)
     np.testing.assert_allclose((pa @ pa.T).numpy(), (xx @ xx.T).numpy(), atol=0.15)
     with pytest.raises(ValueError):
@@ -189,7 +213,7 @@ def test_tracin_hand_made():
 def test_datainf_matches_explicit_inverse():
     rng = np.random.default_rng(1)
     q, g = rng.normal(size=(2, 4)), rng.normal(size=(6, 4))
-    lam = 0.1 * np.mean(np.sum(g ** 2, axis=1))
+    lam = 0.1 * np.mean(np.sum(g**2, axis=1))
     h_inv = np.mean([np.linalg.inv(np.outer(gi, gi) + lam * np.eye(4)) for gi in g], axis=0)
     np.testing.assert_allclose(datainf_scores(q, g), q @ h_inv @ g.T, rtol=1e-10)
 

@@ -15,7 +15,12 @@ def setup():
 
 def test_probe_and_query_construction(setup):
     examples, tokens, probe, held = setup
-    assert [tok for _, tok in probe] == ["ka", "kb", "ka", "kb"] and [tok for _, tok in held] == ["kc", "kd", "kc", "kd"]
+    assert [tok for _, tok in probe] == ["ka", "kb", "ka", "kb"] and [tok for _, tok in held] == [
+        "kc",
+        "kd",
+        "kc",
+        "kd",
+    ]
     assert examples[2].caption == "a photo of one kc"
     q, kinds = build_probes(examples, tokens, held, seeds=[100, 101], exemplars={"digit7": examples[4].id})
     assert kinds == ["concept", "concept", "mixture"] + ["image"] * 4
@@ -27,12 +32,16 @@ def test_probe_and_query_construction(setup):
 
 def test_evaluate_perfect_and_reversed_scores(setup):
     examples, tokens, probe, held = setup
-    q, kinds = build_probes(examples, tokens, held, seeds=[100], exemplars={"digit1": examples[0].id, "digit7": examples[4].id})
+    q, kinds = build_probes(
+        examples, tokens, held, seeds=[100], exemplars={"digit1": examples[0].id, "digit7": examples[4].id}
+    )
     gt = np.array(q.ground_truth([e.concept for e in examples], [e.id for e in examples], within=0.5))
     perfect = evaluate(gt, q, kinds, examples, ["digit1", "digit7"])
     assert perfect["top1"] == 1.0 and perfect["auc"] == 1.0 and perfect["within_map"] == 1.0
     assert perfect["within_token_map"] == 1.0 and perfect["within_token_recall@1"] == 1.0
-    assert perfect["within_recall@1"] == 1.0 and perfect["mixture_spearman"] != perfect["mixture_spearman"]  # constant → NaN
+    assert (
+        perfect["within_recall@1"] == 1.0 and perfect["mixture_spearman"] != perfect["mixture_spearman"]
+    )  # constant → NaN
     reversed_ = evaluate(-gt, q, kinds, examples, ["digit1", "digit7"])
     assert reversed_["top1"] == 0.0 and reversed_["auc"] == 0.0 and reversed_["within_recall@1"] == 0.0
     assert reversed_["within_token_recall@1"] == 0.0

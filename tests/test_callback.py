@@ -23,7 +23,8 @@ def test_fit_writes_a_complete_store(tiny_model_dir, tmp_path):
     store = tmp_path / "store.h5"
     pl.seed_everything(0)
     helpers.trainer(2, [helpers.callback(store, layers=["mid_block", "up_blocks.0"])]).fit(
-        helpers.module(tiny_model_dir), helpers.data())
+        helpers.module(tiny_model_dir), helpers.data()
+    )
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1, 2]  # epoch 0 is before any update
         assert list(r.global_steps) == [0, 2, 4]
@@ -60,14 +61,16 @@ def test_resume_truncates_store_to_checkpoint(tiny_model_dir, tmp_path):
     pl.seed_everything(0)
     saver = pl.callbacks.ModelCheckpoint(dirpath=str(ckpts), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     helpers.trainer(3, [helpers.callback(store), saver], enable_checkpointing=True).fit(
-        helpers.module(tiny_model_dir), helpers.data())
+        helpers.module(tiny_model_dir), helpers.data()
+    )
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1, 2, 3]
     ckpt = torch.load(ckpts / "epoch=0.ckpt", weights_only=False)
     assert all(k.endswith("weight") and "lora" in k for k in ckpt["state_dict"])  # only the adapter is checkpointed
     # resume after epoch 1 (store snapshots 0 and 1); the store's later rows must be replaced, not duplicated
     helpers.trainer(4, [helpers.callback(store)], enable_checkpointing=False).fit(
-        helpers.module(tiny_model_dir), helpers.data(), ckpt_path=str(ckpts / "epoch=0.ckpt"))
+        helpers.module(tiny_model_dir), helpers.data(), ckpt_path=str(ckpts / "epoch=0.ckpt")
+    )
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1, 2, 3, 4]
         order = r.training_order()
@@ -80,7 +83,9 @@ def test_refuses_store_made_by_another_run(tiny_model_dir, tmp_path):
     helpers.trainer(1, [helpers.callback(store)]).fit(helpers.module(tiny_model_dir), helpers.data())
     size = os.path.getsize(store)
     with pytest.raises(StoreMismatchError, match="probes"):
-        helpers.trainer(1, [helpers.callback(store, probe_seeds=[5, 6])]).fit(helpers.module(tiny_model_dir), helpers.data())
+        helpers.trainer(1, [helpers.callback(store, probe_seeds=[5, 6])]).fit(
+            helpers.module(tiny_model_dir), helpers.data()
+        )
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1]
     assert os.path.getsize(store) == size
@@ -89,7 +94,8 @@ def test_refuses_store_made_by_another_run(tiny_model_dir, tmp_path):
 def test_unknown_hooked_module_fails_before_training(tiny_model_dir, tmp_path):
     with pytest.raises(UnknownModuleError, match="mid_blok"):
         helpers.trainer(1, [helpers.callback(tmp_path / "s.h5", layers=["mid_blok"])]).fit(
-            helpers.module(tiny_model_dir), helpers.data())
+            helpers.module(tiny_model_dir), helpers.data()
+        )
     assert not (tmp_path / "s.h5").exists()
 
 
@@ -107,7 +113,9 @@ def test_module_without_diffusers_parts_is_refused(tmp_path):
 
 def test_probe_prompts_get_concept_weights_from_tokens(tiny_model_dir, tmp_path):
     store = tmp_path / "s.h5"
-    cb = helpers.callback(store, probe_prompts=["a photo of seven", "one and seven", "a photo of a digit"], every_n_epochs=2)
+    cb = helpers.callback(
+        store, probe_prompts=["a photo of seven", "one and seven", "a photo of a digit"], every_n_epochs=2
+    )
     helpers.trainer(1, [cb]).fit(helpers.module(tiny_model_dir), helpers.data())
     with StoreReader(str(store)) as r:
         assert r.f["probes/weights"][...].tolist() == [[0.0, 1.0], [0.5, 0.5], [0.0, 0.0]]

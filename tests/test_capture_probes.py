@@ -62,8 +62,18 @@ def test_encode_is_deterministic_per_image_and_layer_shapes(tiny_model_dir):
     cond = torch.zeros(1, 16, 32)
     seeds = [stable_seed(f"img{i}") for i in range(3)]
     a = encode_images(c.unet, c.vae, c.scheduler, imgs, seeds, [100, 900], ["mid_block", "up_blocks.0"], "mean", cond)
-    b = encode_images(c.unet, c.vae, c.scheduler, imgs[[2, 0]], [seeds[2], seeds[0]], [100, 900],
-                      ["mid_block", "up_blocks.0"], "mean", cond, batch_size=2)
+    b = encode_images(
+        c.unet,
+        c.vae,
+        c.scheduler,
+        imgs[[2, 0]],
+        [seeds[2], seeds[0]],
+        [100, 900],
+        ["mid_block", "up_blocks.0"],
+        "mean",
+        cond,
+        batch_size=2,
+    )
     assert a["mid_block"].shape == (3, 2, 64)
     np.testing.assert_allclose(a["mid_block"][[2, 0]], b["mid_block"], rtol=1e-4, atol=1e-5)
     assert stable_seed("x") == stable_seed("x") != stable_seed("y")
@@ -80,8 +90,17 @@ def test_encode_conditioned_uses_each_images_own_prompt(tiny_model_dir):
     args = (c.unet, c.vae, c.scheduler, c.tokenizer, c.text_encoder, imgs, seeds)
     mixed = encode_conditioned(*args, prompts, [100, 900], ["mid_block"], "mean", chunk=2)["mid_block"]
     for i, p in enumerate(prompts):  # equal to encoding the image alone under its own prompt
-        alone = encode_images(c.unet, c.vae, c.scheduler, imgs[i:i + 1], seeds[i:i + 1], [100, 900], ["mid_block"], "mean",
-                              embed_prompts(c.tokenizer, c.text_encoder, [p]))["mid_block"]
+        alone = encode_images(
+            c.unet,
+            c.vae,
+            c.scheduler,
+            imgs[i : i + 1],
+            seeds[i : i + 1],
+            [100, 900],
+            ["mid_block"],
+            "mean",
+            embed_prompts(c.tokenizer, c.text_encoder, [p]),
+        )["mid_block"]
         np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-4, atol=1e-5)
     empty = encode_conditioned(*args, [""] * 3, [100, 900], ["mid_block"], "mean")["mid_block"]
     assert np.abs(empty - mixed).max() > 1e-3  # the text condition reaches the features

@@ -26,10 +26,15 @@ def test_queries_are_single_concept_and_spread_over_concepts():
 
 def test_icon_prompts_name_style_and_content():
     ex = digits_examples([1, 7], 2)
-    q, kinds = build_probes(ex, {"digit1": "tango", "digit7": "oxygen"}, [(ex[0], "printer")], seeds=[0],
-                            prompts=ICON_PROMPTS)
-    assert q.prompts == ("an icon in the style of tango", "an icon in the style of oxygen",
-                         "an icon in the style of tango and oxygen", "an icon of a printer in the style of tango")
+    q, kinds = build_probes(
+        ex, {"digit1": "tango", "digit7": "oxygen"}, [(ex[0], "printer")], seeds=[0], prompts=ICON_PROMPTS
+    )
+    assert q.prompts == (
+        "an icon in the style of tango",
+        "an icon in the style of oxygen",
+        "an icon in the style of tango and oxygen",
+        "an icon of a printer in the style of tango",
+    )
     assert kinds[-1] == "image" and q.exemplars[-1] == {ex[0].id: 1.0}
 
 

@@ -20,8 +20,13 @@ SCRIPT = helpers.CRASH_WRITER
 
 def start_until_mid_write(*args, timeout=120):
     """Start crash_writer.py and return it once it is blocked inside an epoch's write."""
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+    )
     timer = threading.Timer(timeout, proc.kill)  # a hang ends the readline below
     timer.start()
     try:
@@ -86,8 +91,9 @@ def test_training_run_killed_mid_snapshot_resumes_without_duplicates(tiny_model_
         assert list(r.epochs) == [0, 1]  # the snapshot of epoch 2 was cut short
         kept = r.train_features("mid_block")
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0.ckpt"]
-    helpers.trainer(3, [helpers.callback(store)]).fit(helpers.module(tiny_model_dir), helpers.data(),
-                                                      ckpt_path=str(ckpts / "epoch=0.ckpt"))
+    helpers.trainer(3, [helpers.callback(store)]).fit(
+        helpers.module(tiny_model_dir), helpers.data(), ckpt_path=str(ckpts / "epoch=0.ckpt")
+    )
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1, 2, 3] and list(r.global_steps) == [0, 2, 4, 6]
         np.testing.assert_array_equal(r.train_features("mid_block")[:2], kept)

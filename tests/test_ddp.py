@@ -26,8 +26,14 @@ def single_process_snapshot(model_dir, lora: dict, path) -> tuple[np.ndarray, np
 def test_two_process_ddp_writes_store_once_and_complete(tiny_model_dir, tmp_path):
     store = tmp_path / "ddp.h5"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "ddp_fit.py"), tiny_model_dir, str(store)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "ddp_fit.py"), tiny_model_dir, str(store)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
     # rank 1 alone failed in the snapshot of epoch 2: both ranks skipped it (no hang), rank 0 logged it once
@@ -41,8 +47,10 @@ def test_two_process_ddp_writes_store_once_and_complete(tiny_model_dir, tmp_path
         # each epoch, the two ranks together saw all 6 examples (the sampler pads to an even split)
         for e in (0, 1, 2):
             assert set(order["example_index"][order["epoch"] == e].tolist()) == set(range(6))
-        ddp = [(r.lora_params(row), r.probe_features("mid_block")[row], r.train_features("mid_block")[row])
-               for row in range(3)]
+        ddp = [
+            (r.lora_params(row), r.probe_features("mid_block")[row], r.train_features("mid_block")[row])
+            for row in range(3)
+        ]
     assert any(not np.allclose(ddp[0][0][k], ddp[2][0][k]) for k in ddp[0][0])  # the adapter trained
     # every stored epoch equals what one process computes at the same weights: the split and gather lose nothing
     for row, (lora, probe, train) in enumerate(ddp):

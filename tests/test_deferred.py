@@ -33,7 +33,9 @@ def runs(tiny_model_dir, data_root, tmp_path_factory):
     out = {}
     for mode in ("inline", "deferred"):
         out[mode] = str(root / f"{mode}.h5")
-        losses, lora, _ = loops.plain_loop(tiny_model_dir, data_root, out[mode], every_n_steps=2, max_steps=5, mode=mode)
+        losses, lora, _ = loops.plain_loop(
+            tiny_model_dir, data_root, out[mode], every_n_steps=2, max_steps=5, mode=mode
+        )
         out[f"{mode}_lora"] = lora
     out["root"] = root
     return out
@@ -105,12 +107,18 @@ def test_deferred_refuses_full_fine_tunes(tiny_model_dir, data_root, tmp_path):
     pipe.unet.conv_in.requires_grad_(True)
     from montrage import Monitor
 
-    m = Monitor(str(tmp_path / "s.h5"), pipe, loops.DiskDataset(data_root), every_n_steps=1,
-                **loops.monitor_args(mode="deferred"))
+    m = Monitor(
+        str(tmp_path / "s.h5"),
+        pipe,
+        loops.DiskDataset(data_root),
+        every_n_steps=1,
+        **loops.monitor_args(mode="deferred"),
+    )
     with pytest.raises(MontrageConfigError, match="inline"):
         m.start()
-    auto = Monitor(str(tmp_path / "a.h5"), pipe, loops.DiskDataset(data_root), every_n_steps=1,
-                   **loops.monitor_args(mode="auto"))
+    auto = Monitor(
+        str(tmp_path / "a.h5"), pipe, loops.DiskDataset(data_root), every_n_steps=1, **loops.monitor_args(mode="auto")
+    )
     auto.start()
     auto.close(0)
     assert auto.mode == "inline"
@@ -138,8 +146,13 @@ def test_two_process_encode_equals_one_process(runs, tmp_path):
     store = str(tmp_path / "two.h5")
     shutil.copy(runs["deferred"], store)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "montrage.cli", "encode", store, "--devices", "2", "--json"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "montrage.cli", "encode", store, "--devices", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"processes": 2' in proc.stdout
     assert_same_store(runs["inline"], store, atol=2e-3)
@@ -147,8 +160,9 @@ def test_two_process_encode_equals_one_process(runs, tmp_path):
 
 def test_follow_encodes_a_live_run_and_logs_curves(tiny_model_dir, data_root, tmp_path):
     store = str(tmp_path / "live.h5")
-    proc = subprocess.Popen([sys.executable, WORKER, "train", tiny_model_dir, data_root, store, "1.0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, "train", tiny_model_dir, data_root, store, "1.0"], stdout=subprocess.PIPE, text=True
+    )
 
     class Run:
         logged = []
@@ -158,8 +172,9 @@ def test_follow_encodes_a_live_run_and_logs_curves(tiny_model_dir, data_root, tm
 
     run = Run()
     try:
-        result = encode_store(store, follow=True, interval=0.2, timeout=300, log_to_wandb=True,
-                              wandb_runs=lambda: [run], progress=False)
+        result = encode_store(
+            store, follow=True, interval=0.2, timeout=300, log_to_wandb=True, wandb_runs=lambda: [run], progress=False
+        )
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

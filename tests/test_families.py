@@ -56,24 +56,49 @@ def test_noising_and_denoiser_call_match_the_training_scripts(family_dirs, name)
         if name == "sdxl":  # compute_time_ids(original_size, crops_coords_top_left) for a 16 px centre crop
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
             time_ids = torch.tensor([[16, 16, 0, 0, 16, 16]], dtype=torch.float32).repeat(2, 1)
-            theirs = pipe.unet(x, t, encoder_hidden_states=embeds,
-                               added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}).sample
+            theirs = pipe.unet(
+                x, t, encoder_hidden_states=embeds, added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}
+            ).sample
         elif name == "flux":  # pack, img_ids, timestep / 1000, embedded guidance, unpack
-            embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=fam.max_sequence_length)
+            embeds, pooled, text_ids = pipe.encode_prompt(
+                prompts, prompt_2=None, max_sequence_length=fam.max_sequence_length
+            )
             packed = type(pipe)._pack_latents(x, 2, 4, 8, 8)
             img_ids = type(pipe)._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype)
-            pred = pipe.transformer(hidden_states=packed, timestep=t.float() / 1000, guidance=torch.full((2,), 3.5),
-                                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                    img_ids=img_ids, return_dict=False)[0]
+            pred = pipe.transformer(
+                hidden_states=packed,
+                timestep=t.float() / 1000,
+                guidance=torch.full((2,), 3.5),
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
             theirs = type(pipe)._unpack_latents(pred, height=16, width=16, vae_scale_factor=2)
         elif name == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
-                                                      max_sequence_length=fam.max_sequence_length)
-            theirs = pipe.transformer(hidden_states=x, timestep=t.float(), encoder_hidden_states=embeds,
-                                      pooled_projections=pooled, return_dict=False)[0]
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts,
+                prompts,
+                prompts,
+                do_classifier_free_guidance=False,
+                max_sequence_length=fam.max_sequence_length,
+            )
+            theirs = pipe.transformer(
+                hidden_states=x,
+                timestep=t.float(),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
         else:
-            ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+            ids = pipe.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             theirs = pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
     torch.testing.assert_close(mine, theirs)
 
@@ -101,14 +126,19 @@ def test_hooked_features_are_the_image_tokens(family_dirs, name):
 def test_probes_equal_the_family_pipeline_and_leave_the_scheduler(family_dirs, name):
     pipe = load_family(family_dirs[name])
     fam = adapter(pipe)
-    before = copy.deepcopy(pipe.scheduler.__dict__.get("timesteps")), copy.deepcopy(getattr(pipe.scheduler, "sigmas", None))
+    before = (
+        copy.deepcopy(pipe.scheduler.__dict__.get("timesteps")),
+        copy.deepcopy(getattr(pipe.scheduler, "sigmas", None)),
+    )
     probes = ProbeSet(("a photo of one", "a photo of seven"), ({}, {}), (3,))
     mine = fam.generate(probes, 16, 3, 2.0)
     direct = type(pipe)(**{**pipe.components, "scheduler": type(fam.sampler()).from_config(pipe.scheduler.config)})
     direct.set_progress_bar_config(disable=True)
     kw = fam.sample_kwargs(3, 2.0)
-    images = [direct(p, height=16, width=16, latents=fam.initial_latents(s, 16), output_type="pt", **kw).images
-              for p, s in probes.items()]
+    images = [
+        direct(p, height=16, width=16, latents=fam.initial_latents(s, 16), output_type="pt", **kw).images
+        for p, s in probes.items()
+    ]
     torch.testing.assert_close(mine, torch.cat(images) * 2 - 1, rtol=1e-4, atol=1e-4)
     after = pipe.scheduler.__dict__.get("timesteps"), getattr(pipe.scheduler, "sigmas", None)
     for b, a in zip(before, after):
@@ -125,22 +155,44 @@ def family_loop(model_dir, data_root, store=None, steps=3, text_lora=False, **mo
             m.requires_grad_(False)
     fam = adapter(pipe)
     torch.manual_seed(0)
-    fam.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", lora_dropout=0.1,
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    fam.denoiser.add_adapter(
+        LoraConfig(
+            r=2,
+            lora_alpha=2,
+            init_lora_weights="gaussian",
+            lora_dropout=0.1,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     if text_lora:  # as the SDXL scripts' --train_text_encoder (peft injects, whatever the transformers version)
         from peft import inject_adapter_in_model
 
         for part in ("text_encoder", "text_encoder_2"):
-            inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
-                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
-                                    pipe.components[part])
+            inject_adapter_in_model(
+                LoraConfig(
+                    r=2,
+                    lora_alpha=2,
+                    init_lora_weights="gaussian",
+                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                ),
+                pipe.components[part],
+            )
     dataset = loops.DiskDataset(data_root)
     monitor = None
     if store is not None:
-        monitor = Monitor(str(store), pipe, dataset, every_n_steps=2, max_steps=steps, resolution=16,
-                          **loops.monitor_args(**monitor_kw))
+        monitor = Monitor(
+            str(store),
+            pipe,
+            dataset,
+            every_n_steps=2,
+            max_steps=steps,
+            resolution=16,
+            **loops.monitor_args(**monitor_kw),
+        )
         monitor.start()
-    params = [p for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters() if p.requires_grad]
+    params = [
+        p for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters() if p.requires_grad
+    ]
     opt = torch.optim.AdamW(params, lr=1e-2)
     fam.denoiser.train()
     sched, losses = pipe.scheduler, []
@@ -152,8 +204,11 @@ def family_loop(model_dir, data_root, store=None, steps=3, text_lora=False, **mo
         t = torch.randint(0, 1000, (len(z),))
         cond = fam.embed(batch["caption"])  # with gradients, as the scripts do each step
         pred = fam.denoise(fam.noise(z, noise, t), t, cond)
-        target = noise - z if fam.noise_kind == "flow" else (
-            sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise)
+        target = (
+            noise - z
+            if fam.noise_kind == "flow"
+            else (sched.get_velocity(z, noise, t) if sched.config.prediction_type == "v_prediction" else noise)
+        )
         torch.testing.assert_close(fam.target(z, noise, t), target)
         loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
@@ -233,11 +288,13 @@ def test_unknown_model_and_other_family_store_are_refused(family_dirs, data_root
         config = type("C", (), {"in_channels": 4, "sample_size": 8})()
 
     pipe = load_family(family_dirs["sd"])
-    parts = dict(unet=Odd(), vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                 scheduler=pipe.scheduler)
+    parts = dict(
+        unet=Odd(), vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler
+    )
     with pytest.raises(FamilyError, match="subclass montrage.family.Family"):
-        Monitor(str(tmp_path / "x.h5"), parts, loops.DiskDataset(data_root), every_n_steps=1,
-                **loops.monitor_args()).start()
+        Monitor(
+            str(tmp_path / "x.h5"), parts, loops.DiskDataset(data_root), every_n_steps=1, **loops.monitor_args()
+        ).start()
     family_loop(family_dirs["sd3"], data_root, tmp_path / "s.h5", steps=2)
     with pytest.raises(StoreMismatchError, match="family"):
         family_loop(family_dirs["flux"], data_root, tmp_path / "s.h5", steps=2)
@@ -272,8 +329,27 @@ def test_origin_features_through_the_family(family_dirs, data_root, tmp_path, na
     helpers.trainer(-1, [], max_steps=2).fit(module, helpers.data(batch_size=2))
     images = [os.path.join(data_root, "digit7", f"{k}.png") for k in range(2)]
     out = tmp_path / "f.h5"
-    assert main(["origin", "features", *images, "--model", family_dirs[name], "--lora", str(tmp_path / "lora"),
-                 "--out", str(out), "--t-grid", "100,600", "--resolution", "16", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "origin",
+                "features",
+                *images,
+                "--model",
+                family_dirs[name],
+                "--lora",
+                str(tmp_path / "lora"),
+                "--out",
+                str(out),
+                "--t-grid",
+                "100,600",
+                "--resolution",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     fs = read_features(str(out))
     assert set(fs.values) >= {"loss", "grad_x", "grad_theta", "loss_pia", "loss_ref", "grad_x_ref"}
     for f, v in fs.values.items():
@@ -297,12 +373,17 @@ def test_origin_model_from_the_store_per_family(family_dirs, data_root, tmp_path
     module = helpers.module(family_dirs[name], output_dir=str(tmp_path / "lora"), learning_rate=1e-2)
     helpers.trainer(-1, [helpers.callback(store, every_n_steps=1)], max_steps=2).fit(module, helpers.data(batch_size=2))
     model = store_diffusion_model(str(store))
-    pixels = load_images([os.path.join(data_root, "digit7", f"{k}.png") for k in range(2)], model.image_size,
-                         resize=True)
+    pixels = load_images(
+        [os.path.join(data_root, "digit7", f"{k}.png") for k in range(2)], model.image_size, resize=True
+    )
     spec = FeatureSpec((100, 600), families=("loss", "grad_x", "loss_ref"))
     from_store = trajectory_features(model, pixels, spec, progress=False)
-    from_file = trajectory_features(load_diffusion_model(family_dirs[name], lora=str(tmp_path / "lora"),
-                                                         resolution=model.image_size), pixels, spec, progress=False)
+    from_file = trajectory_features(
+        load_diffusion_model(family_dirs[name], lora=str(tmp_path / "lora"), resolution=model.image_size),
+        pixels,
+        spec,
+        progress=False,
+    )
     for f in spec.families:
         np.testing.assert_allclose(from_store.values[f], from_file.values[f], rtol=1e-4, err_msg=f)
     snap = store_feature_spec(model, ["loss", "loss_snapshots"], timesteps=2)

@@ -14,9 +14,13 @@ SCRIPT = helpers.CRASH_WRITER
 
 
 def live_writer(path, epochs, go_dir):
-    return subprocess.Popen([sys.executable, SCRIPT, "live", str(path), str(epochs), str(go_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, "live", str(path), str(epochs), str(go_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def test_follow_sees_each_epoch_while_the_writer_runs(tmp_path):
@@ -57,7 +61,8 @@ def test_inspect_follow_prints_epochs_and_ends_when_the_writer_closes(tmp_path, 
 
 def test_follow_waits_for_a_missing_store_until_timeout(tmp_path, capsys):
     assert list(follow_epochs(str(tmp_path / "none.h5"), interval=0.01, timeout=0.1)) == [
-        {"event": "end", "reason": "timeout", "epochs": 0}]
+        {"event": "end", "reason": "timeout", "epochs": 0}
+    ]
     assert main(["inspect", str(tmp_path / "none.h5"), "--follow", "--interval", "0.01", "--timeout", "0.1"]) == 0
     assert "timeout; 0 snapshot(s)" in capsys.readouterr().out
 

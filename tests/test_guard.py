@@ -45,8 +45,9 @@ def test_guard_fires_on_a_copy_and_stops_training(tiny_model_dir, tmp_path):
     logger = fake_wandb_logger()
     pl.seed_everything(0)
     trainer = helpers.trainer(4, [helpers.callback(store, thumbnail_size=16), guard], logger=logger)
-    trainer.fit(helpers.module(tiny_model_dir, learning_rate=1e-4),
-                helpers.data(data_dir=data_dir, repeats=8, batch_size=8))
+    trainer.fit(
+        helpers.module(tiny_model_dir, learning_rate=1e-4), helpers.data(data_dir=data_dir, repeats=8, batch_size=8)
+    )
     assert trainer.current_epoch == 1  # the epoch-0 alert stops the run after its first training epoch
     # the untrained model ignores its prompt, so every probe reproduces the same image: all are copies of seven/0.png
     assert "a photo of seven" in {a["prompt"] for a in guard.alerts}
@@ -54,7 +55,11 @@ def test_guard_fires_on_a_copy_and_stops_training(tiny_model_dir, tmp_path):
     assert sorted({a["epoch"] for a in guard.alerts}) == [0, 1]
     record = read_alerts(str(tmp_path / "over_memorization.json"))
     assert record["alerts"] == guard.alerts and [h["epoch"] for h in record["history"]] == [0, 1]
-    images = [p["montrage/memorization/alerts_images"] for p in logger.experiment.logged if "montrage/memorization/alerts_images" in p]
+    images = [
+        p["montrage/memorization/alerts_images"]
+        for p in logger.experiment.logged
+        if "montrage/memorization/alerts_images" in p
+    ]
     assert len(images) == 2 and "seven/0.png" in images[0][0]._caption  # one log call per snapshot with alerts
     # the resumable state round-trips
     again = MemorizationGuard()
@@ -89,7 +94,9 @@ def test_guard_configuration_errors(tiny_model_dir, tmp_path):
         MemorizationGuard(pixel_threshold=1.5)
     guard = MemorizationGuard()
     with pytest.raises(MontrageConfigError, match="put MemorizationGuard after MontrageCallback"):
-        helpers.trainer(1, [guard, helpers.callback(tmp_path / "s.h5")]).fit(helpers.module(tiny_model_dir), helpers.data())
+        helpers.trainer(1, [guard, helpers.callback(tmp_path / "s.h5")]).fit(
+            helpers.module(tiny_model_dir), helpers.data()
+        )
     with pytest.raises(MontrageConfigError, match="no MontrageCallback"):
         helpers.trainer(1, [MemorizationGuard()]).fit(helpers.module(tiny_model_dir), helpers.data())
 
@@ -121,7 +128,8 @@ def test_alerts_carry_origin_probabilities_in_the_guard_and_the_report(tiny_mode
         guard = MemorizationGuard(**guard_kw)
         pl.seed_everything(0)
         helpers.trainer(1, [helpers.callback(tmp_path / f"{name}.h5", thumbnail_size=16), guard]).fit(
-            helpers.module(tiny_model_dir, learning_rate=1e-4), helpers.data(data_dir=data_dir, repeats=8, batch_size=8))
+            helpers.module(tiny_model_dir, learning_rate=1e-4), helpers.data(data_dir=data_dir, repeats=8, batch_size=8)
+        )
         assert guard.alerts, "the constructed copy must alert"
         return str(tmp_path / f"{name}.h5"), guard
 

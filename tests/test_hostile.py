@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 import helpers
-from montrage.callbacks import MontrageCallback, MontrageConfigError
+from helpers import epoch_arrays, make_spec
 from montrage import monitor as cb_mod  # where the callback's monitoring work lives
+from montrage.callbacks import MontrageCallback, MontrageConfigError
 from montrage.data import DataError, load_image
 from montrage.probes import ProbeError, load_probe_file
 from montrage.store import StoreError, StoreReader, StoreWriter
-from helpers import epoch_arrays, make_spec
 
 
 class LossRecorder(pl.Callback):
@@ -73,7 +73,9 @@ def test_strict_monitoring_failure_stops_training(tiny_model_dir, tmp_path, monk
     fail_second_call(monkeypatch)
     store, rec = tmp_path / "s.h5", LossRecorder()
     with pytest.raises(RuntimeError, match="injected probe failure"):
-        helpers.trainer(2, [rec, helpers.callback(store, strict=True)]).fit(helpers.module(tiny_model_dir), helpers.data())
+        helpers.trainer(2, [rec, helpers.callback(store, strict=True)]).fit(
+            helpers.module(tiny_model_dir), helpers.data()
+        )
     assert len(rec.losses) == 2  # stopped after the first epoch
     with StoreReader(str(store)) as r:  # closed cleanly, what was written is intact
         assert list(r.epochs) == [0]
@@ -152,7 +154,9 @@ def test_sharded_strategies_are_refused_before_training(tmp_path, strategy):
             pass
 
     made = {"fsdp": FSDPStrategy, "model_parallel": ModelParallelStrategy, "deepspeed3": ZeRO3}[strategy]()
-    with pytest.raises(MontrageConfigError, match="does not support (FSDPStrategy|ModelParallelStrategy|ZeRO3).*strategy=.ddp."):
+    with pytest.raises(
+        MontrageConfigError, match="does not support (FSDPStrategy|ModelParallelStrategy|ZeRO3).*strategy=.ddp."
+    ):
         helpers.callback(tmp_path / "s.h5").setup(SimpleNamespace(strategy=made), None, "fit")
     assert not (tmp_path / "s.h5").exists()
 
@@ -163,8 +167,10 @@ def test_bad_training_pixels_fail_before_training(tiny_model_dir, tmp_path, dama
     its id named; a one-channel (grey) image is read as RGB."""
     from montrage.data import digits_pixels
 
-    items = [{"image": digits_pixels([i], 16)[0], "caption": "a photo of one", "concept": "digit1", "id": f"d{i}"}
-             for i in range(6)]  # one per training example: the batches' `index` refers to them
+    items = [
+        {"image": digits_pixels([i], 16)[0], "caption": "a photo of one", "concept": "digit1", "id": f"d{i}"}
+        for i in range(6)
+    ]  # one per training example: the batches' `index` refers to them
     if damage == "nan":
         items[2]["image"][0, 2, 2] = float("nan")
     else:
@@ -256,9 +262,16 @@ def test_random_bytes_with_an_hdf5_signature(tmp_path):
 
 
 def test_a_reader_in_another_process_blocks_the_writer_with_a_clear_error(good_store):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); "
-                               "print('open', flush=True); time.sleep(60)", str(good_store)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)",
+            str(good_store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(StoreError, match="is open in another process"):

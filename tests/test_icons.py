@@ -11,8 +11,10 @@ from montrage.errors import MontrageError
 from montrage.recipes import icons
 from montrage.recipes.art_base import default_pool, family, style_response, vocabulary
 
-SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16"><rect x="0" y="0" width="16" height="16" '
-       'fill="#ff0000"/></svg>')
+SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16"><rect x="0" y="0" width="16" height="16" '
+    'fill="#ff0000"/></svg>'
+)
 
 
 def write_theme(root, name, icons_at: dict, dirs: dict) -> str:
@@ -40,12 +42,23 @@ def write_theme(root, name, icons_at: dict, dirs: dict) -> str:
 @pytest.fixture()
 def themes(tmp_path):
     root = str(tmp_path / "icons")
-    dirs = {"32x32/apps": ("Fixed", 32), "48x48/apps": ("Fixed", 48), "16x16/apps": ("Fixed", 16),
-            "symbolic/apps": ("Scalable", 16)}
+    dirs = {
+        "32x32/apps": ("Fixed", 32),
+        "48x48/apps": ("Fixed", 48),
+        "16x16/apps": ("Fixed", 16),
+        "symbolic/apps": ("Scalable", 16),
+    }
     names = ["folder", "printer", "user-trash", "computer"]
-    write_theme(root, "Tango", {"32x32/apps": [(n, (200, 0, 0, 255)) for n in names[:2]],
-                                "48x48/apps": [(n, (0, 0, 200, 255)) for n in names],  # 32 px wins where both exist
-                                "symbolic/apps": [("zoom-in", "svg")]}, dirs)
+    write_theme(
+        root,
+        "Tango",
+        {
+            "32x32/apps": [(n, (200, 0, 0, 255)) for n in names[:2]],
+            "48x48/apps": [(n, (0, 0, 200, 255)) for n in names],  # 32 px wins where both exist
+            "symbolic/apps": [("zoom-in", "svg")],
+        },
+        dirs,
+    )
     write_theme(root, "oxygen", {"16x16/apps": [(n, (0, 200, 0, 255)) for n in names]}, dirs)
     write_theme(root, "breeze", {"16x16/apps": [("folder", (9, 9, 9, 255))]}, dirs)
     folder = write_theme(root, "Papirus", {"48x48/apps": [(n, (50, 50, 50, 255)) for n in names[:3]]}, dirs)
@@ -87,8 +100,9 @@ def test_bad_themes_get_clear_errors(themes, tmp_path, monkeypatch):
         icons.build_icon_set(["Tango", "breeze"], str(tmp_path / "b"), icons_dir=themes)
     with pytest.raises(DataError, match="does not exist"):
         icons.installed_themes(str(tmp_path / "nowhere"))
-    write_theme(themes, "Numix", {"scalable/apps": [("folder", "svg"), ("printer", "svg")]},
-                {"scalable/apps": ("Scalable", 16)})
+    write_theme(
+        themes, "Numix", {"scalable/apps": [("folder", "svg"), ("printer", "svg")]}, {"scalable/apps": ("Scalable", 16)}
+    )
     monkeypatch.setattr(icons, "rasterizer", lambda: None)
     with pytest.raises(DataError, match="SVG icon and no SVG rasterizer.*apt-get install librsvg2-bin.*cairosvg"):
         icons.build_icon_set(["Numix", "Tango"], str(tmp_path / "c"), icons_dir=themes)
@@ -99,16 +113,19 @@ def test_svg_icons_go_through_rsvg_convert(themes, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     tool = bin_dir / "rsvg-convert"
-    tool.write_text("#!" + __import__("sys").executable + "\n"
-                    "import sys, io\nfrom PIL import Image\na = sys.argv\nw = int(a[a.index('-w') + 1])\n"
-                    "buf = io.BytesIO(); Image.new('RGBA', (w, int(a[a.index('-h') + 1])), (255, 0, 0, 255)).save(buf, 'PNG')\n"
-                    "sys.stdout.buffer.write(buf.getvalue())\n")
+    tool.write_text(
+        "#!" + __import__("sys").executable + "\n"
+        "import sys, io\nfrom PIL import Image\na = sys.argv\nw = int(a[a.index('-w') + 1])\n"
+        "buf = io.BytesIO(); Image.new('RGBA', (w, int(a[a.index('-h') + 1])), (255, 0, 0, 255)).save(buf, 'PNG')\n"
+        "sys.stdout.buffer.write(buf.getvalue())\n"
+    )
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setitem(__import__("sys").modules, "cairosvg", None)  # import fails: the command-line tool is used
     assert icons.rasterizer() == "rsvg-convert"
-    write_theme(themes, "Numix", {"scalable/apps": [("folder", "svg"), ("printer", "svg")]},
-                {"scalable/apps": ("Scalable", 16)})
+    write_theme(
+        themes, "Numix", {"scalable/apps": [("folder", "svg"), ("printer", "svg")]}, {"scalable/apps": ("Scalable", 16)}
+    )
     ex = icons.build_icon_set(["Numix", "Tango"], str(tmp_path / "s"), icons_dir=themes)
     im = np.asarray(Image.open(next(e.path for e in ex if e.concept == "Numix")))
     assert im.shape == (32, 32, 3) and tuple(im[0, 0]) == (255, 0, 0)
@@ -158,10 +175,14 @@ def test_pretraining_can_leave_the_text_encoder_as_built(train_text_encoder):
     before = [p.detach().clone() for p in parts["text_encoder"].parameters()]
     unet_before = [p.detach().clone() for p in parts["unet"].parameters()]
     images = torch.rand(6, 3, 16, 16) * 2 - 1
-    pretrain_on(parts, images, ["a photo of one", "a photo of two"], np.zeros(6, int), np.ones(6, int), cfg, progress=False)
+    pretrain_on(
+        parts, images, ["a photo of one", "a photo of two"], np.zeros(6, int), np.ones(6, int), cfg, progress=False
+    )
     same = all(torch.equal(a, b) for a, b in zip(before, parts["text_encoder"].parameters()))
     assert same != train_text_encoder
-    assert not all(torch.equal(a, b) for a, b in zip(unet_before, parts["unet"].parameters()))  # the UNet learns either way
+    assert not all(
+        torch.equal(a, b) for a, b in zip(unet_before, parts["unet"].parameters())
+    )  # the UNet learns either way
 
 
 def test_origin_icon_split_keeps_members_held_out_and_shifted_apart(themes, tmp_path):
@@ -174,7 +195,11 @@ def test_origin_icon_split_keeps_members_held_out_and_shifted_apart(themes, tmp_
     assert {e.concept for e in members} == {e.concept for e in held} == {"Tango", "oxygen"}
     assert {e.concept for e in shifted} == {"Papirus"}
     assert not {e.path for e in members} & {e.path for e in held}
-    assert all(e.caption.startswith("an icon of a ") and icons.theme_token(e.concept) in e.caption
-               for e in members + held + shifted)
-    with pytest.raises(MontrageError, match=r"icon theme '(Tango|oxygen)' has \d usable icons; --per-theme must be at most"):
+    assert all(
+        e.caption.startswith("an icon of a ") and icons.theme_token(e.concept) in e.caption
+        for e in members + held + shifted
+    )
+    with pytest.raises(
+        MontrageError, match=r"icon theme '(Tango|oxygen)' has \d usable icons; --per-theme must be at most"
+    ):
         icon_split(["Tango", "oxygen"], ["Papirus"], 4, 0, str(tmp_path / "data2"), themes)

@@ -34,8 +34,9 @@ class PipeModule(pl.LightningModule):
         return torch.optim.AdamW([p for p in self._pipe.unet.parameters() if p.requires_grad], lr=1e-2)
 
     def train_dataloader(self):
-        loader = torch.utils.data.DataLoader(loops.DiskDataset(self.data_root), batch_size=2, shuffle=True,
-                                             collate_fn=loops.train_collate)
+        loader = torch.utils.data.DataLoader(
+            loops.DiskDataset(self.data_root), batch_size=2, shuffle=True, collate_fn=loops.train_collate
+        )
         return self.wrap(loader) if self.wrap is not None else loader
 
 
@@ -54,10 +55,20 @@ def test_parts_found_by_pipeline_or_dotted_paths_snapshot_at_steps(tiny_model_di
     store = tmp_path / "s.h5"
     components = None
     if layout == "nested":
-        components = {k: f"model.{v}" for k, v in (("unet", "unet"), ("vae", "vae"), ("text_encoder", "text_encoder"),
-                                                   ("tokenizer", "tokenizer"), ("scheduler", "sched"))}
+        components = {
+            k: f"model.{v}"
+            for k, v in (
+                ("unet", "unet"),
+                ("vae", "vae"),
+                ("text_encoder", "text_encoder"),
+                ("tokenizer", "tokenizer"),
+                ("scheduler", "sched"),
+            )
+        }
     cb = helpers.callback(store, every_n_steps=2, components=components)
-    module = PipeModule(tiny_model_dir, nested=layout == "nested", wrap=cb.wrap_dataloader if layout == "pipe" else None)
+    module = PipeModule(
+        tiny_model_dir, nested=layout == "nested", wrap=cb.wrap_dataloader if layout == "pipe" else None
+    )
     fit(module, data_root, cb)
     with StoreReader(str(store)) as r:
         assert list(r.global_steps) == [0, 2, 4, 5]  # max_steps=5 with max_epochs=-1: step 0, every 2, the final

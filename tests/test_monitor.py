@@ -25,8 +25,9 @@ def data_root(tmp_path_factory):
 def test_plain_loop_is_bit_identical_and_its_store_answers_queries(tiny_model_dir, data_root, tmp_path):
     plain_losses, plain_lora, _ = loops.plain_loop(tiny_model_dir, data_root)
     store = tmp_path / "store.h5"
-    losses, lora, monitor = loops.plain_loop(tiny_model_dir, data_root, store, every_n_steps=2, max_steps=5,
-                                             monitor_images=4)
+    losses, lora, monitor = loops.plain_loop(
+        tiny_model_dir, data_root, store, every_n_steps=2, max_steps=5, monitor_images=4
+    )
     assert losses == plain_losses
     for k in plain_lora:
         assert torch.equal(plain_lora[k], lora[k]), k
@@ -61,12 +62,19 @@ def test_accelerate_loop_order_and_resume(tiny_model_dir, data_root, tmp_path):
         assert order["epoch"].tolist() == [0] * 6 + [1] * 6
 
     store = tmp_path / "crash.h5"
-    first, _ = loops.accelerate_loop(tiny_model_dir, data_root, store, tmp_path / "b", every_n_steps=1, save_at=2,
-                                     stop_at=3)
+    first, _ = loops.accelerate_loop(
+        tiny_model_dir, data_root, store, tmp_path / "b", every_n_steps=1, save_at=2, stop_at=3
+    )
     with StoreReader(str(store)) as r:
         assert list(r.global_steps) == [0, 1, 2, 3]  # the crashed run got past its checkpoint
-    second, _ = loops.accelerate_loop(tiny_model_dir, data_root, store, tmp_path / "c", every_n_steps=1,
-                                      resume_from=str(tmp_path / "b" / "checkpoint-2"))
+    second, _ = loops.accelerate_loop(
+        tiny_model_dir,
+        data_root,
+        store,
+        tmp_path / "c",
+        every_n_steps=1,
+        resume_from=str(tmp_path / "b" / "checkpoint-2"),
+    )
     with StoreReader(str(store)) as r:
         assert list(r.global_steps) == [0, 1, 2, 3, 4]  # step 3 once, from the resumed run
         order = r.training_order()
@@ -75,15 +83,24 @@ def test_accelerate_loop_order_and_resume(tiny_model_dir, data_root, tmp_path):
     assert sorted(i for s, i in got if s > 2) == list(range(6))
     # without register_for_checkpointing the resumed monitor cuts the store back by step: the same result here
     store2 = tmp_path / "crash2.h5"
-    first, _ = loops.accelerate_loop(tiny_model_dir, data_root, store2, tmp_path / "d", every_n_steps=1, save_at=2,
-                                     stop_at=3, register=False)
-    second, _ = loops.accelerate_loop(tiny_model_dir, data_root, store2, tmp_path / "e", every_n_steps=1,
-                                      resume_from=str(tmp_path / "d" / "checkpoint-2"), register=False)
+    first, _ = loops.accelerate_loop(
+        tiny_model_dir, data_root, store2, tmp_path / "d", every_n_steps=1, save_at=2, stop_at=3, register=False
+    )
+    second, _ = loops.accelerate_loop(
+        tiny_model_dir,
+        data_root,
+        store2,
+        tmp_path / "e",
+        every_n_steps=1,
+        resume_from=str(tmp_path / "d" / "checkpoint-2"),
+        register=False,
+    )
     with StoreReader(str(store2)) as r:
         assert list(r.global_steps) == [0, 1, 2, 3, 4]
         order = r.training_order()
         assert list(zip(order["global_step"].tolist(), order["example_index"].tolist())) == sorted(
-            [row for row in first if row[0] <= 2] + second)
+            [row for row in first if row[0] <= 2] + second
+        )
 
 
 def test_two_process_accelerate_run_stores_what_one_process_computes(tiny_model_dir, data_root, tmp_path):
@@ -96,10 +113,26 @@ def test_two_process_accelerate_run_stores_what_one_process_computes(tiny_model_
     script = os.path.join(os.path.dirname(__file__), "accelerate_fit.py")
     procs = []
     for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen([sys.executable, script, tiny_model_dir, data_root, str(store), str(tmp_path)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE="2",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, script, tiny_model_dir, data_root, str(store), str(tmp_path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert "rank 0 done" in outs[0] and "rank 1 done" in outs[1]
@@ -109,15 +142,22 @@ def test_two_process_accelerate_run_stores_what_one_process_computes(tiny_model_
         order = r.training_order()
         for e in (0, 1):  # the two ranks together saw every image each epoch
             assert set(order["example_index"][order["epoch"] == e].tolist()) == set(range(6))
-        rows = [(r.lora_params(k), r.probe_features("mid_block")[k], r.train_features("mid_block")[k]) for k in range(3)]
+        rows = [
+            (r.lora_params(k), r.probe_features("mid_block")[k], r.train_features("mid_block")[k]) for k in range(3)
+        ]
     assert any(not np.allclose(rows[0][0][k], rows[2][0][k]) for k in rows[0][0])  # the adapter trained
     from peft import set_peft_model_state_dict
 
     for k, (lora, probe, train) in enumerate(rows):
         pipe = loops.lora_pipeline(tiny_model_dir, dropout=0.0)
         set_peft_model_state_dict(pipe.unet, {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in lora.items()})
-        single = Monitor(str(tmp_path / f"single{k}.h5"), pipe, loops.DiskDataset(data_root), every_n_steps=1,
-                         **loops.monitor_args(probe_seeds=[0, 1]))
+        single = Monitor(
+            str(tmp_path / f"single{k}.h5"),
+            pipe,
+            loops.DiskDataset(data_root),
+            every_n_steps=1,
+            **loops.monitor_args(probe_seeds=[0, 1]),
+        )
         single.start()
         single.close()
         with StoreReader(str(tmp_path / f"single{k}.h5")) as s:
@@ -145,8 +185,14 @@ def test_vae_encodes_each_monitored_image_once(tiny_model_dir, data_root, tmp_pa
     assert os.listdir(tmp_path / "s_latents")
     # a second run with the same VAE and images reuses the cache: only probes are encoded
     calls.clear()
-    m2 = Monitor(str(tmp_path / "s.h5"), pipe, loops.DiskDataset(data_root), every_n_steps=1, overwrite=True,
-                 **loops.monitor_args())
+    m2 = Monitor(
+        str(tmp_path / "s.h5"),
+        pipe,
+        loops.DiskDataset(data_root),
+        every_n_steps=1,
+        overwrite=True,
+        **loops.monitor_args(),
+    )
     m2.start()
     m2.close()
     assert sum(calls) == probes
@@ -167,19 +213,30 @@ def test_sources_folder_paths_dicts_and_hf(tmp_path):
         os.link(os.path.join(root, "digit7", "0.png"), flat / name)
     (flat / "a.txt").write_text("a sidecar caption")
     fs = image_source(str(flat))
-    assert [(e.id, e.caption, e.concept) for e in fs.examples] == [("a.png", "a sidecar caption", "flat"), ("b.png", "", "flat")]
+    assert [(e.id, e.caption, e.concept) for e in fs.examples] == [
+        ("a.png", "a sidecar caption", "flat"),
+        ("b.png", "", "flat"),
+    ]
     ps = image_source([str(flat / "b.png")])
     assert ps.examples[0].id == str(flat / "b.png") and ps.examples[0].concept == "flat"
     # dict items with tensors and no id: content ids, stable and distinct
     tensors = [torch.rand(3, 20, 24) * 2 - 1 for _ in range(3)]
     ds = [{"img": t, "text": f"cap {i}"} for i, t in enumerate(tensors)]
-    d1, d2 = image_source(ds, image_key="img", caption_key="text"), image_source(list(ds), image_key="img", caption_key="text")
+    d1, d2 = (
+        image_source(ds, image_key="img", caption_key="text"),
+        image_source(list(ds), image_key="img", caption_key="text"),
+    )
     assert [e.id for e in d1.examples] == [e.id for e in d2.examples] and len({e.id for e in d1.examples}) == 3
     assert d1.examples[1].caption == "cap 1" and d1.pixels([1], 8).shape == (1, 3, 8, 8)
     import datasets
 
-    hf = datasets.Dataset.from_dict({"image": [os.path.join(root, "digit7", f"{k}.png") for k in range(3)],
-                                     "text": ["x", "y", "z"], "who": ["a", "b", "a"]}).cast_column("image", datasets.Image())
+    hf = datasets.Dataset.from_dict(
+        {
+            "image": [os.path.join(root, "digit7", f"{k}.png") for k in range(3)],
+            "text": ["x", "y", "z"],
+            "who": ["a", "b", "a"],
+        }
+    ).cast_column("image", datasets.Image())
     hs = image_source(hf, concept_key="who")
     assert [e.caption for e in hs.examples] == ["x", "y", "z"] and [e.concept for e in hs.examples] == ["a", "b", "a"]
     assert hs.examples[0].id.endswith("0.png") and hs.pixels([2], 16).shape == (1, 3, 16, 16)
@@ -222,8 +279,14 @@ def test_bad_input_fails_before_training_and_keeps_the_store(tiny_model_dir, dat
         Monitor(str(store), pipeline, images if images is not None else loops.DiskDataset(data_root), **args).start()
 
     with pytest.raises(ModelLoadError, match="denoiser"):
-        start(pipeline={"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-                        "scheduler": pipe.scheduler})
+        start(
+            pipeline={
+                "vae": pipe.vae,
+                "text_encoder": pipe.text_encoder,
+                "tokenizer": pipe.tokenizer,
+                "scheduler": pipe.scheduler,
+            }
+        )
     with pytest.raises(ModelLoadError, match="vae, text_encoder"):
         start(pipeline={"unet": pipe.unet, "tokenizer": pipe.tokenizer, "scheduler": pipe.scheduler})
     empty = tmp_path / "empty"
@@ -263,8 +326,12 @@ def test_wrapped_loader_keeps_the_users_batches_and_sampler(data_root):
     from montrage.training_order import INDEX_KEY, wrap_dataloader
 
     ds = loops.DiskDataset(data_root)
-    make = lambda: torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=loops.train_collate,  # noqa: E731
-                                               generator=torch.Generator().manual_seed(1))
+
+    def make():
+        return torch.utils.data.DataLoader(
+            ds, batch_size=4, shuffle=True, collate_fn=loops.train_collate, generator=torch.Generator().manual_seed(1)
+        )
+
     torch.manual_seed(5)
     plain = [b for b in make()]
     torch.manual_seed(5)
@@ -290,10 +357,17 @@ def test_wrapped_denoisers_and_prefixed_layer_names(tiny_model_dir, data_root, t
     plain = loops.lora_pipeline(tiny_model_dir, dropout=0.0).unet
     peft_wrapped = get_peft_model(plain, LoraConfig(r=2, target_modules=["to_q"]))
     assert unwrap(peft_wrapped) is plain
-    parts = dict(unet=compiled, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                 scheduler=pipe.scheduler)
-    m = Monitor(str(tmp_path / "s.h5"), parts, loops.DiskDataset(data_root), every_n_steps=1,
-                layers=["_orig_mod.module.mid_block", "up_blocks.0"], **loops.monitor_args())
+    parts = dict(
+        unet=compiled, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler
+    )
+    m = Monitor(
+        str(tmp_path / "s.h5"),
+        parts,
+        loops.DiskDataset(data_root),
+        every_n_steps=1,
+        layers=["_orig_mod.module.mid_block", "up_blocks.0"],
+        **loops.monitor_args(),
+    )
     with caplog.at_level(logging.INFO, logger="montrage.monitor"):
         m.start()
     m.close()

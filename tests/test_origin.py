@@ -31,8 +31,11 @@ def _close(a, b, rtol=RTOL):
 
 
 def _state(module):
-    return ({n: p.requires_grad for n, p in module.named_parameters()}, [p.grad for p in module.parameters()],
-            [m.training for m in module.modules()])
+    return (
+        {n: p.requires_grad for n, p in module.named_parameters()},
+        [p.grad for p in module.parameters()],
+        [m.training for m in module.modules()],
+    )
 
 
 # --- features ----------------------------------------------------------------------------------------------------
@@ -43,8 +46,9 @@ def test_pixel_features_match_naive_loop():
     timesteps = (0, 37, 99)
     ref = H.naive_features(model, images, timesteps)
     before = _state(model.unet)
-    fs = trajectory_features(model, images, FeatureSpec(timesteps, params="all", layer_norms=True), batch_size=4,
-                             progress=False)
+    fs = trajectory_features(
+        model, images, FeatureSpec(timesteps, params="all", layer_norms=True), batch_size=4, progress=False
+    )
     for f in ("loss", "grad_x", "grad_theta"):
         _close(fs.values[f], ref[f])
     _close(fs.layer_norms.sum(-1), fs.values["grad_theta"])
@@ -61,8 +65,9 @@ def test_pixel_features_match_naive_loop():
     _close(fs_up.values["grad_x"], ref["grad_x"])
 
     # the cheaper paths (no ∇θ: batched autograd; loss only: no grad) agree with the vmap path
-    fs_x = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss", "grad_x")), batch_size=2,
-                               progress=False)
+    fs_x = trajectory_features(
+        model, images, FeatureSpec(timesteps, families=("loss", "grad_x")), batch_size=2, progress=False
+    )
     _close(fs_x.values["grad_x"], ref["grad_x"])
     fs_l = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss",)), progress=False)
     _close(fs_l.values["loss"], ref["loss"])
@@ -84,8 +89,9 @@ def test_latent_features_match_naive_loop(tiny_model_dir):
     for f in ("loss", "grad_x"):
         _close(fs.values[f], ref_all[f])
     _close(fs.values["grad_theta"], ref_lora["grad_theta"])
-    fs_all = trajectory_features(model, images, FeatureSpec(timesteps, params="all"), captions=captions,
-                                 batch_size=6, progress=False)
+    fs_all = trajectory_features(
+        model, images, FeatureSpec(timesteps, params="all"), captions=captions, batch_size=6, progress=False
+    )
     _close(fs_all.values["grad_theta"], ref_all["grad_theta"])
     after = _state(model.unet)
     assert after[0] == before[0] and after[2] == before[2] and all(g is None for g in after[1])
@@ -110,8 +116,9 @@ def test_per_image_captions_equal_per_group_prompts(tiny_model_dir):
         mixed = trajectory_features(model, images, spec, captions=captions, batch_size=3, progress=False)
         for prompt in sorted(set(captions)):
             rows = [i for i, c in enumerate(captions) if c == prompt]
-            group = trajectory_features(model, images[rows], dataclasses.replace(spec, prompt=prompt), batch_size=5,
-                                        progress=False)
+            group = trajectory_features(
+                model, images[rows], dataclasses.replace(spec, prompt=prompt), batch_size=5, progress=False
+            )
             for f in spec.families:
                 _close(mixed.values[f][rows], group.values[f])
             if spec.layer_norms:
@@ -152,8 +159,9 @@ def test_pia_and_reference_families_equal_their_separate_computations(tiny_model
         _close(fs.values[f], paper.values[f])
     _close(fs.values["loss_pia"], pia.values["loss"])
     model.unet.disable_adapters()
-    base = trajectory_features(model, images, FeatureSpec(timesteps, families=("loss", "grad_x"), draws=2),
-                               batch_size=4, progress=False)
+    base = trajectory_features(
+        model, images, FeatureSpec(timesteps, families=("loss", "grad_x"), draws=2), batch_size=4, progress=False
+    )
     model.unet.enable_adapters()
     for f in ("loss", "grad_x"):
         _close(fs.values[f + "_ref"], base.values[f])
@@ -213,13 +221,15 @@ def test_clid_families_are_caption_minus_null_and_perturbed_losses(tiny_model_di
     with pytest.raises(OriginError, match="own caption"):
         trajectory_features(model, images, clid_spec(timesteps), progress=False)
     with pytest.raises(OriginError, match=r"1 have an empty one: \['b'\]"):
-        trajectory_features(model, images, clid_spec(timesteps), captions=["x y", "", "x y"], ids=["a", "b", "c"],
-                            progress=False)
+        trajectory_features(
+            model, images, clid_spec(timesteps), captions=["x y", "", "x y"], ids=["a", "b", "c"], progress=False
+        )
     with pytest.raises(OriginError, match="no CLiD family"):
         clid_losses(trajectory_features(model, images, loss, progress=False))
     with pytest.raises(OriginError, match="unconditional"):
-        trajectory_features(H.tiny_pixel_model(), torch.zeros(1, 3, 8, 8), clid_spec((5,)), captions=["x y"],
-                            progress=False)
+        trajectory_features(
+            H.tiny_pixel_model(), torch.zeros(1, 3, 8, 8), clid_spec((5,)), captions=["x y"], progress=False
+        )
 
 
 def test_cross_validated_C(tmp_path):
@@ -252,8 +262,12 @@ def test_noise_is_per_image_and_timestep_not_per_batch():
     _close(a, b, rtol=1e-5)
     c = trajectory_features(model, images, FeatureSpec((3, 50), families=("loss",), noise_seed=1), progress=False)
     assert not np.allclose(a, c.values["loss"])
-    pia = [trajectory_features(model, images, FeatureSpec((3, 50), families=("loss",), noise="pia", noise_seed=s),
-                               progress=False).values["loss"] for s in (0, 1)]
+    pia = [
+        trajectory_features(
+            model, images, FeatureSpec((3, 50), families=("loss",), noise="pia", noise_seed=s), progress=False
+        ).values["loss"]
+        for s in (0, 1)
+    ]
     _close(pia[0], pia[1], rtol=1e-6)  # PIA's noise is the model's own prediction: no seed involved
 
 
@@ -295,8 +309,10 @@ OTHER = {**IDENT, "weights_sha": "w2"}
 
 
 def _sets(identity=IDENT, n=40, seed=0, layers=0):
-    return [H.synthetic_set(lab, n, shift, identity, seed=seed + k, layers=layers)
-            for k, (lab, shift) in enumerate([("member", -0.5), ("generated", -1.0), ("external", 0.3)])]
+    return [
+        H.synthetic_set(lab, n, shift, identity, seed=seed + k, layers=layers)
+        for k, (lab, shift) in enumerate([("member", -0.5), ("generated", -1.0), ("external", 0.3)])
+    ]
 
 
 def test_classifier_round_trip_and_tasks(tmp_path):
@@ -315,8 +331,11 @@ def test_classifier_round_trip_and_tasks(tmp_path):
     assert member.classes == ["member", "non-member"]
     loaded = OriginClassifier.load(member.save(str(tmp_path / "member")))
     np.testing.assert_allclose(loaded.predict_proba(test[0]), member.predict_proba(test[0]), rtol=1e-12)
-    assert list(relabel(["member", "external", "generated"], "generated")) == ["not-generated", "not-generated",
-                                                                               "generated"]
+    assert list(relabel(["member", "external", "generated"], "generated")) == [
+        "not-generated",
+        "not-generated",
+        "generated",
+    ]
     with pytest.raises(OriginError, match="not origin labels"):
         relabel(["cat"], "membership")
     # a classifier refuses features of another model
@@ -480,28 +499,59 @@ def test_cli_features_fit_predict(tmp_path, capsys):
     for k, label in enumerate(("member", "generated", "external")):
         imgs = (torch.rand(6, 3, 8, 8, generator=g) * 0.5 + 0.25 * k) * 2 - 1
         save_pngs(imgs, str(tmp_path / label), label)
-        args = _parse(["origin", "features", str(tmp_path / label), "--model", model_dir, "--out",
-                       str(tmp_path / f"{label}.h5"), "--label", label, "--timesteps", "3", "--quiet"])
+        args = _parse(
+            [
+                "origin",
+                "features",
+                str(tmp_path / label),
+                "--model",
+                model_dir,
+                "--out",
+                str(tmp_path / f"{label}.h5"),
+                "--label",
+                label,
+                "--timesteps",
+                "3",
+                "--quiet",
+            ]
+        )
         assert args.fn(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["images"] == 6 and out["timesteps"] == [0, 33, 66]
 
-    args = _parse(["origin", "fit", *[str(tmp_path / f"{k}.h5") for k in ("member", "generated", "external")],
-                   "--out", str(tmp_path / "clf")])
+    args = _parse(
+        [
+            "origin",
+            "fit",
+            *[str(tmp_path / f"{k}.h5") for k in ("member", "generated", "external")],
+            "--out",
+            str(tmp_path / "clf"),
+        ]
+    )
     assert args.fn(args) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["classes"] == ["external", "generated", "member"] and fit["train_counts"]["member"] == 6
 
-    args = _parse(["origin", "predict", str(tmp_path / "member" / "member_00000.png"), str(tmp_path / "external"),
-                   "--classifier", str(tmp_path / "clf"), "--json"])
+    args = _parse(
+        [
+            "origin",
+            "predict",
+            str(tmp_path / "member" / "member_00000.png"),
+            str(tmp_path / "external"),
+            "--classifier",
+            str(tmp_path / "clf"),
+            "--json",
+        ]
+    )
     assert args.fn(args) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 7 and set(results[0]["probabilities"]) == {"member", "generated", "external"}
     assert abs(sum(results[0]["probabilities"].values()) - 1) < 1e-9
 
     # the same classifier refuses another model, and a features file of another model is refused by name
-    args = _parse(["origin", "predict", str(tmp_path / "external"), "--classifier", str(tmp_path / "clf"),
-                   "--model", other_dir])
+    args = _parse(
+        ["origin", "predict", str(tmp_path / "external"), "--classifier", str(tmp_path / "clf"), "--model", other_dir]
+    )
     with pytest.raises(OriginError, match="the classifier was made with model"):
         args.fn(args)
     other = load_diffusion_model(other_dir)
@@ -539,8 +589,9 @@ def test_draws_average_the_naive_features_of_each_draw():
     images = torch.rand(2, 3, 8, 8) * 2 - 1
     timesteps = (4, 60)
     refs = [H.naive_features(model, images, timesteps, draw=d) for d in range(3)]
-    fs = trajectory_features(model, images, FeatureSpec(timesteps, params="all", layer_norms=True, draws=3),
-                             batch_size=4, progress=False)  # chunks of 4 cut through an (image, t)'s 3 draws
+    fs = trajectory_features(
+        model, images, FeatureSpec(timesteps, params="all", layer_norms=True, draws=3), batch_size=4, progress=False
+    )  # chunks of 4 cut through an (image, t)'s 3 draws
     for f in ("loss", "grad_x", "grad_theta"):
         _close(fs.values[f], np.mean([r[f] for r in refs], axis=0))
     _close(fs.layer_norms.sum(-1), fs.values["grad_theta"])
@@ -548,9 +599,14 @@ def test_draws_average_the_naive_features_of_each_draw():
     _close(one.values["loss"], refs[0]["loss"])  # draw 0 is the single-draw ε: old features stay valid
     assert not np.allclose(refs[0]["loss"], refs[1]["loss"])
     spec = FeatureSpec(timesteps, draws=3)
-    assert FeatureSpec.from_dict(spec.to_dict()) == spec and FeatureSpec.from_dict(
-        {k: v for k, v in FeatureSpec(timesteps).to_dict().items() if k != "draws"}).draws == 1
-    assert not spec.compatible(FeatureSpec(timesteps)) and spec.compatible(FeatureSpec(timesteps, draws=3, noise_seed=4))
+    assert (
+        FeatureSpec.from_dict(spec.to_dict()) == spec
+        and FeatureSpec.from_dict({k: v for k, v in FeatureSpec(timesteps).to_dict().items() if k != "draws"}).draws
+        == 1
+    )
+    assert not spec.compatible(FeatureSpec(timesteps)) and spec.compatible(
+        FeatureSpec(timesteps, draws=3, noise_seed=4)
+    )
     with pytest.raises(OriginError, match="draws"):
         FeatureSpec(timesteps, draws=0)
     with pytest.raises(OriginError, match="PIA"):
@@ -567,25 +623,41 @@ def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
     blocks = {}
     for block in BLOCKS:
         task = "ternary" if block == "methods" else "member-vs-rest"
-        blocks[block] = {"trajectory": entry(auc_traj, tpr_traj, task), "trajectory_paper": entry(0.65, 0.06, task),
-                         "trajectory_loss": entry(0.6, 0.05, task),
-                         "loss_threshold": {**entry(0.7, 0.10, "member-vs-rest"), "t": 100},
-                         "pia": {**entry(0.8, 0.30, "member-vs-rest"), "t": 200}}
+        blocks[block] = {
+            "trajectory": entry(auc_traj, tpr_traj, task),
+            "trajectory_paper": entry(0.65, 0.06, task),
+            "trajectory_loss": entry(0.6, 0.05, task),
+            "loss_threshold": {**entry(0.7, 0.10, "member-vs-rest"), "t": 100},
+            "pia": {**entry(0.8, 0.30, "member-vs-rest"), "t": 200},
+        }
     assert set(blocks["methods"]["trajectory"]) >= set(METRIC_KEYS)
     uniform = {"membership_auc": 0.7, "ternary_auc": 0.7, "membership_tpr@1%fpr": 0.1}
     claims = {
-        "a_generated_flagged_more_than_members": {"holds": holds_a, "t": 100, "share_of_timesteps_where_it_holds": 0.5,
-                                                  "flagged_as_member": {"member": 0.5, "generated": 0.6 if holds_a else 0.3,
-                                                                        "external": 0.2}},
-        "b_whole_trajectory_beats_windows": {"holds": True, "uniform": uniform,
-                                             "windows": {"t=0..9": {**uniform, "membership_auc": 0.65}}},
+        "a_generated_flagged_more_than_members": {
+            "holds": holds_a,
+            "t": 100,
+            "share_of_timesteps_where_it_holds": 0.5,
+            "flagged_as_member": {"member": 0.5, "generated": 0.6 if holds_a else 0.3, "external": 0.2},
+        },
+        "b_whole_trajectory_beats_windows": {
+            "holds": True,
+            "uniform": uniform,
+            "windows": {"t=0..9": {**uniform, "membership_auc": 0.65}},
+        },
         "c_gradients_add_over_loss": {"holds": True},
     }
     from montrage.recipes.bench_origin import acceptance
 
     claims["acceptance_trajectory_beats_thresholds"] = acceptance(blocks)
-    tp = {"images": 6, "timesteps": 2, "draws": 1, "feature_seconds": 1.0, "images_per_second": 6.0,
-          "features": "x", "torch_threads": 1}
+    tp = {
+        "images": 6,
+        "timesteps": 2,
+        "draws": 1,
+        "feature_seconds": 1.0,
+        "images_per_second": 6.0,
+        "features": "x",
+        "torch_threads": 1,
+    }
     return {**blocks, "claims": claims, "throughput": tp}
 
 
@@ -607,8 +679,12 @@ def test_bench_aggregates_seeds_and_checks_the_acceptance():
     acc = agg["claims"]["acceptance_trajectory_beats_thresholds"]
     # on average (AUC 0.75, TPR 0.25) trajectory beats the loss threshold (0.7, 0.1) but not pia (0.8, 0.3)
     assert acc["holds_in_seeds"] == "1/2" and not acc["holds"]
-    assert acc["as_stated"]["wins"] == {"loss_threshold/auc": True, "loss_threshold/tpr@1%fpr": True,
-                                        "pia/auc": False, "pia/tpr@1%fpr": False}
+    assert acc["as_stated"]["wins"] == {
+        "loss_threshold/auc": True,
+        "loss_threshold/tpr@1%fpr": True,
+        "pia/auc": False,
+        "pia/tpr@1%fpr": False,
+    }
     a = agg["claims"]["a_generated_flagged_more_than_members"]
     assert a["holds_in_seeds"] == "1/2" and a["flagged_as_member"]["generated"]["mean"] == pytest.approx(0.45)
     assert not a["holds"]  # 0.45 generated < 0.5 members on average
@@ -665,8 +741,20 @@ def test_cli_features_read_captions_for_clid(tiny_model_dir, tmp_path):
     for k in range(2):
         Image.new("RGB", (16, 16), (40 * k, 90, 200)).save(folder / f"im{k}.png")
     (folder / "im0.txt").write_text("a photo of one digit\n")
-    base = ["origin", "features", str(folder), "--model", tiny_model_dir, "--out", str(tmp_path / "f.h5"),
-            "--t-grid", "5,500", "--families", "loss,clid_null,clid_perturbed", "--quiet"]
+    base = [
+        "origin",
+        "features",
+        str(folder),
+        "--model",
+        tiny_model_dir,
+        "--out",
+        str(tmp_path / "f.h5"),
+        "--t-grid",
+        "5,500",
+        "--families",
+        "loss,clid_null,clid_perturbed",
+        "--quiet",
+    ]
     args = _parse(base + ["--captions", "sidecar"])
     with pytest.raises(OriginError, match=r"1 have an empty one: \[.*im1.png'\]"):
         args.fn(args)
@@ -690,13 +778,30 @@ def test_bench_lora_half_reports_clid_and_member_vs_held_out(tmp_path):
     from montrage.recipes.bench_origin import BLOCKS, lora_seed
     from montrage.recipes.tiny_base import TinyBaseConfig
 
-    r = lora_seed(0, str(tmp_path), per_concept=4, epochs=1, repeats=2, timesteps=3, gen_steps=3, windows=1,
-                  progress=False, base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
+    r = lora_seed(
+        0,
+        str(tmp_path),
+        per_concept=4,
+        epochs=1,
+        repeats=2,
+        timesteps=3,
+        gen_steps=3,
+        windows=1,
+        progress=False,
+        base_config=TinyBaseConfig(vae_steps=1, unet_steps=1),
+    )
     assert "member_vs_external" in BLOCKS and r["seconds"]["features_clid"] > 0
     assert r["seconds"]["features_snapshots"] > 0  # the store of the run gives the training trajectory
     for block in BLOCKS:
-        assert {"clid", "trajectory_clid", "trajectory", "pixels", "loss_threshold", "snapshot_loss",
-                "trajectory_snapshots"} <= set(r[block])
+        assert {
+            "clid",
+            "trajectory_clid",
+            "trajectory",
+            "pixels",
+            "loss_threshold",
+            "snapshot_loss",
+            "trajectory_snapshots",
+        } <= set(r[block])
     held = r["member_vs_external"]
     assert all(v["task"] == "member-vs-held-out" for v in held.values())
     assert held["clid"]["t"] in r["config"]["timesteps"]
@@ -711,9 +816,19 @@ def test_bench_adapters_scores_every_method_on_k_adapters_and_none(tmp_path):
     from montrage.recipes.tiny_base import TinyBaseConfig
 
     out = tmp_path / "adapters.json"
-    r = run_adapters_bench(str(out), seeds=[0], adapters=3, per_concept=2, epochs=1, repeats=1, per_class=4,
-                           timesteps=2, gen_steps=2, base_config=TinyBaseConfig(vae_steps=1, unet_steps=1),
-                           progress=False)
+    r = run_adapters_bench(
+        str(out),
+        seeds=[0],
+        adapters=3,
+        per_concept=2,
+        epochs=1,
+        repeats=1,
+        per_class=4,
+        timesteps=2,
+        gen_steps=2,
+        base_config=TinyBaseConfig(vae_steps=1, unet_steps=1),
+        progress=False,
+    )
     assert json.loads(out.read_text())["methods"] == r["methods"] and set(r["methods"]) == set(METHODS)
     seed = r["per_seed"]["0"]
     assert seed["test_per_class"] == 2 and seed["config"]["snapshots"] == [0, 1]
@@ -735,7 +850,8 @@ def lora_stores(tiny_model_dir, tmp_path_factory):
         path = root / f"{name}.h5"
         torch.manual_seed(k)
         helpers.trainer(2, [helpers.callback(path, save_lora_snapshots=keep)]).fit(
-            helpers.module(tiny_model_dir, learning_rate=1e-2), helpers.data())
+            helpers.module(tiny_model_dir, learning_rate=1e-2), helpers.data()
+        )
         out[name] = str(path)
     return out
 
@@ -793,8 +909,29 @@ def test_which_fine_tune_from_stores_cli(lora_stores, tmp_path, capsys):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(none / f"n{i}.png")
     att = str(tmp_path / "att")
-    assert main(["origin", "which-fit", lora_stores["snapshots"], lora_stores["other"], "--none", str(none),
-                 "--out", att, "--generate", "6", "--timesteps", "2", "--names", "a,b", "--relative", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "origin",
+                "which-fit",
+                lora_stores["snapshots"],
+                lora_stores["other"],
+                "--none",
+                str(none),
+                "--out",
+                att,
+                "--generate",
+                "6",
+                "--timesteps",
+                "2",
+                "--names",
+                "a,b",
+                "--relative",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"a": 6, "b": 6, "none": 6} and report["relative"] is True
     assert set(report["held_out"]["accuracy_per_class"]) == {"a", "b", "none"}
@@ -804,6 +941,20 @@ def test_which_fine_tune_from_stores_cli(lora_stores, tmp_path, capsys):
     assert [r["image"] for r in out] == images
     assert all(set(r["probabilities"]) == {"a", "b", "none"} for r in out)
     # a candidate without adapter snapshots cannot be rebuilt: the error says what to set
-    assert main(["origin", "which-fit", lora_stores["snapshots"], lora_stores["no_snapshots"], "--none", str(none),
-                 "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "origin",
+                "which-fit",
+                lora_stores["snapshots"],
+                lora_stores["no_snapshots"],
+                "--none",
+                str(none),
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "save_lora_snapshots=True" in capsys.readouterr().err

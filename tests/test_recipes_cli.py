@@ -50,8 +50,15 @@ def test_demo_writes_its_files(tmp_path, capsys):
     from montrage.recipes.tiny_base import TinyBaseConfig
 
     out = tmp_path / "demo"
-    result = run_demo(str(out), digits=[1, 4, 7, 9], images_per_concept=2, epochs=5, repeats=1, progress=False,
-                      base_config=TinyBaseConfig(vae_steps=1, unet_steps=1))
+    result = run_demo(
+        str(out),
+        digits=[1, 4, 7, 9],
+        images_per_concept=2,
+        epochs=5,
+        repeats=1,
+        progress=False,
+        base_config=TinyBaseConfig(vae_steps=1, unet_steps=1),
+    )
     for name in ("store.h5", "demo_summary.json", "curves.png", "query.png", "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -73,8 +80,29 @@ def test_demo_writes_its_files(tmp_path, capsys):
     # `montrage origin fit STORE --external DIR`, then `origin predict STORE IMAGE...`, on the demo's store, with the
     # training-trajectory family: its columns are the loss under each stored adapter, so they must differ per row
     store, clf = str(out / "store.h5"), str(out / "clf")
-    assert main(["origin", "fit", store, "--external", origin["external_dir"], "--members", "4", "--generate", "1",
-                 "--timesteps", "3", "--families", "loss,loss_snapshots", "--out", clf, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "origin",
+                "fit",
+                store,
+                "--external",
+                origin["external_dir"],
+                "--members",
+                "4",
+                "--generate",
+                "1",
+                "--timesteps",
+                "3",
+                "--families",
+                "loss,loss_snapshots",
+                "--out",
+                clf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"member": 4, "generated": summary["num_probes"] + 1, "external": 8}
     assert report["snapshots"] == [0, 1, 2, 3, 4, 5] and report["families"] == ["loss", "loss_snapshots"]
@@ -89,17 +117,57 @@ def test_demo_writes_its_files(tmp_path, capsys):
     for f in os.listdir(origin["external_dir"]):
         with open(os.path.join(origin["external_dir"], os.path.splitext(f)[0] + ".txt"), "w") as fh:
             fh.write("a photo of nine")
-    assert main(["origin", "fit", store, "--external", origin["external_dir"], "--members", "4", "--generate", "1",
-                 "--timesteps", "2", "--captions", "sidecar", "--out", str(out / "clid"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "origin",
+                "fit",
+                store,
+                "--external",
+                origin["external_dir"],
+                "--members",
+                "4",
+                "--generate",
+                "1",
+                "--timesteps",
+                "2",
+                "--captions",
+                "sidecar",
+                "--out",
+                str(out / "clid"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert {"loss_ref", "clid_null", "clid_perturbed"} <= set(json.loads(capsys.readouterr().out)["families"])
-    assert main(["origin", "predict", store, images[0], "--classifier", str(out / "clid"), "--captions", "sidecar",
-                 "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "origin",
+                "predict",
+                store,
+                images[0],
+                "--classifier",
+                str(out / "clid"),
+                "--captions",
+                "sidecar",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)[0]["prediction"] in ("member", "generated", "external")
     assert main(["origin", "predict", store, images[0], "--classifier", str(out / "clid"), "--quiet"]) == 2
     assert "--captions sidecar" in capsys.readouterr().err
     os.remove(os.path.splitext(images[0])[0] + ".txt")
-    assert main(["origin", "predict", store, *images, "--classifier", str(out / "clid"), "--captions", "sidecar",
-                 "--quiet"]) == 2
+    assert (
+        main(
+            ["origin", "predict", store, *images, "--classifier", str(out / "clid"), "--captions", "sidecar", "--quiet"]
+        )
+        == 2
+    )
     assert os.path.basename(images[0]) in capsys.readouterr().err  # names the image without a caption
     # the report shows the images' origin probabilities (and says where the classifier is without images)
     assert main(["report", store, "--out", str(out / "r.html"), "--origin", *images, "--origin-classifier", clf]) == 0
@@ -138,14 +206,24 @@ def test_real_model_configs_parse(name, capsys):
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["pretrained_model"] == yaml.safe_load(open(config_path(name)))["model"]["pretrained_model"]
-    assert printed["model"]["pretrained_model"].split("/")[0] in ("stable-diffusion-v1-5", "stabilityai", "black-forest-labs")
+    assert printed["model"]["pretrained_model"].split("/")[0] in (
+        "stable-diffusion-v1-5",
+        "stabilityai",
+        "black-forest-labs",
+    )
     assert printed["trainer"]["callbacks"][0]["class_path"] == "montrage.callbacks.MontrageCallback"
 
 
 def test_dreambooth_full_unet_with_prior_preservation(tiny_model_dir, tmp_path):
     class_dir = tmp_path / "class"
-    data = DreamBoothDataModule(instance_digit=7, instance_images=3, with_prior_preservation=True,
-                                class_data_dir=str(class_dir), num_class_images=4, batch_size=2)
+    data = DreamBoothDataModule(
+        instance_digit=7,
+        instance_images=3,
+        with_prior_preservation=True,
+        class_data_dir=str(class_dir),
+        num_class_images=4,
+        batch_size=2,
+    )
     m = helpers.module(tiny_model_dir, train_mode="full", prior_loss_weight=0.5, output_dir=str(tmp_path / "out"))
     batches = []
 

@@ -7,10 +7,10 @@ import pytorch_lightning as pl
 from PIL import Image
 
 import helpers
+from helpers import copy_data_dir
 from montrage.callbacks import AttributionCurves, MemorizationGuard
 from montrage.cli import main
 from montrage.report import build_report
-from helpers import copy_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,20 @@ def monitored_store(tiny_model_dir, tmp_path_factory):
     store = root / "store.h5"
     pl.seed_everything(0)
     helpers.trainer(2, [helpers.callback(store, thumbnail_size=16), AttributionCurves(), MemorizationGuard()]).fit(
-        helpers.module(tiny_model_dir), helpers.data(data_dir=data_dir))
+        helpers.module(tiny_model_dir), helpers.data(data_dir=data_dir)
+    )
     return str(store)
 
 
 def test_html_report_is_self_contained(monitored_store, tmp_path):
     out = tmp_path / "report.html"
     result = build_report(monitored_store, str(out))
-    assert result["sections"] == ["Concept similarity over epochs", "Attribution curves",
-                                  "Top training images per probe", "Memorization alerts"]
+    assert result["sections"] == [
+        "Concept similarity over epochs",
+        "Attribution curves",
+        "Top training images per probe",
+        "Memorization alerts",
+    ]
     assert result["epochs"] == [0, 1, 2] and result["memorization alerts"] > 0
     assert result["attribution model"].endswith("store_attribution_live")
     text = out.read_text()

@@ -28,8 +28,9 @@ def test_synthetic_store_is_compact(big_store):
 
 def test_streaming_fit_and_indexed_queries_match_exact_scoring(big_store, tmp_path):
     path, _ = big_store
-    report = fit_attribution(path, out_dir=str(tmp_path / "m"), steps=15, probes="stored", progress=False,
-                             memory_bytes=1)  # force the streaming fit
+    report = fit_attribution(
+        path, out_dir=str(tmp_path / "m"), steps=15, probes="stored", progress=False, memory_bytes=1
+    )  # force the streaming fit
     for mode in ("trajectory", "final"):
         assert report["models"][mode]["streaming"]
         assert report["models"][mode]["final_loss"] < report["models"][mode]["initial_loss"]

@@ -70,8 +70,11 @@ def test_refuses_store_of_another_run(tmp_path, change):
     w = StoreWriter(path, spec)
     w.append_epoch(0, 0, *epoch_arrays(spec, 0.0))
     w.close()
-    other = {"probes": make_spec(prompts=("a photo of one",)), "model": make_spec(model_id="other"),
-             "layers": make_spec(layers=("up_blocks.0",))}[change]
+    other = {
+        "probes": make_spec(prompts=("a photo of one",)),
+        "model": make_spec(model_id="other"),
+        "layers": make_spec(layers=("up_blocks.0",)),
+    }[change]
     before = open(path, "rb").read()
     with pytest.raises(StoreMismatchError, match=change if change != "probes" else "probes"):
         StoreWriter(path, other, truncate_to=(1, 0))

@@ -15,7 +15,14 @@ import torch
 
 from montrage.attribution.model import AttributionModel, Loss, ensemble_loss
 from montrage.attribution.reencode import StoreModel
-from montrage.attribution.table import Mode, feature_names, iter_train_blocks, pair_features, per_query_standardize, train_centre
+from montrage.attribution.table import (
+    Mode,
+    feature_names,
+    iter_train_blocks,
+    pair_features,
+    per_query_standardize,
+    train_centre,
+)
 from montrage.encode import stable_seed
 from montrage.store import StoreError, StoreReader
 
@@ -45,12 +52,22 @@ def table(store: StoreReader, queries: dict[str, np.ndarray], centre: dict, mode
 
 def check_fittable(store: StoreReader) -> None:
     if store.num_epochs < 2:
-        raise StoreError(f"store {store.path!r} holds {store.num_epochs} complete epoch(s); attribution needs at least 2 "
-                         "(epoch 0 and one monitored epoch). Train longer or lower every_n_epochs.")
+        raise StoreError(
+            f"store {store.path!r} holds {store.num_epochs} complete epoch(s); attribution needs at least 2 "
+            "(epoch 0 and one monitored epoch). Train longer or lower every_n_epochs."
+        )
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = LOSS, steps: int = 400, lr: float = 3e-3, hidden: int = 64,
-              seed: int = 0, members: int = MEMBERS) -> tuple[AttributionModel, list[float]]:
+def fit_model(
+    x: np.ndarray,
+    y: np.ndarray,
+    loss: Loss = LOSS,
+    steps: int = 400,
+    lr: float = 3e-3,
+    hidden: int = 64,
+    seed: int = 0,
+    members: int = MEMBERS,
+) -> tuple[AttributionModel, list[float]]:
     """Full-batch Adam on (Q, N, D) inputs against (Q, N) ground truth; deterministic for a seed."""
     torch.manual_seed(seed)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
@@ -67,9 +84,22 @@ def fit_model(x: np.ndarray, y: np.ndarray, loss: Loss = LOSS, steps: int = 400,
     return model.eval(), history
 
 
-def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode, loss: Loss = LOSS, steps: int = 400,
-                  lr: float = 3e-3, hidden: int = 64, seed: int = 0, batch: int = 1024, block: int = 4096,
-                  progress: bool = True, members: int = MEMBERS) -> tuple[AttributionModel, list[float]]:
+def fit_streaming(
+    index,
+    queries: dict,
+    centre: dict,
+    y: np.ndarray,
+    mode: Mode,
+    loss: Loss = LOSS,
+    steps: int = 400,
+    lr: float = 3e-3,
+    hidden: int = 64,
+    seed: int = 0,
+    batch: int = 1024,
+    block: int = 4096,
+    progress: bool = True,
+    members: int = MEMBERS,
+) -> tuple[AttributionModel, list[float]]:
     """Adam on mini-batches of training images (every probe against `batch` images per step), the pair features
     computed from the index as needed: memory O(probes x batch), not O(probes x images).
 
@@ -88,7 +118,7 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     s1 = s2 = 0.0
     for start in range(0, n, block):
         x = x_of(np.arange(start, min(n, start + block)))
-        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
+        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x**2).sum(axis=1, keepdims=True)
     mean, var = s1 / n, np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
     stats = (mean, np.sqrt(var))
     torch.manual_seed(seed)
@@ -98,7 +128,9 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     pooled_mean = mean.mean(axis=(0, 1))
     pooled_var = (var + (mean - pooled_mean) ** 2).mean(axis=(0, 1))
     model.mu.copy_(torch.as_tensor(np.concatenate([pooled_mean, np.zeros(D)]), dtype=torch.float32))
-    model.sigma.copy_(torch.as_tensor(np.concatenate([np.sqrt(pooled_var), np.ones(D)]), dtype=torch.float32).clamp_min(1e-6))
+    model.sigma.copy_(
+        torch.as_tensor(np.concatenate([np.sqrt(pooled_var), np.ones(D)]), dtype=torch.float32).clamp_min(1e-6)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     history = []
     for _ in tqdm(range(steps), desc=f"montrage: fit ({mode})", disable=not progress, leave=False):
@@ -112,10 +144,23 @@ def fit_streaming(index, queries: dict, centre: dict, y: np.ndarray, mode: Mode,
     return model.eval(), history
 
 
-def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = LOSS, steps: int = 400, lr: float = 3e-3,
-                    hidden: int = 64, seed: int = 0, members: int = MEMBERS, model_path: str | None = None, modes: tuple[Mode, ...] = MODES,
-                    within: float = 0.5, probes: str = "regenerate", progress: bool = True,
-                    memory_bytes: int = 1 << 30, probe_features: dict[str, np.ndarray] | None = None) -> dict:
+def fit_attribution(
+    store_path: str,
+    out_dir: str | None = None,
+    loss: Loss = LOSS,
+    steps: int = 400,
+    lr: float = 3e-3,
+    hidden: int = 64,
+    seed: int = 0,
+    members: int = MEMBERS,
+    model_path: str | None = None,
+    modes: tuple[Mode, ...] = MODES,
+    within: float = 0.5,
+    probes: str = "regenerate",
+    progress: bool = True,
+    memory_bytes: int = 1 << 30,
+    probe_features: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Fit one model per mode ('trajectory' = all epochs; 'final' = the final-epoch-only ablation) and save them.
 
     The training-side index (`<out>/index`) is built for the queries; beyond `STREAM_PAIRS` (probe, image) pairs, or
@@ -142,24 +187,48 @@ def fit_attribution(store_path: str, out_dir: str | None = None, loss: Loss = LO
         index_seconds = time.time() - t
         train = store.train
         y = np.array(store.probes.ground_truth([e.concept for e in train], [e.id for e in train], within), np.float32)
-        report = {"store": store_path, "num_probes": len(store.probes), "num_train_images": len(train),
-                  "epochs": [int(e) for e in store.epochs], "loss": loss, "steps": steps, "seed": seed, "models": {}}
+        report = {
+            "store": store_path,
+            "num_probes": len(store.probes),
+            "num_train_images": len(train),
+            "epochs": [int(e) for e in store.epochs],
+            "loss": loss,
+            "steps": steps,
+            "seed": seed,
+            "models": {},
+        }
         for mode in modes:
             names = feature_names(store.layers, store.timesteps, store.num_epochs, mode)
             pairs = len(store.probes) * store.num_train
             streaming = pairs > STREAM_PAIRS or pairs * 2 * len(names) * 4 > memory_bytes
             if streaming:
-                model, history = fit_streaming(index, queries, centre, y, mode, loss, steps, lr, hidden, seed,
-                                               progress=progress, members=members)
+                model, history = fit_streaming(
+                    index, queries, centre, y, mode, loss, steps, lr, hidden, seed, progress=progress, members=members
+                )
             else:
-                model, history = fit_model(table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed,
-                                           members=members)
-            meta = {"mode": mode, "loss": loss, "seed": seed, "members": members, "within": within, "feature_names": names,
-                    "store_identity": store.spec["identity"], "num_epochs": store.num_epochs,
-                    "final_loss": history[-1], "initial_loss": history[0]}
+                model, history = fit_model(
+                    table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed, members=members
+                )
+            meta = {
+                "mode": mode,
+                "loss": loss,
+                "seed": seed,
+                "members": members,
+                "within": within,
+                "feature_names": names,
+                "store_identity": store.spec["identity"],
+                "num_epochs": store.num_epochs,
+                "final_loss": history[-1],
+                "initial_loss": history[0],
+            }
             model.save(os.path.join(out_dir, mode), meta)
-            report["models"][mode] = {"path": os.path.join(out_dir, mode), "features": len(names), "streaming": streaming,
-                                      "initial_loss": round(history[0], 5), "final_loss": round(history[-1], 5)}
+            report["models"][mode] = {
+                "path": os.path.join(out_dir, mode),
+                "features": len(names),
+                "streaming": streaming,
+                "initial_loss": round(history[0], 5),
+                "final_loss": round(history[-1], 5),
+            }
     report["seconds"] = round(time.time() - t0, 2)
     report["index_seconds"] = round(index_seconds, 2)
     return report

@@ -20,8 +20,16 @@ import os
 
 import numpy as np
 
-from montrage.attribution.table import (Mode, _unit, final_features, final_side, per_query_standardize, side_features,
-                                        train_ranks, trajectory_side)
+from montrage.attribution.table import (
+    Mode,
+    _unit,
+    final_features,
+    final_side,
+    per_query_standardize,
+    side_features,
+    train_ranks,
+    trajectory_side,
+)
 from montrage.errors import MontrageError
 
 EXACT = 4096  # monitored images up to which queries score every image
@@ -107,7 +115,9 @@ def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: 
         feats = {layer: store.train_features(layer, rows) for layer in layers}
         for layer, x in feats.items():
             if layer not in traj:
-                traj[layer] = RowFile(os.path.join(out_dir, f"traj_{layer}.npy"), "w", shape=(n, *x.shape[:1], *x.shape[2:]))
+                traj[layer] = RowFile(
+                    os.path.join(out_dir, f"traj_{layer}.npy"), "w", shape=(n, *x.shape[:1], *x.shape[2:])
+                )
             traj[layer].write(start, x.transpose(1, 0, 2, 3))
             if layer not in final:
                 final[layer] = RowFile(os.path.join(out_dir, f"final_{layer}.npy"), "w", shape=(n, *x.shape[2:]))
@@ -128,8 +138,14 @@ def build_index(store, centre: dict, out_dir: str, block: int = 4096, progress: 
         f.close()
     ref = np.arange(n) if n <= EXACT else reference_rows([e.concept for e in store.train], REFERENCE)
     np.save(os.path.join(out_dir, "reference.npy"), ref)
-    meta = {"version": VERSION, "num_train": n, "num_epochs": E, "layers": layers, "ranks": [list(k) for k in ranks],
-            "store_identity": store.spec["identity"]}
+    meta = {
+        "version": VERSION,
+        "num_train": n,
+        "num_epochs": E,
+        "layers": layers,
+        "ranks": [list(k) for k in ranks],
+        "store_identity": store.spec["identity"],
+    }
     with open(os.path.join(out_dir, "index.json"), "w") as fh:
         json.dump(meta, fh)
     return meta
@@ -141,15 +157,29 @@ class TrainIndex:
     def __init__(self, out_dir: str, store):
         with open(os.path.join(out_dir, "index.json")) as fh:
             self.meta = json.load(fh)
-        if self.meta.get("store_identity") != store.spec["identity"] or self.meta["num_epochs"] != store.num_epochs \
-                or self.meta["num_train"] != store.num_train:
-            raise MontrageError(f"attribution index {out_dir!r} was built for another store or an earlier state of "
-                             f"{store.path!r}; re-run `montrage attribute fit {store.path}`.")
+        if (
+            self.meta.get("store_identity") != store.spec["identity"]
+            or self.meta["num_epochs"] != store.num_epochs
+            or self.meta["num_train"] != store.num_train
+        ):
+            raise MontrageError(
+                f"attribution index {out_dir!r} was built for another store or an earlier state of "
+                f"{store.path!r}; re-run `montrage attribute fit {store.path}`."
+            )
         self.dir = out_dir
-        missing = [n for n in ["reference.npy", "nn.npy", *(f"{k}_{layer}.npy" for k in ("traj", "final") for layer in self.meta["layers"])]
-                   if not os.path.isfile(os.path.join(out_dir, n))]
+        missing = [
+            n
+            for n in [
+                "reference.npy",
+                "nn.npy",
+                *(f"{k}_{layer}.npy" for k in ("traj", "final") for layer in self.meta["layers"]),
+            ]
+            if not os.path.isfile(os.path.join(out_dir, n))
+        ]
         if missing:
-            raise MontrageError(f"attribution index {out_dir!r} lacks {', '.join(missing)}; re-run `montrage attribute fit {store.path}`.")
+            raise MontrageError(
+                f"attribution index {out_dir!r} lacks {', '.join(missing)}; re-run `montrage attribute fit {store.path}`."
+            )
         load = lambda name: RowFile(os.path.join(out_dir, name))  # noqa: E731
         self.reference = np.load(os.path.join(out_dir, "reference.npy"))
         self.traj = {layer: load(f"traj_{layer}.npy") for layer in self.meta["layers"]}
@@ -178,7 +208,9 @@ class TrainIndex:
             self._final_side = {key: final_side(final, centre)}
         return self._final_side[key]
 
-    def pair_features(self, queries: dict, rows: np.ndarray, centre: dict, mode: Mode, reference: bool = False) -> np.ndarray:
+    def pair_features(
+        self, queries: dict, rows: np.ndarray, centre: dict, mode: Mode, reference: bool = False
+    ) -> np.ndarray:
         """`table.pair_features` of queries {layer: (E, Q, T, F)} against the training images `rows` (sorted), read
         from the index; `reference`: rows of the reference sample, whose prepared side is kept in memory."""
         key = (mode, _digest(centre), int(rows[0]), len(rows))
@@ -203,14 +235,22 @@ class TrainIndex:
         return _top((q @ torch.from_numpy(self.nn).T).numpy(), min(k, len(self.nn)))  # torch: its threads, not BLAS's
 
 
-def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mode, concept: np.ndarray,
-                k: int = SHORTLIST, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def score_large(
+    model,
+    index: TrainIndex,
+    queries: dict,
+    centre: dict,
+    mode: Mode,
+    concept: np.ndarray,
+    k: int = SHORTLIST,
+    block: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores (Q, N), scored (Q, N) bool); `concept` (N,) is each image's concept index. The reference rows are scored exactly (all images up to `EXACT`); beyond,
     each query's shortlist too, and every other image gets its concept's mean score over the reference rows
     outside that shortlist (so the concept means are a stratified estimate)."""
     qm, cm = _mode_q(queries, mode), mode_centre(centre, mode)
     Q, N, ref = next(iter(qm.values())).shape[1], len(concept), index.reference
-    blocks = [ref[i:i + block] for i in range(0, len(ref), block)]
+    blocks = [ref[i : i + block] for i in range(0, len(ref), block)]
 
     def x_of(rows, q=slice(None), reference=False):
         return index.pair_features({layer: v[:, q] for layer, v in qm.items()}, rows, cm, mode, reference)
@@ -219,14 +259,18 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     xs, s1, s2 = [], 0.0, 0.0
     for rows in blocks:
         x = x_of(rows, reference=True).astype(np.float64)
-        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
+        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x**2).sum(axis=1, keepdims=True)
         if keep:
             xs.append(x)
     mean = s1 / len(ref)
-    std = np.sqrt(np.maximum(s2 / len(ref) - mean ** 2, 0.0))
-    ref_scores = np.concatenate([model.score(per_query_standardize(xs[i] if keep else x_of(rows, reference=True),
-                                                                   (mean, std))).numpy()
-                                 for i, rows in enumerate(blocks)], axis=1)
+    std = np.sqrt(np.maximum(s2 / len(ref) - mean**2, 0.0))
+    ref_scores = np.concatenate(
+        [
+            model.score(per_query_standardize(xs[i] if keep else x_of(rows, reference=True), (mean, std))).numpy()
+            for i, rows in enumerate(blocks)
+        ],
+        axis=1,
+    )
     scores = np.zeros((Q, N), np.float32)
     scored = np.zeros((Q, N), bool)
     scores[:, ref], scored[:, ref] = ref_scores, True
@@ -239,7 +283,9 @@ def score_large(model, index: TrainIndex, queries: dict, centre: dict, mode: Mod
     count = np.maximum(np.bincount(ref_concept, minlength=C), 1)
     for q in range(Q):
         rows = np.sort(short[q])
-        s = model.score(per_query_standardize(x_of(rows, slice(q, q + 1)), (mean[q:q + 1], std[q:q + 1]))).numpy()[0]
+        s = model.score(per_query_standardize(x_of(rows, slice(q, q + 1)), (mean[q : q + 1], std[q : q + 1]))).numpy()[
+            0
+        ]
         # images outside the shortlist and the sample: their concept's mean over the sample outside the shortlist
         outside = np.ones(len(ref), bool)
         outside[np.searchsorted(ref, rows[in_ref[rows]])] = False

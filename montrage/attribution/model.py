@@ -85,18 +85,23 @@ class AttributionModel(torch.nn.Module):
 
         for suffix in (".json", ".safetensors"):
             if not os.path.isfile(path + suffix):
-                raise AttributionModelError(f"attribution model {path + suffix!r} is missing: run `montrage attribute fit STORE` first.")
+                raise AttributionModelError(
+                    f"attribution model {path + suffix!r} is missing: run `montrage attribute fit STORE` first."
+                )
         try:
             with open(path + ".json") as fh:
                 meta = json.load(fh)
             model = cls(**meta["model"])
             state = load_file(path + ".safetensors")
-            state = {("nets.0." + k[4:] if k.startswith("net.") else k): v for k, v in state.items()}  # one-member files
+            state = {
+                ("nets.0." + k[4:] if k.startswith("net.") else k): v for k, v in state.items()
+            }  # one-member files
             model.load_state_dict(state)
         except Exception as err:  # any parse/shape error means the files cannot be trusted
             raise AttributionModelError(
                 f"attribution model {path!r} is corrupted or from another montrage version ({type(err).__name__}: {err}); "
-                "re-run `montrage attribute fit STORE`.") from err
+                "re-run `montrage attribute fit STORE`."
+            ) from err
         return model.eval(), meta
 
 

@@ -27,8 +27,14 @@ def query_seed(pixels: torch.Tensor) -> int:
     return stable_seed("query/" + hashlib.sha1(pixels.numpy().tobytes()).hexdigest())
 
 
-def score_pairs(model: AttributionModel, store: StoreReader, queries: dict[str, np.ndarray], centre: dict, mode: Mode,
-                block: int = 4096) -> np.ndarray:
+def score_pairs(
+    model: AttributionModel,
+    store: StoreReader,
+    queries: dict[str, np.ndarray],
+    centre: dict,
+    mode: Mode,
+    block: int = 4096,
+) -> np.ndarray:
     """(Q, N) scores of queries {layer: (E, Q, T, F)} against all training images, streamed in blocks.
 
     Two passes when the training set spans several blocks: the first gathers the per-query statistics used by
@@ -41,11 +47,13 @@ def score_pairs(model: AttributionModel, store: StoreReader, queries: dict[str, 
     s1 = s2 = 0.0
     for _, train in iter_train_blocks(store, block):
         x = pair_features(queries, train, centre, mode).astype(np.float64)
-        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x ** 2).sum(axis=1, keepdims=True)
+        s1, s2 = s1 + x.sum(axis=1, keepdims=True), s2 + (x**2).sum(axis=1, keepdims=True)
     mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-    out = [model.score(per_query_standardize(pair_features(queries, train, centre, mode), (mean, std))).numpy()
-           for _, train in iter_train_blocks(store, block)]
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    out = [
+        model.score(per_query_standardize(pair_features(queries, train, centre, mode), (mean, std))).numpy()
+        for _, train in iter_train_blocks(store, block)
+    ]
     return np.concatenate(out, axis=1)
 
 
@@ -66,18 +74,28 @@ def _one_blas_thread():
 class Attributor:
     """`Attributor.from_store(path).query(images)`: concept scores and top-K training images per query."""
 
-    def __init__(self, store_path: str, model_dir: str | None = None, model_path: str | None = None, device: str = "cpu",
-                 shortlist: int = 1000):
+    def __init__(
+        self,
+        store_path: str,
+        model_dir: str | None = None,
+        model_path: str | None = None,
+        device: str = "cpu",
+        shortlist: int = 1000,
+    ):
         self.store = StoreReader(store_path)
         self.model_dir = model_dir or default_model_dir(store_path)
         self.model_path, self.device = model_path, device
         self.models: dict[str, AttributionModel] = {}
         for mode in ("trajectory", "final"):
             model, meta = AttributionModel.load(os.path.join(self.model_dir, mode))
-            if meta.get("store_identity") != self.store.spec["identity"] or meta.get("num_epochs") != self.store.num_epochs:
+            if (
+                meta.get("store_identity") != self.store.spec["identity"]
+                or meta.get("num_epochs") != self.store.num_epochs
+            ):
                 raise AttributionModelError(
                     f"attribution model {os.path.join(self.model_dir, mode)!r} was fitted on another store or an earlier "
-                    f"state of {store_path!r}; re-run `montrage attribute fit {store_path}`.")
+                    f"state of {store_path!r}; re-run `montrage attribute fit {store_path}`."
+                )
             self.models[mode] = model
         self.train = self.store.train
         self.concepts = sorted({e.concept for e in self.train})
@@ -163,18 +181,32 @@ class Attributor:
         rows = [self.store.num_epochs - 1] if fast else list(range(self.store.num_epochs))
         scores, scored = self.score_trajectories(self.model.trajectory(pixels, seeds, rows, prompts), fast)
         concept = self.concept_scores(scores)
-        names = [str(p) for p in images] if not isinstance(images, torch.Tensor) else [f"image{i}" for i in range(len(pixels))]
+        names = (
+            [str(p) for p in images]
+            if not isinstance(images, torch.Tensor)
+            else [f"image{i}" for i in range(len(pixels))]
+        )
         results = []
         for q in range(len(pixels)):
             order = np.argsort(-np.where(scored[q], scores[q], -np.inf))[:top_k]
             share = concept[q] / max(concept[q].sum(), 1e-12)
             result = {
-                "image": names[q], "mode": "fast" if fast else "full",
-                "concepts": {c: {"score": round(float(concept[q, j]), 5), "share": round(float(share[j]), 5)}
-                             for j, c in enumerate(self.concepts)},
+                "image": names[q],
+                "mode": "fast" if fast else "full",
+                "concepts": {
+                    c: {"score": round(float(concept[q, j]), 5), "share": round(float(share[j]), 5)}
+                    for j, c in enumerate(self.concepts)
+                },
                 "top_concept": self.concepts[int(np.argmax(concept[q]))],
-                "top_images": [{"id": self.train[i].id, "path": self.train[i].path, "concept": self.train[i].concept,
-                                "score": round(float(scores[q, i]), 5)} for i in order],
+                "top_images": [
+                    {
+                        "id": self.train[i].id,
+                        "path": self.train[i].path,
+                        "concept": self.train[i].concept,
+                        "score": round(float(scores[q, i]), 5),
+                    }
+                    for i in order
+                ],
             }
             if prompts:
                 result["prompt"] = prompts[q]

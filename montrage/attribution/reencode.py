@@ -25,32 +25,42 @@ class StoreModel:
         cfg = store.spec["config"]
         path = model_path or cfg.get("model_path")
         if not path:
-            raise StoreError(f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path).")
+            raise StoreError(
+                f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path)."
+            )
         self.components = load_model(path)
         want = store.spec["model"].get("unet_config_sha")
         have = model_identity(self.components.unet, path)["unet_config_sha"]
         if want and want != have:
             raise StoreMismatchError(
                 f"model {path!r} is not the model store {store.path!r} was made with (denoiser config {have} != {want}); "
-                "pass the run's base model with --model-path.")
+                "pass the run's base model with --model-path."
+            )
         self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
-        self.family = make_family(self.components.parts, None, store.spec["model"].get("family") or cfg.get("family"),
-                                  self.resolution)
+        self.family = make_family(
+            self.components.parts, None, store.spec["model"].get("family") or cfg.get("family"), self.resolution
+        )
         self.lora = bool(store.f["lora"].attrs.get("enabled", False))
         if self.lora:
             from peft import LoraConfig
 
             unet = self.components.unet
             lc = cfg.get("lora_config") or {}
-            unet.add_adapter(LoraConfig(r=lc.get("r", 4), lora_alpha=lc.get("lora_alpha", 4),
-                                        target_modules=lc.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])))
+            unet.add_adapter(
+                LoraConfig(
+                    r=lc.get("r", 4),
+                    lora_alpha=lc.get("lora_alpha", 4),
+                    target_modules=lc.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"]),
+                )
+            )
             for part, module in self.components.parts.items():
                 tc = cfg.get(f"lora_config_{part}")
                 if tc and isinstance(module, torch.nn.Module):  # a text encoder: peft injects the adapter
                     from peft import inject_adapter_in_model
 
-                    inject_adapter_in_model(LoraConfig(r=tc["r"], lora_alpha=tc["lora_alpha"],
-                                                       target_modules=tc["target_modules"]), module)
+                    inject_adapter_in_model(
+                        LoraConfig(r=tc["r"], lora_alpha=tc["lora_alpha"], target_modules=tc["target_modules"]), module
+                    )
         self.device = torch.device(device)
         for part in self.family.modules():
             part.to(self.device).eval().requires_grad_(False)
@@ -82,24 +92,30 @@ class StoreModel:
         if prompts is not None and len(prompts) != n:
             raise ValueError(f"{n} images but {len(prompts)} prompts (give one per image).")
         if prompts is None and self.encode_prompt == CAPTION:
-            warnings.warn(f"store {self.store.path!r} encodes images under their captions/prompts, but no prompt was "
-                          "given: using the empty prompt, which weakens attribution. Pass the generation's prompt "
-                          "(CLI: --prompt).", stacklevel=3)
+            warnings.warn(
+                f"store {self.store.path!r} encodes images under their captions/prompts, but no prompt was "
+                "given: using the empty prompt, which weakens attribution. Pass the generation's prompt "
+                "(CLI: --prompt).",
+                stacklevel=3,
+            )
         return condition_prompts(self.encode_prompt, prompts if prompts is not None else [""] * n)
 
     def cond(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (n, seq, dim) of `prompts` (for gradient baselines that condition like the encoder)."""
         return embed_prompts(self.components.tokenizer, self.components.text_encoder, prompts)
 
-    def trajectory(self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None,
-                   prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+    def trajectory(
+        self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None, prompts: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """{layer: (len(rows), n, T, F)}: the images (under `prompts`, if the store is captioned) at each stored epoch."""
         rows = list(range(self.num_epochs)) if rows is None else list(rows)
         if self.num_epochs == 0:
             raise StoreError(f"store {self.store.path!r} holds no complete epoch.")
         if len(rows) > 1 and not self.lora:
-            raise StoreError(f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
-                             "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True.")
+            raise StoreError(
+                f"store {self.store.path!r} has no LoRA snapshots, so images cannot be re-encoded per "
+                "epoch; use fast mode (final epoch) or re-run with save_lora_snapshots=True."
+            )
         cfg = self.store.spec
         with torch.no_grad():
             latents = self.family.latents(images)  # the VAE is not adapted: encode once, not per epoch
@@ -107,8 +123,12 @@ class StoreModel:
         per_epoch = []
         for row in rows:
             self.set_epoch(row)
-            per_epoch.append(project(self.family.encode(latents, seeds, prompts, cfg["timesteps"], cfg["layers"],
-                                                        cfg["pooling"]), self.projection))
+            per_epoch.append(
+                project(
+                    self.family.encode(latents, seeds, prompts, cfg["timesteps"], cfg["layers"], cfg["pooling"]),
+                    self.projection,
+                )
+            )
         return {layer: np.stack([p[layer] for p in per_epoch]) for layer in per_epoch[0]}
 
     @torch.no_grad()
@@ -116,5 +136,6 @@ class StoreModel:
         """Probe images regenerated with the weights of epoch `row` and the callback's sampler settings."""
         self.set_epoch(row)
         cfg = self.store.spec["config"]
-        return self.family.generate(probes, self.resolution, int(cfg.get("num_inference_steps", 25)),
-                                    float(cfg.get("guidance_scale", 7.5)))
+        return self.family.generate(
+            probes, self.resolution, int(cfg.get("num_inference_steps", 25)), float(cfg.get("guidance_scale", 7.5))
+        )

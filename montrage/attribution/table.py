@@ -118,17 +118,26 @@ def side_features(q: dict, t: dict) -> np.ndarray:
     return np.concatenate(blocks, axis=-1).astype(np.float32)
 
 
-def pair_features(queries: dict[str, np.ndarray], train: dict[str, np.ndarray], centre: dict[str, np.ndarray],
-                  mode: Mode = "trajectory", ranks: dict | None = None) -> np.ndarray:
+def pair_features(
+    queries: dict[str, np.ndarray],
+    train: dict[str, np.ndarray],
+    centre: dict[str, np.ndarray],
+    mode: Mode = "trajectory",
+    ranks: dict | None = None,
+) -> np.ndarray:
     """(Q, N, D) pair features from query and training trajectories {layer: (E, n, T, F)}.
 
     `centre` {layer: (E, T, F)} is subtracted from both sides (the mean training representation per epoch).
     `ranks`: the training side's `train_ranks`, if already computed.
     """
     if mode == "final":
-        return final_features(final_side({k: v[-1] for k, v in queries.items()}, centre),
-                              final_side({k: train[k][-1] for k in queries}, centre))
-    return side_features(trajectory_side(queries, centre), trajectory_side({k: train[k] for k in queries}, centre, ranks))
+        return final_features(
+            final_side({k: v[-1] for k, v in queries.items()}, centre),
+            final_side({k: train[k][-1] for k in queries}, centre),
+        )
+    return side_features(
+        trajectory_side(queries, centre), trajectory_side({k: train[k] for k in queries}, centre, ranks)
+    )
 
 
 def iter_train_blocks(store, block: int = 4096, layers: list[str] | None = None) -> Iterator[tuple[slice, dict]]:

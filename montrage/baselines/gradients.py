@@ -46,7 +46,7 @@ class GaussianProjection:
             return self._cache[key]
         rows = min(PROJ_CHUNK_ROWS, self.dim - c * PROJ_CHUNK_ROWS)
         block = torch.randn((rows, self.proj_dim), generator=_chunk_generator(self.seed, c))
-        block = block.div_(self.proj_dim ** 0.5).to(device)
+        block = block.div_(self.proj_dim**0.5).to(device)
         if self.cacheable:
             self._cache[key] = block
         return block
@@ -58,7 +58,7 @@ class GaussianProjection:
         x = x.float()
         out = torch.zeros((len(x), self.proj_dim), device=x.device)
         for c, start in enumerate(range(0, self.dim, PROJ_CHUNK_ROWS)):
-            out += x[:, start:start + PROJ_CHUNK_ROWS] @ self.chunk(c, x.device)
+            out += x[:, start : start + PROJ_CHUNK_ROWS] @ self.chunk(c, x.device)
         return out
 
 
@@ -117,20 +117,20 @@ def lora_gradient_features(
         kwargs = {"encoder_hidden_states": c.expand(T, -1, -1), "return_dict": False}
         pred = functional_call(unet, p, (noisy, t_all.to(device)), kwargs)[0]
         pred = pred.float()
-        return ((pred - target) ** 2).mean() if output == "loss" else (pred ** 2).mean()
+        return ((pred - target) ** 2).mean() if output == "loss" else (pred**2).mean()
 
     per_sample = vmap(grad(objective), in_dims=(None, 0, 0, 0))
     feats = []
     with eval_without_checkpointing(unet), vmap_safe_attention(device):
         for i in range(0, len(latents), batch_size):
-            z = latents[i:i + batch_size]
+            z = latents[i : i + batch_size]
             shape = tuple(z.shape[1:])
-            eps = torch.stack([fixed_noise(s, T, shape) for s in noise_seeds[i:i + batch_size]])  # (b, T, ...)
+            eps = torch.stack([fixed_noise(s, T, shape) for s in noise_seeds[i : i + batch_size]])  # (b, T, ...)
             z_rep = z[:, None].expand_as(eps).reshape(-1, *shape)
             t_rep = t_all.repeat(len(z))
             noisy = scheduler.add_noise(z_rep, eps.reshape(-1, *shape), t_rep).reshape(eps.shape)
             target = scheduler.get_velocity(z_rep, eps.reshape(-1, *shape), t_rep).reshape(eps.shape) if v_pred else eps
-            c = (cond if len(cond) > 1 else cond.expand(len(pixels), -1, -1))[i:i + batch_size, None]
+            c = (cond if len(cond) > 1 else cond.expand(len(pixels), -1, -1))[i : i + batch_size, None]
             g = per_sample(params, noisy.to(device, dtype), target.to(device, torch.float32), c)
             flat = torch.cat([g[n].reshape(len(z), -1).float() for n in params], dim=1)
             feats.append(projection(flat).cpu())
@@ -151,8 +151,9 @@ def trak_scores(query_feats: np.ndarray, train_feats: np.ndarray, damping: float
     return q @ np.linalg.solve(kernel, phi.T)
 
 
-def tracin_scores(query_feats_per_epoch: list[np.ndarray], train_feats_per_epoch: list[np.ndarray],
-                  lrs: list[float] | None = None) -> np.ndarray:
+def tracin_scores(
+    query_feats_per_epoch: list[np.ndarray], train_feats_per_epoch: list[np.ndarray], lrs: list[float] | None = None
+) -> np.ndarray:
     """TracInCP scores (Q, N): Σ_e lr_e · <g_q,e, g_i,e> over checkpoint snapshots e (lr_e = 1 if not given).
 
     Sums the first-order loss change each training image caused on the query along the training trajectory.
@@ -162,8 +163,10 @@ def tracin_scores(query_feats_per_epoch: list[np.ndarray], train_feats_per_epoch
     lrs = [1.0] * len(query_feats_per_epoch) if lrs is None else list(lrs)
     if len(lrs) != len(query_feats_per_epoch):
         raise ValueError(f"{len(lrs)} learning rates for {len(query_feats_per_epoch)} checkpoints.")
-    return sum(lr * np.asarray(q, np.float64) @ np.asarray(t, np.float64).T
-               for lr, q, t in zip(lrs, query_feats_per_epoch, train_feats_per_epoch))
+    return sum(
+        lr * np.asarray(q, np.float64) @ np.asarray(t, np.float64).T
+        for lr, q, t in zip(lrs, query_feats_per_epoch, train_feats_per_epoch)
+    )
 
 
 def datainf_scores(query_grads: np.ndarray, train_grads: np.ndarray, damping: float = 0.1) -> np.ndarray:

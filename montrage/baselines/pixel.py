@@ -19,6 +19,8 @@ def pixel_cosine(query_pixels: torch.Tensor, train_pixels: torch.Tensor, eps: fl
     Centring removes each image's overall brightness, so the score is about structure; a constant image scores 0.
     """
     if query_pixels.shape[1:] != train_pixels.shape[1:]:
-        raise ValueError(f"query images {tuple(query_pixels.shape[1:])} and training images "
-                         f"{tuple(train_pixels.shape[1:])} differ in shape; resize them first.")
+        raise ValueError(
+            f"query images {tuple(query_pixels.shape[1:])} and training images "
+            f"{tuple(train_pixels.shape[1:])} differ in shape; resize them first."
+        )
     return (_centred_unit_rows(query_pixels, eps) @ _centred_unit_rows(train_pixels, eps).T).numpy()

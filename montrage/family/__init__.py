@@ -13,12 +13,18 @@ from montrage.family.sd3 import SD3Family
 from montrage.family.sdxl import SDXLFamily
 
 FAMILIES: dict[str, type[Family]] = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-             "FluxPipeline": "flux"}
-REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-            "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-            "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-            "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+REQUIRED = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
 
 
 def detect_family(parts: dict, pipeline=None) -> str:
@@ -37,7 +43,8 @@ def detect_family(parts: dict, pipeline=None) -> str:
     raise FamilyError(
         f"no family adapter for {cls or name}: montrage knows SD 1.x/2.x (StableDiffusionPipeline), SDXL, SD3 and Flux. "
         "For another model subclass montrage.family.Family (latents, noise, condition, denoise, default_layers, "
-        "pipeline; see montrage/family/base.py) and pass family=YourFamily(parts).")
+        "pipeline; see montrage/family/base.py) and pass family=YourFamily(parts)."
+    )
 
 
 def make_family(parts: dict, pipeline=None, name: str | None = None, resolution: int | None = None) -> Family:
@@ -53,5 +60,14 @@ def make_family(parts: dict, pipeline=None, name: str | None = None, resolution:
     return FAMILIES[name](parts)
 
 
-__all__ = ["FAMILIES", "Family", "FamilyError", "FluxFamily", "SD3Family", "SDFamily", "SDXLFamily", "detect_family",
-           "make_family"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "FamilyError",
+    "FluxFamily",
+    "SD3Family",
+    "SDFamily",
+    "SDXLFamily",
+    "detect_family",
+    "make_family",
+]

@@ -19,7 +19,6 @@ import torch
 from montrage.capture import FeatureHooks, Pooling
 from montrage.errors import MontrageError
 
-
 # entries of a family's condition shared by the whole batch instead of one per image (Flux's text position ids)
 SHARED_COND_KEYS = ("txt_ids",)
 
@@ -58,8 +57,11 @@ class Family:
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         """The components that carry a peft adapter (snapshotted every snapshot, restored offline)."""
-        return {k: self.parts[k] for k in self.lora_parts
-                if isinstance(self.parts.get(k), torch.nn.Module) and getattr(self.parts[k], "peft_config", None)}
+        return {
+            k: self.parts[k]
+            for k in self.lora_parts
+            if isinstance(self.parts.get(k), torch.nn.Module) and getattr(self.parts[k], "peft_config", None)
+        }
 
     # --- latents and noise -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -71,7 +73,7 @@ class Family:
         cfg = vae.config
         out = []
         for i in range(0, len(pixels), batch_size):
-            dist = vae.encode(pixels[i:i + batch_size].to(p.device, p.dtype)).latent_dist
+            dist = vae.encode(pixels[i : i + batch_size].to(p.device, p.dtype)).latent_dist
             z = (dist.sample() if sample else dist.mean).float()
             mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
             if mean is not None and std is not None:
@@ -92,11 +94,13 @@ class Family:
     def noise(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Closed-form noising of x (B, ...) with eps at integer timesteps t (B,), as the family's training does."""
         if self.noise_kind == "flow":
-            sigma = (t.float() / float(self.parts["scheduler"].config.num_train_timesteps)).view(-1, *[1] * (x.dim() - 1))
+            sigma = (t.float() / float(self.parts["scheduler"].config.num_train_timesteps)).view(
+                -1, *[1] * (x.dim() - 1)
+            )
             return (1.0 - sigma) * x + sigma * eps
         ac = self.parts["scheduler"].alphas_cumprod.to(dtype=x.dtype, device=x.device)[t.to(x.device)]
         ac = ac.view(-1, *[1] * (x.dim() - 1))
-        return ac ** 0.5 * x + (1 - ac) ** 0.5 * eps
+        return ac**0.5 * x + (1 - ac) ** 0.5 * eps
 
     # --- text and the denoiser ---------------------------------------------------------------------------
     max_cached_texts = 64  # probe prompts and the fixed encode prompt stay; a run's many captions rotate through
@@ -154,8 +158,16 @@ class Family:
 
     # --- encoding ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, latents: torch.Tensor, noise_seeds: list[int], prompts: list[str], timesteps: list[int],
-               layers: list[str], pooling: Pooling = "mean", batch_size: int = 32) -> dict[str, np.ndarray]:
+    def encode(
+        self,
+        latents: torch.Tensor,
+        noise_seeds: list[int],
+        prompts: list[str],
+        timesteps: list[int],
+        layers: list[str],
+        pooling: Pooling = "mean",
+        batch_size: int = 32,
+    ) -> dict[str, np.ndarray]:
         """Pooled activations {layer: (N, T, F)} of latents (N, ...) noised with a fixed eps per image at each
         timestep, under each image's prompt."""
         from montrage.encode import fixed_noise
@@ -168,12 +180,12 @@ class Family:
         rows = max(1, batch_size // max(T, 1))
         with FeatureHooks(self.denoiser, layers, pooling, select=self.select_stream) as hooks:
             for i in range(0, n, rows):
-                z = latents[i:i + rows].float()
-                eps = torch.stack([fixed_noise(s, T, tuple(z.shape[1:])) for s in noise_seeds[i:i + rows]])
+                z = latents[i : i + rows].float()
+                eps = torch.stack([fixed_noise(s, T, tuple(z.shape[1:])) for s in noise_seeds[i : i + rows]])
                 z_rep = z[:, None].expand(-1, T, *z.shape[1:]).reshape(-1, *z.shape[1:])
                 t_rep = t_all.repeat(len(z))
                 noisy = self.noise(z_rep, eps.reshape(-1, *z.shape[1:]), t_rep)
-                texts = [p for p in prompts[i:i + rows] for _ in range(T)]
+                texts = [p for p in prompts[i : i + rows] for _ in range(T)]
                 cond = self.condition(texts) if self.conditional else None
                 self.denoise(noisy.to(dev, dtype), t_rep.to(dev), cond)
                 for name, feats in hooks.pop().items():
@@ -210,8 +222,9 @@ class Family:
         return {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
 
     @torch.no_grad()
-    def generate(self, probes, height: int, num_inference_steps: int, guidance_scale: float, indices=None,
-                 batch_size: int = 8) -> torch.Tensor:
+    def generate(
+        self, probes, height: int, num_inference_steps: int, guidance_scale: float, indices=None, batch_size: int = 8
+    ) -> torch.Tensor:
         """Images (len(indices), 3, H, W) in [-1, 1] of the selected probes, from fixed per-seed initial latents."""
         items = probes.items()
         indices = list(range(len(items))) if indices is None else list(indices)
@@ -222,9 +235,15 @@ class Family:
         p = next(self.denoiser.parameters())
         out = []
         for i in range(0, len(indices), batch_size):
-            chunk = [items[k] for k in indices[i:i + batch_size]]
+            chunk = [items[k] for k in indices[i : i + batch_size]]
             latents = torch.cat([self.initial_latents(s, height) for _, s in chunk])
-            images = pipe([prompt for prompt, _ in chunk], height=height, width=height, latents=latents.to(p.device, p.dtype),
-                          output_type="pt", **self.sample_kwargs(num_inference_steps, guidance_scale)).images
+            images = pipe(
+                [prompt for prompt, _ in chunk],
+                height=height,
+                width=height,
+                latents=latents.to(p.device, p.dtype),
+                output_type="pt",
+                **self.sample_kwargs(num_inference_steps, guidance_scale),
+            ).images
             out.append(images.float().cpu() * 2.0 - 1.0)
         return torch.cat(out)

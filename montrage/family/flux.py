@@ -25,16 +25,25 @@ class FluxFamily(SD3Family):
         from diffusers import FluxPipeline
 
         p = self.parts
-        return FluxPipeline(scheduler=scheduler or p["scheduler"], vae=p["vae"], text_encoder=p["text_encoder"],
-                            tokenizer=p["tokenizer"], text_encoder_2=p["text_encoder_2"], tokenizer_2=p["tokenizer_2"],
-                            transformer=p["transformer"])
+        return FluxPipeline(
+            scheduler=scheduler or p["scheduler"],
+            vae=p["vae"],
+            text_encoder=p["text_encoder"],
+            tokenizer=p["tokenizer"],
+            text_encoder_2=p["text_encoder_2"],
+            tokenizer_2=p["tokenizer_2"],
+            transformer=p["transformer"],
+        )
 
     def _encode_texts(self, prompts: list[str]) -> list:
         dev = next(self.parts["text_encoder"].parameters()).device
-        embeds, pooled, text_ids = self._pipe().encode_prompt(prompts, prompt_2=None, device=dev,
-                                                              max_sequence_length=self.max_sequence_length)
-        return [{"prompt_embeds": embeds[i:i + 1], "pooled": pooled[i:i + 1], "txt_ids": text_ids}
-                for i in range(len(prompts))]
+        embeds, pooled, text_ids = self._pipe().encode_prompt(
+            prompts, prompt_2=None, device=dev, max_sequence_length=self.max_sequence_length
+        )
+        return [
+            {"prompt_embeds": embeds[i : i + 1], "pooled": pooled[i : i + 1], "txt_ids": text_ids}
+            for i in range(len(prompts))
+        ]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         from diffusers import FluxPipeline
@@ -50,10 +59,16 @@ class FluxFamily(SD3Family):
         tr = self.parts["transformer"]
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         guidance = torch.full((b,), self.guidance_scale, device=noisy.device) if tr.config.guidance_embeds else None
-        pred = tr(hidden_states=self.pack(noisy), timestep=t.to(noisy.dtype) / 1000, guidance=guidance,
-                  pooled_projections=cond["pooled"].to(noisy.device, noisy.dtype),
-                  encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
-                  txt_ids=cond["txt_ids"].to(noisy.device, noisy.dtype), img_ids=img_ids, return_dict=False)[0]
+        pred = tr(
+            hidden_states=self.pack(noisy),
+            timestep=t.to(noisy.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled"].to(noisy.device, noisy.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
+            txt_ids=cond["txt_ids"].to(noisy.device, noisy.dtype),
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
         from montrage.components import vae_scale_factor
 
         scale = vae_scale_factor(self.parts["vae"])
@@ -64,6 +79,8 @@ class FluxFamily(SD3Family):
 
     def sample_kwargs(self, num_inference_steps: int, guidance_scale: float) -> dict:
         """Flux samples with its embedded guidance (no CFG): `guidance_scale` is the family's, not CFG's 7.5."""
-        return {"num_inference_steps": num_inference_steps, "guidance_scale": self.guidance_scale,
-                "max_sequence_length": self.max_sequence_length}
-
+        return {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+        }

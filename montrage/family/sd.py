@@ -16,7 +16,7 @@ class SDFamily(Family):
         from montrage.components import embed_prompts
 
         emb = embed_prompts(self.parts["tokenizer"], self.parts["text_encoder"], prompts)
-        return [emb[i:i + 1] for i in range(len(prompts))]
+        return [emb[i : i + 1] for i in range(len(prompts))]
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         unet = self.parts["unet"]
@@ -41,11 +41,24 @@ class SDFamily(Family):
         from montrage.encode import encode_conditioned
 
         p = self.parts
-        return encode_conditioned(p["unet"], None, p["scheduler"], p["tokenizer"], p["text_encoder"], latents,
-                                  noise_seeds, prompts, timesteps, layers, pooling, batch_size)
+        return encode_conditioned(
+            p["unet"],
+            None,
+            p["scheduler"],
+            p["tokenizer"],
+            p["text_encoder"],
+            latents,
+            noise_seeds,
+            prompts,
+            timesteps,
+            layers,
+            pooling,
+            batch_size,
+        )
 
     def generate(self, probes, height, num_inference_steps, guidance_scale, indices=None, batch_size=8):
         from montrage.generate import generate_probes
 
-        return generate_probes(self.pipeline(), probes, height, num_inference_steps, guidance_scale, batch_size,
-                               indices=indices)
+        return generate_probes(
+            self.pipeline(), probes, height, num_inference_steps, guidance_scale, batch_size, indices=indices
+        )

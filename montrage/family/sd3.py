@@ -33,22 +33,37 @@ class SD3Family(Family):
 
         p = self.parts
         return StableDiffusion3Pipeline(
-            transformer=p["transformer"], scheduler=scheduler or p["scheduler"], vae=p["vae"],
-            text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], text_encoder_2=p["text_encoder_2"],
-            tokenizer_2=p["tokenizer_2"], text_encoder_3=p.get("text_encoder_3"), tokenizer_3=p.get("tokenizer_3"))
+            transformer=p["transformer"],
+            scheduler=scheduler or p["scheduler"],
+            vae=p["vae"],
+            text_encoder=p["text_encoder"],
+            tokenizer=p["tokenizer"],
+            text_encoder_2=p["text_encoder_2"],
+            tokenizer_2=p["tokenizer_2"],
+            text_encoder_3=p.get("text_encoder_3"),
+            tokenizer_3=p.get("tokenizer_3"),
+        )
 
     def _encode_texts(self, prompts: list[str]) -> list:
         dev = next(self.parts["text_encoder"].parameters()).device
-        embeds, _, pooled, _ = self._pipe().encode_prompt(prompts, prompts, prompts, device=dev,
-                                                          do_classifier_free_guidance=False,
-                                                          max_sequence_length=self.max_sequence_length)
-        return [{"prompt_embeds": embeds[i:i + 1], "pooled": pooled[i:i + 1]} for i in range(len(prompts))]
+        embeds, _, pooled, _ = self._pipe().encode_prompt(
+            prompts,
+            prompts,
+            prompts,
+            device=dev,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return [{"prompt_embeds": embeds[i : i + 1], "pooled": pooled[i : i + 1]} for i in range(len(prompts))]
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        return self.parts["transformer"](hidden_states=noisy, timestep=t.to(noisy.dtype),
-                                         encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
-                                         pooled_projections=cond["pooled"].to(noisy.device, noisy.dtype),
-                                         return_dict=False)[0]
+        return self.parts["transformer"](
+            hidden_states=noisy,
+            timestep=t.to(noisy.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(noisy.device, noisy.dtype),
+            pooled_projections=cond["pooled"].to(noisy.device, noisy.dtype),
+            return_dict=False,
+        )[0]
 
     def sampler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -56,5 +71,8 @@ class SD3Family(Family):
         return FlowMatchEulerDiscreteScheduler.from_config(self.parts["scheduler"].config)
 
     def sample_kwargs(self, num_inference_steps: int, guidance_scale: float) -> dict:
-        return {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                "max_sequence_length": self.max_sequence_length}
+        return {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+        }

@@ -68,22 +68,26 @@ def clid_losses(fs: FeatureSet) -> np.ndarray:
     takes `ThresholdAttack`'s place of the loss."""
     present = [f for f in CLID_FAMILIES if f in fs.values]
     if not present:
-        raise OriginError(f"these features hold no CLiD family ({', '.join(CLID_FAMILIES)}): compute them with "
-                          "`clid_spec` and the images' captions.")
+        raise OriginError(
+            f"these features hold no CLiD family ({', '.join(CLID_FAMILIES)}): compute them with "
+            "`clid_spec` and the images' captions."
+        )
     return np.mean([fs.values[f].astype(np.float64) for f in present], axis=0)
 
 
 def gsa_spec(timesteps, params="all", prompt: str = "") -> FeatureSpec:
     """Per-parameter-tensor squared gradient norms (and the totals) at each of `timesteps`."""
-    return FeatureSpec(tuple(timesteps), families=("loss", "grad_theta"), params=params, prompt=prompt,
-                       layer_norms=True)
+    return FeatureSpec(
+        tuple(timesteps), families=("loss", "grad_theta"), params=params, prompt=prompt, layer_norms=True
+    )
 
 
 def gsa_features(fs: FeatureSet) -> tuple[np.ndarray, list[str]]:
     """GSA₂'s features: log of the per-tensor squared gradient norm averaged over the timesteps, (N, G)."""
     if fs.layer_norms is None:
-        raise OriginError("these features hold no per-tensor gradient norms: compute them with layer_norms=True "
-                          "(`gsa_spec`).")
+        raise OriginError(
+            "these features hold no per-tensor gradient norms: compute them with layer_norms=True (`gsa_spec`)."
+        )
     return np.log(np.maximum(fs.layer_norms.astype(np.float64).mean(axis=1), 1e-30)), list(fs.layer_names or [])
 
 

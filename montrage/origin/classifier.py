@@ -44,8 +44,9 @@ def relabel(labels, task: str) -> np.ndarray:
         return labels
     unknown = sorted(set(labels) - set(mapping))
     if unknown:
-        raise OriginError(f"labels {unknown} are not origin labels; task {task!r} needs labels from "
-                          f"{', '.join(ORIGIN_CLASSES)}.")
+        raise OriginError(
+            f"labels {unknown} are not origin labels; task {task!r} needs labels from {', '.join(ORIGIN_CLASSES)}."
+        )
     return np.asarray([mapping[v] for v in labels])
 
 
@@ -64,8 +65,10 @@ def feature_matrix(fs: FeatureSet, families=None, transform: str = "log") -> tup
     families = present_families(fs) if families is None else families
     missing = [f for f in families if f not in fs.values]
     if missing:
-        raise OriginError(f"the features lack the families {missing} (have {sorted(fs.values)}); recompute them with "
-                          f"`--families {','.join(families)}`.")
+        raise OriginError(
+            f"the features lack the families {missing} (have {sorted(fs.values)}); recompute them with "
+            f"`--families {','.join(families)}`."
+        )
     # CLiD's discrepancies are signed differences of losses: no log for them
     blocks = [transform_values(fs.values[f], "none" if f in CLID_FAMILIES else transform) for f in families]
     names = [c for f in families for c in fs.spec.columns(f)]
@@ -85,8 +88,10 @@ def choose_C(Xs: np.ndarray, y: np.ndarray, grid=C_GRID, folds: int = 5, max_ite
     if folds < 2:
         return 1.0
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
-    scores = [cross_val_score(LogisticRegression(C=c, max_iter=max_iter), Xs, y, cv=cv, scoring="neg_log_loss").mean()
-              for c in grid]
+    scores = [
+        cross_val_score(LogisticRegression(C=c, max_iter=max_iter), Xs, y, cv=cv, scoring="neg_log_loss").mean()
+        for c in grid
+    ]
     return float(grid[int(np.argmax(np.round(scores, 6)))])
 
 
@@ -143,7 +148,9 @@ class LinearProbe:
             raise OriginError("the classifier is not fitted: call fit() or load a saved one.")
         X = np.asarray(X, np.float64)
         if X.ndim != 2 or X.shape[1] != len(self.mean):
-            raise OriginError(f"features have {X.shape[-1]} columns but the classifier was trained on {len(self.mean)}.")
+            raise OriginError(
+                f"features have {X.shape[-1]} columns but the classifier was trained on {len(self.mean)}."
+            )
         return ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -166,16 +173,21 @@ class LinearProbe:
         probe = cls(C=C)
         try:
             probe.mean, probe.scale = np.asarray(arrays["mean"], np.float64), np.asarray(arrays["scale"], np.float64)
-            probe.coef, probe.intercept = np.asarray(arrays["coef"], np.float64), np.asarray(arrays["intercept"], np.float64)
+            probe.coef, probe.intercept = (
+                np.asarray(arrays["coef"], np.float64),
+                np.asarray(arrays["intercept"], np.float64),
+            )
         except KeyError as err:
             raise OriginError(f"{where}: array {err} is missing; the file is corrupted, refit the classifier.") from err
         probe.classes = list(classes)
         f, k = len(probe.mean), len(probe.classes)
         rows = 1 if k == 2 else k
         if probe.scale.shape != (f,) or probe.coef.shape != (rows, f) or probe.intercept.shape != (rows,):
-            raise OriginError(f"{where}: array shapes mean {probe.mean.shape}, scale {probe.scale.shape}, coef "
-                              f"{probe.coef.shape}, intercept {probe.intercept.shape} do not fit {k} classes x {f} "
-                              "features; the file is corrupted, refit the classifier.")
+            raise OriginError(
+                f"{where}: array shapes mean {probe.mean.shape}, scale {probe.scale.shape}, coef "
+                f"{probe.coef.shape}, intercept {probe.intercept.shape} do not fit {k} classes x {f} "
+                "features; the file is corrupted, refit the classifier."
+            )
         if not all(np.isfinite(a).all() for a in probe.arrays().values()):
             raise OriginError(f"{where}: the arrays contain NaN or infinite values; refit the classifier.")
         return probe
@@ -184,8 +196,14 @@ class LinearProbe:
 def save_probe(folder: str, meta: dict, probe: LinearProbe) -> str:
     """Write `classifier.json` (meta + classes) and `classifier.npz` (arrays) into `folder`."""
     os.makedirs(folder, exist_ok=True)
-    meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **meta, "classes": probe.classes, "C": probe.C,
-            "C_chosen_by": "cross-validation" if probe.auto else "user"}
+    meta = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        **meta,
+        "classes": probe.classes,
+        "C": probe.C,
+        "C_chosen_by": "cross-validation" if probe.auto else "user",
+    }
     np.savez(os.path.join(folder, NPZ_NAME), **probe.arrays())
     tmp = os.path.join(folder, JSON_NAME + ".tmp")
     with open(tmp, "w") as fh:
@@ -201,8 +219,10 @@ def load_probe(folder: str, kind: str) -> tuple[dict, LinearProbe]:
         raise OriginError(f"classifier folder {folder!r} does not exist: train one with `montrage origin fit`.")
     for p in (jpath, npath):
         if not os.path.isfile(p):
-            raise OriginError(f"classifier file {p!r} is missing: the folder must hold {JSON_NAME} and {NPZ_NAME} "
-                              "as written by `montrage origin fit`; refit the classifier.")
+            raise OriginError(
+                f"classifier file {p!r} is missing: the folder must hold {JSON_NAME} and {NPZ_NAME} "
+                "as written by `montrage origin fit`; refit the classifier."
+            )
     try:
         with open(jpath) as fh:
             meta = json.load(fh)
@@ -253,8 +273,9 @@ class OriginClassifier:
     def classes(self) -> list[str]:
         return list(self.probe.classes)
 
-    def fit(self, feature_sets: list[FeatureSet], labels: list[str] | None = None,
-            model_path: str | None = None) -> "OriginClassifier":
+    def fit(
+        self, feature_sets: list[FeatureSet], labels: list[str] | None = None, model_path: str | None = None
+    ) -> "OriginClassifier":
         """Fit on feature sets, each labelled by its `label` (or by `labels`, one per set or one per row overall).
         All sets must come from one model with one feature spec."""
         if isinstance(feature_sets, FeatureSet):
@@ -263,11 +284,17 @@ class OriginClassifier:
             raise OriginError("no feature sets to fit on: pass one features file per origin class.")
         first = feature_sets[0]
         for fs in feature_sets[1:]:
-            check_same_model(first.identity, fs.identity, "one of the feature sets",
-                             "All features for one classifier must come from the same model.")
+            check_same_model(
+                first.identity,
+                fs.identity,
+                "one of the feature sets",
+                "All features for one classifier must come from the same model.",
+            )
             if not first.spec.compatible(fs.spec):
-                raise OriginError(f"feature sets differ in their spec ({fs.spec.to_dict()} vs {first.spec.to_dict()});"
-                                  " compute all of them with the same timesteps, noise and parameters.")
+                raise OriginError(
+                    f"feature sets differ in their spec ({fs.spec.to_dict()} vs {first.spec.to_dict()});"
+                    " compute all of them with the same timesteps, noise and parameters."
+                )
         y = self.row_labels(feature_sets, labels)
         if self.families is None:
             self.families = present_families(first)
@@ -285,25 +312,35 @@ class OriginClassifier:
         if labels is None:
             missing = [i for i, fs in enumerate(feature_sets) if not fs.label]
             if missing:
-                raise OriginError(f"feature sets {missing} have no label: compute them with `--label member|generated|"
-                                  "external`, or pass labels.")
+                raise OriginError(
+                    f"feature sets {missing} have no label: compute them with `--label member|generated|"
+                    "external`, or pass labels."
+                )
             return np.concatenate([[fs.label] * len(fs) for fs in feature_sets])
         labels = [str(v) for v in labels]
         if len(labels) == len(feature_sets):
             return np.concatenate([[lab] * len(fs) for lab, fs in zip(labels, feature_sets)])
         if len(labels) == n:
             return np.asarray(labels)
-        raise OriginError(f"{len(labels)} labels for {len(feature_sets)} feature sets of {n} rows: give one label per "
-                          "set or one per row.")
+        raise OriginError(
+            f"{len(labels)} labels for {len(feature_sets)} feature sets of {n} rows: give one label per "
+            "set or one per row."
+        )
 
     def _matrix(self, fs: FeatureSet) -> np.ndarray:
         if self.spec is None:
             raise OriginError("the classifier is not fitted: call fit() or load a saved one.")
-        check_same_model(self.identity, fs.identity, "the classifier",
-                         "Extract the features with the classifier's model, or train a classifier for this model.")
+        check_same_model(
+            self.identity,
+            fs.identity,
+            "the classifier",
+            "Extract the features with the classifier's model, or train a classifier for this model.",
+        )
         if not self.spec.compatible(fs.spec):
-            raise OriginError(f"features were computed with spec {fs.spec.to_dict()}, but the classifier expects "
-                              f"{self.spec.to_dict()}; recompute them with the classifier's spec.")
+            raise OriginError(
+                f"features were computed with spec {fs.spec.to_dict()}, but the classifier expects "
+                f"{self.spec.to_dict()}; recompute them with the classifier's spec."
+            )
         return feature_matrix(fs, self.families, self.transform)[0]
 
     def predict_proba(self, fs: FeatureSet) -> np.ndarray:
@@ -315,9 +352,17 @@ class OriginClassifier:
     def save(self, folder: str) -> str:
         if self.spec is None:
             raise OriginError("the classifier is not fitted: nothing to save.")
-        meta = {"kind": "origin", "task": self.task, "families": list(self.families), "transform": self.transform,
-                "spec": self.spec.to_dict(), "identity": self.identity, "model_path": self.model_path,
-                "feature_names": self.feature_names, "train_counts": self.train_counts}
+        meta = {
+            "kind": "origin",
+            "task": self.task,
+            "families": list(self.families),
+            "transform": self.transform,
+            "spec": self.spec.to_dict(),
+            "identity": self.identity,
+            "model_path": self.model_path,
+            "feature_names": self.feature_names,
+            "train_counts": self.train_counts,
+        }
         return save_probe(folder, meta, self.probe)
 
     @classmethod
@@ -329,13 +374,17 @@ class OriginClassifier:
             clf.spec = FeatureSpec.from_dict(meta["spec"])
             clf.identity = dict(meta["identity"])
         except (KeyError, TypeError) as err:
-            raise OriginError(f"classifier file {where!r}: field {err} is missing or invalid; refit the classifier.") from err
+            raise OriginError(
+                f"classifier file {where!r}: field {err} is missing or invalid; refit the classifier."
+            ) from err
         clf.probe = probe
         clf.model_path = meta.get("model_path")
         clf.feature_names = list(meta.get("feature_names", []))
         clf.train_counts = dict(meta.get("train_counts", {}))
         expected = sum(len(clf.spec.columns(f)) for f in clf.families)
         if len(probe.mean) != expected:
-            raise OriginError(f"classifier file {where!r}: {len(probe.mean)} features in the arrays but its families "
-                              f"and timesteps make {expected}; the files do not belong together, refit the classifier.")
+            raise OriginError(
+                f"classifier file {where!r}: {len(probe.mean)} features in the arrays but its families "
+                f"and timesteps make {expected}; the files do not belong together, refit the classifier."
+            )
         return clf

@@ -59,16 +59,21 @@ def read_features(path: str, expect_identity: dict | None = None) -> FeatureSet:
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise OriginError(f"features file {path!r} is not a readable HDF5 file ({err}); recompute it with "
-                          "`montrage origin features`.") from err
+        raise OriginError(
+            f"features file {path!r} is not a readable HDF5 file ({err}); recompute it with `montrage origin features`."
+        ) from err
     with f:
         if f.attrs.get("format") != FORMAT:
-            raise OriginError(f"{path!r} is not a montrage origin features file (attribute `format` is "
-                              f"{f.attrs.get('format')!r}, expected {FORMAT!r}).")
+            raise OriginError(
+                f"{path!r} is not a montrage origin features file (attribute `format` is "
+                f"{f.attrs.get('format')!r}, expected {FORMAT!r})."
+            )
         version = int(f.attrs.get("schema_version", -1))
         if version > SCHEMA_VERSION:
-            raise OriginError(f"features file {path!r} has schema_version {version}; this montrage reads up to "
-                              f"{SCHEMA_VERSION}: upgrade montrage.")
+            raise OriginError(
+                f"features file {path!r} has schema_version {version}; this montrage reads up to "
+                f"{SCHEMA_VERSION}: upgrade montrage."
+            )
         try:
             identity = json.loads(f.attrs["identity"])
             spec = FeatureSpec.from_dict(json.loads(f.attrs["spec"]))
@@ -76,23 +81,44 @@ def read_features(path: str, expect_identity: dict | None = None) -> FeatureSet:
             timesteps = [int(t) for t in f["timesteps"][()]]
             values = {name: np.asarray(f[name][()], np.float32) for name in spec.families}
             layer_norms = np.asarray(f["layer_norms"][()], np.float32) if "layer_norms" in f else None
-            layer_names = [s.decode() if isinstance(s, bytes) else str(s) for s in f["layer_names"][()]] \
-                if "layer_names" in f else None
+            layer_names = (
+                [s.decode() if isinstance(s, bytes) else str(s) for s in f["layer_names"][()]]
+                if "layer_names" in f
+                else None
+            )
         except (KeyError, ValueError, TypeError) as err:
-            raise OriginError(f"features file {path!r} is incomplete or corrupted ({err}); recompute it with "
-                              "`montrage origin features`.") from err
+            raise OriginError(
+                f"features file {path!r} is incomplete or corrupted ({err}); recompute it with "
+                "`montrage origin features`."
+            ) from err
         label = str(f.attrs.get("label", "")) or None
         seconds = float(f.attrs.get("seconds", 0.0))
     if timesteps != list(spec.timesteps):
-        raise OriginError(f"features file {path!r}: dataset `timesteps` {timesteps} disagrees with the spec's "
-                          f"{list(spec.timesteps)}; the file is corrupted, recompute it.")
+        raise OriginError(
+            f"features file {path!r}: dataset `timesteps` {timesteps} disagrees with the spec's "
+            f"{list(spec.timesteps)}; the file is corrupted, recompute it."
+        )
     for name, arr in values.items():
         if arr.shape != (len(ids), len(spec.columns(name))):
-            raise OriginError(f"features file {path!r}: dataset `{name}` has shape {arr.shape}, expected "
-                              f"({len(ids)}, {len(spec.columns(name))}); the file is corrupted, recompute it.")
+            raise OriginError(
+                f"features file {path!r}: dataset `{name}` has shape {arr.shape}, expected "
+                f"({len(ids)}, {len(spec.columns(name))}); the file is corrupted, recompute it."
+            )
     if expect_identity is not None:
-        check_same_model(identity, expect_identity, f"features file {path!r}",
-                         "Recompute the features with this model (`montrage origin features --model ...`), or use "
-                         "the model the file was made with.")
-    return FeatureSet(spec=spec, identity=identity, ids=ids, values=values, layer_norms=layer_norms,
-                      layer_names=layer_names, label=label, seconds=seconds)
+        check_same_model(
+            identity,
+            expect_identity,
+            f"features file {path!r}",
+            "Recompute the features with this model (`montrage origin features --model ...`), or use "
+            "the model the file was made with.",
+        )
+    return FeatureSet(
+        spec=spec,
+        identity=identity,
+        ids=ids,
+        values=values,
+        layer_norms=layer_norms,
+        layer_names=layer_names,
+        label=label,
+        seconds=seconds,
+    )

@@ -117,16 +117,21 @@ class FeatureSpec:
         if self.noise not in ("random", "pia"):
             raise OriginError(f"noise must be 'random' (fresh seeded ε per image and t) or 'pia', not {self.noise!r}.")
         if isinstance(self.params, str) and self.params not in ("trainable", "all"):
-            raise OriginError(f"params must be 'trainable', 'all' or a list of parameter-name prefixes, "
-                              f"not {self.params!r}.")
+            raise OriginError(
+                f"params must be 'trainable', 'all' or a list of parameter-name prefixes, not {self.params!r}."
+            )
         if self.needs_snapshots and not self.snapshots:
-            raise OriginError("the loss_snapshots family needs the store rows to compute it at (snapshots=...): build "
-                              "the spec with `store_feature_spec`, or drop the family.")
+            raise OriginError(
+                "the loss_snapshots family needs the store rows to compute it at (snapshots=...): build "
+                "the spec with `store_feature_spec`, or drop the family."
+            )
         if self.snapshots and not self.needs_snapshots:
             raise OriginError("snapshots are given but the loss_snapshots family is not among the families.")
         if self.captions_for not in ("all", "clid"):
-            raise OriginError(f"captions_for must be 'all' (captions condition every family) or 'clid' (only CLiD's; "
-                              f"the others under `prompt`), not {self.captions_for!r}.")
+            raise OriginError(
+                f"captions_for must be 'all' (captions condition every family) or 'clid' (only CLiD's; "
+                f"the others under `prompt`), not {self.captions_for!r}."
+            )
 
     @property
     def needs_theta(self) -> bool:
@@ -202,9 +207,11 @@ class FeatureSet:
     def subset(self, rows) -> "FeatureSet":
         rows = np.asarray(rows)
         return dataclasses.replace(
-            self, ids=[self.ids[i] for i in np.arange(len(self.ids))[rows]],
+            self,
+            ids=[self.ids[i] for i in np.arange(len(self.ids))[rows]],
             values={k: v[rows] for k, v in self.values.items()},
-            layer_norms=None if self.layer_norms is None else self.layer_norms[rows])
+            layer_norms=None if self.layer_norms is None else self.layer_norms[rows],
+        )
 
     def at_timesteps(self, timesteps: Sequence[int]) -> "FeatureSet":
         """The same images restricted to some of the timesteps (for window ablations)."""
@@ -216,9 +223,11 @@ class FeatureSet:
         T = len(self.spec.timesteps)
         snap_cols = [s * T + j for s in range(len(self.spec.snapshots)) for j in cols]
         return dataclasses.replace(
-            self, spec=dataclasses.replace(self.spec, timesteps=tuple(timesteps)),
+            self,
+            spec=dataclasses.replace(self.spec, timesteps=tuple(timesteps)),
             values={k: v[:, snap_cols if k in SNAPSHOT_FAMILIES else cols] for k, v in self.values.items()},
-            layer_norms=None if self.layer_norms is None else self.layer_norms[:, cols])
+            layer_norms=None if self.layer_norms is None else self.layer_norms[:, cols],
+        )
 
 
 def concat_feature_sets(sets: Sequence[FeatureSet], label: str | None = None) -> FeatureSet:
@@ -229,16 +238,22 @@ def concat_feature_sets(sets: Sequence[FeatureSet], label: str | None = None) ->
     for fs in sets[1:]:
         check_same_model(first.identity, fs.identity, "one of the feature sets", "Concatenate features of one model.")
         if not first.spec.compatible(fs.spec) or set(fs.values) != set(first.values):
-            raise OriginError("feature sets with different timesteps, noise, θ, prompt or families cannot be "
-                              "concatenated; compute them with one spec.")
+            raise OriginError(
+                "feature sets with different timesteps, noise, θ, prompt or families cannot be "
+                "concatenated; compute them with one spec."
+            )
     layers = None
     if all(fs.layer_norms is not None for fs in sets):
         layers = np.concatenate([fs.layer_norms for fs in sets])
     return dataclasses.replace(
-        first, ids=[i for fs in sets for i in fs.ids], label=label,
+        first,
+        ids=[i for fs in sets for i in fs.ids],
+        label=label,
         values={k: np.concatenate([fs.values[k] for fs in sets]) for k in first.values},
-        layer_norms=layers, layer_names=first.layer_names if layers is not None else None,
-        seconds=sum(fs.seconds for fs in sets))
+        layer_norms=layers,
+        layer_names=first.layer_names if layers is not None else None,
+        seconds=sum(fs.seconds for fs in sets),
+    )
 
 
 def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dict[str, torch.Tensor]:
@@ -247,17 +262,20 @@ def select_parameters(unet: torch.nn.Module, params: str | Sequence[str]) -> dic
     if params == "trainable":
         chosen = {n: p for n, p in named.items() if p.requires_grad}
         if not chosen:
-            raise OriginError("the UNet has no trainable parameters (none has requires_grad), so ∇θ over 'trainable' "
-                              "is empty: pass params='all' (--params all), or add the adapter whose parameters "
-                              "should count.")
+            raise OriginError(
+                "the UNet has no trainable parameters (none has requires_grad), so ∇θ over 'trainable' "
+                "is empty: pass params='all' (--params all), or add the adapter whose parameters "
+                "should count."
+            )
     elif params == "all":
         chosen = named
     else:
         prefixes = tuple(params)
         chosen = {n: p for n, p in named.items() if n.startswith(prefixes)}
         if not chosen:
-            raise OriginError(f"no UNet parameter name starts with {list(prefixes)}; names look like "
-                              f"{list(named)[:3]}.")
+            raise OriginError(
+                f"no UNet parameter name starts with {list(prefixes)}; names look like {list(named)[:3]}."
+            )
     return chosen
 
 
@@ -281,16 +299,22 @@ def check_captions(spec: FeatureSpec, captions: list[str] | None, ids: list[str]
     if not spec.needs_captions:
         return
     if not conditional:
-        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) compare losses under different captions, but this "
-                          "model is unconditional: drop these families for a pixel model.")
+        raise OriginError(
+            f"families {list(CLID_FAMILIES)} (CLiD) compare losses under different captions, but this "
+            "model is unconditional: drop these families for a pixel model."
+        )
     if captions is None:
-        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) need each image's own caption: pass captions "
-                          "(`--captions sidecar` or `--captions metadata.jsonl`) or drop these families.")
+        raise OriginError(
+            f"families {list(CLID_FAMILIES)} (CLiD) need each image's own caption: pass captions "
+            "(`--captions sidecar` or `--captions metadata.jsonl`) or drop these families."
+        )
     empty = [ids[i] for i, c in enumerate(captions) if not str(c).strip()]
     if empty:
-        raise OriginError(f"families {list(CLID_FAMILIES)} (CLiD) need a caption for every image; {len(empty)} "
-                          f"have an empty one: {empty[:5]}{' ...' if len(empty) > 5 else ''}. Give them their "
-                          "captions or drop these families.")
+        raise OriginError(
+            f"families {list(CLID_FAMILIES)} (CLiD) need a caption for every image; {len(empty)} "
+            f"have an empty one: {empty[:5]}{' ...' if len(empty) > 5 else ''}. Give them their "
+            "captions or drop these families."
+        )
 
 
 def noise_for(key: str, t: int, seed: int, shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
@@ -317,8 +341,9 @@ def trajectory_features(
     """
     from tqdm.auto import tqdm
 
-    spec = spec or FeatureSpec(tuple(default_timesteps(model.scheduler.config.num_train_timesteps)),
-                               families=default_families(model))
+    spec = spec or FeatureSpec(
+        tuple(default_timesteps(model.scheduler.config.num_train_timesteps)), families=default_families(model)
+    )
     if isinstance(images, (list, tuple)):
         from montrage.origin.images import load_images
 
@@ -337,9 +362,11 @@ def trajectory_features(
     if spec.needs_snapshots:
         check_snapshots(model, spec.snapshots)
     if spec.needs_reference and not has_adapter(model.unet):
-        raise OriginError(f"families {list(REFERENCE_FAMILIES)} compare the model with its base (the UNet with its "
-                          "adapter disabled), but this UNet has no PEFT adapter (or it was fused into the weights): "
-                          "load the LoRA with `--lora`, or drop these families.")
+        raise OriginError(
+            f"families {list(REFERENCE_FAMILIES)} compare the model with its base (the UNet with its "
+            "adapter disabled), but this UNet has no PEFT adapter (or it was fused into the weights): "
+            "load the LoRA with `--lora`, or drop these families."
+        )
     t0 = time.perf_counter()
     unet, device = model.unet, model.device
     dtype = next(unet.parameters()).dtype
@@ -374,8 +401,9 @@ def trajectory_features(
         passes.append((("loss",), "pia", None, {"loss": "loss_pia"}, 1, False, caption_rows))
     ref = tuple(f for f in spec.families if f in REFERENCE_FAMILIES)
     if ref:
-        passes.append((tuple(f[:-4] for f in ref), spec.noise, "reference", {f[:-4]: f for f in ref}, D, False,
-                       caption_rows))
+        passes.append(
+            (tuple(f[:-4] for f in ref), spec.noise, "reference", {f[:-4]: f for f in ref}, D, False, caption_rows)
+        )
     hidden = []  # CLiD's losses under the caption, the null and the perturbed caption (differences at the end)
     if spec.needs_captions:
         if not clid_own:
@@ -384,8 +412,17 @@ def trajectory_features(
         others = {"clid_null": [""] * n, "clid_perturbed": [perturb_caption(c, k) for c, k in zip(captions, keys)]}
         for f in CLID_FAMILIES:
             if f in spec.families:
-                passes.append((("loss",), spec.noise, None, {"loss": "_" + f}, D, False,
-                               torch.arange(len(prompts), len(prompts) + n)))
+                passes.append(
+                    (
+                        ("loss",),
+                        spec.noise,
+                        None,
+                        {"loss": "_" + f},
+                        D,
+                        False,
+                        torch.arange(len(prompts), len(prompts) + n),
+                    )
+                )
                 prompts += others[f]
                 hidden.append("_" + f)
     # the training trajectory: the loss under each stored adapter, same ε; the model's own snapshot is the main loss
@@ -395,11 +432,14 @@ def trajectory_features(
         if name != "loss":
             passes.append((("loss",), spec.noise, r, {"loss": name}, D, False, caption_rows))
             hidden.append(name)
-    out = {f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden)
-           if f not in SNAPSHOT_FAMILIES}  # sums over draws
+    out = {
+        f: np.zeros((n, T), np.float64) for f in tuple(spec.families) + tuple(hidden) if f not in SNAPSHOT_FAMILIES
+    }  # sums over draws
     layers = np.zeros((n, T, len(theta)), np.float64) if spec.layer_norms else None
     with eval_without_checkpointing(unet, model.vae, model.text_encoder), vmap_safe_attention(device):
-        latents = (fam.latents(images, batch_size) if fam is not None else image_latents(model.vae, images, batch_size)).float()
+        latents = (
+            fam.latents(images, batch_size) if fam is not None else image_latents(model.vae, images, batch_size)
+        ).float()
         unique = sorted(set(prompts))
         conds = model.condition(unique)  # one embedding per distinct prompt, indexed per pair
         where = {p: k for k, p in enumerate(unique)}
@@ -407,15 +447,14 @@ def trajectory_features(
         pia = None
         if any(p[1] == "pia" for p in passes):
             pia = _pia_noise(model, latents, conds, to_unique[caption_rows], batch_size)
-        bar = tqdm(total=sum(n * T * p[4] for p in passes), desc="origin features", unit="pair",
-                   disable=not progress)
+        bar = tqdm(total=sum(n * T * p[4] for p in passes), desc="origin features", unit="pair", disable=not progress)
         for families, noise, weights, names, draws, keep_layers, rows_of in passes:
             prompt_index = to_unique[rows_of]
             pairs = [(i, j, d) for i in range(n) for j in range(T) for d in range(draws)]
             with _weights(model, weights):
                 pass_conds = model.condition(unique) if isinstance(weights, int) else conds  # text adapters change too
                 for start in range(0, len(pairs), batch_size):
-                    chunk = pairs[start:start + batch_size]
+                    chunk = pairs[start : start + batch_size]
                     ii = torch.tensor([p[0] for p in chunk])
                     tt = torch.tensor([spec.timesteps[p[1]] for p in chunk], dtype=torch.long)
                     z = latents[ii]
@@ -423,17 +462,26 @@ def trajectory_features(
                     if noise == "pia":
                         eps = pia[ii]
                     else:
-                        eps = torch.stack([noise_for(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2])
-                                           for p in chunk])
+                        eps = torch.stack(
+                            [noise_for(keys[p[0]], spec.timesteps[p[1]], spec.noise_seed, shape, p[2]) for p in chunk]
+                        )
                     if fam is not None:
                         noisy, target = fam.noise(z, eps, tt), fam.target(z, eps, tt)
                     else:
                         noisy = scheduler.add_noise(z, eps, tt)
                         target = scheduler.get_velocity(z, eps, tt) if v_pred else eps
                     cond = _take(pass_conds, prompt_index[ii], device, dtype)
-                    res = _pair_features(net, families, keep_layers, net_theta, net_rest,
-                                         noisy.to(device, dtype), tt.to(device), target.to(device, torch.float32),
-                                         cond)
+                    res = _pair_features(
+                        net,
+                        families,
+                        keep_layers,
+                        net_theta,
+                        net_rest,
+                        noisy.to(device, dtype),
+                        tt.to(device),
+                        target.to(device, torch.float32),
+                        cond,
+                    )
                     rows, cols = ii.numpy(), np.array([p[1] for p in chunk])
                     for f, v in res.items():  # unbuffered adds: a chunk may hold several draws of one (image, t)
                         np.add.at(layers if f == "layers" else out[names[f]], (rows, cols), v)
@@ -449,9 +497,16 @@ def trajectory_features(
     values = {f: out[f].astype(np.float32) for f in spec.families}
     if layers is not None:
         layers = (layers / D).astype(np.float32)
-    return FeatureSet(spec=spec, identity=model.identity(), ids=list(ids) if ids is not None else keys, values=values,
-                      layer_norms=layers, layer_names=list(theta) if spec.layer_norms else None, label=label,
-                      seconds=time.perf_counter() - t0)
+    return FeatureSet(
+        spec=spec,
+        identity=model.identity(),
+        ids=list(ids) if ids is not None else keys,
+        values=values,
+        layer_norms=layers,
+        layer_names=list(theta) if spec.layer_norms else None,
+        label=label,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _adapters_enabled(unet: torch.nn.Module) -> bool:
@@ -464,16 +519,24 @@ def check_snapshots(model: DiffusionModel, rows: Sequence[int]) -> None:
     """Refuse training-time features for a model that was not rebuilt from a store with adapter snapshots."""
     snapshots = model.snapshots
     if snapshots is None or not snapshots.lora:
-        raise OriginError("the loss_snapshots family reads the fine-tune's adapter at every stored snapshot, but this "
-                          "model " + ("was not built from a montrage store" if snapshots is None else
-                                      f"comes from store {snapshots.store.path!r}, which holds no adapter snapshots") +
-                          ": record them with MontrageCallback(save_lora_snapshots=True) on a LoRA run and use "
-                          "`montrage origin fit STORE` (or `store_diffusion_model`), or drop the family.")
+        raise OriginError(
+            "the loss_snapshots family reads the fine-tune's adapter at every stored snapshot, but this "
+            "model "
+            + (
+                "was not built from a montrage store"
+                if snapshots is None
+                else f"comes from store {snapshots.store.path!r}, which holds no adapter snapshots"
+            )
+            + ": record them with MontrageCallback(save_lora_snapshots=True) on a LoRA run and use "
+            "`montrage origin fit STORE` (or `store_diffusion_model`), or drop the family."
+        )
     held = snapshots.store.adapter_snapshots
     bad = [r for r in rows if not 0 <= r < held]
     if bad:
-        raise OriginError(f"snapshot rows {bad} are not in store {snapshots.store.path!r}, which holds adapter "
-                          f"snapshots 0..{held - 1}.")
+        raise OriginError(
+            f"snapshot rows {bad} are not in store {snapshots.store.path!r}, which holds adapter "
+            f"snapshots 0..{held - 1}."
+        )
 
 
 @contextlib.contextmanager
@@ -514,14 +577,15 @@ class FamilyNet(torch.nn.Module):
         return (self.family.denoise(x, t, cond),)
 
 
-
 def _take(conds, index: torch.Tensor, device, dtype):
     """The conditions of rows `index` (a tensor, or a family's dict of tensors), on the model's device."""
     if conds is None:
         return None
     if isinstance(conds, dict):
-        return {k: v.to(device, dtype) if k in SHARED_COND_KEYS else v[index.to(v.device)].to(device, dtype)
-                for k, v in conds.items()}
+        return {
+            k: v.to(device, dtype) if k in SHARED_COND_KEYS else v[index.to(v.device)].to(device, dtype)
+            for k, v in conds.items()
+        }
     return conds[index.to(conds.device)].to(device, dtype)
 
 
@@ -552,16 +616,17 @@ def _unet_kwargs(cond) -> dict:
 
 
 @torch.no_grad()
-def _pia_noise(model: DiffusionModel, latents: torch.Tensor, conds, prompt_index: torch.Tensor,
-               batch_size: int) -> torch.Tensor:
+def _pia_noise(
+    model: DiffusionModel, latents: torch.Tensor, conds, prompt_index: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """PIA's deterministic noise: the model's prediction at t = 0 on the clean input, ε = ε_θ(x, 0)."""
     device = model.device
     dtype = next(model.unet.parameters()).dtype
     fam = model.family
     out = []
     for i in range(0, len(latents), batch_size):
-        z = latents[i:i + batch_size].to(device, dtype)
-        cond = _take(conds, prompt_index[i:i + batch_size], device, dtype)
+        z = latents[i : i + batch_size].to(device, dtype)
+        cond = _take(conds, prompt_index[i : i + batch_size], device, dtype)
         t0 = torch.zeros(len(z), dtype=torch.long, device=device)
         if fam is not None:
             pred = fam.denoise(z, t0, cond)
@@ -569,12 +634,21 @@ def _pia_noise(model: DiffusionModel, latents: torch.Tensor, conds, prompt_index
                 pred = pred + z
         else:
             pred = model.unet(z, t0, **_unet_kwargs(cond))[0]
-        out.append(pred[:, :z.shape[1]].float().cpu())
+        out.append(pred[:, : z.shape[1]].float().cpu())
     return torch.cat(out)
 
 
-def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: dict, rest: dict, noisy: torch.Tensor,
-                   t: torch.Tensor, target: torch.Tensor, cond: torch.Tensor | None) -> dict[str, np.ndarray]:
+def _pair_features(
+    unet,
+    families: tuple[str, ...],
+    layer_norms: bool,
+    theta: dict,
+    rest: dict,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    target: torch.Tensor,
+    cond: torch.Tensor | None,
+) -> dict[str, np.ndarray]:
     """Loss and squared gradient norms (of the paper's `families`) for a batch of (image, t) pairs, each pair its
     own sample; `layers`, the per-tensor ‖∇θ L‖², too when `layer_norms`."""
     from torch.func import functional_call, grad, vmap
@@ -582,9 +656,10 @@ def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: di
     dims = tuple(range(1, noisy.ndim))
     want_x = "grad_x" in families
     if "grad_theta" in families or layer_norms:
+
         def loss_one(th, x, tt, tgt, c):
             kw = _unet_kwargs(_cond_one(c))
-            pred = functional_call(unet, (th, rest), (x[None], tt[None]), kw)[0][:, :x.shape[0]]
+            pred = functional_call(unet, (th, rest), (x[None], tt[None]), kw)[0][:, : x.shape[0]]
             loss = ((pred.float() - tgt[None]) ** 2).mean()
             return loss, loss
 
@@ -602,12 +677,12 @@ def _pair_features(unet, families: tuple[str, ...], layer_norms: bool, theta: di
         params = {**theta, **rest}
         x = noisy.detach().requires_grad_(True)
         with torch.enable_grad():
-            pred = functional_call(unet, params, (x, t), _unet_kwargs(cond))[0][:, :x.shape[1]]
+            pred = functional_call(unet, params, (x, t), _unet_kwargs(cond))[0][:, : x.shape[1]]
             loss = ((pred.float() - target) ** 2).mean(dim=dims)
             (g_x,) = torch.autograd.grad(loss.sum(), x)
         res = {"loss": loss.detach(), "grad_x": (g_x.float() ** 2).sum(dim=dims)}
     else:
         with torch.no_grad():
-            pred = functional_call(unet, {**theta, **rest}, (noisy, t), _unet_kwargs(cond))[0][:, :noisy.shape[1]]
+            pred = functional_call(unet, {**theta, **rest}, (noisy, t), _unet_kwargs(cond))[0][:, : noisy.shape[1]]
             res = {"loss": ((pred.float() - target) ** 2).mean(dim=dims)}
     return {k: v.detach().float().cpu().numpy() for k, v in res.items() if k in families or k == "layers"}

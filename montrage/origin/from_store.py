@@ -18,8 +18,14 @@ import numpy as np
 import torch
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import (CLID_FAMILIES, SNAPSHOT_FAMILIES, FeatureSpec, default_families,
-                                      default_timesteps, trajectory_features)
+from montrage.origin.features import (
+    CLID_FAMILIES,
+    SNAPSHOT_FAMILIES,
+    FeatureSpec,
+    default_families,
+    default_timesteps,
+    trajectory_features,
+)
 from montrage.origin.model import DiffusionModel
 
 MAX_SNAPSHOTS = 8  # rows of `loss_snapshots` by default: evenly spaced over the run, first and last included
@@ -48,9 +54,11 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     store = StoreReader(store_path, features=False)
     try:
         if not store.f["lora"].attrs.get("enabled", False) or store.adapter_snapshots == 0:
-            raise OriginError(f"store {store_path!r} holds no adapter snapshots, so the fine-tuned model cannot be "
-                              "rebuilt from it: record them with MontrageCallback(save_lora_snapshots=True) on a LoRA "
-                              "run, or classify with `montrage origin features --model BASE --lora WEIGHTS`.")
+            raise OriginError(
+                f"store {store_path!r} holds no adapter snapshots, so the fine-tuned model cannot be "
+                "rebuilt from it: record them with MontrageCallback(save_lora_snapshots=True) on a LoRA "
+                "run, or classify with `montrage origin features --model BASE --lora WEIGHTS`."
+            )
         sm = StoreModel(store, model_path=model_path, device=device or "cpu")
         sm.set_epoch(store.adapter_snapshots - 1)
     except BaseException:
@@ -60,9 +68,17 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     for name, p in c.unet.named_parameters():  # θ of ∇θ: the adapter, as when a LoRA is loaded from a file
         p.requires_grad_("lora_" in name)
     plain_sd = isinstance(sm.family, SDFamily)  # SD 1.x/2.x go the plain UNet way, as `load_diffusion_model`
-    return DiffusionModel(c.unet, c.scheduler, str(model_path or store.spec["config"].get("model_path")), c.vae,
-                          c.text_encoder, c.tokenizer, family=None if plain_sd else sm.family,
-                          resolution=sm.resolution, snapshots=sm)
+    return DiffusionModel(
+        c.unet,
+        c.scheduler,
+        str(model_path or store.spec["config"].get("model_path")),
+        c.vae,
+        c.text_encoder,
+        c.tokenizer,
+        family=None if plain_sd else sm.family,
+        resolution=sm.resolution,
+        snapshots=sm,
+    )
 
 
 def snapshot_rows(model: DiffusionModel, count: int | None = None) -> tuple[int, ...]:
@@ -74,8 +90,9 @@ def snapshot_rows(model: DiffusionModel, count: int | None = None) -> tuple[int,
     return tuple(sorted({int(round(x)) for x in np.linspace(0, held - 1, min(count, held))}))
 
 
-def store_feature_spec(model: DiffusionModel, families=None, timesteps: int = 10, noise_seed: int = 0,
-                       snapshots: int | None = None) -> FeatureSpec:
+def store_feature_spec(
+    model: DiffusionModel, families=None, timesteps: int = 10, noise_seed: int = 0, snapshots: int | None = None
+) -> FeatureSpec:
     """The feature spec of a store classifier: `families` (default montrage's; the word "default" expands to them,
     e.g. ["default", "loss_snapshots"]) at `timesteps` uniform steps; `loss_snapshots` at `snapshot_rows`. Captions
     condition only CLiD's families; the others stay under the empty prompt, as the benchmark measures them."""
@@ -85,12 +102,19 @@ def store_feature_spec(model: DiffusionModel, families=None, timesteps: int = 10
     fams = tuple(dict.fromkeys(fams))
     rows = snapshot_rows(model, snapshots) if any(f in SNAPSHOT_FAMILIES for f in fams) else ()
     if any(f in SNAPSHOT_FAMILIES for f in fams) and len(rows) < 2:
-        raise OriginError(f"the loss_snapshots family needs at least two adapter snapshots; store "
-                          f"{model.snapshots.store.path!r} holds {len(rows)}: snapshot more often (MontrageCallback "
-                          "every_n_epochs / every_n_steps) or drop the family.")
+        raise OriginError(
+            f"the loss_snapshots family needs at least two adapter snapshots; store "
+            f"{model.snapshots.store.path!r} holds {len(rows)}: snapshot more often (MontrageCallback "
+            "every_n_epochs / every_n_steps) or drop the family."
+        )
     num_train = int(model.scheduler.config.num_train_timesteps)
-    return FeatureSpec(tuple(default_timesteps(num_train, timesteps)), families=fams, noise_seed=noise_seed,
-                       snapshots=rows, captions_for="clid")
+    return FeatureSpec(
+        tuple(default_timesteps(num_train, timesteps)),
+        families=fams,
+        noise_seed=noise_seed,
+        snapshots=rows,
+        captions_for="clid",
+    )
 
 
 def load_external(paths: list[str], size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
@@ -105,8 +129,12 @@ def load_external(paths: list[str], size: int, channels: int) -> tuple[torch.Ten
         except OriginError as err:
             bad.append(f"{p}: {err}")
     if not good:
-        raise OriginError(f"no readable external image among {len(paths)} file(s): " + "; ".join(bad[:3]) +
-                          (" ..." if len(bad) > 3 else "") + ". Pass a folder of images the model never saw.")
+        raise OriginError(
+            f"no readable external image among {len(paths)} file(s): "
+            + "; ".join(bad[:3])
+            + (" ..." if len(bad) > 3 else "")
+            + ". Pass a folder of images the model never saw."
+        )
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable external image(s): " + "; ".join(bad[:3]), stacklevel=2)
     return torch.cat([x for _, x in good]), [p for p, _ in good]
@@ -117,16 +145,21 @@ def store_members(model: DiffusionModel, count: int, seed: int = 0) -> tuple[tor
     from montrage.data import DataError, read_example
 
     train = model.snapshots.store.all_train
-    rows = np.sort(np.random.default_rng(seed).permutation(len(train))[:count]) if count < len(train) \
+    rows = (
+        np.sort(np.random.default_rng(seed).permutation(len(train))[:count])
+        if count < len(train)
         else np.arange(len(train))
+    )
     pixels = []
     for r in rows:
         try:
             pixels.append(read_example(train[r], model.image_size))
         except (DataError, OSError) as err:
-            raise OriginError(f"training image {train[r].id!r} of store {model.snapshots.store.path!r} cannot be read "
-                              f"from {train[r].path!r} ({err}): run where the training data is, or pass --members 0 "
-                              "and give member images yourself.") from err
+            raise OriginError(
+                f"training image {train[r].id!r} of store {model.snapshots.store.path!r} cannot be read "
+                f"from {train[r].path!r} ({err}): run where the training data is, or pass --members 0 "
+                "and give member images yourself."
+            ) from err
     return torch.stack(pixels), [train[r].id for r in rows], [train[r].caption for r in rows]
 
 
@@ -158,23 +191,39 @@ def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, n
     test = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        test[idx[:int(round(holdout * len(idx)))]] = True
+        test[idx[: int(round(holdout * len(idx)))]] = True
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
 def _held_out_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     from montrage.origin.metrics import balanced_accuracy
 
-    return {"images": int(len(y)), "balanced_accuracy": round(balanced_accuracy(y, pred), 4),
-            "accuracy_per_class": {c: round(float(np.mean(pred[y == c] == c)), 4) if np.any(y == c) else None
-                                   for c in classes}}  # None: no held-out image of that class
+    return {
+        "images": int(len(y)),
+        "balanced_accuracy": round(balanced_accuracy(y, pred), 4),
+        "accuracy_per_class": {
+            c: round(float(np.mean(pred[y == c] == c)), 4) if np.any(y == c) else None for c in classes
+        },
+    }  # None: no held-out image of that class
 
 
-def fit_from_store(store_path: str, external: list[str], out: str | None = None, members: int = 200,
-                   generate: int | None = None, families=None, timesteps: int = 10, task: str = "ternary",
-                   external_captions: str | None = None, holdout: float = 0.25, seed: int = 0,
-                   model_path: str | None = None, device: str | None = None, batch_size: int = 32,
-                   progress: bool = True) -> dict:
+def fit_from_store(
+    store_path: str,
+    external: list[str],
+    out: str | None = None,
+    members: int = 200,
+    generate: int | None = None,
+    families=None,
+    timesteps: int = 10,
+    task: str = "ternary",
+    external_captions: str | None = None,
+    holdout: float = 0.25,
+    seed: int = 0,
+    model_path: str | None = None,
+    device: str | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
     """Fit an origin classifier for the store's fine-tuned model: members = up to `members` training images,
     generated = its probes (+ `generate` more; default: as many as make the class as large as the members),
     external = the images in `external` (files or folders). Held-out accuracy on a `holdout` share of each class,
@@ -198,21 +247,42 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     gen_pixels, gen_ids, gen_caps = store_generations(model, extra)
     captioned = any(f in CLID_FAMILIES for f in spec.families)
     if captioned and not external_captions:
-        raise OriginError(f"families {[f for f in spec.families if f in CLID_FAMILIES]} compare each image's loss "
-                          "under its own caption; the external images have none: give them with --captions "
-                          "(sidecar <image>.txt files or a metadata.jsonl), or drop the CLiD families.")
+        raise OriginError(
+            f"families {[f for f in spec.families if f in CLID_FAMILIES]} compare each image's loss "
+            "under its own caption; the external images have none: give them with --captions "
+            "(sidecar <image>.txt files or a metadata.jsonl), or drop the CLiD families."
+        )
     ext_caps = read_captions(ext_paths, external_captions) if captioned else None
-    groups = {"member": (mem_pixels, mem_ids, mem_caps), "generated": (gen_pixels, gen_ids, gen_caps),
-              "external": (ext_pixels, ext_paths, ext_caps)}
-    sets = [trajectory_features(model, x, spec, captions=caps if captioned else None, ids=ids, label=name,
-                                batch_size=batch_size, progress=progress) for name, (x, ids, caps) in groups.items()]
+    groups = {
+        "member": (mem_pixels, mem_ids, mem_caps),
+        "generated": (gen_pixels, gen_ids, gen_caps),
+        "external": (ext_pixels, ext_paths, ext_caps),
+    }
+    sets = [
+        trajectory_features(
+            model,
+            x,
+            spec,
+            captions=caps if captioned else None,
+            ids=ids,
+            label=name,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        for name, (x, ids, caps) in groups.items()
+    ]
     full = concat_feature_sets(sets)
     labels = np.concatenate([[fs.label] * len(fs) for fs in sets])
     tr, te = _split(labels, holdout, seed)
-    report = {"store": os.path.abspath(store_path), "task": task, "families": list(spec.families),
-              "timesteps": list(spec.timesteps), "snapshots": list(spec.snapshots),
-              "counts": {name: len(fs) for name, fs in zip(groups, sets)},
-              "seconds_features": round(sum(fs.seconds for fs in sets), 1)}
+    report = {
+        "store": os.path.abspath(store_path),
+        "task": task,
+        "families": list(spec.families),
+        "timesteps": list(spec.timesteps),
+        "snapshots": list(spec.snapshots),
+        "counts": {name: len(fs) for name, fs in zip(groups, sets)},
+        "seconds_features": round(sum(fs.seconds for fs in sets), 1),
+    }
     if len(te) and all(np.sum(labels[tr] == c) >= 2 for c in groups):
         held = OriginClassifier(task=task).fit(full.subset(tr), labels[tr])
         y, pred = relabel(labels[te], task), held.predict(full.subset(te))
@@ -227,8 +297,14 @@ def fit_from_store(store_path: str, external: list[str], out: str | None = None,
     return report
 
 
-def _features_under_stores(stores: list[str], pixels: torch.Tensor | list[str], spec_of, batch_size: int = 32,
-                           progress: bool = True, device: str | None = None) -> list:
+def _features_under_stores(
+    stores: list[str],
+    pixels: torch.Tensor | list[str],
+    spec_of,
+    batch_size: int = 32,
+    progress: bool = True,
+    device: str | None = None,
+) -> list:
     """Features of `pixels` (or image files, read at the first model's size) under each store's final model, one
     model in memory at a time."""
     from montrage.origin.images import load_images
@@ -244,10 +320,20 @@ def _features_under_stores(stores: list[str], pixels: torch.Tensor | list[str], 
     return out
 
 
-def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: list[str] | None = None,
-                          generate: int = 64, timesteps: int = 10, relative: bool = False, holdout: float = 0.25,
-                          seed: int = 0, batch_size: int = 32, device: str | None = None,
-                          progress: bool = True) -> dict:
+def fit_which_from_stores(
+    stores: list[str],
+    none: list[str],
+    out: str,
+    names: list[str] | None = None,
+    generate: int = 64,
+    timesteps: int = 10,
+    relative: bool = False,
+    holdout: float = 0.25,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Which of several fine-tunes made an image, or none: fit a ModelAttributor on `generate` generations of each
     store's final adapter (its probes, then its probe prompts with fresh seeds) and the `none` images (files or folders: real images,
     other models' generations), every image under every candidate; held-out balanced accuracy, then a refit on all,
@@ -280,11 +366,16 @@ def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: l
         grid = grid or default_timesteps(int(model.scheduler.config.num_train_timesteps), timesteps)
         return FeatureSpec(tuple(grid), families=default_families(model), noise_seed=seed)
 
-    per_candidate = _features_under_stores(stores, pixels, spec_of, batch_size=batch_size, progress=progress,
-                                           device=device)
-    report = {"candidates": names, "stores": [os.path.abspath(s) for s in stores],
-              "counts": {c: int(np.sum(labels == c)) for c in names + ["none"]}, "timesteps": list(grid),
-              "relative": relative}
+    per_candidate = _features_under_stores(
+        stores, pixels, spec_of, batch_size=batch_size, progress=progress, device=device
+    )
+    report = {
+        "candidates": names,
+        "stores": [os.path.abspath(s) for s in stores],
+        "counts": {c: int(np.sum(labels == c)) for c in names + ["none"]},
+        "timesteps": list(grid),
+        "relative": relative,
+    }
     tr, te = _split(labels, holdout, seed)
     if len(te) and all(np.sum(labels[tr] == c) >= 2 for c in names + ["none"]):
         held = ModelAttributor(names, families=per_candidate[0].spec.families, C="auto", relative=relative)
@@ -300,8 +391,9 @@ def fit_which_from_stores(stores: list[str], none: list[str], out: str, names: l
     return report
 
 
-def which_images(attributor: str, images: list[str], batch_size: int = 32, device: str | None = None,
-                 progress: bool = True) -> list[dict]:
+def which_images(
+    attributor: str, images: list[str], batch_size: int = 32, device: str | None = None, progress: bool = True
+) -> list[dict]:
     """Classify images with an attributor of `fit_which_from_stores`: each candidate rebuilt from its store."""
     from montrage.origin.images import expand_image_paths
     from montrage.origin.model_attribution import ModelAttributor
@@ -309,14 +401,23 @@ def which_images(attributor: str, images: list[str], batch_size: int = 32, devic
     att = ModelAttributor.load(attributor)
     stores = [ident.get("store") for ident in att.identities]
     if not all(stores):
-        raise OriginError(f"attributor {attributor!r} was not fit from stores (its candidates record none): use "
-                          "ModelAttributor.predict with features under each candidate.")
+        raise OriginError(
+            f"attributor {attributor!r} was not fit from stores (its candidates record none): use "
+            "ModelAttributor.predict with features under each candidate."
+        )
     missing = [s for s in stores if not os.path.isfile(s)]
     if missing:
         raise OriginError(f"the attributor's candidate stores {missing} do not exist here; refit it where they are.")
     paths = expand_image_paths(list(images))
-    per_candidate = _features_under_stores(stores, paths, lambda m: att.spec, batch_size=batch_size,
-                                           progress=progress, device=device)
+    per_candidate = _features_under_stores(
+        stores, paths, lambda m: att.spec, batch_size=batch_size, progress=progress, device=device
+    )
     proba = att.predict_proba(per_candidate)
-    return [{"image": p, "prediction": att.classes[int(np.argmax(row))],
-             "probabilities": {c: float(v) for c, v in zip(att.classes, row)}} for p, row in zip(paths, proba)]
+    return [
+        {
+            "image": p,
+            "prediction": att.classes[int(np.argmax(row))],
+            "probabilities": {c: float(v) for c, v in zip(att.classes, row)},
+        }
+        for p, row in zip(paths, proba)
+    ]

@@ -45,8 +45,10 @@ def read_captions(paths: list[str], source: str) -> list[str]:
     if source == "sidecar":
         return [_sidecar_caption(p) for p in paths]
     if not os.path.isfile(source):
-        raise OriginError(f"captions file {source!r} does not exist: pass 'sidecar' (a .txt beside each image) or a "
-                          "metadata.jsonl with file_name and text fields.")
+        raise OriginError(
+            f"captions file {source!r} does not exist: pass 'sidecar' (a .txt beside each image) or a "
+            "metadata.jsonl with file_name and text fields."
+        )
     texts = {}
     with open(source, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -56,8 +58,10 @@ def read_captions(paths: list[str], source: str) -> list[str]:
                 row = json.loads(line)
                 texts[os.path.basename(row["file_name"])] = str(row["text"])
             except (ValueError, KeyError, TypeError) as err:
-                raise OriginError(f"captions file {source!r}, line {number}: expected a JSON object with 'file_name' "
-                                  f"and 'text' ({type(err).__name__}: {err}).") from err
+                raise OriginError(
+                    f"captions file {source!r}, line {number}: expected a JSON object with 'file_name' "
+                    f"and 'text' ({type(err).__name__}: {err})."
+                ) from err
     return [texts.get(os.path.basename(p), "") for p in paths]
 
 
@@ -83,8 +87,10 @@ def images_to_pixels(ims: list, names: list[str], size: int, channels: int = 3, 
     from PIL import Image
 
     if channels not in (1, 3):
-        raise OriginError(f"the model takes {channels}-channel images; only 1 (greyscale) or 3 (RGB) can be read "
-                          "from files. Pass a tensor instead.")
+        raise OriginError(
+            f"the model takes {channels}-channel images; only 1 (greyscale) or 3 (RGB) can be read "
+            "from files. Pass a tensor instead."
+        )
     out = []
     for name, im in zip(names, ims):
         im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
@@ -92,8 +98,10 @@ def images_to_pixels(ims: list, names: list[str], size: int, channels: int = 3, 
         w, h = im.size
         if (w, h) != (size, size):
             if not resize:
-                raise OriginError(f"image {name!r} is {w}x{h} but the model works on {size}x{size} images: resize it "
-                                  f"to {size}x{size} first, or pass resize=True (--resize) to centre-crop and resize.")
+                raise OriginError(
+                    f"image {name!r} is {w}x{h} but the model works on {size}x{size} images: resize it "
+                    f"to {size}x{size} first, or pass resize=True (--resize) to centre-crop and resize."
+                )
             im = center_crop_resize(im, size)
         arr = np.asarray(im, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -104,19 +112,25 @@ def images_to_pixels(ims: list, names: list[str], size: int, channels: int = 3, 
 def check_images(images: torch.Tensor, size: int, channels: int, what: str = "images") -> torch.Tensor:
     """Validate a (N, C, H, W) batch against the model; returns it as float32."""
     if not isinstance(images, torch.Tensor):
-        raise OriginError(f"{what} must be a torch tensor (N, C, H, W) in [-1, 1] or a list of image paths, "
-                          f"not {type(images).__name__}.")
+        raise OriginError(
+            f"{what} must be a torch tensor (N, C, H, W) in [-1, 1] or a list of image paths, "
+            f"not {type(images).__name__}."
+        )
     if images.ndim != 4:
         raise OriginError(f"{what} must have shape (N, C, H, W); got {tuple(images.shape)}.")
     if len(images) == 0:
         raise OriginError(f"no {what} given: the batch is empty; pass at least one image.")
     n, c, h, w = images.shape
     if c != channels:
-        raise OriginError(f"{what} have {c} channels but the model takes {channels}-channel images: convert them "
-                          f"(e.g. greyscale -> RGB by repeating the channel) before extracting features.")
+        raise OriginError(
+            f"{what} have {c} channels but the model takes {channels}-channel images: convert them "
+            f"(e.g. greyscale -> RGB by repeating the channel) before extracting features."
+        )
     if (h, w) != (size, size):
-        raise OriginError(f"{what} are {h}x{w} but the model works on {size}x{size} images: resize them to "
-                          f"{size}x{size} first (files: pass resize=True / --resize).")
+        raise OriginError(
+            f"{what} are {h}x{w} but the model works on {size}x{size} images: resize them to "
+            f"{size}x{size} first (files: pass resize=True / --resize)."
+        )
     if not torch.isfinite(images).all():
         raise OriginError(f"{what} contain NaN or infinite values.")
     return images.float()

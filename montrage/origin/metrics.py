@@ -3,7 +3,7 @@
 An attack is useful when it is right as it says "member" (TPR at 1 % and 0.1 % FPR), not only on average (AUC).
 The ternary task is scored as the paper's Table 6 does: one-vs-rest curves with *member* and with *generated* as
 the positive class, averaged; balanced accuracy of the predicted class. The AUC and TPR@FPR come from
-`montrage.metrics` (shared with the attribution benchmarks).
+`montrage.metrics` (scikit-learn's ROC, shared with the attribution benchmarks).
 """
 
 from __future__ import annotations
@@ -31,17 +31,13 @@ def best_threshold(scores, labels) -> float:
 
     For threshold attacks, chosen on the training split and then applied to the test split.
     """
-    s = np.asarray(scores, np.float64).ravel()
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(labels, bool).ravel()
     if y.all() or not y.any():
         raise ValueError("best_threshold needs both positives and negatives.")
-    order = np.argsort(-s, kind="stable")
-    ss, yy = s[order], y[order]
-    last = np.r_[ss[1:] != ss[:-1], True]
-    tpr = np.cumsum(yy)[last] / y.sum()
-    tnr = 1 - np.cumsum(~yy)[last] / (~y).sum()
-    k = int(np.argmax((tpr + tnr) / 2))
-    return float(ss[last][k])
+    fpr, tpr, thresholds = roc_curve(y, np.asarray(scores, np.float64).ravel(), drop_intermediate=False)
+    return float(thresholds[1:][int(np.argmax((tpr[1:] + 1 - fpr[1:]) / 2))])  # [0] is +inf: nobody flagged
 
 
 def binary_report(scores, labels, predictions=None) -> dict:
@@ -70,8 +66,11 @@ def ovr_report(proba, y_true, classes, positives=("member", "generated")) -> dic
     per = {}
     for c in pos:
         k = classes.index(c)
-        per[c] = {"auc": roc_auc(proba[:, k], y_true == c), "tpr@1%fpr": tpr_at_fpr(proba[:, k], y_true == c, 0.01),
-                  "tpr@0.1%fpr": tpr_at_fpr(proba[:, k], y_true == c, 0.001)}
+        per[c] = {
+            "auc": roc_auc(proba[:, k], y_true == c),
+            "tpr@1%fpr": tpr_at_fpr(proba[:, k], y_true == c, 0.01),
+            "tpr@0.1%fpr": tpr_at_fpr(proba[:, k], y_true == c, 0.001),
+        }
     pred = np.asarray(classes)[np.argmax(proba, axis=1)]
     out = {key: float(np.mean([per[c][key] for c in pos])) for key in ("auc", "tpr@1%fpr", "tpr@0.1%fpr")}
     out["balanced_accuracy"] = balanced_accuracy(y_true, pred)

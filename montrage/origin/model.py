@@ -120,23 +120,29 @@ def same_model(a: dict, b: dict) -> bool:
 
 
 def describe_identity(ident: dict) -> str:
-    return (f"{ident.get('model_id')!r} ({ident.get('unet_class')}, config {ident.get('unet_config_sha')}, "
-            f"weights {ident.get('weights_sha', '?')})")
+    return (
+        f"{ident.get('model_id')!r} ({ident.get('unet_class')}, config {ident.get('unet_config_sha')}, "
+        f"weights {ident.get('weights_sha', '?')})"
+    )
 
 
 def check_same_model(expected: dict, actual: dict, what: str, fix: str) -> None:
     """Raise an OriginError naming both models when `what` (a features file, a classifier) came from another model."""
     if not same_model(expected, actual):
-        raise OriginError(f"{what} was made with model {describe_identity(expected)}, but the model given is "
-                          f"{describe_identity(actual)}. {fix}")
+        raise OriginError(
+            f"{what} was made with model {describe_identity(expected)}, but the model given is "
+            f"{describe_identity(actual)}. {fix}"
+        )
 
 
 def _pipeline_config(path: str) -> dict:
     from diffusers import DiffusionPipeline
 
     if os.path.isfile(path):
-        raise OriginError(f"{path!r} is a file, not a diffusion model: pass the model folder (the one holding "
-                          "model_index.json, written by `save_pretrained`) or a hub id.")
+        raise OriginError(
+            f"{path!r} is a file, not a diffusion model: pass the model folder (the one holding "
+            "model_index.json, written by `save_pretrained`) or a hub id."
+        )
     try:
         return DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as err:
@@ -148,8 +154,13 @@ def _pipeline_config(path: str) -> dict:
         ) from err
 
 
-def load_diffusion_model(path: str, lora: str | None = None, device: str | torch.device | None = None,
-                         torch_dtype: torch.dtype | None = None, resolution: int | None = None) -> DiffusionModel:
+def load_diffusion_model(
+    path: str,
+    lora: str | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+    resolution: int | None = None,
+) -> DiffusionModel:
     """Load a pixel DDPM (model_index.json with unet + scheduler) or a latent text-to-image model (+ vae, text
     encoder, tokenizer) from a local folder or hub id, with a DDPM scheduler for the training noise schedule.
 
@@ -160,8 +171,10 @@ def load_diffusion_model(path: str, lora: str | None = None, device: str | torch
     if "transformer" in cfg or "text_encoder_2" in cfg:  # SDXL, SD3, Flux: through their family adapter
         return _load_family_model(path, lora, device, torch_dtype, resolution)
     if "unet" not in cfg:
-        raise OriginError(f"{path!r} holds a {cfg.get('_class_name', 'diffusers')} pipeline without a `unet` "
-                          "component; origin attribution needs a UNet denoiser (UNet2DModel or UNet2DConditionModel).")
+        raise OriginError(
+            f"{path!r} holds a {cfg.get('_class_name', 'diffusers')} pipeline without a `unet` "
+            "component; origin attribution needs a UNet denoiser (UNet2DModel or UNet2DConditionModel)."
+        )
     if "vae" in cfg:
         from montrage.components import ModelLoadError, load_components
 
@@ -179,8 +192,9 @@ def load_diffusion_model(path: str, lora: str | None = None, device: str | torch
             unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype)
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         except (OSError, ValueError) as err:
-            raise OriginError(f"could not load a pixel diffusion model (unet/ = UNet2DModel, scheduler/) from "
-                              f"{path!r}: {err}") from err
+            raise OriginError(
+                f"could not load a pixel diffusion model (unet/ = UNet2DModel, scheduler/) from {path!r}: {err}"
+            ) from err
         model = DiffusionModel(unet, scheduler, str(path))
     if lora:
         _load_lora(model.unet, lora)
@@ -202,8 +216,9 @@ def _load_family_model(path, lora, device, torch_dtype, resolution) -> Diffusion
     except ModelLoadError as err:
         raise OriginError(str(err)) from err
     family = make_family(c.parts, None, None, resolution)
-    model = DiffusionModel(c.unet, c.scheduler, str(path), c.vae, c.text_encoder, c.tokenizer, family=family,
-                           resolution=resolution)
+    model = DiffusionModel(
+        c.unet, c.scheduler, str(path), c.vae, c.text_encoder, c.tokenizer, family=family, resolution=resolution
+    )
     for m in family.modules():
         m.requires_grad_(False).eval()
         if device is not None:
@@ -216,15 +231,19 @@ def _load_family_model(path, lora, device, torch_dtype, resolution) -> Diffusion
 
 def _load_lora(unet: torch.nn.Module, lora: str, prefix: str = "unet") -> None:
     if not os.path.exists(lora):
-        raise OriginError(f"LoRA weights {lora!r} do not exist: pass the folder or the .safetensors file written by "
-                          "`save_lora_weights` (e.g. pytorch_lora_weights.safetensors).")
+        raise OriginError(
+            f"LoRA weights {lora!r} do not exist: pass the folder or the .safetensors file written by "
+            "`save_lora_weights` (e.g. pytorch_lora_weights.safetensors)."
+        )
     if os.path.isdir(lora):
         files = sorted(f for f in os.listdir(lora) if f.endswith(".safetensors"))
         if "pytorch_lora_weights.safetensors" in files:
             files = ["pytorch_lora_weights.safetensors"]
         if len(files) != 1:
-            raise OriginError(f"LoRA folder {lora!r} should hold one .safetensors file (pytorch_lora_weights."
-                              f"safetensors), found {files or 'none'}: pass the file itself.")
+            raise OriginError(
+                f"LoRA folder {lora!r} should hold one .safetensors file (pytorch_lora_weights."
+                f"safetensors), found {files or 'none'}: pass the file itself."
+            )
         lora = os.path.join(lora, files[0])
     unet.requires_grad_(False)
     try:

@@ -21,13 +21,17 @@ from montrage.origin.model import check_same_model
 
 def _check_aligned(per_candidate: list[FeatureSet], n_candidates: int) -> None:
     if len(per_candidate) != n_candidates:
-        raise OriginError(f"{len(per_candidate)} feature sets for {n_candidates} candidate models: give the images' "
-                          "features under every candidate, in the candidates' order.")
+        raise OriginError(
+            f"{len(per_candidate)} feature sets for {n_candidates} candidate models: give the images' "
+            "features under every candidate, in the candidates' order."
+        )
     ids = per_candidate[0].ids
     for fs in per_candidate[1:]:
         if fs.ids != ids:
-            raise OriginError("the candidates' feature sets hold different images (ids differ): compute them on the "
-                              "same images in the same order.")
+            raise OriginError(
+                "the candidates' feature sets hold different images (ids differ): compute them on the "
+                "same images in the same order."
+            )
 
 
 def candidate_losses(per_candidate: list[FeatureSet]) -> np.ndarray:
@@ -72,8 +76,14 @@ class ModelAttributor:
     mean; the standardised, regularised probe reads "which candidate is at home" from the differences, and the last
     K columns are the lowest-loss rule's statistic, one strong column per candidate instead of one per t."""
 
-    def __init__(self, candidates: list[str], families=FAMILIES, transform: str = "log", C: float | str = 1.0,
-                 relative: bool = False):
+    def __init__(
+        self,
+        candidates: list[str],
+        families=FAMILIES,
+        transform: str = "log",
+        C: float | str = 1.0,
+        relative: bool = False,
+    ):
         if len(candidates) < 1 or len(set(candidates)) != len(candidates):
             raise OriginError(f"candidate names must be unique and non-empty, got {candidates}.")
         self.candidates = list(candidates)
@@ -92,11 +102,17 @@ class ModelAttributor:
         _check_aligned(per_candidate, len(self.candidates))
         if self.identities:
             for name, ident, fs in zip(self.candidates, self.identities, per_candidate):
-                check_same_model(ident, fs.identity, f"the attributor's candidate {name!r}",
-                                 "Pass the features under the candidates in the order they were trained with.")
+                check_same_model(
+                    ident,
+                    fs.identity,
+                    f"the attributor's candidate {name!r}",
+                    "Pass the features under the candidates in the order they were trained with.",
+                )
                 if not self.spec.compatible(fs.spec):
-                    raise OriginError(f"features under {name!r} use spec {fs.spec.to_dict()}, but the attributor "
-                                      f"expects {self.spec.to_dict()}.")
+                    raise OriginError(
+                        f"features under {name!r} use spec {fs.spec.to_dict()}, but the attributor "
+                        f"expects {self.spec.to_dict()}."
+                    )
         blocks = [feature_matrix(fs, self.families, self.transform)[0] for fs in per_candidate]
         if self.relative:
             mean = np.mean(blocks, axis=0)
@@ -125,8 +141,15 @@ class ModelAttributor:
     def save(self, folder: str) -> str:
         if self.spec is None:
             raise OriginError("the attributor is not fitted: nothing to save.")
-        meta = {"kind": "model_attribution", "candidates": self.candidates, "families": list(self.families),
-                "transform": self.transform, "relative": self.relative, "spec": self.spec.to_dict(), "identities": self.identities}
+        meta = {
+            "kind": "model_attribution",
+            "candidates": self.candidates,
+            "families": list(self.families),
+            "transform": self.transform,
+            "relative": self.relative,
+            "spec": self.spec.to_dict(),
+            "identities": self.identities,
+        }
         return save_probe(folder, meta, self.probe)
 
     @classmethod
@@ -134,19 +157,28 @@ class ModelAttributor:
         meta, probe = load_probe(folder, "model_attribution")
         where = os.path.join(folder, JSON_NAME)
         try:
-            att = cls(meta["candidates"], families=meta["families"], transform=meta["transform"], C=probe.C,
-                      relative=meta.get("relative", False))
+            att = cls(
+                meta["candidates"],
+                families=meta["families"],
+                transform=meta["transform"],
+                C=probe.C,
+                relative=meta.get("relative", False),
+            )
             att.spec = FeatureSpec.from_dict(meta["spec"])
             att.identities = [dict(i) for i in meta["identities"]]
         except (KeyError, TypeError) as err:
             raise OriginError(f"attributor file {where!r}: field {err} is missing or invalid; refit it.") from err
         if len(att.identities) != len(att.candidates):
-            raise OriginError(f"attributor file {where!r}: {len(att.identities)} identities for "
-                              f"{len(att.candidates)} candidates; refit it.")
+            raise OriginError(
+                f"attributor file {where!r}: {len(att.identities)} identities for "
+                f"{len(att.candidates)} candidates; refit it."
+            )
         K = len(att.candidates)
         expected = (K + att.relative) * sum(len(att.spec.columns(f)) for f in att.families) + K * att.relative
         if len(probe.mean) != expected:
-            raise OriginError(f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
-                              f"{expected}; the files do not belong together, refit it.")
+            raise OriginError(
+                f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
+                f"{expected}; the files do not belong together, refit it."
+            )
         att.probe = probe
         return att
