@@ -42,8 +42,8 @@ class MemorizationGuard(Callback):
 
     Args:
         pixel_threshold: Pearson correlation of probe and training thumbnails at or above which a probe counts as a
-            copy (None: off). Default 0.97: on the tiny digits demo a normal run's generations reach at most 0.962
-            with their nearest training digit, over-trained runs 0.98-0.996 (README, "Memorization guard").
+            copy (None: off). The default 0.97 lies between a normal run's maxima and over-trained runs' copies
+            (docs/results.md, "Memorization guard").
         representation_threshold: centred cosine of the stored features (layer `layer`, all timesteps) at or above
             which a probe counts as a copy (None: off, the default: pooled features did not separate copies from
             ordinary same-concept generations in our measurements).

@@ -178,112 +178,12 @@ def cmd_tiny_base(args) -> int:
     return 0
 
 
-def _digits(text: str) -> list[int]:
-    return [int(c) for c in text.split(",")]
-
-
-def _names(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def cmd_bench(args) -> int:
-    if args.what == "attribution":
-        from montrage.recipes.bench_attribution import run_attribution_bench
+    """`montrage bench NAME [flags]`: the benchmark module parses its own flags (`montrage bench NAME --help`)."""
+    import importlib
 
-        run_attribution_bench(
-            args.out or "attribution_results.json",
-            _digits(args.concepts or "0,1,2,3,4,5,6,7,8,9"),
-            images_per_concept=args.images_per_concept or 8,
-            epochs=args.epochs or 6,
-            seeds=[int(s) for s in str(args.seed).split(",")],
-            data_dir=args.data_dir,
-            keep=args.keep,
-            within=args.within,
-            exemplar_repeats=args.exemplar_repeats,
-            projection_width=None if args.projection_width in (None, "none") else int(args.projection_width),
-            dataset=args.dataset,
-            themes=_names(args.themes),
-            pretrain_themes=_names(args.pretrain_themes),
-            icons_dir=args.icons_dir,
-            icons_per_theme=args.icons_per_theme,
-            fit_seeds=[int(x) for x in args.fit_seeds.split(",")] if args.fit_seeds else None,
-            pretrain_text_encoder=args.pretrain_text_encoder,
-            rescore=args.rescore,
-        )
-        return 0
-    if args.what == "counterfactual":
-        from montrage.recipes.bench_counterfactual import run_counterfactual
-
-        run_counterfactual(
-            args.out or "counterfactual.json",
-            args.dataset,
-            _digits(args.concepts or "1,4,7,9"),
-            args.images_per_concept or 8,
-            _names(args.themes),
-            _names(args.pretrain_themes),
-            args.icons_dir,
-            args.icons_per_theme,
-            args.queries,
-            tuple(float(k) for k in args.k.split(",")),
-            int(args.seed),
-            args.epochs or 6,
-            _names(args.methods),
-            pretrain_text_encoder=args.pretrain_text_encoder,
-        )
-        return 0
-    if args.what == "origin":
-        from montrage.recipes.bench_origin import main as origin_bench_main
-
-        origin_bench_main(
-            ["--out", args.out or "origin_results.json", "--seed", str(args.seed)]
-            + (["--members", str(args.members)] if args.members else [])
-            + (["--timesteps", str(args.timesteps)] if args.timesteps else [])
-        )
-        return 0
-    if args.what == "adapters":
-        from montrage.recipes.bench_adapters import main as adapters_bench_main
-
-        adapters_bench_main(
-            ["--out", args.out or "adapters_results.json", "--seed", str(args.seed)]
-            + (["--timesteps", str(args.timesteps)] if args.timesteps else [])
-        )
-        return 0
-    if args.what == "scale":
-        from montrage.recipes.bench_scale import run_scale
-
-        sizes = args.sizes if args.sizes != "100,1000,10000" else "1000,10000,100000"
-        result = run_scale(tuple(int(n) for n in sizes.split(",")), out=args.out)
-        print(json.dumps(result, indent=1))
-        return 0
-    if args.what == "query":
-        from montrage.recipes.bench import run_query_latency
-
-        result = run_query_latency(tuple(int(n) for n in args.sizes.split(",")), out=args.out)
-        print(json.dumps(result, indent=1))
-        return 0
-    if args.what == "overhead":
-        from montrage.recipes.bench import run_overhead
-
-        result = run_overhead(
-            epochs=args.epochs or 3,
-            images_per_concept=args.images_per_concept or 16,
-            repeats=args.repeats,
-            rounds=args.rounds,
-            out=args.out,
-            mode=args.mode,
-            model=args.model,
-            accelerator=args.accelerator,
-            resolution=args.resolution,
-        )
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
-        return 0
-    if args.what == "memory":
-        from montrage.recipes.bench_memory import run_memory
-
-        result = run_memory(images=args.images, small=args.small, out=args.out)
-        print(json.dumps(result, indent=1))
-        return 0
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+    module = importlib.import_module(f"montrage.bench.{args.name.replace('-', '_')}")
+    return int(module.main(args.flags) or 0)
 
 
 def cmd_attribute(args) -> int:
@@ -387,96 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tiny-base", help="build (once) and print the path of the cached tiny offline base model")
     s.set_defaults(fn=cmd_tiny_base)
 
-    s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument(
-        "what", choices=["overhead", "attribution", "counterfactual", "query", "origin", "adapters", "memory", "scale"]
+    from montrage.bench import BENCHMARKS
+
+    listing = "\n".join(f"  {name.replace('_', '-'):16s}{what}" for name, what in BENCHMARKS.items())
+    s = sub.add_parser(
+        "bench",
+        help="benchmarks (`montrage bench NAME --help` for each one's flags)",
+        description="benchmarks:\n" + listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument(
-        "--images", type=int, default=4000, help="memory: images in the folder, all monitored in the large run"
-    )
-    s.add_argument("--small", type=int, default=500, help="memory: monitored images in the small run")
-    s.add_argument("--members", type=int, default=None, help="origin: member images the pixel DDPM trains on (200)")
-    s.add_argument("--timesteps", type=int, default=None, help="origin: timesteps in the trajectory grid (20)")
-    s.add_argument("--sizes", default="100,1000,10000", help="query: training-set sizes (synthetic stores)")
-    s.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (overhead: 3, attribution: 6)")
-    s.add_argument("--images-per-concept", type=int, default=None, help="(overhead: 16, attribution: 8)")
-    s.add_argument(
-        "--concepts", default=None, help="attribution: digit concepts (default: all ten; counterfactual: 1,4,7,9)"
-    )
-    s.add_argument("--seed", default="0", help="attribution: seed, or several comma-separated (mean ± std)")
-    s.add_argument("--data-dir", default=None, help="attribution: image folder with one subfolder per concept")
-    s.add_argument("--keep", default=None, help="attribution: keep each seed's store and models in this folder")
-    s.add_argument(
-        "--rescore",
-        default=None,
-        help="attribution: a --keep folder whose runs are scored again with "
-        "montrage refitted (the baselines' saved scores reused; same flags as the kept run)",
-    )
-    s.add_argument(
-        "--dataset",
-        default="digits",
-        choices=["digits", "icons"],
-        help="attribution: digits on the digits base, or installed icon themes on the art base",
-    )
-    s.add_argument("--themes", default=None, help="attribution (icons): the customized icon themes, comma-separated")
-    s.add_argument(
-        "--pretrain-themes",
-        default=None,
-        help="attribution (icons): the art base's pre-training themes "
-        "(default: one installed theme of every other family)",
-    )
-    s.add_argument(
-        "--pretrain-text-encoder",
-        default="frozen",
-        choices=["frozen", "train"],
-        help="attribution (icons): leave the art base's text encoder as built while its UNet pre-trains (as "
-        "Stable Diffusion's UNet learns on a frozen CLIP; the default), or train it with the UNet",
-    )
-    s.add_argument("--icons-dir", default=None, help="attribution (icons): folder of icon themes (/usr/share/icons)")
-    s.add_argument("--icons-per-theme", type=int, default=16, help="attribution (icons): training icons per theme")
-    s.add_argument("--queries", type=int, default=8, help="counterfactual: held-out queries retrained for")
-    s.add_argument(
-        "--k",
-        default="0.05,0.1",
-        help="counterfactual: removed images, as fractions of the training set (< 1) or counts, comma-separated",
-    )
-    s.add_argument("--methods", default=None, help="counterfactual: methods to retrain for (default: all, and random)")
-    s.add_argument(
-        "--fit-seeds",
-        default=None,
-        help="attribution: also refit the attribution model with each of "
-        "these seeds (comma-separated) on every run's store and report the spread",
-    )
-    s.add_argument("--repeats", type=int, default=40, help="passes over the images per epoch (demo default)")
-    s.add_argument(
-        "--within",
-        default="exemplar",
-        choices=["exemplar", "tokens"],
-        help="attribution: within-concept ground truth (an over-sampled exemplar, or per-image tokens)",
-    )
-    s.add_argument(
-        "--exemplar-repeats",
-        type=int,
-        default=8,
-        help="attribution: how many times more often each concept's exemplar image is seen",
-    )
-    s.add_argument("--rounds", type=int, default=2, help="alternating without/with pairs")
-    s.add_argument(
-        "--projection-width",
-        default="none",
-        help="attribution: store features through a random "
-        "projection to this width ('none': unprojected; the benchmark's pooled features are 128 wide)",
-    )
-    s.add_argument("--mode", default="both", choices=["inline", "deferred", "both"], help="overhead: monitoring modes")
-    s.add_argument(
-        "--model",
-        default="tiny",
-        choices=["tiny", "sd15", "sdxl"],
-        help="overhead: the tiny base, or random-weight SD 1.5 / SDXL architectures (256 / 1024 px)",
-    )
-    s.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="overhead: where training runs")
-    s.add_argument("--resolution", type=int, default=None, help="overhead: image side (tiny 16, sd15 256, sdxl 1024)")
-    s.add_argument("--out", default=None, help="write the result JSON here too")
+    s.add_argument("name", choices=[n.replace("_", "-") for n in BENCHMARKS], metavar="NAME")
+    s.add_argument("flags", nargs=argparse.REMAINDER, help="that benchmark's flags")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("attribute", help="MONTRAGE attribution: fit the attribution model, answer queries")

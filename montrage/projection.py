@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_WIDTH = 128  # 3 timesteps x 128 x fp16 = 768 bytes per (image, snapshot, layer) (README, Scale)
+DEFAULT_WIDTH = 128  # 3 timesteps x 128 x fp16 = 768 bytes per (image, snapshot, layer) (docs/results.md, "Scale")
 
 
 def projection_matrices(pooled_dims: dict[str, int], width: int | None, seed: int = 0) -> dict[str, np.ndarray]:

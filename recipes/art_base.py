@@ -123,7 +123,7 @@ def default_pool(customized: list[str], icons_dir: str = icons.ICONS_DIR, size: 
         raise icons.DataError(
             f"the art base needs at least two icon themes outside the customized families "
             f"({', '.join(sorted(taken))}) with {MIN_POOL_ICONS}+ icons in {icons_dir!r}; found "
-            f"{pool or 'none'}: install more themes (see the README) or pass --pretrain-themes."
+            f"{pool or 'none'}: install more themes (docs/results.md, 'Real artwork: icon themes') or pass --pretrain-themes."
         )
     return pool
 

@@ -4,7 +4,7 @@ Each theme is one design team's style (the concept, the "artist"); themes draw t
 printer, user-trash, ...), so style and content can be told apart. Icons are found through each theme's
 `index.theme` (the freedesktop icon-theme layout), rasterized to a fixed size on a fixed background and written as a
 concept folder (`<out>/<theme>/<icon>.png` with a caption sidecar `.txt`), which every montrage command reads like a
-user's own images. Themes are installed with the system's package manager (see the README); nothing is committed.
+user's own images. Themes are installed with the system's package manager (docs/results.md, 'Real artwork: icon themes'); nothing is committed.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def installed_themes(icons_dir: str = ICONS_DIR) -> dict[str, str]:
     """Theme name (its folder) -> folder, for every folder with an `index.theme` that lists icon directories."""
     if not os.path.isdir(icons_dir):
         raise DataError(
-            f"icon folder {icons_dir!r} does not exist: install icon themes (see the README) or pass "
+            f"icon folder {icons_dir!r} does not exist: install icon themes (docs/results.md, 'Real artwork: icon themes') or pass "
             "--icons-dir pointing at a folder of themes."
         )
     out = {}
@@ -255,7 +255,7 @@ def resolve_themes(themes: list[str], icons_dir: str = ICONS_DIR) -> dict[str, s
         if key is None:
             raise DataError(
                 f"icon theme {t!r} is not installed in {icons_dir!r}; installed: {', '.join(have) or 'none'} "
-                "(install more with apt-get, see the README, or pass --icons-dir)."
+                "(install more with apt-get, see docs/results.md, or pass --icons-dir)."
             )
         out[key] = have[key]
     if len(out) != len(themes):

@@ -115,7 +115,7 @@ def monitor_args(**kw):
 
 
 def plain_loop(model_dir, data_root, store=None, steps=5, seed=0, batch_size=2, pause=0.0, **monitor_kw):
-    """A plain PyTorch LoRA loop; with `store`, monitored with the six lines of the README. Returns (losses, lora, monitor)."""
+    """A plain PyTorch LoRA loop; with `store`, monitored with the six lines of the README snippet. Returns (losses, lora, monitor)."""
     from montrage import Monitor
 
     torch.manual_seed(seed)

@@ -239,8 +239,8 @@ def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_
     import os
     import shutil
 
+    from montrage.bench.attribution import RUN, SCORES, evaluate, rescore_seed
     from montrage.probes import ProbeSet
-    from montrage.recipes.bench_attribution import RUN, SCORES, evaluate, rescore_seed
 
     kept = tmp_path / "seed0"
     shutil.copytree(os.path.dirname(run_store), kept)

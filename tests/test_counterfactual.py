@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from montrage.bench.attribution import ICON_PROMPTS, TEMPLATES, build_probes, split_images
+from montrage.bench.counterfactual import Retrainer, fixed_points, pick_queries
 from montrage.data import digit_token, digits_examples
 from montrage.errors import MontrageError
-from montrage.recipes.bench_attribution import ICON_PROMPTS, TEMPLATES, build_probes, split_images
-from montrage.recipes.bench_counterfactual import Retrainer, fixed_points, pick_queries
 
 
 def test_queries_are_single_concept_and_spread_over_concepts():
@@ -65,7 +65,7 @@ def test_retraining_is_reproducible_and_removal_changes_the_model(tiny_model_dir
 def test_unknown_method_is_refused_before_any_training(tmp_path):
     import pytest
 
-    from montrage.recipes.bench_counterfactual import run_counterfactual
+    from montrage.bench.counterfactual import run_counterfactual
 
     with pytest.raises(MontrageError, match=r"unknown methods \['tark'\].*montrage, montrage-gated"):
         run_counterfactual(str(tmp_path / "cf.json"), methods=["montrage", "tark"])
@@ -75,7 +75,7 @@ def test_unknown_method_is_refused_before_any_training(tmp_path):
 def test_partial_results_keep_every_method_on_the_same_queries(tmp_path):
     import json
 
-    from montrage.recipes.bench_counterfactual import summarize, write_result
+    from montrage.bench.counterfactual import summarize, write_result
 
     deltas = {(0.05, 2, "montrage"): [0.3, 0.1], (0.05, 2, "random"): [0.0, 0.2], (0.1, 3, "montrage"): [0.5]}
     out = str(tmp_path / "cf.json")

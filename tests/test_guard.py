@@ -3,7 +3,7 @@
 Unit tests never wait for learning (the tiny model is untrained), so the over-trained case is made by
 construction: the training image of concept "seven" is the model's own generation for the probe "a photo of
 seven", seed 0, and training repeats it many times. Real over-training on the pre-trained tiny base is measured
-by `python -m montrage.recipes.memorization_check` (README figures).
+by `python -m montrage.bench.memorization` (figures in docs/results.md).
 """
 
 import json

@@ -188,7 +188,7 @@ def test_pretraining_can_leave_the_text_encoder_as_built(train_text_encoder):
 def test_origin_icon_split_keeps_members_held_out_and_shifted_apart(themes, tmp_path):
     """The icons LoRA half of the origin benchmark: members and held-out icons of the customized themes never
     overlap, the shifted images come from the other themes only, and every image keeps its own caption."""
-    from montrage.recipes.bench_origin_icons import icon_split
+    from montrage.bench.origin_icons import icon_split
 
     members, held, shifted = icon_split(["Tango", "oxygen"], ["Papirus"], 2, 0, str(tmp_path / "data"), themes)
     assert len(members) == 4 and len(held) == 2 and len(shifted) == 2

@@ -242,3 +242,22 @@ def test_dreambooth_full_unet_with_prior_preservation(tiny_model_dir, tmp_path):
     with StoreReader(str(store)) as r:
         assert list(r.epochs) == [0, 1] and r.concepts == ["instance"] and len(r.train) == 3
         assert not r.summary()["lora_snapshots"]  # full-UNet training keeps no adapter snapshots
+
+
+def test_every_benchmark_shows_all_its_flags(capsys):
+    """`montrage bench NAME --help` is that benchmark's own parser, with every flag it takes."""
+    from montrage.bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        cli_name = name.replace("_", "-")
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", cli_name, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: montrage bench {cli_name}")
+    with pytest.raises(SystemExit):
+        main(["bench", "origin", "--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--lora-per-concept", "--draws", "--workdir", "--no-pixel", "--lora-prompt"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "no-such-bench"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err

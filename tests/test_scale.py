@@ -11,7 +11,7 @@ from montrage.attribution import index as ix
 from montrage.attribution.fit import fit_attribution
 from montrage.attribution.model import AttributionModelError
 from montrage.attribution.query import Attributor, score_pairs
-from montrage.recipes.bench_scale import synthetic_store
+from montrage.bench.scale import synthetic_store
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ _BLAS = None
 
 def _one_blas_thread():
     """NumPy's BLAS held to one thread while torch scores: on few cores their two thread pools, both spinning
-    between calls, otherwise take turns (README, "Scale")."""
+    between calls, otherwise take turns (docs/results.md, "Scale")."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController

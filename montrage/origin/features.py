@@ -16,7 +16,7 @@ Conventions (constant factors do not matter after the classifier's standardisati
 - `draws` > 1 (not in the paper, which draws one ε per (image, t)): each feature is the mean over that many seeded ε
   at the same t (draw 0 is the single-draw ε), which lowers the noise of every feature at `draws` times the cost.
 
-Two families beyond the paper's, chosen by ablation on the origin benchmark (README, "Origin attribution"):
+Two families beyond the paper's, chosen by ablation on the origin benchmark (docs/results.md, "Origin attribution"):
 - `loss_pia`: L_t with PIA's deterministic ε = ε_θ(x, 0) at every t. A random ε makes each L_t noisy; the model's
   own ε gives a low-variance trajectory (on the LoRA half it lifted the ternary AUC more than any other change).
 - `loss_ref`, `grad_x_ref`: L_t and ‖∇x L_t‖² under the *reference* model, i.e. the UNet with its adapters disabled

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU overhead and encode-throughput check (issue 12): random-weight SD-1.5 and SDXL architectures, each image once
 # per epoch, without / inline / deferred, bf16-mixed training, then `montrage encode` of the deferred store on the GPU.
-# Usage (on a CUDA machine, after `pip install -e .` with a CUDA torch): bash recipes/bench_gpu.sh OUT_DIR
+# Usage (on a CUDA machine, after `pip install -e .` with a CUDA torch): bash montrage/bench/gpu.sh OUT_DIR
 set -euo pipefail
 out=${1:-gpu_bench}
 mkdir -p "$out"

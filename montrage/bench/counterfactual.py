@@ -64,10 +64,10 @@ class Retrainer:
     ):
         from peft import LoraConfig
 
+        from montrage.bench.attribution import FINE_TUNE
         from montrage.components import load_model
         from montrage.data import ConceptImageDataset
         from montrage.family import make_family
-        from montrage.recipes.bench_attribution import FINE_TUNE
         from montrage.recipes.fine_tune import DiffusionFineTune, resolve_pretrained
 
         hp = {**_defaults(DiffusionFineTune), **FINE_TUNE, **(hparams or {})}  # the monitored run's own settings
@@ -193,7 +193,7 @@ def run_counterfactual(
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
     from tqdm.auto import tqdm
 
-    from montrage.recipes.bench_attribution import QUERY_SEEDS, prepare_dataset, run_seed
+    from montrage.bench.attribution import QUERY_SEEDS, prepare_dataset, run_seed
 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
@@ -326,3 +326,48 @@ def format_counterfactual(result: dict) -> str:
         for name, r in sorted(per.items(), key=lambda kv: -kv[1]["delta_loss"]):
             lines.append(f"{name:24s}{r['k']:5d}{r['delta_loss']:12.5f}{r['delta_loss_se']:10.5f}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from montrage.bench import comma_list
+    from montrage.bench.attribution import add_dataset_arguments
+
+    p = argparse.ArgumentParser(
+        prog="montrage bench counterfactual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dataset_arguments(p, "1,4,7,9")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="counterfactual.json")
+    p.add_argument("--queries", type=int, default=8, help="held-out queries retrained for")
+    p.add_argument(
+        "--k",
+        default="0.05,0.1",
+        help="removed images, as fractions of the training set (< 1) or counts, comma-separated",
+    )
+    p.add_argument(
+        "--methods", default=None, help=f"methods to retrain for (default: all, and random): {', '.join(METHODS)}"
+    )
+    a = p.parse_args(argv)
+    run_counterfactual(
+        a.out,
+        a.dataset,
+        comma_list(a.concepts, int),
+        a.images_per_concept,
+        comma_list(a.themes),
+        comma_list(a.pretrain_themes),
+        a.icons_dir,
+        a.icons_per_theme,
+        a.queries,
+        tuple(comma_list(a.k, float)),
+        a.seed,
+        a.epochs,
+        comma_list(a.methods),
+        pretrain_text_encoder=a.pretrain_text_encoder,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Which fine-tune made it? Model attribution among K LoRA adapters of one base, or none of them, from their stores.
 
 Per seed: K customers LoRA-fine-tune the tiny base on their own digits of the same concepts (the LoRA half's recipe,
-`bench_origin.train_lora`, customer k with seed 100·seed + k, so each draws its own members and training noise),
+`montrage.bench.origin.train_lora`, customer k with seed 100·seed + k, so each draws its own members and training noise),
 each monitored by MontrageCallback (deferred: adapter snapshots only). The images: `per_class` generations of each
 adapter from the concept prompts, and as many "none" images, half real digits of the concepts that no customer
 trained on and half generations of the base model without any adapter. Every image's features are computed under
@@ -22,7 +22,7 @@ trained under its captions, so that is where it differs from the others).
 
 Metrics: balanced accuracy over the K + 1 classes, per-class accuracy, and the accuracy among the adapters'
 generations alone (which adapter, "none" counting as wrong). Run: `montrage bench adapters --seed 0,1,2`
-(= `python -m montrage.recipes.bench_adapters`); each seed is cached in `<out>_work/`.
+(= `montrage bench adapters`); each seed is cached in `<out>_work/`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import time
 import numpy as np
 import torch
 
-from montrage.errors import MontrageError
-from montrage.recipes.bench_origin import (
+from montrage.bench.origin import (
     LoraBenchConfig,
     _mean_std,
     cached_seeds,
@@ -45,6 +44,7 @@ from montrage.recipes.bench_origin import (
     parse_seeds,
     train_lora,
 )
+from montrage.errors import MontrageError
 
 CACHE_VERSION = "v3"
 METHODS = ("montrage", "montrage_relative", "montrage_snapshots", "lowest_loss", "pixels")
@@ -283,7 +283,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="which of K LoRA adapters of one base made an image, or none")
+    p = argparse.ArgumentParser(
+        prog="montrage bench adapters", description="which of K LoRA adapters of one base made an image, or none"
+    )
     p.add_argument("--out", default="adapters_results.json")
     p.add_argument("--seed", default="0", help="seed, or several (0,1,2 or 0-2): mean ± std over them")
     p.add_argument("--adapters", type=int, default=3)

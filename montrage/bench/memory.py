@@ -156,7 +156,7 @@ def run_memory(
     runs = []
     for n in (small, images):
         proc = subprocess.run(
-            [sys.executable, "-m", "montrage.recipes.bench_memory", "--variant", folder, str(n), work, str(snapshots)],
+            [sys.executable, "-m", "montrage.bench.memory", "--variant", folder, str(n), work, str(snapshots)],
             capture_output=True,
             text=True,
         )
@@ -179,6 +179,22 @@ def run_memory(
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="montrage bench memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--images", type=int, default=4000, help="images in the folder, all monitored in the large run")
+    p.add_argument("--small", type=int, default=500, help="monitored images in the small run")
+    p.add_argument("--out", default=None, help="write the result JSON here too")
+    a = p.parse_args(argv)
+    print(json.dumps(run_memory(images=a.images, small=a.small, out=a.out), indent=1))
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--variant":
+    if len(sys.argv) > 1 and sys.argv[1] == "--variant":
         print(json.dumps(_variant(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
+    else:
+        raise SystemExit(main())

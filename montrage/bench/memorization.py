@@ -1,10 +1,10 @@
 """Measure the MemorizationGuard on the tiny base: a normal run (the demo's LoRA customization) against a
 deliberately over-trained one (the full UNet on one digit image repeated 64 times per epoch).
 
-    python -m montrage.recipes.memorization_check --out memorization.json   # ~2 min on 2 CPU cores
+    montrage bench memorization --out memorization.json   # ~2 min on 2 CPU cores
 
 Writes, per run, the guard's per-snapshot maxima (pixel correlation and centred representation cosine of the
-closest (probe, training image) pair) and its alerts at the default threshold; the README figures come from here.
+closest (probe, training image) pair) and its alerts at the default threshold; the figures in docs/results.md come from here.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def run(name: str, out_dir: str, epochs: int = 6, seed: int = 0, base: str = "ti
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="montrage bench memorization", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="memorization.json")
     p.add_argument("--keep", default=None, help="keep the stores in this folder")
     p.add_argument("--epochs", type=int, default=6)

@@ -1,15 +1,15 @@
 """The origin benchmark's LoRA half on human-made artwork: icon themes, each image with its own caption.
 
-Per seed: the art base (pre-trained on themes of other families, `bench_attribution.prepare_dataset`) is
+Per seed: the art base (pre-trained on themes of other families, `montrage.bench.attribution.prepare_dataset`) is
 LoRA-customized on `per_theme` icons of each of `themes` (captions "an icon of a <content> in the style of
 <token>"), monitored by MontrageCallback (deferred: adapter snapshots). Members: those icons. Generated: one
 generation per member caption. External: held-out icons of the same themes (half as many as the members; the
 same-distribution split, `member_vs_external`) and as many icons of `shifted_themes`, styles neither the base nor
 the LoRA saw. Every image keeps its natural caption for CLiD. Scored exactly as the digits LoRA half
-(`bench_origin.evaluate`: methods, member_vs_rest, membership, member_vs_external, claims).
+(`montrage.bench.origin.evaluate`: methods, member_vs_rest, membership, member_vs_external, claims).
 
-Run: `python -m montrage.recipes.bench_origin_icons --seed 0,1,2 --out origin_icons.json` (icon themes installed,
-see the README's "Real artwork").
+Run: `montrage bench origin-icons --seed 0,1,2 --out origin_icons.json` (icon themes installed,
+see docs/results.md, "Real artwork").
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 import numpy as np
 import torch
 
-from montrage.errors import MontrageError
-from montrage.recipes.bench_origin import (
+from montrage.bench.origin import (
     LoraBenchConfig,
     _throughput,
     aggregate,
@@ -36,6 +35,7 @@ from montrage.recipes.bench_origin import (
     parse_seeds,
     window_grids,
 )
+from montrage.errors import MontrageError
 
 THEMES = ("Tango", "oxygen", "breeze", "Papirus")  # customized (theme set A's first four)
 SHIFTED = ("elementary", "Adwaita")  # set A's other two: external styles
@@ -100,13 +100,13 @@ def icons_lora_seed(
     progress: bool = True,
 ) -> dict:
     """One seed of the icons LoRA half: customize (or reuse), generate from the member captions, extract, evaluate."""
+    from montrage.bench.attribution import prepare_dataset
     from montrage.data import quantize, read_example
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
     from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.recipes import icons
-    from montrage.recipes.bench_attribution import prepare_dataset
 
     themes, shifted_themes = list(themes), list(shifted_themes)
     prepared = prepare_dataset("icons", [], themes + shifted_themes, None, icons_dir, per_theme, progress)
@@ -213,9 +213,11 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from montrage.recipes.bench_origin import format_table
+    from montrage.bench.origin import format_table
 
-    p = argparse.ArgumentParser(description="origin benchmark, LoRA half on icon themes (art base)")
+    p = argparse.ArgumentParser(
+        prog="montrage bench origin-icons", description="origin benchmark, LoRA half on icon themes (art base)"
+    )
     p.add_argument("--out", default="origin_icons.json")
     p.add_argument("--seed", default="0")
     p.add_argument("--themes", default=",".join(THEMES), help="customized themes (the members' styles)")

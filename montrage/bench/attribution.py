@@ -738,3 +738,104 @@ def format_table(agg: dict) -> str:
             cells.append(f"{mean:8.3f} ± {std:5.3f}".rjust(20))
         lines.append(f"{m:24s}" + "".join(cells))
     return "\n".join(lines)
+
+
+def add_dataset_arguments(p, concepts_default: str) -> None:
+    """The flags that choose the customization run (shared with `montrage bench counterfactual`)."""
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "icons"],
+        help="digits on the digits base, or installed icon themes on the art base",
+    )
+    p.add_argument("--concepts", default=concepts_default, help="digits: the digit concepts, comma-separated")
+    p.add_argument("--images-per-concept", type=int, default=8, help="digits: training images per concept")
+    p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs")
+    p.add_argument("--themes", default=None, help="icons: the customized icon themes, comma-separated")
+    p.add_argument(
+        "--pretrain-themes",
+        default=None,
+        help="icons: the art base's pre-training themes (default: one installed theme of every other family)",
+    )
+    p.add_argument(
+        "--pretrain-text-encoder",
+        default="frozen",
+        choices=["frozen", "train"],
+        help="icons: leave the art base's text encoder as built while its UNet pre-trains (as Stable "
+        "Diffusion's UNet learns on a frozen CLIP; the default), or train it with the UNet",
+    )
+    p.add_argument("--icons-dir", default=None, help="icons: folder of icon themes (default /usr/share/icons)")
+    p.add_argument("--icons-per-theme", type=int, default=16, help="icons: training icons per theme")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from montrage.bench import comma_list
+
+    p = argparse.ArgumentParser(
+        prog="montrage bench attribution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dataset_arguments(p, "0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--seed", default="0", help="seed, or several comma-separated (mean ± std)")
+    p.add_argument("--out", default="attribution_results.json")
+    p.add_argument("--data-dir", default=None, help="digits: an image folder with one subfolder per concept instead")
+    p.add_argument("--repeats", type=int, default=None, help="passes over the images per epoch")
+    p.add_argument("--keep", default=None, help="keep each seed's store and models in this folder")
+    p.add_argument(
+        "--rescore",
+        default=None,
+        help="a --keep folder whose runs are scored again with montrage refitted (the baselines' saved "
+        "scores reused; same flags as the kept run)",
+    )
+    p.add_argument(
+        "--fit-seeds",
+        default=None,
+        help="also refit the attribution model with each of these seeds (comma-separated) on every run's "
+        "store and report the spread",
+    )
+    p.add_argument(
+        "--within",
+        default="exemplar",
+        choices=["exemplar", "tokens"],
+        help="within-concept ground truth (an over-sampled exemplar, or per-image tokens)",
+    )
+    p.add_argument(
+        "--exemplar-repeats",
+        type=int,
+        default=EXEMPLAR_REPEATS,
+        help="how many times more often each concept's exemplar image is seen",
+    )
+    p.add_argument(
+        "--projection-width",
+        default="none",
+        help="store features through a random projection to this width ('none': unprojected; the "
+        "benchmark's pooled features are 128 wide)",
+    )
+    a = p.parse_args(argv)
+    run_attribution_bench(
+        a.out,
+        comma_list(a.concepts, int),
+        images_per_concept=a.images_per_concept,
+        epochs=a.epochs,
+        seeds=comma_list(a.seed, int),
+        repeats=a.repeats,
+        data_dir=a.data_dir,
+        keep=a.keep,
+        within=a.within,
+        exemplar_repeats=a.exemplar_repeats,
+        projection_width=None if a.projection_width in (None, "none") else int(a.projection_width),
+        dataset=a.dataset,
+        themes=comma_list(a.themes),
+        pretrain_themes=comma_list(a.pretrain_themes),
+        icons_dir=a.icons_dir,
+        icons_per_theme=a.icons_per_theme,
+        fit_seeds=comma_list(a.fit_seeds, int),
+        pretrain_text_encoder=a.pretrain_text_encoder,
+        rescore=a.rescore,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -41,7 +41,7 @@ Reported per half (one block each), every figure as the mean over seeds with its
                   rule.
 
 Each seed's result is cached in `<out>_work/` by its config, so a later run with more seeds only computes the new
-ones. Run: `montrage bench origin --seed 0,1,2 --out origin_results.json` (= `python -m montrage.recipes.bench_origin`;
+ones. Run: `montrage bench origin --seed 0,1,2 --out origin_results.json` (= `montrage bench origin`;
 2 CPU cores: per seed ≈ 6 min to train the pixel DDPM, ≈ 1.5 min to fine-tune the LoRA, then 5-10 min of sampling and
 features). Smoke: `--members 24 --steps 30 --timesteps 4 --sample-steps 10 --lora-per-concept 6 --lora-epochs 1`.
 """
@@ -1110,8 +1110,9 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
+        prog="montrage bench origin",
         description="origin-attribution benchmark: pixel DDPM and LoRA-customized tiny "
-        "text-to-image model on digits, over seeds"
+        "text-to-image model on digits, over seeds",
     )
     p.add_argument("--out", default="origin_results.json")
     p.add_argument("--seed", default="0", help="seed, or several (0,1,2 or 0-2): mean ± std over them")

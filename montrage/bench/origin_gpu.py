@@ -10,7 +10,7 @@ exactly that with montrage's extractor (`trajectory_features`, torch.func per-sa
                 the cost);
   --size tiny   a 2-block, 8x8 UNet with attention, for a CPU smoke test (tests/test_origin.py runs it).
 
-`python -m montrage.recipes.bench_origin_gpu --device cuda --out origin_gpu.json` (defaults: cifar, 16 images, the
+`montrage bench origin-gpu --device cuda --out origin_gpu.json` (defaults: cifar, 16 images, the
 full 1000-step grid, θ = all, batch 64 (image, t) pairs per vmap call, float32). It prints and writes images/s,
 (image, t) pairs/s, the peak GPU memory and the time the paper's budget (3 x 1000 images, full grid) would take
 at this rate.
@@ -142,7 +142,10 @@ def run_throughput(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="trajectory-feature throughput on a CIFAR-size DDPM (full T = 1000 grid)")
+    p = argparse.ArgumentParser(
+        prog="montrage bench origin-gpu",
+        description="trajectory-feature throughput on a CIFAR-size DDPM (full T = 1000 grid)",
+    )
     p.add_argument("--size", default="cifar", choices=sorted(SIZES))
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--images", type=int, default=16)

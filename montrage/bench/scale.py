@@ -137,7 +137,7 @@ def run_scale(
             path = os.path.join(tmp, f"store{n}.h5")
             facts = synthetic_store(path, n)
             proc = subprocess.run(
-                [sys.executable, "-m", "montrage.recipes.bench_scale", "_fit", path, str(steps)],
+                [sys.executable, "-m", "montrage.bench.scale", "_fit", path, str(steps)],
                 capture_output=True,
                 text=True,
             )
@@ -216,5 +216,22 @@ def extrapolate(rows: list[dict], n: int = 1_000_000) -> dict | None:
     }
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="montrage bench scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sizes", default="1000,10000,100000", help="training-set sizes (synthetic stores), comma-separated"
+    )
+    p.add_argument("--out", default=None, help="write the result JSON here too")
+    a = p.parse_args(argv)
+    print(json.dumps(run_scale(tuple(int(n) for n in a.sizes.split(",")), out=a.out), indent=1))
+    return 0
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "_fit":
     print(json.dumps(_fit(sys.argv[2], int(sys.argv[3]))))
+if __name__ == "__main__" and (len(sys.argv) < 2 or not sys.argv[1].startswith("_")):
+    raise SystemExit(main())
