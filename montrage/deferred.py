@@ -128,7 +128,7 @@ def encode_store(
             raise NothingToEncode(
                 f"store {store_path!r} is inline: its training run wrote every snapshot's features (nothing to encode)."
             )
-        from montrage.attribution.reencode import StoreModel
+        from montrage.store_model import StoreModel
 
         sm = StoreModel(store, model_path, device)
         cfg = store.spec["config"]

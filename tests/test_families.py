@@ -243,7 +243,7 @@ def test_monitored_lora_run_is_bit_identical_per_family(family_dirs, data_root, 
     # offline: the store rebuilds its model from model_index.json + the adapter snapshots and re-encodes a stored
     # image to its stored features; attribution fits and answers a query
     from montrage.attribution import Attributor, fit_attribution
-    from montrage.attribution.reencode import StoreModel
+    from montrage.store_model import StoreModel
     from montrage.encode import stable_seed
 
     ex = [monitor.source.examples[i] for i in monitor.monitored]
@@ -272,7 +272,7 @@ def test_text_encoder_lora_is_snapshotted(family_dirs, data_root, tmp_path):
         assert te and te2 and any(not k.startswith("text_encoder") for k in first)
         assert any(not np.allclose(first[k], last[k]) for k in te + te2)  # the text encoders' adapters trained
         assert "lora_config_text_encoder_2" in r.spec["config"]
-        from montrage.attribution.reencode import StoreModel
+        from montrage.store_model import StoreModel
 
         sm = StoreModel(r)  # restored offline: the text encoders carry the last snapshot's adapters
         sm.set_epoch(r.num_epochs - 1)

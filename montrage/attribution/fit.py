@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from montrage.attribution.model import AttributionModel, Loss, ensemble_loss
-from montrage.attribution.reencode import StoreModel
+from montrage.store_model import StoreModel
 from montrage.attribution.table import (
     Mode,
     feature_names,

@@ -15,7 +15,7 @@ import torch
 
 from montrage.attribution.fit import default_model_dir
 from montrage.attribution.model import AttributionModel, AttributionModelError
-from montrage.attribution.reencode import StoreModel
+from montrage.store_model import StoreModel
 from montrage.attribution.table import Mode, iter_train_blocks, pair_features, per_query_standardize, train_centre
 from montrage.data import load_image, read_example
 from montrage.encode import stable_seed

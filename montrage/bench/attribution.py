@@ -369,7 +369,7 @@ def fit_default(store_path: str, steps: int, seed: int, progress: bool = False) 
     """Fit the store's own attribution models; returns the probes' trajectories, which every refit of the store
     (`fit_seed_sweep`) shares."""
     from montrage.attribution.fit import fit_attribution, probe_trajectories
-    from montrage.attribution.reencode import StoreModel
+    from montrage.store_model import StoreModel
     from montrage.store import StoreReader
 
     with StoreReader(store_path) as store:

@@ -47,7 +47,7 @@ def is_store(path: str) -> bool:
 def store_diffusion_model(store_path: str, model_path: str | None = None, device: str | None = None) -> DiffusionModel:
     """The store's fine-tuned model at its last adapter snapshot, as a DiffusionModel whose `snapshots` loads any
     other snapshot. Refused for a store without adapter snapshots: it does not hold the run's weights."""
-    from montrage.attribution.reencode import StoreModel
+    from montrage.store_model import StoreModel
     from montrage.family import SDFamily
     from montrage.store import StoreReader
 

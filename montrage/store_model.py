@@ -1,4 +1,5 @@
-"""The monitored model rebuilt from its store, to encode any image at every stored epoch (LoRA snapshots)."""
+"""The monitored model rebuilt from its store: the base with the run's adapter loaded per snapshot, to encode and
+generate any image at every stored epoch. Attribution, origin and `montrage encode` share it."""
 
 from __future__ import annotations
 
