@@ -1,7 +1,7 @@
 """AttributionCurves: live MONTRAGE attribution in W&B while the run trains.
 
 After each snapshot MontrageCallback writes, global rank 0 scores every stored epoch's probe generations against
-that epoch's training images with the final-epoch attribution model (`montrage.attribution_curves`) and logs, per
+that epoch's training images with the final-epoch attribution model (`montrage.attribution.curves`) and logs, per
 probe, the score of each training concept over epochs (`wandb.plot.line_series`), plus a `wandb.Table` of each
 probe's top training images with thumbnails. The model is the one in `model_dir` (from an earlier
 `montrage attribute fit` with the same layers and timesteps), or, by default, fitted on the store so far every
@@ -21,9 +21,9 @@ from typing import Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from montrage.attribution_curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
+from montrage.attribution.curves import attribution_curves, fit_live_model, live_model_dir, load_final_model
+from montrage.callbacks.monitor_store import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
-from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class AttributionCurves(Callback):
             self._log_wandb(trainer, store, curves)
 
     def _save(self, store: StoreReader) -> None:
-        from montrage.attribution.table import feature_names
+        from montrage.attribution.pairs import feature_names
 
         meta = {
             "mode": "final",

@@ -21,8 +21,8 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from montrage.callbacks.monitor_store import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.callbacks.montrage_callback import MontrageConfigError, wandb_loggers
-from montrage.callbacks.store_follower import monitor_store_path, snapshot_count, training_thumbnails, warn_if_deferred
 from montrage.memorization import (
     Alert,
     alert_dicts,

@@ -43,14 +43,14 @@ def _source_for(store: StoreReader, images: Any):
     """The images to encode: those given, else the folder the run recorded, else the store's own paths."""
     if images is not None:
         return images
-    cfg = store.spec["config"]
-    if cfg.get("images"):
-        if not os.path.isdir(cfg["images"]):
+    folder = store.run.images
+    if folder:
+        if not os.path.isdir(folder):
             raise MontrageConfigError(
-                f"store {store.path!r} was trained on the folder {cfg['images']!r}, which is not "
+                f"store {store.path!r} was trained on the folder {folder!r}, which is not "
                 "here: pass the images (--images FOLDER)."
             )
-        return cfg["images"]
+        return folder
     train = store.all_train
     missing = [train[i].id for i in store.monitored_rows if not train[i].path]
     if missing:
@@ -91,9 +91,9 @@ def valid_rows(store: StoreReader, f) -> int:
     """Leading rows of an open features file encoded from the store's current adapter snapshots."""
     n = min(int(f["committed"][0]), store.adapter_snapshots)
     steps, checks = f["global_step"][:n], f["adapter_check"][:n]
-    main_steps = store.f["global_step"][:n]
+    main_steps = store.adapter_steps[:n]
     for row in range(n):
-        if steps[row] != main_steps[row] or checks[row] != adapter_digest(store.f["lora/params"][row]):
+        if steps[row] != main_steps[row] or checks[row] != adapter_digest(store.adapter_params(row)):
             return row
     return n
 
@@ -131,14 +131,14 @@ def encode_store(
         from montrage.store_model import StoreModel
 
         sm = StoreModel(store, model_path, device)
-        cfg = store.spec["config"]
+        run = store.run
         train = store.all_train
         enc = _Encoder(
             store,
             store_path,
             sm.components.parts,
             _source_for(store, images),
-            image_keys=cfg.get("image_keys") or {},
+            image_keys=run.image_keys,
             monitor_images=[train[i].id for i in store.monitored_rows],
             resolution=sm.resolution,
             probes=store.probes,
@@ -146,16 +146,16 @@ def encode_store(
             layers=store.layers,
             timesteps=store.timesteps,
             pooling=store.spec["pooling"],
-            encode_prompt=cfg.get("encode_prompt", ""),
-            num_inference_steps=int(cfg.get("num_inference_steps", 25)),
-            guidance_scale=float(cfg.get("guidance_scale", 7.5)),
+            encode_prompt=run.encode_prompt,
+            num_inference_steps=run.num_inference_steps,
+            guidance_scale=run.guidance_scale,
             thumbnail_size=int(store.spec["thumbnail_size"]),
-            latent_cache=bool(cfg.get("latent_cache", True)),
+            latent_cache=run.latent_cache,
             save_lora_snapshots=False,
             mode="inline",
             projection_width=(store.spec.get("projection") or {}).get("width"),
             projection_seed=int((store.spec.get("projection") or {}).get("seed", 0)),
-            encode_batch_size=int(batch_size or cfg.get("encode_batch_size", 32)),
+            encode_batch_size=int(batch_size or run.encode_batch_size),
             strict=True,
             log_to_wandb=log_to_wandb,
             model_id=store.spec["model"].get("model_id"),
@@ -179,8 +179,8 @@ def encode_store(
                     enc.snapshots_written = n
                 for row in _rows(enc.snapshots_written, n, progress and enc.is_writer):
                     sm.set_epoch(row)
-                    enc._adapter_check = adapter_digest(store.f["lora/params"][row]) if enc.is_writer else None
-                    if not enc._snapshot(int(store.f["global_step"][row]), int(store.f["epoch"][row])):
+                    enc._adapter_check = adapter_digest(store.adapter_params(row)) if enc.is_writer else None
+                    if not enc._snapshot(int(store.adapter_steps[row]), int(store.adapter_epochs[row])):
                         raise StoreError(f"encoding snapshot {row} of {store_path!r} failed.")
                     encoded += 1
                     if log_to_wandb and enc.is_writer and enc.snapshots_written >= 2:
@@ -216,7 +216,7 @@ def encode_store(
 def _log_attribution(store: StoreReader, enc: _Encoder) -> None:
     """Attribution curves of the snapshots encoded so far (a final-epoch model fitted on them, as AttributionCurves
     does), logged per probe concept and training concept at the latest snapshot."""
-    from montrage.attribution_curves import attribution_curves, fit_live_model
+    from montrage.attribution.curves import attribution_curves, fit_live_model
 
     runs = enc.wandb_runs()
     if not runs:

@@ -15,6 +15,7 @@ restored, so training is bit-identical with and without it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from montrage.projection import describe as describe_projection
 from montrage.rng import isolated_rng
 from montrage.sources import ImageSource, image_source, select_monitored
 from montrage.store import StoreSpec, StoreWriter, features_path
+from montrage.store.run import AdapterSetup, RunDescription
 from montrage.training_order import batch_indices, wrap_dataloader
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ def kept_up_to(store_path: str, step: int) -> tuple[int, int]:
     from montrage.store import StoreReader
 
     with StoreReader(store_path) as r:
-        snaps = int(np.searchsorted(r.f["global_step"][: r.adapter_snapshots], step, side="right"))
+        snaps = int(np.searchsorted(r.adapter_steps, step, side="right"))
         rows = int(np.searchsorted(r.training_order()["global_step"], step, side="right"))
     return snaps, rows
 
@@ -369,7 +371,7 @@ class Monitor:
             train=list(self.source.examples),
             thumbnail_size=self.thumbnail_size,
             monitored=self.monitored,
-            config={**self.config(), **self._model_facts()},
+            config=self.run_description().to_dict(),
             projection=projection,
             **self._lora_layout(),
         )
@@ -458,59 +460,32 @@ class Monitor:
             {c: tokens.get(c, c) for c in concepts}, self.probe_template, self.probe_seeds, self.probe_mixtures
         )
 
-    def config(self) -> dict:
-        """The monitor's settings as recorded in the store."""
-        keys = (
-            "store_path",
-            "probe_prompts",
-            "probe_seeds",
-            "probe_file",
-            "probe_template",
-            "probe_mixtures",
-            "every_n_steps",
-            "every_n_epochs",
-            "at_steps",
-            "max_steps",
-            "layers",
-            "timesteps",
-            "pooling",
-            "encode_prompt",
-            "num_inference_steps",
-            "guidance_scale",
-            "thumbnail_size",
-            "save_lora_snapshots",
-            "monitor_images",
-            "subset_seed",
-            "mode",
-            "projection_width",
-            "projection_seed",
-            "encode_batch_size",
-            "latent_cache",
-            "image_keys",
-        )
-        out = {k: getattr(self, k) for k in keys}
-        out["images"] = os.path.abspath(self.images) if isinstance(self.images, (str, os.PathLike)) else None
-        return out
-
-    def _model_facts(self) -> dict:
-        """What an offline query needs to rebuild the model: base path, adapter config, image size."""
+    def run_description(self) -> RunDescription:
+        """The monitor's settings and what rebuilds the model offline, as recorded in the store."""
         unet = self.components.unet
-        facts = {
-            "model_path": base_model_path(self.pipeline, unet),
-            "resolution": self.resolution,
-            **self.family.describe(),
-            "noise_points": [self.family.noise_point(t) for t in self.timesteps],
-        }
+        adapters = {}
         for part, module in self.family.lora_modules().items():
             cfg = next(iter(module.peft_config.values()))
-            lc = {
-                "r": int(cfg.r),
-                "lora_alpha": float(cfg.lora_alpha),
-                "target_modules": sorted(cfg.target_modules),
-                "lora_dropout": float(cfg.lora_dropout),
+            adapters["unet" if module is unet else part] = AdapterSetup(
+                r=int(cfg.r),
+                lora_alpha=float(cfg.lora_alpha),
+                target_modules=sorted(cfg.target_modules),
+                lora_dropout=float(cfg.lora_dropout),
+            )
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunDescription) if hasattr(self, f.name)}
+        return RunDescription(
+            **{
+                **settings,
+                "model_path": base_model_path(self.pipeline, unet),
+                "resolution": int(self.resolution),
+                **self.family.describe(),
+                "noise_points": [float(self.family.noise_point(t)) for t in self.timesteps],
+                "adapters": adapters,
+                "images": os.path.abspath(self.images) if isinstance(self.images, (str, os.PathLike)) else None,
+                "layers": list(self.layers),
+                "timesteps": [int(t) for t in self.timesteps],
             }
-            facts["lora_config" if module is unet else f"lora_config_{part}"] = lc
-        return facts
+        )
 
     def _has_lora(self) -> bool:
         return self.save_lora_snapshots and bool(self.family.lora_modules())
@@ -1026,7 +1001,7 @@ class Monitor:
             art = wandb.Artifact(
                 f"montrage-store-{run.id}",
                 type="dataset",
-                metadata={"snapshots": self.snapshots_written, "config": json.dumps(self.config())},
+                metadata={"snapshots": self.snapshots_written, "config": json.dumps(self.run_description().to_dict())},
             )
             art.add_file(self.store_path, name="store.h5", policy="immutable")
             run.log_artifact(art)

@@ -45,8 +45,8 @@ def _png(fig) -> bytes:
 
 def find_model_dir(store_path: str, model_dir: str | None = None) -> str | None:
     """The attribution model folder to use: the given one, the fitted one, else the live one (None if neither)."""
+    from montrage.attribution.curves import live_model_dir
     from montrage.attribution.fit import default_model_dir
-    from montrage.attribution_curves import live_model_dir
 
     if model_dir is not None:
         return model_dir
@@ -225,7 +225,7 @@ def top_images(
     store: StoreReader, model_dir: str | None, top_k: int
 ) -> tuple[dict | None, np.ndarray, np.ndarray, str]:
     """Attribution curves (or None) and each probe's top-K training images at the last epoch, with how they were ranked."""
-    from montrage.attribution_curves import attribution_curves, load_final_model
+    from montrage.attribution.curves import attribution_curves, load_final_model
     from montrage.memorization import representation_similarity
 
     if model_dir is not None:

@@ -23,8 +23,8 @@ class StoreModel:
         from montrage.family import make_family
 
         self.store = store
-        cfg = store.spec["config"]
-        path = model_path or cfg.get("model_path")
+        run = store.run
+        path = model_path or run.model_path
         if not path:
             raise StoreError(
                 f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path)."
@@ -37,35 +37,29 @@ class StoreModel:
                 f"model {path!r} is not the model store {store.path!r} was made with (denoiser config {have} != {want}); "
                 "pass the run's base model with --model-path."
             )
-        self.resolution = int(cfg.get("resolution") or store.f["probes/images"].shape[2])
+        self.resolution = int(run.resolution)
         self.family = make_family(
-            self.components.parts, None, store.spec["model"].get("family") or cfg.get("family"), self.resolution
+            self.components.parts, None, store.spec["model"].get("family") or run.family, self.resolution
         )
-        self.lora = bool(store.f["lora"].attrs.get("enabled", False))
+        self.lora = store.has_adapters
         if self.lora:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
 
-            unet = self.components.unet
-            lc = cfg.get("lora_config") or {}
-            unet.add_adapter(
-                LoraConfig(
-                    r=lc.get("r", 4),
-                    lora_alpha=lc.get("lora_alpha", 4),
-                    target_modules=lc.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"]),
+            if "unet" not in run.adapters:
+                raise StoreError(
+                    f"store {store.path!r} holds adapter snapshots but its run description names no denoiser "
+                    "adapter (field config.adapters.unet); re-run the monitoring."
                 )
-            )
-            for part, module in self.components.parts.items():
-                tc = cfg.get(f"lora_config_{part}")
-                if tc and isinstance(module, torch.nn.Module):  # a text encoder: peft injects the adapter
-                    from peft import inject_adapter_in_model
-
-                    inject_adapter_in_model(
-                        LoraConfig(r=tc["r"], lora_alpha=tc["lora_alpha"], target_modules=tc["target_modules"]), module
-                    )
+            for part, setup in run.adapters.items():
+                config = LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, target_modules=list(setup.target_modules))
+                if part == "unet":
+                    self.components.unet.add_adapter(config)
+                elif isinstance(self.components.parts.get(part), torch.nn.Module):  # a text encoder
+                    inject_adapter_in_model(config, self.components.parts[part])
         self.device = torch.device(device)
         for part in self.family.modules():
             part.to(self.device).eval().requires_grad_(False)
-        self.encode_prompt = cfg.get("encode_prompt", "")
+        self.encode_prompt = run.encode_prompt
         self.projection = {layer: m for layer in store.layers if (m := store.projection(layer)) is not None}
         self.row: int | None = None
 
@@ -136,7 +130,5 @@ class StoreModel:
     def generate(self, probes: ProbeSet, row: int) -> torch.Tensor:
         """Probe images regenerated with the weights of epoch `row` and the callback's sampler settings."""
         self.set_epoch(row)
-        cfg = self.store.spec["config"]
-        return self.family.generate(
-            probes, self.resolution, int(cfg.get("num_inference_steps", 25)), float(cfg.get("guidance_scale", 7.5))
-        )
+        run = self.store.run
+        return self.family.generate(probes, self.resolution, run.num_inference_steps, run.guidance_scale)

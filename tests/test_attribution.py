@@ -8,10 +8,10 @@ import helpers
 from montrage.attribution import AttributionModel, AttributionModelError, Attributor, fit_attribution
 from montrage.attribution.fit import probe_trajectories
 from montrage.attribution.model import attribution_loss
-from montrage.store_model import StoreModel
-from montrage.attribution.table import feature_names, pair_features
+from montrage.attribution.pairs import feature_names, pair_features
 from montrage.data import DataError
 from montrage.store import StoreError, StoreMismatchError, StoreReader
+from montrage.store_model import StoreModel
 
 
 @pytest.fixture(scope="module")

@@ -233,18 +233,18 @@ def test_monitored_lora_run_is_bit_identical_per_family(family_dirs, data_root, 
         assert torch.equal(plain_lora[k], lora[k]), k
     with StoreReader(str(tmp_path / "s.h5")) as r:
         assert list(r.global_steps) == [0, 2, 3]
-        assert r.spec["model"]["family"] == FAMILY[name] and r.spec["config"]["family"] == FAMILY[name]
+        assert r.spec["model"]["family"] == FAMILY[name] and r.run.family == FAMILY[name]
         assert r.layers == monitor.family.default_layers()
         feats = r.train_features(r.layers[0])
         assert feats.shape[:2] == (3, 4) and np.isfinite(feats).all()
         assert not np.allclose(feats[0], feats[-1])  # the adapter moved the representations
         if FAMILY[name] in ("sd3", "flux"):
-            assert r.spec["config"]["noise_points"] == [0.3, 0.7]  # sigmas of timesteps 300 and 700
+            assert r.run.noise_points == [0.3, 0.7]  # sigmas of timesteps 300 and 700
     # offline: the store rebuilds its model from model_index.json + the adapter snapshots and re-encodes a stored
     # image to its stored features; attribution fits and answers a query
     from montrage.attribution import Attributor, fit_attribution
-    from montrage.store_model import StoreModel
     from montrage.encode import stable_seed
+    from montrage.store_model import StoreModel
 
     ex = [monitor.source.examples[i] for i in monitor.monitored]
     px = monitor.source.pixels(monitor.monitored, 16)
@@ -271,7 +271,7 @@ def test_text_encoder_lora_is_snapshotted(family_dirs, data_root, tmp_path):
         te2 = [k for k in first if k.startswith("text_encoder_2::")]
         assert te and te2 and any(not k.startswith("text_encoder") for k in first)
         assert any(not np.allclose(first[k], last[k]) for k in te + te2)  # the text encoders' adapters trained
-        assert "lora_config_text_encoder_2" in r.spec["config"]
+        assert {"unet", "text_encoder", "text_encoder_2"} <= set(r.run.adapters)
         from montrage.store_model import StoreModel
 
         sm = StoreModel(r)  # restored offline: the text encoders carry the last snapshot's adapters

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import helpers
-from montrage import store as store_mod
+import montrage.store.follow as store_mod
 from montrage.cli import main
 from montrage.store import follow_epochs
 

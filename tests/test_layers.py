@@ -31,7 +31,7 @@ LAYERS = [  # lowest first; a module may import its own layer and those below
     {"store"},
     {"store_model"},
     {"monitor"},
-    {"attribution", "baselines", "origin", "attribution_curves", "memorization"},
+    {"attribution", "baselines", "origin", "memorization"},
     {"deferred", "report", "cli", "callbacks", "recipes", "bench", ""},  # "": the package's own __init__
 ]
 

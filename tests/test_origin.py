@@ -235,7 +235,7 @@ def test_clid_families_are_caption_minus_null_and_perturbed_losses(tiny_model_di
 def test_cross_validated_C(tmp_path):
     """C="auto" (the default) picks C from the grid by cross-validation, keeps it through save/load, and a fixed C
     is kept as given; a bad C is refused."""
-    from montrage.origin.classifier import C_GRID, LinearProbe, choose_C
+    from montrage.origin.classifier import C_GRID, LogisticModel, choose_C
 
     rng = np.random.default_rng(0)
     y = np.repeat(["a", "b"], 40)
@@ -245,12 +245,12 @@ def test_cross_validated_C(tmp_path):
     assert chosen in C_GRID and chosen < 1.0  # many noise columns, few rows: stronger regularisation wins
     assert choose_C(noisy[[0, 40]], y[[0, 40]]) == 1.0  # one row per class: nothing to cross-validate
     clf = OriginClassifier().fit(_sets())
-    assert clf.probe.C in C_GRID
+    assert clf.logistic.C in C_GRID
     loaded = OriginClassifier.load(clf.save(str(tmp_path / "clf")))
-    assert loaded.probe.C == clf.probe.C and loaded.probe.auto
-    assert OriginClassifier(C=0.5).fit(_sets()).probe.C == 0.5
+    assert loaded.logistic.C == clf.logistic.C and loaded.logistic.auto
+    assert OriginClassifier(C=0.5).fit(_sets()).logistic.C == 0.5
     with pytest.raises(OriginError, match="positive number or 'auto'"):
-        LinearProbe(C=-1)
+        LogisticModel(C=-1)
 
 
 def test_noise_is_per_image_and_timestep_not_per_batch():
@@ -413,7 +413,7 @@ def test_model_attribution_and_baselines(tmp_path):
         loaded.predict(per_candidate[::-1])
     assert np.mean(lowest_loss_attribution(per_candidate)[:60] == np.r_[np.zeros(30), np.ones(30)]) > 0.8
     rel = ModelAttributor(["A", "B"], relative=True).fit(per_candidate, labels)  # [mean | differences]
-    assert len(rel.probe.mean) == 3 * len(att.probe.mean) // 2 + 2  # + each candidate's relative mean log-loss
+    assert len(rel.logistic.mean) == 3 * len(att.logistic.mean) // 2 + 2  # + each candidate's relative mean log-loss
     assert np.mean(rel.predict(per_candidate) == np.asarray(labels)) > 0.8
     back = ModelAttributor.load(rel.save(str(tmp_path / "rel")))
     assert back.relative and np.allclose(back.predict_proba(per_candidate), rel.predict_proba(per_candidate))

@@ -9,7 +9,7 @@ import helpers
 from montrage.cli import main
 from montrage.recipes import DreamBoothDataModule
 from montrage.recipes.cli import config_path
-from montrage.store import StoreReader
+from montrage.store import SCHEMA_VERSION, StoreReader
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def small_store(tiny_model_dir, tmp_path_factory):
 def test_inspect_json(small_store, capsys):
     assert main(["inspect", small_store, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["schema_version"] == 2 and s["epochs"] == [0, 1, 2]
+    assert s["schema_version"] == SCHEMA_VERSION == 3 and s["epochs"] == [0, 1, 2]
     assert s["num_probes"] == 3 and s["num_train_images"] == 6
     assert s["layers"] == ["mid_block"] and s["concepts"] == ["digit1", "digit7"]
     assert s["datasets"]["train/features/mid_block"]["shape"] == [3, 6, 2, 64]

@@ -123,3 +123,55 @@ def test_reader_errors(tmp_path):
         f.attrs["schema_version"] = 99
     with pytest.raises(StoreError, match="schema_version 99"):
         StoreReader(path)
+
+
+def test_the_guide_lists_every_dataset_of_the_schema():
+    import pathlib
+
+    from montrage.store.schema import DATASETS, required
+
+    guide = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    missing = [
+        ds.name
+        for ds in DATASETS
+        if f"`{ds.name.replace('{layer}', '<layer>')}`" not in guide and f"`{ds.name.split('/')[-1]}`" not in guide
+    ]
+    assert not missing, f"docs/guide.md's store table lacks {missing}"
+    # what each file must hold follows from the table
+    assert "adapter_check" in required("features", ["mid"]) and "adapter_check" not in required("all", ["mid"])
+    assert "train/features/mid" not in required("adapter", ["mid"]) and "order/epoch" in required("adapter", ["mid"])
+
+
+def test_run_description_round_trips_and_refuses_missing_or_unknown_fields():
+    import dataclasses
+
+    import pytest
+
+    from montrage.store import AdapterSetup, RunDescription, StoreError
+
+    run = RunDescription(
+        model_path="/m",
+        resolution=16,
+        family="sd",
+        noise_kind="epsilon",
+        denoiser_class="UNet2DConditionModel",
+        noise_points=[0.1],
+        layers=["mid_block"],
+        adapters={"unet": AdapterSetup(r=8, lora_alpha=8.0, target_modules=["to_q"])},
+        timesteps=[200],
+        pooling="mean",
+        encode_prompt="",
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        thumbnail_size=16,
+    )
+    assert RunDescription.from_dict(run.to_dict()) == run
+    without_rank = {**run.to_dict(), "adapters": {"unet": {"lora_alpha": 8.0, "target_modules": ["to_q"]}}}
+    with pytest.raises(StoreError, match="'adapters' does not read"):  # never a silent default rank
+        RunDescription.from_dict(without_rank)
+    partial = {k: v for k, v in run.to_dict().items() if k != "resolution"}
+    with pytest.raises(StoreError, match=r"s\.h5.*missing field\(s\) \['resolution'\]"):
+        RunDescription.from_dict(partial, where="store 's.h5'")
+    with pytest.raises(StoreError, match=r"unknown field\(s\) \['lora_config'\]"):
+        RunDescription.from_dict({**run.to_dict(), "lora_config": {}})
+    assert {f.name for f in dataclasses.fields(RunDescription)} >= {"model_path", "adapters", "encode_prompt"}

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from montrage.attribution.model import AttributionModel, Loss, ensemble_loss
-from montrage.store_model import StoreModel
-from montrage.attribution.table import (
+from montrage.attribution.pairs import (
     Mode,
     feature_names,
     iter_train_blocks,
@@ -25,6 +24,7 @@ from montrage.attribution.table import (
 )
 from montrage.encode import stable_seed
 from montrage.store import StoreError, StoreReader
+from montrage.store_model import StoreModel
 
 MODES: tuple[Mode, ...] = ("trajectory", "final")
 STREAM_PAIRS = 1 << 17  # (probe, image) pairs above which the fit streams mini-batches

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from montrage.attribution.table import (
+from montrage.attribution.pairs import (
     Mode,
     _unit,
     final_features,

@@ -15,11 +15,11 @@ import torch
 
 from montrage.attribution.fit import default_model_dir
 from montrage.attribution.model import AttributionModel, AttributionModelError
-from montrage.store_model import StoreModel
-from montrage.attribution.table import Mode, iter_train_blocks, pair_features, per_query_standardize, train_centre
+from montrage.attribution.pairs import Mode, iter_train_blocks, pair_features, per_query_standardize, train_centre
 from montrage.data import load_image, read_example
 from montrage.encode import stable_seed
 from montrage.store import StoreReader
+from montrage.store_model import StoreModel
 
 
 def query_seed(pixels: torch.Tensor) -> int:

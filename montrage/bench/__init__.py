@@ -21,3 +21,26 @@ BENCHMARKS = {
 def comma_list(text: str | None, kind=str) -> list | None:
     """'a, b,c' -> ['a', 'b', 'c'] (each converted by `kind`); None or '' -> None."""
     return [kind(t.strip()) for t in text.split(",") if t.strip()] if text else None
+
+
+def synthetic_run(components, base: str, layers, timesteps, pooling: str, targets) -> dict:
+    """The run description of a synthetic store over `base` (benchmarks that write stores without training): a
+    LoRA of rank 8 on `targets`, the demo's sampler settings."""
+    from montrage.family import make_family
+    from montrage.store import AdapterSetup, RunDescription
+
+    family = make_family(components.parts, None, None, 16)
+    return RunDescription(
+        model_path=base,
+        resolution=16,
+        **family.describe(),
+        noise_points=[float(family.noise_point(t)) for t in timesteps],
+        adapters={"unet": AdapterSetup(r=8, lora_alpha=8.0, target_modules=list(targets))},
+        layers=list(layers),
+        timesteps=list(timesteps),
+        pooling=pooling,
+        encode_prompt="",
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        thumbnail_size=16,
+    ).to_dict()

@@ -97,7 +97,7 @@ def adapters_seed(
     image's prompt: a generation's own, "a photo of <word>" of a real digit's class)."""
     from montrage.data import digit_token, sklearn_digits
     from montrage.origin.baselines import pixel_features
-    from montrage.origin.classifier import LinearProbe, feature_matrix
+    from montrage.origin.classifier import LogisticModel, feature_matrix
     from montrage.origin.features import (
         SNAPSHOT_FAMILIES,
         FeatureSpec,
@@ -183,12 +183,12 @@ def adapters_seed(
         [feature_matrix(fs, families)[0] for fs in under] + [feature_matrix(fs, SNAPSHOT_FAMILIES)[0] for fs in under],
         axis=1,
     )
-    predictions["montrage_snapshots"] = LinearProbe(C="auto").fit(X[tr], labels[tr]).predict(X[te])
+    predictions["montrage_snapshots"] = LogisticModel(C="auto").fit(X[tr], labels[tr]).predict(X[te])
     tau = fit_none_threshold([fs.subset(tr) for fs in under], labels[tr], names)
     pick = lowest_loss_attribution([fs.subset(te) for fs in under], none_above=tau)
     predictions["lowest_loss"] = np.asarray(names + ["none"])[pick]
     Xp = pixel_features(pixels)
-    predictions["pixels"] = LinearProbe(C="auto").fit(Xp[tr], labels[tr]).predict(Xp[te])
+    predictions["pixels"] = LogisticModel(C="auto").fit(Xp[tr], labels[tr]).predict(Xp[te])
     for name, pred in predictions.items():
         results[name] = _report(labels[te], pred, names)
         results[name]["none_accuracy_per_source"] = {  # real digits vs the base model's own generations

@@ -167,8 +167,8 @@ def run_seed(
     """
     import pytorch_lightning as pl
 
+    from montrage.attribution.pairs import pair_features
     from montrage.attribution.query import Attributor
-    from montrage.attribution.table import pair_features
     from montrage.baselines import gradients, pixel
     from montrage.callbacks import MontrageCallback
     from montrage.data import ConceptImageDataset, digits_examples
@@ -369,8 +369,8 @@ def fit_default(store_path: str, steps: int, seed: int, progress: bool = False) 
     """Fit the store's own attribution models; returns the probes' trajectories, which every refit of the store
     (`fit_seed_sweep`) shares."""
     from montrage.attribution.fit import fit_attribution, probe_trajectories
-    from montrage.store_model import StoreModel
     from montrage.store import StoreReader
+    from montrage.store_model import StoreModel
 
     with StoreReader(store_path) as store:
         probe_features = probe_trajectories(StoreModel(store))

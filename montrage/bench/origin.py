@@ -24,7 +24,7 @@ Reported per half (one block each), every figure as the mean over seeds with its
                   trajectory_clid (montrage's classifier with CLiD's families added), snapshot_loss (the training
                   trajectory: the loss under the adapter of every stored epoch, read from the run's store) and
                   trajectory_snapshots (montrage's classifier with it added).
-  member_vs_rest  the same-task comparison: every probe's ternary classifier scored by its member probability
+  member_vs_rest  the same-task comparison: every trained method's ternary classifier scored by its member probability
                   (predicted member = argmax) against the threshold attacks with t and τ fit on members vs rest,
                   all on the full test split.
   membership      member vs external only (the paper's Table 2 setting; probes trained on those two classes).
@@ -63,17 +63,6 @@ from montrage.errors import MontrageError
 ORIGINS = ("member", "generated", "external")
 METRIC_KEYS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy")
 BLOCKS = ("methods", "member_vs_rest", "membership", "member_vs_external")
-PROBES = (
-    "trajectory",
-    "trajectory_paper",
-    "trajectory_paper_cv",
-    "trajectory_no_pia",
-    "trajectory_no_ref",
-    "trajectory_loss",
-    "pia_trajectory",
-    "gsa",
-    "pixels",
-)
 ATTACKS = ("loss_threshold", "pia")
 CACHE_VERSION = "v5"
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
@@ -193,7 +182,7 @@ def evaluate(
     """Every method on the test split: the methods / member_vs_rest / membership blocks, per-class figures of the
     probes, and the claims."""
     from montrage.origin.baselines import ThresholdAttack, clid_losses, gsa_features, pixel_features
-    from montrage.origin.classifier import LinearProbe, feature_matrix, present_families
+    from montrage.origin.classifier import LogisticModel, feature_matrix, present_families
     from montrage.origin.features import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES, SNAPSHOT_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
@@ -207,25 +196,25 @@ def evaluate(
     same = np.isin(sources, ("member", "external:held-out"))
     sx_tr, sx_te = same[tr], same[te]
 
-    def probe_results(X: np.ndarray, C=C) -> tuple[dict, dict, dict, dict]:
+    def classifier_results(X: np.ndarray, C=C) -> tuple[dict, dict, dict, dict]:
         """Ternary report, its member-vs-rest report (member probability), the member-vs-external report of a
-        probe trained on those two classes only, and the member-vs-held-out one (likewise, without the shifted set)."""
-        probe = LinearProbe(C=C).fit(X[tr], y_tr)
-        proba = probe.predict_proba(X[te])
-        tern = ovr_report(proba, y_te, probe.classes)
-        p_member = proba[:, probe.classes.index("member")]
+        model trained on those two classes only, and the member-vs-held-out one (likewise, without the shifted set)."""
+        model = LogisticModel(C=C).fit(X[tr], y_tr)
+        proba = model.predict_proba(X[te])
+        tern = ovr_report(proba, y_te, model.classes)
+        p_member = proba[:, model.classes.index("member")]
         vs_rest = binary_report(
-            p_member, is_member_te, predictions=np.argmax(proba, axis=1) == probe.classes.index("member")
+            p_member, is_member_te, predictions=np.argmax(proba, axis=1) == model.classes.index("member")
         )
-        binary = LinearProbe(C=C).fit(X[tr][mx_tr], y_tr[mx_tr])
+        binary = LogisticModel(C=C).fit(X[tr][mx_tr], y_tr[mx_tr])
         p = binary.predict_proba(X[te][mx_te])[:, binary.classes.index("member")]
         mem = binary_report(p, y_te[mx_te] == "member", predictions=p >= 0.5)
-        held = LinearProbe(C=C).fit(X[tr][sx_tr], y_tr[sx_tr])
+        held = LogisticModel(C=C).fit(X[tr][sx_tr], y_tr[sx_tr])
         p = held.predict_proba(X[te][sx_te])[:, held.classes.index("member")]
         return tern, vs_rest, mem, binary_report(p, y_te[sx_te] == "member", predictions=p >= 0.5)
 
     def ternary_and_membership(X: np.ndarray) -> tuple[dict, dict]:
-        tern, _, mem, _ = probe_results(X)
+        tern, _, mem, _ = classifier_results(X)
         return tern, mem
 
     everything = present_families(full)
@@ -256,7 +245,7 @@ def evaluate(
     blocks = {b: {} for b in BLOCKS}
     per_class = {}
     for name, (X, c) in matrices.items():
-        tern, vs_rest, mem, held = probe_results(X, c)
+        tern, vs_rest, mem, held = classifier_results(X, c)
         blocks["methods"][name] = {**_metrics(tern), "task": "ternary"}
         blocks["member_vs_rest"][name] = {**_metrics(vs_rest), "task": "member-vs-rest"}
         blocks["membership"][name] = {**_metrics(mem), "task": "member-vs-external"}
@@ -990,12 +979,12 @@ def _claim_a(attack, full, tr, te, y_tr, y_te, labels, sources_te) -> dict:
     }
 
 
-def _claim_b(loss_only, grid, wgrids, probe_results) -> dict:
-    """Loss-only linear probe on the uniform grid vs on each window of the same number of timesteps."""
+def _claim_b(loss_only, grid, wgrids, classifier_results) -> dict:
+    """Loss-only logistic model on the uniform grid vs on each window of the same number of timesteps."""
     from montrage.origin.classifier import feature_matrix
 
     def score(ts):
-        tern, mem = probe_results(feature_matrix(loss_only.at_timesteps(ts), ("loss",))[0])  # ternary, membership
+        tern, mem = classifier_results(feature_matrix(loss_only.at_timesteps(ts), ("loss",))[0])  # ternary, membership
         return {"membership_auc": mem["auc"], "ternary_auc": tern["auc"], "membership_tpr@1%fpr": mem["tpr@1%fpr"]}
 
     uniform = score(grid)

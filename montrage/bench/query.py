@@ -19,7 +19,8 @@ def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> Non
     from peft.utils import get_peft_model_state_dict
 
     from montrage.attribution.fit import default_model_dir, fit_model
-    from montrage.attribution.table import feature_names
+    from montrage.attribution.pairs import feature_names
+    from montrage.bench import synthetic_run
     from montrage.components import load_components, model_identity
     from montrage.data import TrainExample
     from montrage.probes import default_probes
@@ -27,7 +28,8 @@ def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> Non
     from montrage.store import StoreReader, StoreSpec, StoreWriter
 
     base = tiny_base_path()
-    unet = load_components(base).unet
+    components = load_components(base)
+    unet = components.unet
     lora_cfg = {"r": 8, "lora_alpha": 8.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"], "lora_dropout": 0.0}
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=lora_cfg["target_modules"]))
     lora = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet).items()}
@@ -47,14 +49,7 @@ def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> Non
         thumbnail_size=16,
         lora_names=list(lora),
         lora_shapes=[list(v.shape) for v in lora.values()],
-        config={
-            "model_path": base,
-            "resolution": 16,
-            "lora_config": lora_cfg,
-            "encode_prompt": "",
-            "num_inference_steps": 10,
-            "guidance_scale": 3.0,
-        },
+        config=synthetic_run(components, base, layers, T, "mean", lora_cfg["target_modules"]),
     )
     w = StoreWriter(path, spec, overwrite=True)
     flat = torch.cat([v.flatten() for v in lora.values()]).numpy()

@@ -30,6 +30,7 @@ def synthetic_store(
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    from montrage.bench import synthetic_run
     from montrage.components import load_components, model_identity
     from montrage.data import TrainExample
     from montrage.probes import default_probes
@@ -37,7 +38,8 @@ def synthetic_store(
     from montrage.store import StoreSpec, StoreWriter
 
     base = base or tiny_base_path()
-    unet = load_components(base).unet
+    components = load_components(base)
+    unet = components.unet
     targets = ["to_k", "to_out.0", "to_q", "to_v"]
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=targets))
     lora = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet).items()}
@@ -58,14 +60,7 @@ def synthetic_store(
         thumbnail_size=16,
         lora_names=list(lora),
         lora_shapes=[list(v.shape) for v in lora.values()],
-        config={
-            "model_path": base,
-            "resolution": 16,
-            "encode_prompt": "",
-            "num_inference_steps": 10,
-            "guidance_scale": 3.0,
-            "lora_config": {"r": 8, "lora_alpha": 8.0, "target_modules": targets},
-        },
+        config=synthetic_run(components, base, ["mid_block"], TIMESTEPS, "mean_max", targets),
     )
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CONCEPTS, T, F)).astype(np.float32)
@@ -91,7 +86,7 @@ def synthetic_store(
     from montrage.store import StoreReader
 
     with StoreReader(path) as s:
-        feature_bytes = int(s.f["train/features/mid_block"].id.get_storage_size())
+        feature_bytes = int(s.summary()["datasets"]["train/features/mid_block"]["bytes"])
     return {
         "write_seconds": time.perf_counter() - t0,
         "feature_bytes": feature_bytes,

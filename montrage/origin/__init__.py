@@ -26,7 +26,7 @@ _EXPORTS = {
     "trajectory_features": "montrage.origin.features",
     "write_features": "montrage.origin.featurefile",
     "read_features": "montrage.origin.featurefile",
-    "LinearProbe": "montrage.origin.classifier",
+    "LogisticModel": "montrage.origin.classifier",
     "OriginClassifier": "montrage.origin.classifier",
     "ModelAttributor": "montrage.origin.model_attribution",
     "predict_images": "montrage.origin.predict",

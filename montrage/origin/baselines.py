@@ -4,10 +4,10 @@
   threshold are chosen on training data. Shows failure 1: a model's own generations have the lowest loss of all.
 - PIA (Kong et al. 2024): the same rule on losses computed with the deterministic noise ε_θ(x, 0) (`pia_spec`).
 - GSA-style gradients (Pang et al. 2025, GSA₂): per parameter tensor, the squared gradient norm averaged over t
-  (`gsa_spec` + `gsa_features`), fed to the same linear probe.
+  (`gsa_spec` + `gsa_features`), fed to the same logistic model.
 - CLiD (Zhai et al. 2024): the same rule on the conditional likelihood discrepancy (`clid_spec` + `clid_losses`):
   an image's loss under its own caption minus its loss under the null and a perturbed caption.
-- Model-blind (`pixel_features`): the linear probe on raw pixels, which says how much of a result is dataset
+- Model-blind (`pixel_features`): the logistic model on raw pixels, which says how much of a result is dataset
   shift rather than anything the model knows.
 """
 

@@ -47,13 +47,13 @@ def is_store(path: str) -> bool:
 def store_diffusion_model(store_path: str, model_path: str | None = None, device: str | None = None) -> DiffusionModel:
     """The store's fine-tuned model at its last adapter snapshot, as a DiffusionModel whose `snapshots` loads any
     other snapshot. Refused for a store without adapter snapshots: it does not hold the run's weights."""
-    from montrage.store_model import StoreModel
     from montrage.family import SDFamily
     from montrage.store import StoreReader
+    from montrage.store_model import StoreModel
 
     store = StoreReader(store_path, features=False)
     try:
-        if not store.f["lora"].attrs.get("enabled", False) or store.adapter_snapshots == 0:
+        if not store.has_adapters or store.adapter_snapshots == 0:
             raise OriginError(
                 f"store {store_path!r} holds no adapter snapshots, so the fine-tuned model cannot be "
                 "rebuilt from it: record them with MontrageCallback(save_lora_snapshots=True) on a LoRA "
@@ -71,7 +71,7 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     return DiffusionModel(
         c.unet,
         c.scheduler,
-        str(model_path or store.spec["config"].get("model_path")),
+        str(model_path or store.run.model_path),
         c.vae,
         c.text_encoder,
         c.tokenizer,

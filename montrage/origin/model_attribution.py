@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from montrage.origin.classifier import JSON_NAME, LinearProbe, feature_matrix, load_probe, save_probe
+from montrage.origin.classifier import JSON_NAME, LogisticModel, feature_matrix, load_logistic, save_logistic
 from montrage.origin.errors import OriginError
 from montrage.origin.features import FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.model import check_same_model
@@ -73,7 +73,7 @@ class ModelAttributor:
 
     `relative=True` feeds [mean over candidates | each candidate minus that mean | each candidate's mean log-loss
     over t minus the mean of those] instead: an image's own difficulty, which every candidate sees, sits in the
-    mean; the standardised, regularised probe reads "which candidate is at home" from the differences, and the last
+    mean; the standardised, regularised logistic model reads "which candidate is at home" from the differences, and the last
     K columns are the lowest-loss rule's statistic, one strong column per candidate instead of one per t."""
 
     def __init__(
@@ -90,13 +90,13 @@ class ModelAttributor:
         self.families, self.transform, self.relative = tuple(families), transform, bool(relative)
         if self.relative and "loss" not in self.families:
             raise OriginError("relative=True adds each candidate's relative mean log-loss: include the loss family.")
-        self.probe = LinearProbe(C=C)
+        self.logistic = LogisticModel(C=C)
         self.identities: list[dict] = []
         self.spec: FeatureSpec | None = None
 
     @property
     def classes(self) -> list[str]:
-        return list(self.probe.classes)
+        return list(self.logistic.classes)
 
     def _matrix(self, per_candidate: list[FeatureSet]) -> np.ndarray:
         _check_aligned(per_candidate, len(self.candidates))
@@ -127,16 +127,16 @@ class ModelAttributor:
         labels = np.asarray([str(v) for v in labels])
         if len(labels) != len(X):
             raise OriginError(f"{len(labels)} labels for {len(X)} images.")
-        self.probe.fit(X, labels)
+        self.logistic.fit(X, labels)
         self.identities = [dict(fs.identity) for fs in per_candidate]
         self.spec = per_candidate[0].spec
         return self
 
     def predict_proba(self, per_candidate: list[FeatureSet]) -> np.ndarray:
-        return self.probe.predict_proba(self._matrix(per_candidate))
+        return self.logistic.predict_proba(self._matrix(per_candidate))
 
     def predict(self, per_candidate: list[FeatureSet]) -> np.ndarray:
-        return self.probe.predict(self._matrix(per_candidate))
+        return self.logistic.predict(self._matrix(per_candidate))
 
     def save(self, folder: str) -> str:
         if self.spec is None:
@@ -150,18 +150,18 @@ class ModelAttributor:
             "spec": self.spec.to_dict(),
             "identities": self.identities,
         }
-        return save_probe(folder, meta, self.probe)
+        return save_logistic(folder, meta, self.logistic)
 
     @classmethod
     def load(cls, folder: str) -> "ModelAttributor":
-        meta, probe = load_probe(folder, "model_attribution")
+        meta, logistic = load_logistic(folder, "model_attribution")
         where = os.path.join(folder, JSON_NAME)
         try:
             att = cls(
                 meta["candidates"],
                 families=meta["families"],
                 transform=meta["transform"],
-                C=probe.C,
+                C=logistic.C,
                 relative=meta.get("relative", False),
             )
             att.spec = FeatureSpec.from_dict(meta["spec"])
@@ -175,10 +175,10 @@ class ModelAttributor:
             )
         K = len(att.candidates)
         expected = (K + att.relative) * sum(len(att.spec.columns(f)) for f in att.families) + K * att.relative
-        if len(probe.mean) != expected:
+        if len(logistic.mean) != expected:
             raise OriginError(
-                f"attributor file {where!r}: {len(probe.mean)} features in the arrays, expected "
+                f"attributor file {where!r}: {len(logistic.mean)} features in the arrays, expected "
                 f"{expected}; the files do not belong together, refit it."
             )
-        att.probe = probe
+        att.logistic = logistic
         return att

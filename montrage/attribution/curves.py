@@ -15,7 +15,7 @@ import numpy as np
 
 from montrage.attribution.fit import check_fittable, default_model_dir, fit_model
 from montrage.attribution.model import AttributionModel, AttributionModelError
-from montrage.attribution.table import feature_names, pair_features, per_query_standardize
+from montrage.attribution.pairs import feature_names, pair_features, per_query_standardize
 from montrage.store import StoreError, StoreReader
 
 
