@@ -133,16 +133,9 @@ class AttributionCurves(Callback):
             self._log_wandb(trainer, store, curves)
 
     def _save(self, store: StoreReader) -> None:
-        from montrage.attribution.pairs import feature_names
+        from montrage.attribution.fit import model_meta
 
-        meta = {
-            "mode": "final",
-            "live": True,
-            "feature_names": feature_names(store.layers, store.timesteps, store.num_epochs, "final"),
-            "store_identity": store.spec["identity"],
-            "num_epochs": store.num_epochs,
-            "fit_steps": self.fit_steps,
-        }
+        meta = model_meta(store, "final", live=True, fit_steps=self.fit_steps)
         self._model.save(os.path.join(live_model_dir(store.path), "final"), meta)
 
     def _log_wandb(self, trainer: pl.Trainer, store: StoreReader, curves: dict) -> None:

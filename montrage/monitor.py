@@ -33,7 +33,7 @@ from montrage.encode import condition_prompts, stable_seed
 from montrage.errors import MontrageError
 from montrage.family import Family, make_family
 from montrage.latent_cache import LatentCache, cache_key, trainable
-from montrage.probes import ProbeSet, default_probes, load_probe_file
+from montrage.probes import ProbeSet, default_probes, load_probe_file, probe_noise_key
 from montrage.projection import DEFAULT_WIDTH, project
 from montrage.projection import describe as describe_projection
 from montrage.rng import isolated_rng
@@ -51,11 +51,6 @@ class MontrageConfigError(MontrageError, ValueError):
 
 class MontrageSnapshotError(MontrageError, RuntimeError):
     """Monitoring failed during training (on some rank); skipped with a warning unless strict=True."""
-
-
-def probe_noise_key(prompt: str, seed: int) -> str:
-    """The id whose stable seed fixes a probe generation's encoding noise (the training image's id plays that role)."""
-    return f"probe/{prompt}/{seed}"
 
 
 def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str], train_ids: list[str]) -> str:

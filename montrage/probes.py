@@ -155,3 +155,8 @@ def load_probe_file(path: str, seeds: list[int] | None = None) -> ProbeSet:
             f"probe file {path!r}: field 'seeds' is empty (and no probe_seeds were given); give at least one."
         )
     return ProbeSet(prompts, weights, seeds, exemplars=exemplars)
+
+
+def probe_noise_key(prompt: str, seed: int) -> str:
+    """The id whose stable seed fixes a probe generation's encoding noise (the training image's id plays that role)."""
+    return f"probe/{prompt}/{seed}"

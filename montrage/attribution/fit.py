@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from montrage.attribution.model import AttributionModel, Loss, ensemble_loss
+from montrage.attribution.model import AttributionModel, AttributionModelError, Loss, ensemble_loss
 from montrage.attribution.pairs import (
     Mode,
     feature_names,
@@ -23,6 +23,7 @@ from montrage.attribution.pairs import (
     train_centre,
 )
 from montrage.encode import stable_seed
+from montrage.probes import probe_noise_key
 from montrage.store import StoreError, StoreReader
 from montrage.store_model import StoreModel
 
@@ -36,12 +37,32 @@ def default_model_dir(store_path: str) -> str:
     return os.path.splitext(store_path)[0] + "_attribution"
 
 
+def model_meta(store: StoreReader, mode: Mode, **extra) -> dict:
+    """What an attribution model records about the store it was fitted on (checked by `check_model_meta`)."""
+    return {
+        "mode": mode,
+        "feature_names": feature_names(store.layers, store.timesteps, store.num_epochs, mode),
+        "store_identity": store.spec["identity"],
+        "num_epochs": store.num_epochs,
+        **extra,
+    }
+
+
+def check_model_meta(meta: dict, store: StoreReader, where: str) -> None:
+    """Refuse a model fitted on another store, or on an earlier state of this one."""
+    if meta.get("store_identity") != store.spec["identity"] or meta.get("num_epochs") != store.num_epochs:
+        raise AttributionModelError(
+            f"attribution model {where!r} was fitted on another store or an earlier state of {store.path!r}; "
+            f"re-run `montrage attribute fit {store.path}`."
+        )
+
+
 def probe_trajectories(sm: StoreModel) -> dict[str, np.ndarray]:
     """{layer: (E, P, T, F)}: the final probe generations encoded at every stored epoch."""
     probes = sm.store.probes
     images = sm.generate(probes, sm.num_epochs - 1)
     items = probes.items()
-    return sm.trajectory(images, [stable_seed(f"probe/{p}/{s}") for p, s in items], prompts=[p for p, _ in items])
+    return sm.trajectory(images, [stable_seed(probe_noise_key(p, s)) for p, s in items], prompts=[p for p, _ in items])
 
 
 def table(store: StoreReader, queries: dict[str, np.ndarray], centre: dict, mode: Mode) -> np.ndarray:
@@ -209,18 +230,16 @@ def fit_attribution(
                 model, history = fit_model(
                     table(store, queries, centre, mode), y, loss, steps, lr, hidden, seed, members=members
                 )
-            meta = {
-                "mode": mode,
-                "loss": loss,
-                "seed": seed,
-                "members": members,
-                "within": within,
-                "feature_names": names,
-                "store_identity": store.spec["identity"],
-                "num_epochs": store.num_epochs,
-                "final_loss": history[-1],
-                "initial_loss": history[0],
-            }
+            meta = model_meta(
+                store,
+                mode,
+                loss=loss,
+                seed=seed,
+                members=members,
+                within=within,
+                final_loss=history[-1],
+                initial_loss=history[0],
+            )
             model.save(os.path.join(out_dir, mode), meta)
             report["models"][mode] = {
                 "path": os.path.join(out_dir, mode),

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from montrage.attribution.fit import default_model_dir
+from montrage.attribution.fit import check_model_meta, default_model_dir
 from montrage.attribution.model import AttributionModel, AttributionModelError
 from montrage.attribution.pairs import Mode, iter_train_blocks, pair_features, per_query_standardize, train_centre
 from montrage.data import load_image, read_example
@@ -88,14 +88,7 @@ class Attributor:
         self.models: dict[str, AttributionModel] = {}
         for mode in ("trajectory", "final"):
             model, meta = AttributionModel.load(os.path.join(self.model_dir, mode))
-            if (
-                meta.get("store_identity") != self.store.spec["identity"]
-                or meta.get("num_epochs") != self.store.num_epochs
-            ):
-                raise AttributionModelError(
-                    f"attribution model {os.path.join(self.model_dir, mode)!r} was fitted on another store or an earlier "
-                    f"state of {store_path!r}; re-run `montrage attribute fit {store_path}`."
-                )
+            check_model_meta(meta, self.store, os.path.join(self.model_dir, mode))
             self.models[mode] = model
         self.train = self.store.train
         self.concepts = sorted({e.concept for e in self.train})

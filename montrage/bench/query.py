@@ -18,8 +18,7 @@ def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> Non
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from montrage.attribution.fit import default_model_dir, fit_model
-    from montrage.attribution.pairs import feature_names
+    from montrage.attribution.fit import default_model_dir, fit_model, model_meta
     from montrage.bench import synthetic_run
     from montrage.components import load_components, model_identity
     from montrage.data import TrainExample
@@ -64,15 +63,11 @@ def _synthetic_store(path: str, n_train: int, epochs: int, seed: int = 0) -> Non
         )
     w.close()
     with StoreReader(path) as store:
-        identity = store.spec["identity"]
-    for mode in ("trajectory", "final"):
-        names = feature_names(layers, T, epochs, mode)
-        x = rng.normal(size=(4, 32, 2 * len(names))).astype(np.float32)
-        model, _ = fit_model(x, rng.random((4, 32)).astype(np.float32), steps=5)
-        model.save(
-            os.path.join(default_model_dir(path), mode),
-            {"mode": mode, "store_identity": identity, "num_epochs": epochs, "feature_names": names},
-        )
+        for mode in ("trajectory", "final"):
+            meta = model_meta(store, mode)
+            x = rng.normal(size=(4, 32, 2 * len(meta["feature_names"]))).astype(np.float32)
+            model, _ = fit_model(x, rng.random((4, 32)).astype(np.float32), steps=5)
+            model.save(os.path.join(default_model_dir(path), mode), meta)
 
 
 def run_query_latency(

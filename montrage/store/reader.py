@@ -13,7 +13,7 @@ import numpy as np
 from montrage.data import TrainExample
 from montrage.probes import ProbeSet
 from montrage.store import schema
-from montrage.store.recovery import _superblock
+from montrage.store.recovery import superblock
 from montrage.store.run import RunDescription
 from montrage.store.schema import FORMATS, SCHEMA_VERSION, StoreError, StoreMismatchError, StoreSpec, features_path
 
@@ -23,7 +23,7 @@ def _open_read(path: str) -> h5py.File:
     fails at once instead of in HDF5's SWMR retry loop, which sleeps for minutes on bad checksums)."""
     if not os.path.isfile(path):
         raise StoreError(f"store {path!r} does not exist.")
-    sb = _superblock(path)
+    sb = superblock(path)
     live = sb is not None and sb[0] != 0
     if sb is not None and not live and os.path.getsize(path) < sb[1]:
         raise StoreError(

@@ -13,7 +13,7 @@ from montrage.store.schema import StoreError, grows
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def _superblock(path: str) -> tuple[int, int] | None:
+def superblock(path: str) -> tuple[int, int] | None:
     """(consistency flags, end-of-file address) of an HDF5 superblock version 2 or 3 (what libver="latest" writes)
     at the start of the file; None for anything else."""
     with open(path, "rb") as fh:
@@ -32,7 +32,7 @@ def left_open_for_write(path: str) -> bool:
 
     HDF5 then refuses to open the file for writing, and to read it other than through SWMR.
     """
-    sb = _superblock(path)
+    sb = superblock(path)
     return sb is not None and sb[0] != 0
 
 
@@ -84,7 +84,7 @@ def rebuild_committed(path: str) -> tuple[int, int]:
     return committed
 
 
-class _WriterLock:
+class WriterLock:
     """`<store>.lock`, held with flock for the writer's lifetime; the kernel drops it when the process dies."""
 
     def __init__(self, path: str):

@@ -12,7 +12,7 @@ import numpy as np
 
 from montrage.store import schema
 from montrage.store.reader import check_compatible
-from montrage.store.recovery import _WriterLock, left_open_for_write, rebuild_committed
+from montrage.store.recovery import WriterLock, left_open_for_write, rebuild_committed
 from montrage.store.schema import Part, StoreError, StoreSpec
 
 log = logging.getLogger("montrage.store")
@@ -52,7 +52,7 @@ class StoreWriter:
         self.spec = spec
         self.part = part
         self.f = None
-        self._lock = _WriterLock(path)
+        self._lock = WriterLock(path)
         try:
             self._open(overwrite, truncate_to)
         except BaseException:
