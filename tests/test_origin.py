@@ -576,7 +576,7 @@ def test_pixel_ddpm_recipe_is_deterministic(tmp_path):
 
 
 def test_bench_window_grids_have_the_uniform_budget():
-    from montrage.bench.origin import window_grids
+    from montrage.bench.origin_eval import window_grids
 
     grids = window_grids(1000, 4, 4)
     assert grids[0] == [0, 62, 125, 187] and grids[3] == [750, 812, 875, 937]
@@ -615,7 +615,7 @@ def test_draws_average_the_naive_features_of_each_draw():
 
 # --- benchmark: seeds, aggregation, splits, GPU-size throughput script -------------------------------------------------
 def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
-    from montrage.bench.origin import BLOCKS, METRIC_KEYS
+    from montrage.bench.origin_eval import BLOCKS, METRIC_KEYS
 
     def entry(auc, tpr, task):
         return {"auc": auc, "tpr@1%fpr": tpr, "tpr@0.1%fpr": tpr / 2, "balanced_accuracy": 0.6, "task": task}
@@ -646,7 +646,7 @@ def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
         },
         "c_gradients_add_over_loss": {"holds": True},
     }
-    from montrage.bench.origin import acceptance
+    from montrage.bench.origin_eval import acceptance
 
     claims["acceptance_trajectory_beats_thresholds"] = acceptance(blocks)
     tp = {
@@ -662,7 +662,8 @@ def _seed_result(auc_traj: float, tpr_traj: float, holds_a: bool) -> dict:
 
 
 def test_bench_aggregates_seeds_and_checks_the_acceptance():
-    from montrage.bench.origin import aggregate, parse_seeds
+    from montrage.bench.origin_eval import aggregate
+    from montrage.bench.seeds import parse_seeds
 
     assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2] and parse_seeds(5) == [5]
     for bad in ("a", "1,1", ""):
@@ -694,7 +695,8 @@ def test_bench_aggregates_seeds_and_checks_the_acceptance():
 
 
 def test_bench_splits_are_disjoint_and_shifted_set_is_rotated():
-    from montrage.bench.origin import LoraBenchConfig, class_split, lora_split, shifted_digits
+    from montrage.bench.origin_eval import class_split, shifted_digits
+    from montrage.bench.origin_lora import LoraBenchConfig, lora_split
     from montrage.recipes.pixel_ddpm import digits_images
 
     labels = np.array(["member"] * 10 + ["generated"] * 10 + ["external"] * 11)
@@ -775,7 +777,8 @@ def test_bench_lora_half_reports_clid_and_member_vs_held_out(tmp_path):
     """A tiny LoRA half: CLiD runs on every image's natural caption as a threshold attack and as a family of
     montrage's classifier, the run's store adds the training trajectory, and every method is also scored on
     members vs same-distribution held-out images."""
-    from montrage.bench.origin import BLOCKS, lora_seed
+    from montrage.bench.origin_eval import BLOCKS
+    from montrage.bench.origin_lora import lora_seed
     from montrage.recipes.tiny_base import TinyBaseConfig
 
     r = lora_seed(

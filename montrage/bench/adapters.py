@@ -1,7 +1,7 @@
 """Which fine-tune made it? Model attribution among K LoRA adapters of one base, or none of them, from their stores.
 
 Per seed: K customers LoRA-fine-tune the tiny base on their own digits of the same concepts (the LoRA half's recipe,
-`montrage.bench.origin.train_lora`, customer k with seed 100·seed + k, so each draws its own members and training noise),
+`montrage.bench.origin_lora.train_lora`, customer k with seed 100·seed + k, so each draws its own members and training noise),
 each monitored by MontrageCallback (deferred: adapter snapshots only). The images: `per_class` generations of each
 adapter from the concept prompts, and as many "none" images, half real digits of the concepts that no customer
 trained on and half generations of the base model without any adapter. Every image's features are computed under
@@ -35,15 +35,9 @@ import time
 import numpy as np
 import torch
 
-from montrage.bench.origin import (
-    LoraBenchConfig,
-    _mean_std,
-    cached_seeds,
-    class_split,
-    lora_split,
-    parse_seeds,
-    train_lora,
-)
+from montrage.bench.origin_eval import class_split
+from montrage.bench.origin_lora import LoraBenchConfig, lora_split, train_lora
+from montrage.bench.seeds import cached_seeds, mean_std, parse_seeds
 from montrage.errors import MontrageError
 
 CACHE_VERSION = "v3"
@@ -225,7 +219,7 @@ def aggregate(per_seed: list[dict]) -> dict:
     for name in per_seed[0]["methods"]:
         row = {}
         for key in ("balanced_accuracy", "accuracy_on_generations"):
-            m, sd = _mean_std([r["methods"][name][key] for r in per_seed])
+            m, sd = mean_std([r["methods"][name][key] for r in per_seed])
             row[key], row[f"{key}_std"] = m, sd
         out[name] = row
     return out

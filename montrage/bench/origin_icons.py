@@ -6,7 +6,7 @@ LoRA-customized on `per_theme` icons of each of `themes` (captions "an icon of a
 generation per member caption. External: held-out icons of the same themes (half as many as the members; the
 same-distribution split, `member_vs_external`) and as many icons of `shifted_themes`, styles neither the base nor
 the LoRA saw. Every image keeps its natural caption for CLiD. Scored exactly as the digits LoRA half
-(`montrage.bench.origin.evaluate`: methods, member_vs_rest, membership, member_vs_external, claims).
+(`montrage.bench.origin_eval.evaluate`: methods, member_vs_rest, membership, member_vs_external, claims).
 
 Run: `montrage bench origin-icons --seed 0,1,2 --out origin_icons.json` (icon themes installed,
 see docs/results.md, "Real artwork").
@@ -24,17 +24,9 @@ import time
 import numpy as np
 import torch
 
-from montrage.bench.origin import (
-    LoraBenchConfig,
-    _throughput,
-    aggregate,
-    cached_seeds,
-    evaluate,
-    extract_features,
-    fine_tune_with_store,
-    parse_seeds,
-    window_grids,
-)
+from montrage.bench.origin_eval import aggregate, evaluate, extract_features, throughput, window_grids
+from montrage.bench.origin_lora import LoraBenchConfig, fine_tune_with_store
+from montrage.bench.seeds import cached_seeds, parse_seeds
 from montrage.errors import MontrageError
 
 THEMES = ("Tango", "oxygen", "breeze", "Papirus")  # customized (theme set A's first four)
@@ -153,7 +145,7 @@ def icons_lora_seed(
     sets, secs = extract_features(model, pixels, grid, wgrids, draws, batch_size, progress, None, clid_captions=natural)
     seconds.update({f"features_{k}": v for k, v in secs.items()})
     result = evaluate(sets, pixels, labels, sources, grid, wgrids, seed, C)
-    result["throughput"] = _throughput(
+    result["throughput"] = throughput(
         len(pixels), grid, draws, secs["trajectory"], ", ".join(sets["trajectory"].spec.families)
     )
     result["config"] = {
