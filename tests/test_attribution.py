@@ -239,7 +239,8 @@ def test_rescore_refits_montrage_beside_a_kept_runs_saved_scores(run_store, tmp_
     import os
     import shutil
 
-    from montrage.bench.attribution import RUN, SCORES, evaluate, rescore_seed
+    from montrage.bench.attribution_scores import rescore_seed
+    from montrage.bench.attribution_setup import RUN, SCORES, evaluate
     from montrage.probes import ProbeSet
 
     kept = tmp_path / "seed0"

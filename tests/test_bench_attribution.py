@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from montrage.bench.attribution import TEMPLATES, build_probes, evaluate, split_images
+from montrage.bench.attribution_setup import TEMPLATES, build_probes, evaluate, split_images
 from montrage.data import digit_token, digits_examples
 
 
@@ -48,7 +48,7 @@ def test_evaluate_perfect_and_reversed_scores(setup):
 
 
 def test_gated_scores_rank_concepts_by_one_method_and_images_by_another():
-    from montrage.bench.attribution import gated_scores
+    from montrage.bench.attribution_scores import gated_scores
 
     labels = ["a", "a", "a", "b", "b"]
     concept = np.array([[0.1, 0.2, 0.0, 0.9, 0.8], [0.9, 0.8, 0.7, 0.1, 0.0]])  # query 0 -> b, query 1 -> a

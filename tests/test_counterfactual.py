@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from montrage.bench.attribution import ICON_PROMPTS, TEMPLATES, build_probes, split_images
+from montrage.bench.attribution_setup import ICON_PROMPTS, TEMPLATES, build_probes, split_images
 from montrage.bench.counterfactual import Retrainer, fixed_points, pick_queries
 from montrage.data import digit_token, digits_examples
 from montrage.errors import MontrageError

@@ -64,7 +64,7 @@ class Retrainer:
     ):
         from peft import LoraConfig
 
-        from montrage.bench.attribution import FINE_TUNE
+        from montrage.bench.attribution_setup import FINE_TUNE
         from montrage.components import load_model
         from montrage.data import ConceptImageDataset
         from montrage.family import make_family
@@ -193,7 +193,8 @@ def run_counterfactual(
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
     from tqdm.auto import tqdm
 
-    from montrage.bench.attribution import QUERY_SEEDS, prepare_dataset, run_seed
+    from montrage.bench.attribution_run import run_seed
+    from montrage.bench.attribution_setup import QUERY_SEEDS, prepare_dataset
 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:

@@ -1,6 +1,6 @@
 """The origin benchmark's LoRA half on human-made artwork: icon themes, each image with its own caption.
 
-Per seed: the art base (pre-trained on themes of other families, `montrage.bench.attribution.prepare_dataset`) is
+Per seed: the art base (pre-trained on themes of other families, `montrage.bench.attribution_setup.prepare_dataset`) is
 LoRA-customized on `per_theme` icons of each of `themes` (captions "an icon of a <content> in the style of
 <token>"), monitored by MontrageCallback (deferred: adapter snapshots). Members: those icons. Generated: one
 generation per member caption. External: held-out icons of the same themes (half as many as the members; the
@@ -92,7 +92,7 @@ def icons_lora_seed(
     progress: bool = True,
 ) -> dict:
     """One seed of the icons LoRA half: customize (or reuse), generate from the member captions, extract, evaluate."""
-    from montrage.bench.attribution import prepare_dataset
+    from montrage.bench.attribution_setup import prepare_dataset
     from montrage.data import quantize, read_example
     from montrage.generate import build_pipeline, generate_probes
     from montrage.origin.features import default_timesteps
