@@ -804,6 +804,7 @@ def test_bench_lora_half_reports_clid_and_member_vs_held_out(tmp_path):
             "loss_threshold",
             "snapshot_loss",
             "trajectory_snapshots",
+            "trajectory_gsa",
         } <= set(r[block])
     held = r["member_vs_external"]
     assert all(v["task"] == "member-vs-held-out" for v in held.values())

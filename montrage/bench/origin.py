@@ -73,7 +73,7 @@ from montrage.bench.origin_lora import LORA_PROMPTS, lora_seed
 from montrage.bench.seeds import cached, key_path, parse_seeds
 from montrage.errors import MontrageError
 
-CACHE_VERSION = "v5"
+CACHE_VERSION = "v6"  # v6: the trajectory_gsa row
 
 
 # --- the pixel-DDPM half ----------------------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ def evaluate(
         snap = feature_matrix(sets["snapshots"], SNAPSHOT_FAMILIES)[0]
         matrices["snapshot_loss"] = (snap, "auto")
         matrices["trajectory_snapshots"] = (np.concatenate([matrices["trajectory"][0], snap], axis=1), "auto")
+    # GSA's per-tensor gradient norms as a family of montrage's classifier (a candidate for the default)
+    matrices["trajectory_gsa"] = (np.concatenate([matrices["trajectory"][0], matrices["gsa"][0]], axis=1), "auto")
     blocks = {b: {} for b in BLOCKS}
     per_class = {}
     for name, (X, c) in matrices.items():

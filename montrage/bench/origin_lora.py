@@ -15,6 +15,7 @@ import torch
 
 from montrage.bench.origin_eval import ORIGINS, evaluate, extract_features, shifted_digits, throughput, window_grids
 from montrage.errors import MontrageError
+from montrage.store import SCHEMA_VERSION
 
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
 
@@ -31,7 +32,8 @@ class LoraBenchConfig:
     seed: int = 0
 
     def digest(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|lora-v2"
+        # the store's schema version too: a cached fine-tune whose store this montrage cannot read is redone
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + f"|lora-v2|schema-{SCHEMA_VERSION}"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
