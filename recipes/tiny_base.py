@@ -281,19 +281,36 @@ def tiny_base_path(cfg: TinyBaseConfig | None = None, cache_dir: str | None = No
     return cached_base("tiny-base", cfg, lambda: pretrain(build_components(cfg), cfg, progress=progress), cache_dir)
 
 
+BUILD_THREADS = 1  # float reductions depend on the thread count: a base is built on one, so it is the same anywhere
+
+
 def cached_base(name: str, cfg, build, cache_dir: str | None = None) -> str:
-    """`<cache>/<name>-<cfg digest>`, saved from `build()`'s components the first time it is asked for."""
+    """`<cache>/<name>-<cfg digest>-<threads>t`, saved from `build()`'s components the first time it is asked for.
+
+    The build runs on `BUILD_THREADS` torch threads whatever the machine has, so that a config names one set of
+    weights (built on 2 threads and on 1, the same recipe gave different bases, and different benchmark figures)."""
+    import torch
+
     root = cache_dir or default_cache_dir()
-    path = os.path.join(root, f"{name}-{cfg.digest()}")
+    path = os.path.join(root, f"{name}-{cfg.digest()}-{BUILD_THREADS}t")
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
-    parts = build()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        parts = build()
+    finally:
+        torch.set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
     save_pipeline(parts, tmp)
     with open(os.path.join(tmp, "montrage_tiny_base.json"), "w") as fh:
-        json.dump({"config": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 1)}, fh, indent=1)
+        json.dump(
+            {"config": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 1), "threads": BUILD_THREADS},
+            fh,
+            indent=1,
+        )
     try:
         os.rename(tmp, path)  # atomic: a concurrent builder loses the race harmlessly
     except OSError:
