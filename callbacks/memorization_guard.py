@@ -218,15 +218,12 @@ class MemorizationGuard(Callback):
 
     def _add_origins(self, alerts: list[Alert], thumbs: list[np.ndarray]) -> None:
         """Each alert's probe generation classified by the origin classifier; a failure only drops the origins."""
-        from montrage.origin.classifier import OriginClassifier
-        from montrage.origin.predict import predict_generations, resolve_model
+        from montrage.origin.predict import load_with_model, predict_generations
 
         try:
             if self._origin_model is None:
-                clf = OriginClassifier.load(self.origin_classifier)
-                self._origin_model = (clf, resolve_model(clf, None))
-            clf, model = self._origin_model
-            results = predict_generations(thumbs, [a.prompt for a in alerts], clf, model)
+                self._origin_model = load_with_model(self.origin_classifier)
+            origins = predict_generations(thumbs, [a.prompt for a in alerts], *self._origin_model)
         except Exception as err:  # the guard must never kill training
             log.warning(
                 "montrage MemorizationGuard: origin of the alerted probes skipped (%s): %s: %s",
@@ -236,8 +233,8 @@ class MemorizationGuard(Callback):
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return
-        for alert, result in zip(alerts, results):
-            alert.origin = {c: round(p, 4) for c, p in result["probabilities"].items()}
+        for alert, origin in zip(alerts, origins):
+            alert.origin = origin
 
     def record(self) -> dict:
         return {

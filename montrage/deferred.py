@@ -177,10 +177,11 @@ def encode_store(
                     if enc.is_writer:
                         enc._writer.truncate(n, 0)
                     enc.snapshots_written = n
+                steps, epochs = store.adapter_steps, store.adapter_epochs  # read once per refresh
                 for row in _rows(enc.snapshots_written, n, progress and enc.is_writer):
                     sm.set_epoch(row)
                     enc._adapter_check = adapter_digest(store.adapter_params(row)) if enc.is_writer else None
-                    if not enc._snapshot(int(store.adapter_steps[row]), int(store.adapter_epochs[row])):
+                    if not enc._snapshot(int(steps[row]), int(epochs[row])):
                         raise StoreError(f"encoding snapshot {row} of {store_path!r} failed.")
                     encoded += 1
                     if log_to_wandb and enc.is_writer and enc.snapshots_written >= 2:

@@ -167,57 +167,74 @@ def origin_figure(thumbs: list[np.ndarray], results: list[dict]) -> bytes:
     return _png(fig)
 
 
-def origin_section(store_path: str, images: list[str] | None, classifier: str | None) -> tuple[str, bytes | None, str]:
+class StoreOrigin:
+    """The store's origin classifier (`<store>.origin`, or the one given) and its model, loaded at the first use, so
+    the alerts and the images are classified with one load."""
+
+    def __init__(self, store_path: str, classifier: str | None):
+        from montrage.origin.from_store import classifier_path
+
+        self.store_path, self.path = store_path, classifier or classifier_path(store_path)
+        self.exists = os.path.isfile(os.path.join(self.path, "classifier.json"))
+        self._loaded = None
+
+    def load(self):
+        from montrage.origin.predict import load_with_model
+
+        if self._loaded is None:
+            self._loaded = load_with_model(self.path, self.store_path)
+        return self._loaded
+
+
+def origin_section(origin: StoreOrigin, images: list[str] | None) -> tuple[str, bytes | None, str]:
     """The report's origin section: the images' origin probabilities under the store's classifier."""
-    classifier = classifier or os.path.splitext(store_path)[0] + ".origin"
-    if not os.path.isfile(os.path.join(classifier, "classifier.json")):
+    if not origin.exists:
         return (
             "Origin",
             None,
-            f"No origin classifier at {classifier}: run `montrage origin fit {store_path} "
+            f"No origin classifier at {origin.path}: run `montrage origin fit {origin.store_path} "
             "--external DIR`, then `montrage report ... --origin IMAGE...`.",
         )
     if not images:
         return (
             "Origin",
             None,
-            f"Origin classifier at {classifier}: pass --origin IMAGE... to show images' origin probabilities.",
+            f"Origin classifier at {origin.path}: pass --origin IMAGE... to show images' origin probabilities.",
         )
     from montrage.data import open_rgb
     from montrage.origin.images import expand_image_paths
     from montrage.origin.predict import predict_images
 
     paths = expand_image_paths(list(images))
-    results = predict_images(paths, classifier, model=store_path, resize=True, progress=False)
+    results = predict_images(paths, *origin.load(), resize=True, progress=False)
     thumbs = [np.asarray(open_rgb(p)) for p in paths]
     return (
         "Origin",
         origin_figure(thumbs, results),
-        f"Origin probabilities under {classifier} (classes {', '.join(results[0]['probabilities'])}): is the "
+        f"Origin probabilities under {origin.path} (classes {', '.join(results[0]['probabilities'])}): is the "
         "image a training member, a generation of this model, or external?",
     )
 
 
-def alert_origins(alerts: list[dict], probe_thumbs: list[np.ndarray], store_path: str, classifier: str | None) -> str:
+def alert_origins(alerts: list[dict], probe_thumbs: list[np.ndarray], origin: StoreOrigin) -> str:
     """Give the alerts without origin probabilities those of their probe generation under the store's origin
     classifier, if it has one; returns a sentence for the section text."""
-    classifier = classifier or os.path.splitext(store_path)[0] + ".origin"
     todo = [k for k, a in enumerate(alerts) if not a.get("origin")]
-    if todo and os.path.isfile(os.path.join(classifier, "classifier.json")):
+    if todo and origin.exists:
         from montrage.origin.predict import predict_generations
 
-        results = predict_generations(
-            [probe_thumbs[k] for k in todo], [alerts[k]["prompt"] for k in todo], classifier, model=store_path
+        found = predict_generations(
+            [probe_thumbs[k] for k in todo], [alerts[k]["prompt"] for k in todo], *origin.load()
         )
-        for k, r in zip(todo, results):
-            alerts[k]["origin"] = {c: round(p, 4) for c, p in r["probabilities"].items()}
+        for k, probabilities in zip(todo, found):
+            alerts[k]["origin"] = probabilities
     classified = [a["origin"] for a in alerts if a.get("origin")]
     if not classified:
         return ""
     members = sum(max(o, key=o.get) == "member" for o in classified)
     return (
-        f" Origin: each probe generation's probabilities under {classifier}; {members} of {len(classified)} look like "
-        "a training member to the model (a copy it treats as its own training data)."
+        f" Origin: each probe generation's probabilities under {origin.path}; {members} of {len(classified)} look "
+        "like a training member to the model (a copy it treats as its own training data)."
     )
 
 
@@ -260,6 +277,7 @@ def build_report(
             "fit` wrote (<store>_attribution), or omit --model-dir."
         )
     alerts_path = alerts_path or default_alerts_path(store_path)
+    origin = StoreOrigin(store_path, origin_classifier)  # loaded once, if the alerts or the images need it
     with StoreReader(store_path) as store:
         if store.num_epochs == 0:
             raise StoreError(f"store {store_path!r} holds no complete epoch yet: nothing to report.")
@@ -318,7 +336,7 @@ def build_report(
             row_of = {e: r for r, e in enumerate(epochs)}
             shown = [a for a in alerts if a["epoch"] in row_of][:24]
             probe_thumbs = [thumbs[row_of[a["epoch"]], a["probe"]] for a in shown]
-            origin_note = alert_origins(shown, probe_thumbs, store_path, origin_classifier)
+            origin_note = alert_origins(shown, probe_thumbs, origin)
             rows = [
                 (
                     t,
@@ -351,7 +369,7 @@ def build_report(
             "attribution model": model_dir,
             "memorization alerts": len(alerts),
         }
-    sections.append(origin_section(store_path, origin_images, origin_classifier))  # opens the store itself
+    sections.append(origin_section(origin, origin_images))
     if suffix == ".html":
         write_html(out, info, sections, alerts)
     else:

@@ -234,12 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from montrage.bench import comma_list
+    from montrage.bench.seeds import parse_seeds
 
     p = argparse.ArgumentParser(
         prog="montrage bench attribution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataset_arguments(p, "0,1,2,3,4,5,6,7,8,9")
-    p.add_argument("--seed", default="0", help="seed, or several comma-separated (mean ± std)")
+    p.add_argument("--seed", default="0", help="seed, or several (0,1,2 or 0-2): mean ± std over them")
     p.add_argument("--out", default="attribution_results.json")
     p.add_argument("--data-dir", default=None, help="digits: an image folder with one subfolder per concept instead")
     p.add_argument("--repeats", type=int, default=None, help="passes over the images per epoch")
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         comma_list(a.concepts, int),
         images_per_concept=a.images_per_concept,
         epochs=a.epochs,
-        seeds=comma_list(a.seed, int),
+        seeds=parse_seeds(a.seed),
         repeats=a.repeats,
         data_dir=a.data_dir,
         keep=a.keep,

@@ -170,7 +170,7 @@ def fit_main(args) -> int:
 
 def predict_main(args) -> int:
     """Classify images with a saved origin classifier."""
-    from montrage.origin.from_store import is_store
+    from montrage.origin.from_store import classifier_path, is_store
     from montrage.origin.predict import predict_images
 
     images, classifier, model, resize = list(args.images), args.classifier, args.model, args.resize
@@ -180,7 +180,7 @@ def predict_main(args) -> int:
             raise OriginError(
                 f"no images to classify after the store {store!r}: `montrage origin predict STORE IMAGE...`."
             )
-        classifier = classifier or os.path.splitext(store)[0] + ".origin"
+        classifier = classifier or classifier_path(store)
         model, resize = model or store, True  # centre-cropped and resized, as the classifier's images were
     if not classifier:
         raise OriginError(

@@ -31,6 +31,11 @@ from montrage.origin.model import DiffusionModel
 MAX_SNAPSHOTS = 8  # rows of `loss_snapshots` by default: evenly spaced over the run, first and last included
 
 
+def classifier_path(store_path: str) -> str:
+    """Where `montrage origin fit STORE` writes the store's origin classifier, and where readers look for it."""
+    return os.path.splitext(store_path)[0] + ".origin"
+
+
 def is_store(path: str) -> bool:
     """Whether `path` is a montrage store (not a features file or an image)."""
     if not (isinstance(path, str) and os.path.isfile(path)):
@@ -288,7 +293,7 @@ def fit_from_store(
         y, pred = relabel(labels[te], task), held.predict(full.subset(te))
         report["held_out"] = _held_out_report(y, pred, held.classes)
     clf = OriginClassifier(task=task).fit(full, labels, model_path=os.path.abspath(store_path))
-    out = out or os.path.splitext(store_path)[0] + ".origin"
+    out = out or classifier_path(store_path)
     clf.save(out)
     report["classifier"] = out
     report["classes"] = clf.classes

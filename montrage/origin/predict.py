@@ -43,6 +43,12 @@ def resolve_model(
     return model
 
 
+def load_with_model(classifier: str, model: str | DiffusionModel | None = None, device: str | None = None):
+    """(classifier, its model) loaded once, for callers that classify several batches (the guard, the report)."""
+    clf = OriginClassifier.load(classifier)
+    return clf, resolve_model(clf, model, device=device)
+
+
 def predict_images(
     images,
     classifier: str | OriginClassifier,
@@ -87,16 +93,18 @@ def predict_generations(
     classifier: str | OriginClassifier,
     model: str | DiffusionModel | None = None,
     device: str | None = None,
-) -> list[dict]:
-    """Origin probabilities of a store's probe generations (its (S, S, 3) uint8 thumbnails, resized to the model's
-    size), each under its own prompt where the classifier's features need captions. A generation the classifier
-    calls a "member" is one the model treats like a training image: evidence for a memorization alert."""
+) -> list[dict[str, float]]:
+    """Origin probabilities {class: p} (4 decimals) of a store's probe generations (its (S, S, 3) uint8 thumbnails,
+    resized to the model's size), each under its own prompt where the classifier's features need captions. A
+    generation the classifier calls a "member" is one the model treats like a training image: evidence for a
+    memorization alert."""
     from montrage.origin.images import images_to_pixels
 
     clf = OriginClassifier.load(classifier) if isinstance(classifier, str) else classifier
     m = resolve_model(clf, model, device=device)
     names = [f"probe[{i}]" for i in range(len(thumbnails))]
     pixels = images_to_pixels(list(thumbnails), names, m.image_size, m.image_channels, resize=True)
-    return predict_images(
+    results = predict_images(
         pixels, clf, m, captions=list(prompts) if clf.spec.needs_captions else None, device=device, progress=False
     )
+    return [{c: round(p, 4) for c, p in r["probabilities"].items()} for r in results]

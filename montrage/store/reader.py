@@ -4,6 +4,7 @@ appends)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -198,9 +199,10 @@ class StoreReader:
         same = self.ff["global_step"][:k] == self.f["global_step"][:k]
         return int(k if same.all() else np.argmin(same))
 
-    @property
+    @functools.cached_property
     def run(self) -> RunDescription:
-        """The run description the Monitor recorded (typed; a missing or unknown field is an error naming it)."""
+        """The run description the Monitor recorded (typed; a missing or unknown field is an error naming it). The
+        spec is fixed for the file's life, so it is read once."""
         return RunDescription.from_dict(
             self.spec["config"], where=f"store {self.path!r} (attribute spec, field config)"
         )
