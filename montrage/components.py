@@ -1,6 +1,7 @@
-"""Load the parts of a Stable-Diffusion-layout model (local folder or hub id) and check that they are there.
+"""The one diffusion-model wrapper (`DiffusionModel`), loaded from a local folder or hub id or resolved over a live
+training run's modules, with a check that its parts are there.
 
-Real models (SD 1.x/2.x) and the tiny offline base share this one loading path.
+Real models (SD 1.x/2.x, SDXL, SD3, Flux) and the tiny offline bases share this one loading path.
 """
 
 from __future__ import annotations
@@ -23,26 +24,99 @@ class ModelLoadError(MontrageError, ValueError):
 
 
 @dataclass
-class Components:
-    """The five parts of a latent text-to-image diffusion model, plus where they came from."""
+class DiffusionModel:
+    """A diffusion model as every part of montrage sees it: the denoiser with its training scheduler and, for a
+    latent text-to-image model, the VAE, text encoder(s) and tokenizer(s); None for a pixel-space DDPM.
 
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
+    The Monitor resolves one over the live training modules, `StoreModel` loads one from the store's base and
+    adapters, origin loads any pixel or latent model. `parts` holds every part by its diffusers name
+    (text_encoder_2, transformer, ...), which the family adapters need.
+    """
+
+    unet: torch.nn.Module  # the denoiser: a UNet, or the transformer of SD3 / Flux
     scheduler: Any
     model_id: str
-    parts: dict = field(default_factory=dict)  # every part by its diffusers name (text_encoder_2, transformer, ...)
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: Any = None
+    parts: dict = field(default_factory=dict)
+    lora: str | None = None  # an adapter file loaded into the denoiser, to reload it
+    family: Any = None  # an SDXL / SD3 / Flux adapter (montrage.family) for origin; None: the plain UNet path
+    resolution: int | None = None  # image side, where the denoiser's config has no sample size (Flux)
+    snapshots: Any = None  # the run's StoreModel when built from a store: loads the adapter of any stored snapshot
+
+    @property
+    def kind(self) -> str:
+        return "pixel" if self.vae is None else "latent"
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.unet.config.in_channels if self.vae is None else self.vae.config.in_channels)
+
+    @property
+    def image_size(self) -> int:
+        if self.resolution:
+            return int(self.resolution)
+        size = getattr(self.unet.config, "sample_size", None)
+        if size is None:
+            return 1024
+        size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        return size * vae_scale_factor(self.vae) if self.vae is not None else size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
 
     def identity(self) -> dict:
-        """What makes two runs' representations comparable: the base model and its UNet architecture."""
-        return model_identity(self.unet, self.model_id)
+        """`model_identity` plus `kind` and `weights_sha`, a fingerprint of every weight that shapes the features
+        (denoiser with any adapter, VAE, text encoder), and `lora` (an adapter loaded from a file) or `store` (a
+        model built from a store), to reload it, not compared. Recomputed on every call (cheap), so it follows
+        weights that change."""
+        ident = model_identity(self.unet, self.model_id)
+        ident["kind"] = self.kind
+        ident["weights_sha"] = weights_fingerprint([self.unet, self.vae, self.text_encoder])
+        if self.lora:
+            ident["lora"] = self.lora
+        if self.snapshots is not None:
+            ident["store"] = self.snapshots.store.path
+        return ident
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str]) -> torch.Tensor | None:
+        """Text embeddings (B, seq, dim) for a latent model, None for an unconditional pixel model."""
+        if self.text_encoder is None:
+            return None
+        if self.family is not None:
+            return self.family.condition(list(prompts))  # a dict of batched tensors (per family)
+        unique = sorted(set(prompts))
+        emb = embed_prompts(self.tokenizer, self.text_encoder, unique)
+        index = {p: i for i, p in enumerate(unique)}
+        return emb[torch.tensor([index[p] for p in prompts], device=emb.device)]
 
 
 def model_identity(unet: torch.nn.Module, model_id: str) -> dict:
+    """What makes two runs' representations comparable: the base model and its denoiser's architecture."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model_id": str(model_id), "unet_class": type(unet).__name__, "unet_config_sha": digest}
+
+
+def weights_fingerprint(modules: list[torch.nn.Module | None]) -> str:
+    """A short hash of the names, shapes, dtypes and a strided sample (<= 4096 values) of every parameter and buffer.
+
+    Sampling instead of hashing all bytes keeps a multi-GB model at well under a second, and raw values (no sums)
+    keep it identical across devices and thread counts; any real training step changes every sampled tensor.
+    """
+    h = hashlib.sha256()
+    for m, module in enumerate(modules):
+        if module is None:
+            continue
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{m}|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(flat[::step].cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _check_local_layout(path: str) -> None:
@@ -58,7 +132,9 @@ def _check_local_layout(path: str) -> None:
         )
 
 
-def load_components(pretrained: str, revision: str | None = None, torch_dtype: torch.dtype | None = None) -> Components:
+def load_components(
+    pretrained: str, revision: str | None = None, torch_dtype: torch.dtype | None = None
+) -> DiffusionModel:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from `pretrained`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -78,18 +154,18 @@ def load_components(pretrained: str, revision: str | None = None, torch_dtype: t
             f"could not load a diffusers text-to-image model from {pretrained!r}: {err}. Pass a local folder in the "
             "diffusers layout or a hub id (downloads need network access; set HF_HUB_OFFLINE=0)."
         ) from err
-    return Components(
-        tokenizer,
-        text_encoder,
-        vae,
+    return DiffusionModel(
         unet,
         scheduler,
         model_id=pretrained,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         parts={"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler},
     )
 
 
-def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> Components:
+def load_model(pretrained: str, torch_dtype: torch.dtype | None = None) -> DiffusionModel:
     """The parts of any supported family from a `model_index.json` folder or hub id: SD 1.x/2.x through
     `load_components`, SDXL / SD3 / Flux through their pipelines; UNet families train with a DDPM scheduler."""
     from diffusers import DDPMScheduler, DiffusionPipeline
@@ -177,8 +253,8 @@ ALIASES = {
 EXTRA_PARTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
-def resolve_components(model, model_id: str | None = None, where: str = "pipeline") -> Components:
-    """Components of a diffusers pipeline (built over the live training modules) or of a mapping {name: module}.
+def resolve_components(model, model_id: str | None = None, where: str = "pipeline") -> DiffusionModel:
+    """The DiffusionModel of a diffusers pipeline (built over the live training modules) or of a mapping {name: module}.
 
     Accepted names: unet (or transformer), vae, text_encoder, tokenizer, scheduler (or noise_scheduler). Wrapped
     modules (DDP, torch.compile, PeftModel) are unwrapped. Missing parts raise a ModelLoadError naming them.
@@ -215,6 +291,12 @@ def resolve_components(model, model_id: str | None = None, where: str = "pipelin
         "scheduler": found["scheduler"],
     }
     named.update({k: unwrap(parts[k]) for k in EXTRA_PARTS if parts.get(k) is not None})
-    return Components(
-        found["tokenizer"], named["text_encoder"], named["vae"], unet, found["scheduler"], model_id=ident, parts=named
+    return DiffusionModel(
+        unet,
+        found["scheduler"],
+        model_id=ident,
+        vae=named["vae"],
+        text_encoder=named["text_encoder"],
+        tokenizer=found["tokenizer"],
+        parts=named,
     )

@@ -136,7 +136,7 @@ def encode_store(
         enc = _Encoder(
             store,
             store_path,
-            sm.components.parts,
+            sm.model.parts,
             _source_for(store, images),
             image_keys=run.image_keys,
             monitor_images=[train[i].id for i in store.monitored_rows],

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from montrage.capture import resolve_modules
-from montrage.components import Components, model_identity, resolve_components, strip_wrapper_prefixes, vae_scale_factor
+from montrage.components import (
+    DiffusionModel,
+    model_identity,
+    resolve_components,
+    strip_wrapper_prefixes,
+    vae_scale_factor,
+)
 from montrage.data import DataError, to_thumbnails
 from montrage.distributed import Distributed, TorchDistributed
 from montrage.encode import condition_prompts, stable_seed
@@ -77,7 +83,7 @@ def non_finite(probe_feats: dict, train_bad: dict, lora, probe_names: list[str],
     return "; ".join(found)
 
 
-def default_resolution(c: Components) -> int:
+def default_resolution(c: DiffusionModel) -> int:
     """The denoiser's native image side (sample size x the VAE's downsampling); 1024 when it has no sample size."""
     size = getattr(c.unet.config, "sample_size", None)
     if size is None:
@@ -284,7 +290,7 @@ class Monitor:
         self._started = False
         self._warned_order = False
         self._saw_order = False
-        self.components: Optional[Components] = None
+        self.model: Optional[DiffusionModel] = None
         self.source: Optional[ImageSource] = None
         self.monitored: list[int] = []
         self.probes: Optional[ProbeSet] = None
@@ -311,7 +317,7 @@ class Monitor:
         if self._started:
             raise MontrageConfigError("Monitor.start was called twice; call it once per run, before training.")
         self.epoch = int(epoch)
-        c = self.components = resolve_components(self.pipeline, self.model_id)
+        c = self.model = resolve_components(self.pipeline, self.model_id)
         self.resolution = int(self.resolution or default_resolution(c))
         f = self.family_arg
         self.family: Family = f if isinstance(f, Family) else make_family(c.parts, self.pipeline, f, self.resolution)
@@ -413,7 +419,7 @@ class Monitor:
         """'deferred' needs every trained parameter to be an adapter weight that the snapshots save."""
         trained = [
             n
-            for part, m in self.components.parts.items()
+            for part, m in self.model.parts.items()
             if isinstance(m, torch.nn.Module)
             for n, p in m.named_parameters()
             if p.requires_grad and "lora_" not in n
@@ -457,7 +463,7 @@ class Monitor:
 
     def run_description(self) -> RunDescription:
         """The monitor's settings and what rebuilds the model offline, as recorded in the store."""
-        unet = self.components.unet
+        unet = self.model.unet
         adapters = {}
         for part, module in self.family.lora_modules().items():
             cfg = next(iter(module.peft_config.values()))
@@ -491,7 +497,7 @@ class Monitor:
 
         out = {}
         for part, module in self.family.lora_modules().items():
-            prefix = "" if module is self.components.unet else f"{part}::"
+            prefix = "" if module is self.model.unet else f"{part}::"
             out.update({prefix + k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()})
         return out
 
@@ -539,7 +545,7 @@ class Monitor:
     def _prepare_latents(self) -> None:
         """Build (or find) the latent cache of this rank's monitored images; reads every one, so bad files fail now."""
         rows = self._share_rows()
-        vae = self.components.vae
+        vae = self.model.vae
         if not self.latent_cache or trainable(vae):
             for _ in self._pixel_batches(rows, self.encode_batch_size):  # still read each once: fail before training
                 pass
@@ -578,14 +584,14 @@ class Monitor:
 
     def _latents(self, rows: slice) -> torch.Tensor:
         """Latents of this rank's monitored images `rows` (positions in its share)."""
-        if self._cache is not None and not trainable(self.components.vae):
+        if self._cache is not None and not trainable(self.model.vae):
             return self._cache.read(rows)
         share = self._share_rows()[rows]
         px = self.source.pixels(share, self.resolution)
         return self.family.latents(px, self.encode_batch_size)
 
     def _blank_latents(self) -> torch.Tensor:
-        side = self.resolution // vae_scale_factor(self.components.vae)
+        side = self.resolution // vae_scale_factor(self.model.vae)
         return torch.zeros(1, self.family.latent_channels, side, side)
 
     @property
@@ -801,7 +807,7 @@ class Monitor:
         probes = self.probes
         p_idx = self._share(len(probes))
         items = probes.items()
-        if any(trainable(m) for k, m in self.components.parts.items() if k.startswith("text_encoder")):
+        if any(trainable(m) for k, m in self.model.parts.items() if k.startswith("text_encoder")):
             self.family.forget_texts()  # a text encoder trains: its cached conditions are stale
         with self._quiet():
             images = self.family.generate(

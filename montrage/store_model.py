@@ -29,9 +29,9 @@ class StoreModel:
             raise StoreError(
                 f"store {store.path!r} does not record its base model; pass model_path=... (CLI: --model-path)."
             )
-        self.components = load_model(path)
+        self.model = load_model(path)
         want = store.spec["model"].get("unet_config_sha")
-        have = model_identity(self.components.unet, path)["unet_config_sha"]
+        have = model_identity(self.model.unet, path)["unet_config_sha"]
         if want and want != have:
             raise StoreMismatchError(
                 f"model {path!r} is not the model store {store.path!r} was made with (denoiser config {have} != {want}); "
@@ -39,8 +39,10 @@ class StoreModel:
             )
         self.resolution = int(run.resolution)
         self.family = make_family(
-            self.components.parts, None, store.spec["model"].get("family") or run.family, self.resolution
+            self.model.parts, None, store.spec["model"].get("family") or run.family, self.resolution
         )
+        self.model.resolution = self.resolution
+        self.model.snapshots = self
         self.lora = store.has_adapters
         if self.lora:
             from peft import LoraConfig, inject_adapter_in_model
@@ -53,9 +55,9 @@ class StoreModel:
             for part, setup in run.adapters.items():
                 config = LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, target_modules=list(setup.target_modules))
                 if part == "unet":
-                    self.components.unet.add_adapter(config)
-                elif isinstance(self.components.parts.get(part), torch.nn.Module):  # a text encoder
-                    inject_adapter_in_model(config, self.components.parts[part])
+                    self.model.unet.add_adapter(config)
+                elif isinstance(self.model.parts.get(part), torch.nn.Module):  # a text encoder
+                    inject_adapter_in_model(config, self.model.parts[part])
         self.device = torch.device(device)
         for part in self.family.modules():
             part.to(self.device).eval().requires_grad_(False)
@@ -78,7 +80,7 @@ class StoreModel:
             part, name = k.split("::", 1) if "::" in k else ("", k)
             by_part.setdefault(part, {})[name] = torch.from_numpy(np.ascontiguousarray(v))
         for part, sd in by_part.items():
-            set_peft_model_state_dict(self.components.parts[part] if part else self.components.unet, sd)
+            set_peft_model_state_dict(self.model.parts[part] if part else self.model.unet, sd)
         self.family.forget_texts()
         self.row = row
 
@@ -97,7 +99,7 @@ class StoreModel:
 
     def cond(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (n, seq, dim) of `prompts` (for gradient baselines that condition like the encoder)."""
-        return embed_prompts(self.components.tokenizer, self.components.text_encoder, prompts)
+        return embed_prompts(self.model.tokenizer, self.model.text_encoder, prompts)
 
     def trajectory(
         self, images: torch.Tensor, seeds: list[int], rows: list[int] | None = None, prompts: list[str] | None = None

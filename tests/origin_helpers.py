@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import torch
 
+from montrage.components import DiffusionModel
 from montrage.origin.features import FeatureSet, FeatureSpec, noise_for
 from montrage.origin.images import image_keys
-from montrage.origin.model import DiffusionModel
 
 
 def tiny_pixel_unet(seed: int = 0, channels: int = 3, size: int = 8):

@@ -278,7 +278,7 @@ def test_text_encoder_lora_is_snapshotted(family_dirs, data_root, tmp_path):
         sm.set_epoch(r.num_epochs - 1)
         from peft.utils import get_peft_model_state_dict
 
-        restored = get_peft_model_state_dict(sm.components.parts["text_encoder_2"])
+        restored = get_peft_model_state_dict(sm.model.parts["text_encoder_2"])
         for k in te2:
             np.testing.assert_array_equal(restored[k.split("::", 1)[1]].numpy(), last[k])
 

@@ -174,10 +174,19 @@ def run_attribution_bench(
                 "images_per_concept": None,
             }
         )
+    result["config"]["base_weights_sha"] = base_weights_sha(result["config"]["base"], icon_set)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(format_table(agg))
     return result
+
+
+def base_weights_sha(base: str, icon_set: dict | None) -> str:
+    """The fingerprint of the base the run customized, so that a rerun can tell whether it drew the same weights."""
+    from montrage.components import load_model
+    from montrage.recipes.fine_tune import resolve_pretrained
+
+    return load_model(icon_set["base"] if icon_set is not None else resolve_pretrained(base)).identity()["weights_sha"]
 
 
 def format_table(agg: dict) -> str:

@@ -193,7 +193,7 @@ def run_seed(
     timed("final-epoch-similarity", final_similarity)
     timed("pixel-cosine", lambda: pixel.pixel_cosine(qpix, train_pix))
 
-    unet, vae, sched = sm.components.unet, sm.components.vae, sm.components.scheduler
+    unet, vae, sched = sm.model.unet, sm.model.vae, sm.model.scheduler
     for name, p in unet.named_parameters():  # gradient baselines differentiate the adapter only
         p.requires_grad_("lora_" in name)
     grad_t = [100, 300, 500, 700, 900]

@@ -55,7 +55,8 @@ def build_model(size: str = "cifar", model: str | None = None, seed: int = 0):
     """A DiffusionModel: the DDPM-CIFAR10-shaped (or tiny) UNet with random weights, or the one saved at `model`."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from montrage.origin.model import DiffusionModel, load_diffusion_model
+    from montrage.components import DiffusionModel
+    from montrage.origin.model import load_diffusion_model
 
     if model:
         return load_diffusion_model(model)

@@ -15,7 +15,7 @@ import importlib
 
 _EXPORTS = {
     "OriginError": "montrage.origin.errors",
-    "DiffusionModel": "montrage.origin.model",
+    "DiffusionModel": "montrage.components",
     "load_diffusion_model": "montrage.origin.model",
     "same_model": "montrage.origin.model",
     "load_images": "montrage.origin.images",

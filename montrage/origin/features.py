@@ -50,12 +50,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from montrage.components import DiffusionModel
 from montrage.encode import fixed_noise, image_latents, stable_seed
 from montrage.family.base import SHARED_COND_KEYS
 from montrage.funcgrad import eval_without_checkpointing, vmap_safe_attention
 from montrage.origin.errors import OriginError
 from montrage.origin.images import check_images, image_keys
-from montrage.origin.model import DiffusionModel, check_same_model
+from montrage.origin.model import check_same_model
 
 FAMILIES = ("loss", "grad_x", "grad_theta")  # the paper's
 PIA_FAMILIES = ("loss_pia",)

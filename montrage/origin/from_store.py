@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from montrage.components import DiffusionModel
 from montrage.origin.errors import OriginError
 from montrage.origin.features import (
     CLID_FAMILIES,
@@ -26,7 +27,6 @@ from montrage.origin.features import (
     default_timesteps,
     trajectory_features,
 )
-from montrage.origin.model import DiffusionModel
 
 MAX_SNAPSHOTS = 8  # rows of `loss_snapshots` by default: evenly spaced over the run, first and last included
 
@@ -69,21 +69,11 @@ def store_diffusion_model(store_path: str, model_path: str | None = None, device
     except BaseException:
         store.close()
         raise
-    c = sm.components
-    for name, p in c.unet.named_parameters():  # θ of ∇θ: the adapter, as when a LoRA is loaded from a file
+    model = sm.model  # its `snapshots` (sm) loads any other stored adapter
+    for name, p in model.unet.named_parameters():  # θ of ∇θ: the adapter, as when a LoRA is loaded from a file
         p.requires_grad_("lora_" in name)
-    plain_sd = isinstance(sm.family, SDFamily)  # SD 1.x/2.x go the plain UNet way, as `load_diffusion_model`
-    return DiffusionModel(
-        c.unet,
-        c.scheduler,
-        str(model_path or store.run.model_path),
-        c.vae,
-        c.text_encoder,
-        c.tokenizer,
-        family=None if plain_sd else sm.family,
-        resolution=sm.resolution,
-        snapshots=sm,
-    )
+    model.family = None if isinstance(sm.family, SDFamily) else sm.family  # SD 1.x/2.x: the plain UNet way
+    return model
 
 
 def snapshot_rows(model: DiffusionModel, count: int | None = None) -> tuple[int, ...]:

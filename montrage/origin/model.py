@@ -1,4 +1,5 @@
-"""One view of a diffusion model for origin attribution: a pixel DDPM or a latent text-to-image model.
+"""Loading a diffusion model for origin attribution: a pixel DDPM or a latent text-to-image model, with an optional
+LoRA, as a `montrage.components.DiffusionModel`; and comparing the identities that features and classifiers record.
 
 Trajectory features need the same four things from both kinds: the denoiser, its training noise schedule, the
 map from an image to the denoiser's input space (identity, or the VAE) and an optional text condition. Features
@@ -8,104 +9,12 @@ architecture.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from montrage.components import model_identity
+from montrage.components import DiffusionModel
 from montrage.origin.errors import OriginError
-
-
-@dataclass
-class DiffusionModel:
-    """A denoiser with its scheduler; `vae`/`text_encoder`/`tokenizer` are None for a pixel-space model."""
-
-    unet: torch.nn.Module
-    scheduler: Any
-    model_id: str
-    vae: torch.nn.Module | None = None
-    text_encoder: torch.nn.Module | None = None
-    tokenizer: Any = None
-    lora: str | None = None
-    family: Any = None  # an SDXL / SD3 / Flux adapter (montrage.family): latents, noising, conditioning, call
-    resolution: int | None = None  # image side, where the denoiser's config has no sample size (Flux)
-    snapshots: Any = None  # the run's StoreModel when built from a store: loads the adapter of any stored snapshot
-
-    @property
-    def kind(self) -> str:
-        return "pixel" if self.vae is None else "latent"
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.unet.config.in_channels if self.vae is None else self.vae.config.in_channels)
-
-    @property
-    def image_size(self) -> int:
-        if self.resolution:
-            return int(self.resolution)
-        size = getattr(self.unet.config, "sample_size", None)
-        if size is None:
-            return 1024
-        size = self.unet.config.sample_size
-        size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        if self.vae is not None:
-            from montrage.components import vae_scale_factor
-
-            size *= vae_scale_factor(self.vae)
-        return size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def identity(self) -> dict:
-        """`montrage.components.model_identity` plus `kind` and `weights_sha`, a fingerprint of every weight that
-        shapes the features (UNet with any adapter, VAE, text encoder), and `lora` (an adapter loaded from a file) or
-        `store` (a model built from a store), to reload it, not compared. Recomputed on every call (cheap), so it
-        follows weights that change."""
-        ident = model_identity(self.unet, self.model_id)
-        ident["kind"] = self.kind
-        ident["weights_sha"] = weights_fingerprint([self.unet, self.vae, self.text_encoder])
-        if self.lora:
-            ident["lora"] = self.lora
-        if self.snapshots is not None:
-            ident["store"] = self.snapshots.store.path
-        return ident
-
-    @torch.no_grad()
-    def condition(self, prompts: list[str]) -> torch.Tensor | None:
-        """Text embeddings (B, seq, dim) for a latent model, None for an unconditional pixel model."""
-        if self.text_encoder is None:
-            return None
-        if self.family is not None:
-            return self.family.condition(list(prompts))  # a dict of batched tensors (per family)
-        from montrage.components import embed_prompts
-
-        unique = sorted(set(prompts))
-        emb = embed_prompts(self.tokenizer, self.text_encoder, unique)
-        index = {p: i for i, p in enumerate(unique)}
-        return emb[torch.tensor([index[p] for p in prompts], device=emb.device)]
-
-
-def weights_fingerprint(modules: list[torch.nn.Module | None]) -> str:
-    """A short hash of the names, shapes, dtypes and a strided sample (<= 4096 values) of every parameter and buffer.
-
-    Sampling instead of hashing all bytes keeps a multi-GB model at well under a second, and raw values (no sums)
-    keep it identical across devices and thread counts; any real training step changes every sampled tensor.
-    """
-    h = hashlib.sha256()
-    for m, module in enumerate(modules):
-        if module is None:
-            continue
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{m}|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(flat[::step].cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def same_model(a: dict, b: dict) -> bool:
@@ -179,10 +88,9 @@ def load_diffusion_model(
         from montrage.components import ModelLoadError, load_components
 
         try:
-            parts = load_components(path, torch_dtype=torch_dtype)
+            model = load_components(path, torch_dtype=torch_dtype)
         except ModelLoadError as err:
             raise OriginError(str(err)) from err
-        model = DiffusionModel(parts.unet, parts.scheduler, str(path), parts.vae, parts.text_encoder, parts.tokenizer)
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
     else:
@@ -195,7 +103,7 @@ def load_diffusion_model(
             raise OriginError(
                 f"could not load a pixel diffusion model (unet/ = UNet2DModel, scheduler/) from {path!r}: {err}"
             ) from err
-        model = DiffusionModel(unet, scheduler, str(path))
+        model = DiffusionModel(unet, scheduler, str(path), parts={"unet": unet, "scheduler": scheduler})
     if lora:
         _load_lora(model.unet, lora)
         model.lora = os.path.abspath(lora)
@@ -212,19 +120,17 @@ def _load_family_model(path, lora, device, torch_dtype, resolution) -> Diffusion
     from montrage.family import make_family
 
     try:
-        c = load_model(path, torch_dtype=torch_dtype)
+        model = load_model(path, torch_dtype=torch_dtype)
     except ModelLoadError as err:
         raise OriginError(str(err)) from err
-    family = make_family(c.parts, None, None, resolution)
-    model = DiffusionModel(
-        c.unet, c.scheduler, str(path), c.vae, c.text_encoder, c.tokenizer, family=family, resolution=resolution
-    )
+    model.family = family = make_family(model.parts, None, None, resolution)
+    model.resolution = resolution
     for m in family.modules():
         m.requires_grad_(False).eval()
         if device is not None:
             m.to(device)
     if lora:
-        _load_lora(model.unet, lora, prefix="unet" if "unet" in c.parts else "transformer")
+        _load_lora(model.unet, lora, prefix="unet" if "unet" in model.parts else "transformer")
         model.lora = os.path.abspath(lora)
     return model
 

@@ -8,12 +8,13 @@ import os
 import numpy as np
 import torch
 
+from montrage.components import DiffusionModel
 from montrage.origin.classifier import OriginClassifier
 from montrage.origin.errors import OriginError
 from montrage.origin.features import trajectory_features
 from montrage.origin.from_store import is_store, store_diffusion_model
 from montrage.origin.images import check_images, expand_image_paths, load_images
-from montrage.origin.model import DiffusionModel, check_same_model, load_diffusion_model
+from montrage.origin.model import check_same_model, load_diffusion_model
 
 
 def resolve_model(
