@@ -115,10 +115,13 @@ def _bpe(pieces: list[str], ranks: dict) -> list[str]:
 
 
 def build_components(
-    cfg: TinyBaseConfig = TinyBaseConfig(), whole_words: tuple[str, ...] = (), vae_blocks: int = 2
+    cfg: TinyBaseConfig = TinyBaseConfig(),
+    whole_words: tuple[str, ...] = (),
+    vae_blocks: int = 2,
+    vae_channels: tuple[int, ...] | None = None,
 ) -> dict:
     """Untrained tiny components with SD 1.x's layout (deterministic for a config). The VAE downsamples by
-    2 ** (vae_blocks - 1); the UNet's sample size follows."""
+    2 ** (vae_blocks - 1) (channels per block: `vae_channels`, default 32 then 64); the UNet's sample size follows."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -139,7 +142,7 @@ def build_components(
     )
     torch.manual_seed(cfg.seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=[32] + [64] * (vae_blocks - 1),
+        block_out_channels=list(vae_channels or [32] + [64] * (vae_blocks - 1)),
         in_channels=3,
         out_channels=3,
         latent_channels=4,

@@ -37,7 +37,7 @@ import torch
 
 from montrage.bench.origin_eval import class_split
 from montrage.bench.origin_lora import LoraBenchConfig, lora_split, train_lora
-from montrage.bench.seeds import cached_seeds, mean_std, parse_seeds
+from montrage.bench.seeds import mean_std, parse_seeds, seed_runs
 from montrage.errors import MontrageError
 
 CACHE_VERSION = "v3"
@@ -229,18 +229,12 @@ def run_adapters_bench(
     out: str, seeds=(0,), workdir: str | None = None, threads: int | None = None, progress: bool = True, **kwargs
 ) -> dict:
     """Every seed (cached in `workdir`), aggregated; writes `out` (JSON) and returns it."""
-    if threads:
-        torch.set_num_threads(int(threads))
-    workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = cached_seeds(
-        "adapters",
-        seeds,
-        workdir,
-        CACHE_VERSION,
-        lambda seed, **kw: adapters_seed(seed, workdir, progress=progress, **kw),
-        **kwargs,
-    )
+
+    def compute(seed, workdir, **kw):  # progress is not part of a seed's cache key
+        return adapters_seed(seed, workdir, progress=progress, **kw)
+
+    runs, _ = seed_runs("adapters", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
     result = {
         "methods": aggregate(runs),
         "per_seed": {str(s): r for s, r in zip(seeds, runs)},

@@ -41,62 +41,14 @@ def write_images(root: str, n: int, size: int = 256) -> str:
 
 def tiny_256_pipeline():
     """Random-weight SD-layout parts sized for 256 px: VAE downsampling x8, a small UNet on 32 x 32 latents."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
-    from montrage.recipes.tiny_base import build_tokenizer
+    from montrage.recipes.tiny_base import TinyBaseConfig, build_components
 
-    tok = build_tokenizer(16)
-    torch.manual_seed(0)
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=len(tok),
-            max_position_embeddings=16,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=8,
-        sample_size=256,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    for m in (te, vae, unet):
-        m.requires_grad_(False).eval()
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=DDPMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = build_components(TinyBaseConfig(image_size=256), vae_blocks=4, vae_channels=(8, 16, 16, 16))
+    for name in ("text_encoder", "vae", "unet"):
+        parts[name].requires_grad_(False).eval()
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _rss_mib() -> float:

@@ -26,7 +26,7 @@ import torch
 
 from montrage.bench.origin_eval import aggregate, evaluate, extract_features, throughput, window_grids
 from montrage.bench.origin_lora import LoraBenchConfig, fine_tune_with_store
-from montrage.bench.seeds import cached_seeds, parse_seeds
+from montrage.bench.seeds import parse_seeds, seed_runs
 from montrage.errors import MontrageError
 
 THEMES = ("Tango", "oxygen", "breeze", "Papirus")  # customized (theme set A's first four)
@@ -176,18 +176,12 @@ def run(
     out: str, seeds, workdir: str | None = None, threads: int | None = None, progress: bool = True, **kwargs
 ) -> dict:
     """Every seed (cached in `workdir`), aggregated as the digits halves are; writes `out`."""
-    if threads:
-        torch.set_num_threads(int(threads))
-    workdir = workdir or os.path.splitext(out)[0] + "_work"
     t = time.time()
-    runs = cached_seeds(
-        "icons",
-        seeds,
-        workdir,
-        CACHE_VERSION,
-        lambda seed, **kw: icons_lora_seed(seed, workdir, progress=progress, **kw),
-        **kwargs,
-    )
+
+    def compute(seed, workdir, **kw):  # progress is not part of a seed's cache key
+        return icons_lora_seed(seed, workdir, progress=progress, **kw)
+
+    runs, _ = seed_runs("icons", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
     result = aggregate(runs)
     result["per_seed"] = {str(s): r for s, r in zip(seeds, runs)}
     result["config"] = {

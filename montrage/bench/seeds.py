@@ -68,6 +68,18 @@ def cached_seeds(name: str, seeds, workdir: str, version: str, compute, **kwargs
     return runs
 
 
+def seed_runs(name: str, out: str, seeds, workdir: str | None, version: str, compute, threads=None, **kwargs):
+    """A benchmark's seeds: on `threads` torch threads, each `compute(seed, workdir, **kwargs)` cached in `workdir`
+    (default: beside `out`). Returns (runs, workdir)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    workdir = workdir or os.path.splitext(out)[0] + "_work"
+    runs = cached_seeds(name, seeds, workdir, version, lambda seed, **kw: compute(seed, workdir, **kw), **kwargs)
+    return runs, workdir
+
+
 def key_path(workdir: str, half: str, seed: int, key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(workdir, f"result-{half}-seed{seed}-{digest}.json")
