@@ -251,6 +251,10 @@ def test_monitored_lora_run_is_bit_identical_per_family(family_dirs, data_root, 
     with StoreReader(str(tmp_path / "s.h5")) as r:
         sm = StoreModel(r)
         assert sm.family.name == FAMILY[name]
+        # one wrapper: the store's model is the class the Monitor resolved, over the same denoiser architecture
+        assert type(sm.model) is type(monitor.model)
+        assert sm.model.identity()["unet_config_sha"] == monitor.model.identity()["unet_config_sha"]
+        assert sm.model.snapshots is sm and sm.model.image_size == monitor.resolution
         again = sm.trajectory(px, [stable_seed(e.id) for e in ex], rows=[r.num_epochs - 1])
         layer = r.layers[0]
         np.testing.assert_allclose(again[layer][0], r.train_features(layer)[-1], rtol=2e-2, atol=2e-3)
