@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from montrage.components import DiffusionModel
-from montrage.origin.features import FeatureSet, FeatureSpec, noise_for
+from montrage.origin.feature_set import FeatureSet, FeatureSpec
+from montrage.origin.features import noise_for
 from montrage.origin.images import image_keys
 
 

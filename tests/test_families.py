@@ -368,7 +368,8 @@ def test_origin_model_from_the_store_per_family(family_dirs, data_root, tmp_path
     import os
 
     import helpers
-    from montrage.origin.features import FeatureSpec, trajectory_features
+    from montrage.origin.feature_set import FeatureSpec
+    from montrage.origin.features import trajectory_features
     from montrage.origin.from_store import store_diffusion_model, store_feature_spec
     from montrage.origin.images import load_images
     from montrage.origin.model import load_diffusion_model

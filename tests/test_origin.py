@@ -17,8 +17,9 @@ from montrage.origin.baselines import ThresholdAttack, gsa_features, pixel_featu
 from montrage.origin.classifier import OriginClassifier, relabel
 from montrage.origin.cli import add_origin_parser
 from montrage.origin.errors import OriginError
+from montrage.origin.feature_set import FeatureSpec, concat_feature_sets, default_timesteps
 from montrage.origin.featurefile import read_features, write_features
-from montrage.origin.features import FeatureSpec, concat_feature_sets, default_timesteps, trajectory_features
+from montrage.origin.features import trajectory_features
 from montrage.origin.images import load_images
 from montrage.origin.model import load_diffusion_model
 from montrage.origin.model_attribution import ModelAttributor, fit_none_threshold, lowest_loss_attribution
@@ -134,7 +135,7 @@ def test_pia_and_reference_families_equal_their_separate_computations(tiny_model
     from peft import LoraConfig
 
     from montrage.origin.baselines import pia_spec
-    from montrage.origin.features import FAMILIES, REFERENCE_FAMILIES, default_families
+    from montrage.origin.feature_set import FAMILIES, REFERENCE_FAMILIES, default_families
 
     ALL_FAMILIES = FAMILIES + ("loss_pia",) + REFERENCE_FAMILIES  # those that need no captions
 
@@ -184,7 +185,8 @@ def test_clid_families_are_caption_minus_null_and_perturbed_losses(tiny_model_di
     perturbed caption, with the same ε; with or without the paper's families in the same call; clear errors when
     captions are missing, empty, or the model is unconditional."""
     from montrage.origin.baselines import clid_losses, clid_spec
-    from montrage.origin.features import CLID_FAMILIES, perturb_caption
+    from montrage.origin.feature_set import CLID_FAMILIES
+    from montrage.origin.features import perturb_caption
     from montrage.origin.images import image_keys
 
     model = load_diffusion_model(tiny_model_dir)

@@ -92,13 +92,8 @@ def adapters_seed(
     from montrage.data import digit_token, sklearn_digits
     from montrage.origin.baselines import pixel_features
     from montrage.origin.classifier import LogisticModel, feature_matrix
-    from montrage.origin.features import (
-        SNAPSHOT_FAMILIES,
-        FeatureSpec,
-        default_families,
-        default_timesteps,
-        trajectory_features,
-    )
+    from montrage.origin.feature_set import SNAPSHOT_FAMILIES, FeatureSpec, default_families, default_timesteps
+    from montrage.origin.features import trajectory_features
     from montrage.origin.from_store import snapshot_rows, store_diffusion_model
     from montrage.origin.model import load_diffusion_model
     from montrage.origin.model_attribution import ModelAttributor, fit_none_threshold, lowest_loss_attribution

@@ -93,7 +93,7 @@ def pixel_seed(
     progress: bool = True,
 ) -> dict:
     """One seed of the pixel half: train (or reuse) the DDPM, sample, extract, evaluate."""
-    from montrage.origin.features import default_timesteps
+    from montrage.origin.feature_set import default_timesteps
     from montrage.origin.model import load_diffusion_model
     from montrage.recipes.pixel_ddpm import (
         PixelDDPMConfig,
@@ -301,7 +301,8 @@ def _model_attribution(
 ) -> dict:
     """Generations of model A, of model B (same recipe, seed + 1, other members) and external digits, scored under
     both models; a ModelAttributor (classes A, B, external) and the training-free lowest-loss rule."""
-    from montrage.origin.features import concat_feature_sets, trajectory_features
+    from montrage.origin.feature_set import concat_feature_sets
+    from montrage.origin.features import trajectory_features
     from montrage.origin.metrics import balanced_accuracy
     from montrage.origin.model import load_diffusion_model
     from montrage.origin.model_attribution import ModelAttributor, lowest_loss_attribution

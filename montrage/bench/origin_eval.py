@@ -63,7 +63,8 @@ def extract_features(
     text condition per image (latent models), the same for every feature set, so every model-based method sees the
     same conditioning. `clid_captions`: each image's own caption, for CLiD's families (set `clid`)."""
     from montrage.origin.baselines import clid_spec
-    from montrage.origin.features import FeatureSpec, default_families, trajectory_features
+    from montrage.origin.feature_set import FeatureSpec, default_families
+    from montrage.origin.features import trajectory_features
     from montrage.origin.from_store import snapshot_rows
 
     seconds, sets = {}, {}
@@ -116,7 +117,7 @@ def evaluate(
     probes, and the claims."""
     from montrage.origin.baselines import ThresholdAttack, clid_losses, gsa_features, pixel_features
     from montrage.origin.classifier import LogisticModel, feature_matrix, present_families
-    from montrage.origin.features import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES, SNAPSHOT_FAMILIES
+    from montrage.origin.feature_set import CLID_FAMILIES, FAMILIES, PIA_FAMILIES, REFERENCE_FAMILIES, SNAPSHOT_FAMILIES
     from montrage.origin.metrics import binary_report, ovr_report
 
     full, loss_only = sets["trajectory"], sets["loss_windows"]

@@ -81,7 +81,8 @@ def run_throughput(
     progress: bool = True,
 ) -> dict:
     """Time `trajectory_features` on `images` random images at `timesteps` uniform timesteps (1000 = every t)."""
-    from montrage.origin.features import FeatureSpec, default_timesteps, trajectory_features
+    from montrage.origin.feature_set import FeatureSpec, default_timesteps
+    from montrage.origin.features import trajectory_features
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(

@@ -95,7 +95,7 @@ def icons_lora_seed(
     from montrage.bench.attribution_setup import prepare_dataset
     from montrage.data import quantize, read_example
     from montrage.generate import build_pipeline, generate_probes
-    from montrage.origin.features import default_timesteps
+    from montrage.origin.feature_set import default_timesteps
     from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.recipes import icons

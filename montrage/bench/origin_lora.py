@@ -166,7 +166,7 @@ def lora_seed(
     prompt for generations, the concept caption of the digit's class for external images."""
     from montrage.data import digit_token, quantize, sklearn_digits
     from montrage.generate import build_pipeline, generate_probes
-    from montrage.origin.features import default_timesteps
+    from montrage.origin.feature_set import default_timesteps
     from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.recipes.pixel_ddpm import digits_images

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import CLID_FAMILIES, FeatureSet, FeatureSpec
+from montrage.origin.feature_set import CLID_FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.metrics import best_threshold, roc_auc
 
 

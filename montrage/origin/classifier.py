@@ -18,7 +18,7 @@ import zipfile
 import numpy as np
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import ALL_FAMILIES, CLID_FAMILIES, FeatureSet, FeatureSpec
+from montrage.origin.feature_set import ALL_FAMILIES, CLID_FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.model import check_same_model
 
 ORIGIN_CLASSES = ("member", "generated", "external")

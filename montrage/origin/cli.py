@@ -18,7 +18,7 @@ def _families(text: str) -> tuple[str, ...] | None:
 
 
 def _spec_from_args(args, model):
-    from montrage.origin.features import FeatureSpec, default_families, default_timesteps
+    from montrage.origin.feature_set import FeatureSpec, default_families, default_timesteps
 
     num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
     if args.t_grid:

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from montrage.origin.errors import OriginError
-from montrage.origin.features import FeatureSet, FeatureSpec
+from montrage.origin.feature_set import FeatureSet, FeatureSpec
 from montrage.origin.model import check_same_model
 
 FORMAT = "montrage-origin-features"

@@ -19,14 +19,14 @@ import torch
 
 from montrage.components import DiffusionModel
 from montrage.origin.errors import OriginError
-from montrage.origin.features import (
+from montrage.origin.feature_set import (
     CLID_FAMILIES,
     SNAPSHOT_FAMILIES,
     FeatureSpec,
     default_families,
     default_timesteps,
-    trajectory_features,
 )
+from montrage.origin.features import trajectory_features
 
 MAX_SNAPSHOTS = 8  # rows of `loss_snapshots` by default: evenly spaced over the run, first and last included
 
@@ -228,7 +228,7 @@ def fit_from_store(
     `external_captions` ('sidecar' or a metadata.jsonl). With them, the default families include CLiD's (on per-image
     captions they are the strongest membership signal the benchmark found); without, they are left out."""
     from montrage.origin.classifier import OriginClassifier, relabel
-    from montrage.origin.features import concat_feature_sets
+    from montrage.origin.feature_set import concat_feature_sets
     from montrage.origin.images import expand_image_paths, read_captions
 
     model = store_diffusion_model(store_path, model_path=model_path, device=device)

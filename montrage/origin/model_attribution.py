@@ -15,7 +15,7 @@ import numpy as np
 
 from montrage.origin.classifier import JSON_NAME, LogisticModel, feature_matrix, load_logistic, save_logistic
 from montrage.origin.errors import OriginError
-from montrage.origin.features import FAMILIES, FeatureSet, FeatureSpec
+from montrage.origin.feature_set import FAMILIES, FeatureSet, FeatureSpec
 from montrage.origin.model import check_same_model
 
 
