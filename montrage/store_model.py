@@ -37,11 +37,10 @@ class StoreModel:
                 f"model {path!r} is not the model store {store.path!r} was made with (denoiser config {have} != {want}); "
                 "pass the run's base model with --model-path."
             )
-        self.resolution = int(run.resolution)
+        self.model.resolution = int(run.resolution)
         self.family = make_family(
             self.model.parts, None, store.spec["model"].get("family") or run.family, self.resolution
         )
-        self.model.resolution = self.resolution
         self.model.snapshots = self
         self.lora = store.has_adapters
         if self.lora:
@@ -64,6 +63,10 @@ class StoreModel:
         self.encode_prompt = run.encode_prompt
         self.projection = {layer: m for layer in store.layers if (m := store.projection(layer)) is not None}
         self.row: int | None = None
+
+    @property
+    def resolution(self) -> int:
+        return int(self.model.resolution)
 
     @property
     def num_epochs(self) -> int:

@@ -229,7 +229,7 @@ def run_adapters_bench(
     def compute(seed, workdir, **kw):  # progress is not part of a seed's cache key
         return adapters_seed(seed, workdir, progress=progress, **kw)
 
-    runs, _ = seed_runs("adapters", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
+    runs = seed_runs("adapters", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
     result = {
         "methods": aggregate(runs),
         "per_seed": {str(s): r for s, r in zip(seeds, runs)},

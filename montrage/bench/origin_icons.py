@@ -181,7 +181,7 @@ def run(
     def compute(seed, workdir, **kw):  # progress is not part of a seed's cache key
         return icons_lora_seed(seed, workdir, progress=progress, **kw)
 
-    runs, _ = seed_runs("icons", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
+    runs = seed_runs("icons", out, seeds, workdir, CACHE_VERSION, compute, threads, **kwargs)
     result = aggregate(runs)
     result["per_seed"] = {str(s): r for s, r in zip(seeds, runs)}
     result["config"] = {

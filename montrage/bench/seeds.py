@@ -70,14 +70,13 @@ def cached_seeds(name: str, seeds, workdir: str, version: str, compute, **kwargs
 
 def seed_runs(name: str, out: str, seeds, workdir: str | None, version: str, compute, threads=None, **kwargs):
     """A benchmark's seeds: on `threads` torch threads, each `compute(seed, workdir, **kwargs)` cached in `workdir`
-    (default: beside `out`). Returns (runs, workdir)."""
+    (default: beside `out`)."""
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
     workdir = workdir or os.path.splitext(out)[0] + "_work"
-    runs = cached_seeds(name, seeds, workdir, version, lambda seed, **kw: compute(seed, workdir, **kw), **kwargs)
-    return runs, workdir
+    return cached_seeds(name, seeds, workdir, version, lambda seed, **kw: compute(seed, workdir, **kw), **kwargs)
 
 
 def key_path(workdir: str, half: str, seed: int, key: dict) -> str:
