@@ -57,10 +57,38 @@ class TinyBaseConfig:
     class_digits: tuple[int, ...] = (0, 2, 3, 5, 6, 8)
     seed: int = 0
     max_length: int = 16
+    holdout: float = 0.0  # fraction of each digit's images kept out of pre-training (`held_out_digits`)
 
     def digest(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v1"
+        d = dataclasses.asdict(self)
+        if not d["holdout"]:  # bases cached before the option keep their digest
+            del d["holdout"]
+        blob = json.dumps(d, sort_keys=True) + "|v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretrain_digits(cfg: TinyBaseConfig) -> np.ndarray:
+    """Indices of the digits the base pre-trains on: those of `cfg.digits`, less `held_out_digits`."""
+    from montrage.data import sklearn_digits
+
+    target = sklearn_digits()[1]
+    return np.flatnonzero(np.isin(target, cfg.digits) & ~np.isin(np.arange(len(target)), held_out_digits(cfg)))
+
+
+def held_out_digits(cfg: TinyBaseConfig) -> np.ndarray:
+    """Sorted indices of the digits the base never sees in pre-training: per digit class, a seeded draw of
+    `cfg.holdout` of its images (empty at 0). Membership benchmarks draw members and same-distribution external
+    images from them, so that both are new to the base and only the fine-tune can tell them apart."""
+    from montrage.data import sklearn_digits
+
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise ValueError(f"TinyBaseConfig.holdout must be in [0, 1), not {cfg.holdout}.")
+    target = sklearn_digits()[1]
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    held = [
+        rng.permutation(np.flatnonzero(target == d))[: int(round(cfg.holdout * np.sum(target == d)))] for d in range(10)
+    ]
+    return np.sort(np.concatenate(held)).astype(np.int64)
 
 
 def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = WORDS, whole_words: tuple[str, ...] = ()):
@@ -177,12 +205,12 @@ def build_components(
 
 
 def pretrain(parts: dict, cfg: TinyBaseConfig, progress: bool = True) -> dict:
-    """Train the VAE to reconstruct digits, then the UNet to denoise their latents under the generic caption (and,
+    """Train the VAE to reconstruct digits (`pretrain_digits`), then the UNet to denoise their latents under the generic caption (and,
     for `cfg.class_digits`, under their word)."""
     from montrage.data import digit_token, sklearn_digits
 
     target = sklearn_digits()[1]
-    keep = np.flatnonzero(np.isin(target, cfg.digits))
+    keep = pretrain_digits(cfg)
     images = digits_pixels(keep, cfg.image_size)
     labels = target[keep]
     captions = [cfg.caption] + [cfg.class_template.format(token=digit_token(d)) for d in range(10)]

@@ -700,6 +700,7 @@ def test_bench_splits_are_disjoint_and_shifted_set_is_rotated():
     from montrage.bench.origin_eval import class_split, shifted_digits
     from montrage.bench.origin_lora import LoraBenchConfig, lora_split
     from montrage.recipes.pixel_ddpm import digits_images
+    from montrage.recipes.tiny_base import TinyBaseConfig, held_out_digits, pretrain_digits
 
     labels = np.array(["member"] * 10 + ["generated"] * 10 + ["external"] * 11)
     tr, te = class_split(labels, 3)
@@ -711,6 +712,15 @@ def test_bench_splits_are_disjoint_and_shifted_set_is_rotated():
     assert member != lora_split(LoraBenchConfig(concepts=(1, 7), per_concept=6, seed=3))[0]
     with pytest.raises(MontrageError, match="per-concept"):
         lora_split(LoraBenchConfig(concepts=(1,), per_concept=150))
+    # the LoRA half's base holds half of every digit out of pre-training; its members and held-out come from those
+    base = TinyBaseConfig(holdout=0.5)
+    pool, seen = held_out_digits(base), pretrain_digits(base)
+    assert not set(pool) & set(seen) and len(pool) + len(seen) == len(pretrain_digits(TinyBaseConfig()))
+    assert TinyBaseConfig().digest() == "cee13fe007f8"  # bases built before the option keep their cache key
+    split = lora_split(LoraBenchConfig(concepts=(1, 7), per_concept=6, seed=2), pool)
+    assert set(sum(split, [])) <= set(pool) and split[0] != member
+    with pytest.raises(MontrageError, match="did not pre-train on"):
+        lora_split(LoraBenchConfig(concepts=(1,), per_concept=60), pool)
     x = shifted_digits([5, 9])
     assert torch.equal(x, torch.rot90(digits_images([5, 9]), 1, dims=(2, 3)))
     assert not torch.equal(x, digits_images([5, 9]))

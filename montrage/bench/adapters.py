@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from montrage.bench.origin_eval import class_split
-from montrage.bench.origin_lora import LoraBenchConfig, lora_split, train_lora
+from montrage.bench.origin_lora import LoraBenchConfig, lora_split, split_pool, train_lora
 from montrage.bench.seeds import mean_std, parse_seeds, seed_runs
 from montrage.errors import MontrageError
 
@@ -125,8 +125,12 @@ def adapters_seed(
         captions += [p for p in prompts for _ in seeds][:per_class]
         del model
     half = per_class // 2
-    used = {i for cfg in cfgs for i in lora_split(cfg)[0]}  # real "none" digits are no customer's members
-    held = np.asarray([i for i in np.flatnonzero(np.isin(sklearn_digits()[1], concepts)) if i not in used])
+    pool = split_pool(base_config)
+    used = {i for cfg in cfgs for i in lora_split(cfg, pool)[0]}  # real "none" digits are no customer's members
+    candidates = np.flatnonzero(np.isin(sklearn_digits()[1], concepts))
+    if pool is not None:  # a base with digits held out: "none" digits are new to it, as the members are
+        candidates = np.intersect1d(candidates, pool)
+    held = np.asarray([i for i in candidates if i not in used])
     rng = np.random.default_rng(seed)
     base_model = load_diffusion_model(base)
     size = base_model.image_size

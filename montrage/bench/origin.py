@@ -5,10 +5,10 @@ Two halves, each scored on a per-class half split (train / test) of member / gen
   pixel  (the default benchmark) `recipes/pixel_ddpm.py` trained on `members` digits (cached by config), as many of
          its generations, and as many external images: half held-out digits, half a shifted set (held-out digits
          rotated by 90°, a distribution the model never saw).
-  lora   the tiny latent text-to-image base (`montrage tiny-base`) LoRA-customized with `DiffusionFineTune` on
-         `lora_per_concept` digits of each of `lora_concepts` (the members), generations of the customized model from
-         the concept prompts, and external images (held-out digits of the same concepts, which only the base's
-         pre-training saw, and rotated ones). Features under base + LoRA with the empty prompt, ∇θ = the LoRA; the
+  lora   the tiny latent text-to-image base, pre-trained without half of every digit (`LORA_HOLDOUT`),
+         LoRA-customized with `DiffusionFineTune` on `lora_per_concept` of those digits for each of `lora_concepts`
+         (the members), generations of the customized model from the concept prompts, and external images (held-out
+         digits of the same concepts, also new to the base, and rotated ones). Features under base + LoRA with the empty prompt, ∇θ = the LoRA; the
          fine-tune runs with MontrageCallback (deferred: adapter snapshots only) and the model is rebuilt from its
          store, as `montrage origin fit STORE` does.
 
@@ -69,7 +69,7 @@ from montrage.bench.origin_eval import (
     throughput,
     window_grids,
 )
-from montrage.bench.origin_lora import LORA_PROMPTS, lora_seed
+from montrage.bench.origin_lora import LORA_HOLDOUT, LORA_PROMPTS, lora_seed
 from montrage.bench.seeds import cached, key_path, parse_seeds
 from montrage.errors import MontrageError
 
@@ -245,6 +245,7 @@ def run_origin_bench(
                 "half": "lora",
                 "seed": seed,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in lora_args.items()},
+                "base_holdout": LORA_HOLDOUT,
                 "version": CACHE_VERSION,
             }
             lora_runs.append(

@@ -18,6 +18,7 @@ from montrage.errors import MontrageError
 from montrage.store import SCHEMA_VERSION
 
 LORA_PROMPTS = ("empty", "caption")  # text condition of the LoRA half's features (see lora_seed)
+LORA_HOLDOUT = 0.5  # the LoRA half's base pre-trains on half of every digit; members and held-out come from the rest
 
 
 # --- the LoRA half -------------------------------------------------------------------------------------------------------
@@ -37,23 +38,35 @@ class LoraBenchConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def lora_split(cfg: LoraBenchConfig) -> tuple[list[int], list[int], list[int]]:
+def lora_split(cfg: LoraBenchConfig, pool=None) -> tuple[list[int], list[int], list[int]]:
     """Member, held-out external and shifted (to be rotated) digit indices: per concept, a seeded permutation of its
-    digits gives `per_concept` members, then half as many held-out and half as many shifted images."""
+    digits (those in `pool`, e.g. the base's `held_out_digits`; all when None) gives `per_concept` members, then
+    half as many held-out and half as many shifted images."""
     from montrage.data import sklearn_digits
 
     target = sklearn_digits()[1]
+    allowed = np.ones(len(target), bool) if pool is None else np.isin(np.arange(len(target)), pool)
     rng = np.random.default_rng(cfg.seed)
     half = cfg.per_concept // 2
     member, held, shifted = [], [], []
     for d in cfg.concepts:
-        idx = rng.permutation(np.flatnonzero(target == d))
+        idx = rng.permutation(np.flatnonzero((target == d) & allowed))
         if len(idx) < 2 * cfg.per_concept:
-            raise MontrageError(f"digit {d} has {len(idx)} images; --lora-per-concept must be at most {len(idx) // 2}.")
+            which = "images" if pool is None else "images the base did not pre-train on"
+            raise MontrageError(
+                f"digit {d} has {len(idx)} {which}; --lora-per-concept must be at most {len(idx) // 2}."
+            )
         member += idx[: cfg.per_concept].tolist()
         held += idx[cfg.per_concept : cfg.per_concept + half].tolist()
         shifted += idx[cfg.per_concept + half : cfg.per_concept + 2 * half].tolist()
     return member, held, shifted
+
+
+def split_pool(base_config) -> np.ndarray | None:
+    """The digits a split may draw from: those the base held out of pre-training (all when it held none out)."""
+    from montrage.recipes.tiny_base import held_out_digits
+
+    return held_out_digits(base_config) if base_config is not None and base_config.holdout else None
 
 
 def fine_tune_with_store(
@@ -117,14 +130,15 @@ def fine_tune_with_store(
 
 
 def train_lora(cfg: LoraBenchConfig, workdir: str, progress: bool = True, base_config=None) -> tuple[str, str, str]:
-    """Fine-tune the tiny base (`base_config`: another tiny base, e.g. an untrained one in tests) on the member
-    digits (captions 'a photo of <word>') with `fine_tune_with_store`. Returns (base path, LoRA file, store)."""
+    """Fine-tune the tiny base (`base_config`: another tiny base, e.g. one with digits held out of pre-training, or
+    an untrained one in tests) on the member digits (captions 'a photo of <word>') with `fine_tune_with_store`.
+    Returns (base path, LoRA file, store)."""
     from montrage.data import TrainExample, digit_token, sklearn_digits
     from montrage.recipes.tiny_base import tiny_base_path
 
     base = tiny_base_path(base_config, progress=progress)
     out = os.path.join(workdir, f"lora-{cfg.digest()}" + ("" if base_config is None else f"-{base_config.digest()}"))
-    members, _, _ = lora_split(cfg)
+    members, _, _ = lora_split(cfg, split_pool(base_config))
     target = sklearn_digits()[1]
     examples = [
         TrainExample(
@@ -161,6 +175,9 @@ def lora_seed(
 ) -> dict:
     """One seed of the LoRA half: fine-tune (or reuse), generate from the concept prompts, extract, evaluate.
 
+    `base_config` None: the tiny base pre-trained without `LORA_HOLDOUT` of every digit, members and held-out
+    external images drawn from those, so both are new to the base and only the fine-tune tells them apart.
+
     `prompt`: the text condition of every model-based feature. "empty": the empty prompt for all images; "caption":
     each image's natural caption, "a photo of <word>" of its digit: the training caption for members, the generation
     prompt for generations, the concept caption of the digit's class for external images."""
@@ -170,15 +187,17 @@ def lora_seed(
     from montrage.origin.from_store import store_diffusion_model
     from montrage.probes import ProbeSet
     from montrage.recipes.pixel_ddpm import digits_images
+    from montrage.recipes.tiny_base import TinyBaseConfig
 
     if prompt not in LORA_PROMPTS:
         raise MontrageError(f"prompt must be one of {LORA_PROMPTS}, not {prompt!r}.")
+    base_config = base_config or TinyBaseConfig(holdout=LORA_HOLDOUT)
     cfg = LoraBenchConfig(tuple(int(c) for c in concepts), per_concept, epochs, repeats, learning_rate, rank, seed)
     t = time.time()
     base, weights, store = train_lora(cfg, workdir, progress, base_config)
     seconds = {"fine_tune": time.time() - t}
     model = store_diffusion_model(store)  # base + final adapter; the store's other snapshots give loss_snapshots
-    member_idx, held_idx, shifted_idx = lora_split(cfg)
+    member_idx, held_idx, shifted_idx = lora_split(cfg, split_pool(base_config))
     size = model.image_size
     t = time.time()
     prompts = tuple(f"a photo of {digit_token(d)}" for d in cfg.concepts)
@@ -239,6 +258,7 @@ def lora_seed(
         "batch_size": batch_size,
         "C": C,
         "external": f"{len(held_idx)} held-out digits of the concepts + {len(shifted_idx)} rotated by 90°",
+        "base_holdout": base_config.holdout,  # > 0: members and external digits are none of the base's
     }
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return result
