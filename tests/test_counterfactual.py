@@ -22,6 +22,11 @@ def test_queries_are_single_concept_and_spread_over_concepts():
     assert np.bincount(np.argmax(w[rows], axis=1), minlength=3).tolist() == [2, 2, 2]
     assert pick_queries(kinds, q, 6, seed=0).tolist() == rows.tolist()
     assert pick_queries(kinds, q, 6, seed=1).tolist() != rows.tolist()
+    style = pick_queries(kinds, q, 6, seed=0, wanted=("concept",))  # a concept's own prompt only
+    assert set(kind[style]) == {"concept"} and len(style) == 6
+    assert set(kind[pick_queries(kinds, q, 6, seed=0, wanted=("image",))]) == {"image"}
+    with pytest.raises(MontrageError, match="choose one or both of concept, image"):
+        pick_queries(kinds, q, 6, seed=0, wanted=("mixture",))
 
 
 def test_icon_prompts_name_style_and_content():

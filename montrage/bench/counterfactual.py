@@ -158,11 +158,20 @@ def _defaults(cls) -> dict:
     }
 
 
-def pick_queries(kinds: list[str], queries, n: int, seed: int) -> np.ndarray:
-    """n single-concept query rows (concept and per-image prompts), spread over the concepts (seeded)."""
+QUERY_KINDS = ("concept", "image")  # single-concept held-out queries: "a photo of X" / "an icon in the style of X",
+# and per-image ones ("an icon of a printer in the style of X")
+
+
+def pick_queries(kinds: list[str], queries, n: int, seed: int, wanted=QUERY_KINDS) -> np.ndarray:
+    """n single-concept query rows of the `wanted` kinds, spread over the concepts (seeded)."""
+    bad = sorted(set(wanted) - set(QUERY_KINDS))
+    if bad or not wanted:
+        raise MontrageError(f"--query-kinds {','.join(wanted)}: choose one or both of {', '.join(QUERY_KINDS)}.")
     kind = np.array([k for k in kinds for _ in queries.seeds])
     w = np.array(queries.weight_matrix())
-    rows = np.flatnonzero(np.isin(kind, ["concept", "image"]))
+    rows = np.flatnonzero(np.isin(kind, list(wanted)))
+    if not len(rows):
+        raise MontrageError(f"the benchmark has no held-out queries of kind {', '.join(wanted)}.")
     rng = np.random.default_rng(seed)
     by_concept = {c: rng.permutation(rows[np.argmax(w[rows], axis=1) == c]).tolist() for c in range(w.shape[1])}
     out = []
@@ -189,8 +198,10 @@ def run_counterfactual(
     methods: list[str] | None = None,
     progress: bool = True,
     pretrain_text_encoder: str = "frozen",
+    query_kinds: tuple[str, ...] = QUERY_KINDS,
 ) -> dict:
-    """Run the monitored customization, score its queries with every method, and retrain per (method, query, K)."""
+    """Run the monitored customization, score its queries with every method, and retrain per (method, query, K).
+    `query_kinds`: which single-concept queries to sample (`QUERY_KINDS`)."""
     from tqdm.auto import tqdm
 
     from montrage.bench.attribution_run import run_seed
@@ -228,7 +239,7 @@ def run_counterfactual(
             run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed, run["hparams"]
         )
     scores = {m: s for m, s in run["scores"].items() if methods is None or m in methods}
-    rows = pick_queries(run["kinds"], run["queries"], num_queries, seed)
+    rows = pick_queries(run["kinds"], run["queries"], num_queries, seed, query_kinds)
     qpix, prompts = run["qpix"][rows], [run["prompts"][r] for r in rows]
     ids = [e.id for e in run["train"]]
     points = fixed_points(tuple(re.mean.shape[1:]), seed=seed)
@@ -248,6 +259,7 @@ def run_counterfactual(
         "seed": seed,
         "epochs": epochs,
         "queries": num_queries,
+        "query_kinds": list(query_kinds),
         "query_prompts": prompts,
         "k_fractions": list(ks),
         "points": POINTS,
@@ -267,6 +279,7 @@ def run_counterfactual(
                 f"--k {','.join(map(str, ks))}",
                 f"--seed {seed}",
             ]
+            + ([] if tuple(query_kinds) == QUERY_KINDS else [f"--query-kinds {','.join(query_kinds)}"])
         ),
     }
     bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
@@ -350,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--methods", default=None, help=f"methods to retrain for (default: all, and random): {', '.join(METHODS)}"
     )
+    p.add_argument(
+        "--query-kinds",
+        default=",".join(QUERY_KINDS),
+        help="single-concept held-out queries to sample: concept (a concept's or style's own prompt), image "
+        "(per-image prompts), or both",
+    )
     a = p.parse_args(argv)
     run_counterfactual(
         a.out,
@@ -366,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         a.epochs,
         comma_list(a.methods),
         pretrain_text_encoder=a.pretrain_text_encoder,
+        query_kinds=tuple(comma_list(a.query_kinds)),
     )
     return 0
 
