@@ -67,6 +67,29 @@ def test_retraining_is_reproducible_and_removal_changes_the_model(tiny_model_dir
     assert all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)  # only the adapter trains
 
 
+def test_retraining_without_images_is_coupled_with_the_full_run(tiny_model_dir):
+    """Common random numbers: a run without some images sees, step by step, exactly the full run's samples of the
+    images it keeps (same latents, noise and timesteps), so a loss rise is the removed images' doing."""
+    ex = digits_examples([1, 7], 4, "a photo of {token}")
+    re = Retrainer(tiny_model_dir, ex, [2, 1, 1, 1, 1, 1, 1, 1], resolution=16, steps=4, seed=0)
+    calls, denoise = [], re.family.denoise
+
+    def spy(x, t, cond):
+        calls.append((x.detach().clone(), t.clone(), cond.detach().clone()))
+        return denoise(x, t, cond)
+
+    re.family.denoise = spy
+    re.train()
+    full, calls[:] = list(calls), []
+    re.train({e.id for e in ex if e.concept == "digit7"})
+    one = re.cond[[e.concept for e in ex].index("digit1")]
+    assert len(calls) == len(full) == 4
+    for (xf, tf, cf), (xp, tp, cp) in zip(full, calls):
+        keep = torch.tensor([torch.equal(c, one) for c in cf])
+        assert 0 < int(keep.sum()) < len(cf)  # each batch held both concepts; the removed run kept digit1's
+        assert torch.equal(xp, xf[keep]) and torch.equal(tp, tf[keep]) and torch.equal(cp, cf[keep])
+
+
 def test_unknown_method_is_refused_before_any_training(tmp_path):
     import pytest
 

@@ -6,7 +6,8 @@ sample of single-concept queries, the LoRA customization is re-run without that 
 method, and without K random ones, and the query's diffusion loss at fixed (t, epsilon) points is compared with
 the same retraining on every image: delta L = L(without top-K) - L(all). The retraining is one lean loop for every
 run (the benchmark's LoRA, learning rate, batch and exemplar weighting; the same number of optimizer steps; the
-same seed), so a larger rise means the removed images mattered more to that generation.
+same seed), coupled with the full run: the same batches, noise and timesteps, the removed images' samples dropped
+(`Retrainer.train`), so a larger rise means the removed images mattered more to that generation.
 """
 
 from __future__ import annotations
@@ -102,14 +103,19 @@ class Retrainer:
         self._init = [p.detach().clone() for p in self.params]  # every retraining starts from the same adapter
 
     def train(self, removed: set[str] = frozenset()):
-        """The denoiser after the customization without the images `removed` (by id); same seed, same steps."""
+        """The denoiser after the customization without the images `removed` (by id).
+
+        Coupled with the run on every image (common random numbers): every run draws the full run's batches, latent
+        samples, noise and timesteps, and drops the removed images' samples from them, so the images it keeps are
+        seen exactly as in the full run and the loss rise is theirs to answer for, not a reshuffle's. Same steps
+        (a batch left empty is skipped)."""
         unet = self.parts["unet"]
         with torch.no_grad():
             for p, p0 in zip(self.params, self._init):
                 p.copy_(p0)
         opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.wd)
-        keep = [i for i, x in enumerate(self.ids) if x not in removed]
-        pool = np.repeat(np.array(keep), [self.weights[i] for i in keep])
+        dropped = torch.as_tensor([x in removed for x in self.ids])
+        pool = np.repeat(np.arange(len(self.ids)), self.weights)
         rng = np.random.default_rng(self.seed)
         g = torch.Generator().manual_seed(self.seed)
         order = np.empty(0, np.int64)
@@ -122,6 +128,10 @@ class Retrainer:
             z = (self.mean[pick] + self.std[pick] * torch.randn(self.mean[pick].shape, generator=g)) * self.scale
             noise = torch.randn(z.shape, generator=g)
             t = torch.randint(0, T, (len(z),), generator=g)
+            kept = ~dropped[pick]
+            if not bool(kept.any()):
+                continue
+            pick, z, noise, t = pick[kept], z[kept], noise[kept], t[kept]
             pred = self.family.denoise(self.family.noise(z, noise, t), t, self.cond[pick])
             loss = F.mse_loss(pred.float(), self.family.target(z, noise, t).float())
             opt.zero_grad(set_to_none=True)
@@ -263,6 +273,7 @@ def run_counterfactual(
         "query_prompts": prompts,
         "k_fractions": list(ks),
         "points": POINTS,
+        "retraining": "coupled: the full run's batches, noise and timesteps, the removed images' samples dropped",
         "train_images": n,
         "retrain_steps": run["steps"],
         "retrain_seconds": round(retrain_seconds, 1),
