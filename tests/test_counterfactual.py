@@ -114,3 +114,40 @@ def test_partial_results_keep_every_method_on_the_same_queries(tmp_path):
     assert got["by_k"]["2"]["random"]["delta_loss_se"] == pytest.approx(0.1)
     assert got["by_k"]["3"]["montrage"]["queries_done"] == 1 and got["config"]["complete"] is False
     assert not (tmp_path / "cf.json.tmp").exists()
+
+
+def test_a_resumed_run_retrains_only_what_is_missing_and_gets_the_same_result(tiny_model_dir, tmp_path):
+    from montrage.bench.counterfactual import resumed_deltas, retrain_without_top_k, summarize, write_result
+
+    ex = digits_examples([1, 7], 4, "a photo of {token}")
+    re = Retrainer(tiny_model_dir, ex, [1] * len(ex), resolution=16, steps=2, seed=0)
+    ids, prompts = [e.id for e in ex], ["a photo of one", "a photo of seven"]
+    pix, points = torch.rand(2, 3, 16, 16) * 2 - 1, fixed_points(tuple(re.mean.shape[1:]), n=2)
+    re.train()
+    base = re.query_loss(pix, prompts, points)
+    scores = {"pixel-cosine": np.random.default_rng(0).random((2, len(ex)))}
+    names, rows, query = ["pixel-cosine", "random"], np.array([0, 1]), (pix, prompts, points, base)
+    full: dict = {}
+    assert retrain_without_top_k(re, ids, scores, names, rows, query, (0.25,), 0, full) == 4
+    config = {
+        "command": "montrage bench counterfactual --seed 0",
+        "query_prompts": prompts,
+        "retraining": "coupled",
+        "methods": names,
+        "train_images": len(ex),
+        "retrain_steps": 2,
+        "points": 2,
+        "k_fractions": [0.25],
+        "base_query_loss": base.tolist(),
+    }
+    out = str(tmp_path / "cf.json")
+    write_result(out, summarize({key: d[:1] for key, d in full.items()}), dict(config, seconds=5.0, complete=False))
+    cut, seconds = resumed_deltas(out, config)  # a run cut after its first query
+    assert seconds == 5.0 and all(len(d) == 1 for d in cut.values()) and set(cut) == set(full)
+    assert retrain_without_top_k(re, ids, scores, names, rows, query, (0.25,), 0, cut) == 2  # the second query only
+    assert all(cut[key] == pytest.approx(full[key]) for key in full)  # random draws the same images as before
+    for field, value in [("query_prompts", ["a photo of four"]), ("retraining", None), ("methods", ["trak"])]:
+        with pytest.raises(MontrageError, match=rf"cf\.json' was made by another benchmark \(config\.{field}"):
+            resumed_deltas(out, dict(config, **{field: value}))
+    with pytest.raises(MontrageError, match="full retraining's query losses differ"):
+        resumed_deltas(out, dict(config, base_query_loss=(base + 1).tolist()))

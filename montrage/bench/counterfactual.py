@@ -39,6 +39,7 @@ METHODS = (
     "random",
 )
 BATCH = 32
+RETRAINING = "coupled: the full run's batches, noise and timesteps, the removed images' samples dropped"
 
 
 def fixed_points(shape: tuple, n: int = POINTS, seed: int = 0, num_train_timesteps: int = 1000) -> list:
@@ -209,9 +210,11 @@ def run_counterfactual(
     progress: bool = True,
     pretrain_text_encoder: str = "frozen",
     query_kinds: tuple[str, ...] = QUERY_KINDS,
+    resume: bool = False,
 ) -> dict:
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K).
-    `query_kinds`: which single-concept queries to sample (`QUERY_KINDS`)."""
+    `query_kinds`: which single-concept queries to sample (`QUERY_KINDS`); `resume`: keep the (method, query, K)
+    results of an unfinished `out` from the same benchmark and retrain only the rest."""
     from tqdm.auto import tqdm
 
     from montrage.bench.attribution_run import run_seed
@@ -259,7 +262,7 @@ def run_counterfactual(
     retrain_seconds = time.time() - t
     n = len(ids)
     names = list(scores) + (["random"] if methods is None or "random" in methods else [])
-    rng = np.random.default_rng(seed + 1)
+    earlier = 0.0
     config = {
         "dataset": dataset,
         "concepts": list(concepts) if dataset == "digits" else None,
@@ -273,7 +276,8 @@ def run_counterfactual(
         "query_prompts": prompts,
         "k_fractions": list(ks),
         "points": POINTS,
-        "retraining": "coupled: the full run's batches, noise and timesteps, the removed images' samples dropped",
+        "retraining": RETRAINING,
+        "methods": names,
         "train_images": n,
         "retrain_steps": run["steps"],
         "retrain_seconds": round(retrain_seconds, 1),
@@ -293,31 +297,104 @@ def run_counterfactual(
             + ([] if tuple(query_kinds) == QUERY_KINDS else [f"--query-kinds {','.join(query_kinds)}"])
         ),
     }
-    bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
-    losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss: methods that agree share a retraining
     deltas: dict[tuple, list] = {}
+    if resume and os.path.isfile(out):
+        deltas, earlier = resumed_deltas(out, config)
+    bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
+    bar.update(sum(map(len, deltas.values())))
+
+    def checkpoint(deltas: dict, retrainings: int, done: bool) -> None:
+        seconds = round(earlier + time.time() - t0, 1)
+        write_result(out, summarize(deltas), dict(config, retrainings=retrainings, seconds=seconds, complete=done))
+
+    retrainings = retrain_without_top_k(
+        re, ids, scores, names, rows, (qpix, prompts, points, base_loss), ks, seed, deltas, checkpoint, bar
+    )
+    bar.close()
+    result = summarize(deltas)
+    seconds = round(earlier + time.time() - t0, 1)
+    result["config"] = dict(config, retrainings=retrainings, seconds=seconds, complete=True)
+    print(format_counterfactual(result))
+    return result
+
+
+def retrain_without_top_k(
+    re: Retrainer,
+    ids: list[str],
+    scores: dict[str, np.ndarray],
+    names: list[str],
+    rows: np.ndarray,
+    query: tuple,
+    ks: tuple[float, ...],
+    seed: int,
+    deltas: dict[tuple, list],
+    after_query=None,
+    bar=None,
+) -> int:
+    """Retrain without each method's (and K random) top-K images (`ids`: the scores' columns, in the store's order)
+    per query and K, appending each loss rise to
+    `deltas[(fraction, K, method)]`; slots `deltas` already holds (a resumed run) are skipped. `query`: the
+    queries' (pixels, prompts, fixed points, full-run losses); `after_query(deltas, retrainings, done)` runs after
+    each query. Returns the number of retrainings (methods that remove the same images share one)."""
+    qpix, prompts, points, base_loss = query
+    n, rng = len(ids), np.random.default_rng(seed + 1)
+    losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss
     for frac in ks:
-        k = int(frac) if frac >= 1 else max(1, int(round(frac * n)))
+        k = _k(frac, n)
         for j, r in enumerate(rows):  # queries outermost: a run cut short still has every method on the same queries
             for name in names:
                 top = rng.choice(n, k, replace=False) if name == "random" else np.argsort(-scores[name][r])[:k]
+                if len(deltas.get((frac, k, name), ())) > j:  # kept from the run being resumed
+                    continue
                 removed = frozenset(ids[i] for i in top)
                 if removed not in losses:
                     re.train(removed)
                     losses[removed] = re.query_loss(qpix, prompts, points)
                 deltas.setdefault((frac, k, name), []).append(float(losses[removed][j] - base_loss[j]))
-                bar.update(1)
-            done = frac == ks[-1] and j == len(rows) - 1
-            write_result(
-                out,
-                summarize(deltas),
-                dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=done),
+                if bar is not None:
+                    bar.update(1)
+            if after_query is not None:
+                after_query(deltas, len(losses), frac == ks[-1] and j == len(rows) - 1)
+    return len(losses)
+
+
+RESUME_FIELDS = ("command", "query_prompts", "retraining", "methods", "train_images", "retrain_steps", "points")
+
+
+def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], float]:
+    """The per-query loss rises and seconds of an unfinished result file, refused unless it is this benchmark's:
+    the same command, queries, retraining protocol, methods and training set, and full-run losses that agree."""
+    try:
+        with open(out) as fh:
+            saved = json.load(fh)
+        old = saved["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MontrageError(f"--resume: {out!r} is not a counterfactual result ({e}); pass another --out.") from e
+    old.setdefault("methods", sorted({m for per in saved.get("by_k", {}).values() for m in per}))
+    for field in RESUME_FIELDS:
+        a, b = old.get(field), config[field]
+        if (sorted(a) if field == "methods" and a else a) != (sorted(b) if field == "methods" else b):
+            raise MontrageError(
+                f"--resume: {out!r} was made by another benchmark (config.{field} is {a!r}, this run's is {b!r}); "
+                "pass another --out, or leave out --resume to start again."
             )
-    bar.close()
-    result = summarize(deltas)
-    result["config"] = dict(config, retrainings=len(losses), seconds=round(time.time() - t0, 1), complete=True)
-    print(format_counterfactual(result))
-    return result
+    if not np.allclose(old.get("base_query_loss", []), config["base_query_loss"], rtol=1e-3, atol=1e-6):
+        raise MontrageError(
+            f"--resume: the full retraining's query losses differ from those in {out!r} (another torch build or "
+            "thread count?); leave out --resume to start again."
+        )
+    fractions = {str(k): f for f in config["k_fractions"] for k in [_k(f, config["train_images"])]}
+    deltas = {
+        (fractions[k], int(k), name): list(e["per_query"])
+        for k, per in saved.get("by_k", {}).items()
+        if k in fractions
+        for name, e in per.items()
+    }
+    return deltas, float(old.get("seconds", 0.0))
+
+
+def _k(frac: float, n: int) -> int:
+    return int(frac) if frac >= 1 else max(1, int(round(frac * n)))
 
 
 def summarize(deltas: dict[tuple, list]) -> dict:
@@ -380,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         help="single-concept held-out queries to sample: concept (a concept's or style's own prompt), image "
         "(per-image prompts), or both",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results of an unfinished --out from the same benchmark and retrain only the rest",
+    )
     a = p.parse_args(argv)
     run_counterfactual(
         a.out,
@@ -397,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         comma_list(a.methods),
         pretrain_text_encoder=a.pretrain_text_encoder,
         query_kinds=tuple(comma_list(a.query_kinds)),
+        resume=a.resume,
     )
     return 0
 
