@@ -113,6 +113,9 @@ def test_partial_results_keep_every_method_on_the_same_queries(tmp_path):
     assert got["by_k"]["2"]["montrage"]["delta_loss"] == pytest.approx(0.2)
     assert got["by_k"]["2"]["random"]["delta_loss_se"] == pytest.approx(0.1)
     assert got["by_k"]["3"]["montrage"]["queries_done"] == 1 and got["config"]["complete"] is False
+    lead = got["by_k"]["2"]["random"]  # paired on the same queries: (0.0 - 0.3, 0.2 - 0.1)
+    assert lead["lead_over_montrage"] == pytest.approx(-0.1) and lead["lead_over_montrage_se"] == pytest.approx(0.2)
+    assert "lead_over_montrage" not in got["by_k"]["2"]["montrage"]
     assert not (tmp_path / "cf.json.tmp").exists()
 
 

@@ -397,18 +397,23 @@ def _k(frac: float, n: int) -> int:
     return int(frac) if frac >= 1 else max(1, int(round(frac * n)))
 
 
+def _mean_se(d) -> tuple[float, float]:
+    return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def summarize(deltas: dict[tuple, list]) -> dict:
-    """Mean and standard error of the loss rise per (K, method); the smallest K also at the top level."""
+    """Mean and standard error of the loss rise per (K, method); the smallest K also at the top level. Beside
+    montrage, each method's paired lead over it (its rise minus montrage's on the same queries): the query-to-query
+    spread of the rises cancels there, so the comparison is sharper than two means' standard errors."""
     result: dict = {"methods": {}, "by_k": {}}
     for (frac, k, name), d in deltas.items():
-        entry = {
-            "k": k,
-            "k_fraction": frac,
-            "delta_loss": float(np.mean(d)),
-            "queries_done": len(d),
-            "delta_loss_se": float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
-            "per_query": d,
-        }
+        mean, se = _mean_se(d)
+        entry = {"k": k, "k_fraction": frac, "delta_loss": mean, "queries_done": len(d), "delta_loss_se": se}
+        ref = deltas.get((frac, k, "montrage"))
+        if ref is not None and name != "montrage":
+            m = min(len(d), len(ref))
+            entry["lead_over_montrage"], entry["lead_over_montrage_se"] = _mean_se(np.subtract(d[:m], ref[:m]))
+        entry["per_query"] = d
         result["by_k"].setdefault(str(k), {})[name] = entry
         result["methods"].setdefault(name, entry)
     return result
