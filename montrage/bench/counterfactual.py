@@ -428,10 +428,12 @@ def write_result(out: str, result: dict, config: dict) -> None:
 
 
 def format_counterfactual(result: dict) -> str:
-    lines = [f"{'method':24s}{'K':>5s}{'delta L':>12s}{'s.e.':>10s}"]
+    lines = [f"{'method':28s}{'K':>5s}{'delta L':>12s}{'s.e.':>10s}{'lead over montrage':>22s}"]
     for k, per in result["by_k"].items():
         for name, r in sorted(per.items(), key=lambda kv: -kv[1]["delta_loss"]):
-            lines.append(f"{name:24s}{r['k']:5d}{r['delta_loss']:12.5f}{r['delta_loss_se']:10.5f}")
+            lead = r.get("lead_over_montrage")
+            lead = "" if lead is None else f"{lead:+.5f} ± {r['lead_over_montrage_se']:.5f}"
+            lines.append(f"{name:28s}{r['k']:5d}{r['delta_loss']:12.5f}{r['delta_loss_se']:10.5f}{lead:>22s}")
     return "\n".join(lines)
 
 
