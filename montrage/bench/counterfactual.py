@@ -332,10 +332,10 @@ def retrain_without_top_k(
     bar=None,
 ) -> int:
     """Retrain without each method's (and K random) top-K images (`ids`: the scores' columns, in the store's order)
-    per query and K, appending each loss rise to
-    `deltas[(fraction, K, method)]`; slots `deltas` already holds (a resumed run) are skipped. `query`: the
-    queries' (pixels, prompts, fixed points, full-run losses); `after_query(deltas, retrainings, done)` runs after
-    each query. Returns the number of retrainings (methods that remove the same images share one)."""
+    per query and K, appending each loss rise to `deltas[(fraction, K, method)]`; slots that `deltas` already holds
+    (a resumed run) are skipped. `query`: the queries' (pixels, prompts, fixed points, full-run losses);
+    `after_query(deltas, retrainings, done)` runs after each query. Returns the number of retrainings (methods that
+    remove the same images share one)."""
     qpix, prompts, points, base_loss = query
     n, rng = len(ids), np.random.default_rng(seed + 1)
     losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss
