@@ -144,9 +144,11 @@ def test_a_resumed_run_retrains_only_what_is_missing_and_gets_the_same_result(ti
         "base_query_loss": base.tolist(),
     }
     out = str(tmp_path / "cf.json")
-    write_result(out, summarize({key: d[:1] for key, d in full.items()}), dict(config, seconds=5.0, complete=False))
-    cut, seconds = resumed_deltas(out, config)  # a run cut after its first query
-    assert seconds == 5.0 and all(len(d) == 1 for d in cut.values()) and set(cut) == set(full)
+    cut_config = dict(config, seconds=5.0, retrainings=2, complete=False)
+    write_result(out, summarize({key: d[:1] for key, d in full.items()}), cut_config)
+    cut, earlier = resumed_deltas(out, config)  # a run cut after its first query
+    assert earlier == {"seconds": 5.0, "retrainings": 2}
+    assert all(len(d) == 1 for d in cut.values()) and set(cut) == set(full)
     assert retrain_without_top_k(re, ids, scores, names, rows, query, (0.25,), 0, cut) == 2  # the second query only
     assert all(cut[key] == pytest.approx(full[key]) for key in full)  # random draws the same images as before
     for field, value in [("query_prompts", ["a photo of four"]), ("retraining", None), ("methods", ["trak"])]:

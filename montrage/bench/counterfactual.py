@@ -262,7 +262,6 @@ def run_counterfactual(
     retrain_seconds = time.time() - t
     n = len(ids)
     names = list(scores) + (["random"] if methods is None or "random" in methods else [])
-    earlier = 0.0
     config = {
         "dataset": dataset,
         "concepts": list(concepts) if dataset == "digits" else None,
@@ -298,22 +297,25 @@ def run_counterfactual(
         ),
     }
     deltas: dict[tuple, list] = {}
+    earlier = {"seconds": 0.0, "retrainings": 0}  # what a resumed run had already done
     if resume and os.path.isfile(out):
         deltas, earlier = resumed_deltas(out, config)
     bar = tqdm(total=len(ks) * len(names) * len(rows), desc="counterfactual retrains", disable=not progress)
     bar.update(sum(map(len, deltas.values())))
 
-    def checkpoint(deltas: dict, retrainings: int, done: bool) -> None:
-        seconds = round(earlier + time.time() - t0, 1)
-        write_result(out, summarize(deltas), dict(config, retrainings=retrainings, seconds=seconds, complete=done))
+    def done_so_far(retrainings: int, complete: bool) -> dict:
+        seconds = round(earlier["seconds"] + time.time() - t0, 1)
+        return dict(config, retrainings=earlier["retrainings"] + retrainings, seconds=seconds, complete=complete)
+
+    def checkpoint(deltas: dict, retrainings: int, complete: bool) -> None:
+        write_result(out, summarize(deltas), done_so_far(retrainings, complete))
 
     retrainings = retrain_without_top_k(
         re, ids, scores, names, rows, (qpix, prompts, points, base_loss), ks, seed, deltas, checkpoint, bar
     )
     bar.close()
     result = summarize(deltas)
-    seconds = round(earlier + time.time() - t0, 1)
-    result["config"] = dict(config, retrainings=retrainings, seconds=seconds, complete=True)
+    result["config"] = done_so_far(retrainings, True)
     print(format_counterfactual(result))
     return result
 
@@ -361,19 +363,21 @@ def retrain_without_top_k(
 RESUME_FIELDS = ("command", "query_prompts", "retraining", "methods", "train_images", "retrain_steps", "points")
 
 
-def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], float]:
-    """The per-query loss rises and seconds of an unfinished result file, refused unless it is this benchmark's:
-    the same command, queries, retraining protocol, methods and training set, and full-run losses that agree."""
+def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], dict]:
+    """The per-query loss rises of an unfinished result file and the seconds and retrainings it took, refused
+    unless it is this benchmark's: the same command, queries, retraining protocol, methods and training set, and
+    full-run losses that agree."""
     try:
         with open(out) as fh:
             saved = json.load(fh)
         old = saved["config"]
     except (OSError, ValueError, KeyError) as e:
         raise MontrageError(f"--resume: {out!r} is not a counterfactual result ({e}); pass another --out.") from e
-    old.setdefault("methods", sorted({m for per in saved.get("by_k", {}).values() for m in per}))
+    methods = old.get("methods") or {m for per in saved.get("by_k", {}).values() for m in per}  # before "methods"
+    old, new = dict(old, methods=sorted(methods)), dict(config, methods=sorted(config["methods"]))
     for field in RESUME_FIELDS:
-        a, b = old.get(field), config[field]
-        if (sorted(a) if field == "methods" and a else a) != (sorted(b) if field == "methods" else b):
+        a, b = old.get(field), new[field]
+        if a != b:
             raise MontrageError(
                 f"--resume: {out!r} was made by another benchmark (config.{field} is {a!r}, this run's is {b!r}); "
                 "pass another --out, or leave out --resume to start again."
@@ -390,7 +394,7 @@ def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], float]:
         if k in fractions
         for name, e in per.items()
     }
-    return deltas, float(old.get("seconds", 0.0))
+    return deltas, {"seconds": float(old.get("seconds", 0.0)), "retrainings": int(old.get("retrainings", 0))}
 
 
 def _k(frac: float, n: int) -> int:
