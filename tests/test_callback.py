@@ -1,4 +1,5 @@
 import os
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +124,7 @@ def test_probe_prompts_get_concept_weights_from_tokens(tiny_model_dir, tmp_path)
 
 
 def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -131,9 +133,17 @@ def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
     cb = helpers.callback(store, log_to_wandb=True)
     helpers.trainer(2, [cb], logger=logger).fit(helpers.module(tiny_model_dir), helpers.data())
     logger.experiment.finish()
+    # finish() can return before wandb's service has closed the run's transaction log (it is written in blocks):
+    # teardown stops the service, and the log is read until its records are there or a minute has passed.
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"
-    blob = b"".join(p.read_bytes() for run in runs for p in run.rglob("*.wandb"))
+    deadline = time.monotonic() + 60
+    while True:
+        blob = b"".join(p.read_bytes() for run in runs for p in run.rglob("*.wandb"))
+        if b"montrage-store" in blob or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert b"montrage/similarity/digit1/digit7" in blob
     assert b"montrage-store" in blob  # the store artifact
 
