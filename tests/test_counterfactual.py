@@ -156,3 +156,41 @@ def test_a_resumed_run_retrains_only_what_is_missing_and_gets_the_same_result(ti
             resumed_deltas(out, dict(config, **{field: value}))
     with pytest.raises(MontrageError, match="full retraining's query losses differ"):
         resumed_deltas(out, dict(config, base_query_loss=(base + 1).tolist()))
+
+
+def test_leave_one_out_judges_top_k_by_the_sum_of_single_removals():
+    from montrage.bench.leave_one_out import CEILING, additive_deltas
+
+    loo = np.array([[1.0, 0.0], [2.0, -1.0], [0.0, 3.0]])  # (images, queries)
+    scores = {"m": np.array([[9.0, 1.0, 8.0], [0.0, 5.0, 7.0], [1.0, 2.0, 3.0]])}  # (all queries, images)
+    d = additive_deltas(loo, scores, np.array([0, 1]), [(0.5, 2)])
+    assert d[(0.5, 2, "m")] == [1.0 + 0.0, 3.0 - 1.0]  # query 0: images 0 and 2; query 1: images 2 and 1
+    assert d[(0.5, 2, "random")] == pytest.approx([2.0, 4.0 / 3.0])  # K x the mean rise
+    assert d[(0.5, 2, CEILING)] == [3.0, 3.0]
+
+
+def test_leave_one_out_matches_top_1_retraining_and_resumes(tiny_model_dir):
+    """With K = 1 the estimate is no estimate: a method's top-1 removal is one leave-one-out retraining."""
+    from montrage.bench.counterfactual import retrain_without_top_k
+    from montrage.bench.leave_one_out import additive_deltas, leave_one_out
+
+    ex = digits_examples([1, 7], 2, "a photo of {token}")
+    re = Retrainer(tiny_model_dir, ex, [1] * len(ex), resolution=16, steps=2, seed=0)
+    ids, prompts = [e.id for e in ex], ["a photo of one", "a photo of seven"]
+    pix, points = torch.rand(2, 3, 16, 16) * 2 - 1, fixed_points(tuple(re.mean.shape[1:]), n=2)
+    re.train()
+    query = (pix, prompts, points, re.query_loss(pix, prompts, points))
+    seen = []
+    loo = leave_one_out(re, ids, query, after_each=lambda r: seen.append(len(r)))
+    assert loo.shape == (4, 2) and seen == [1, 2, 3, 4] and np.abs(loo).sum() > 0
+    scores = {"pixel-cosine": np.random.default_rng(0).random((2, len(ex)))}
+    exact: dict = {}
+    retrain_without_top_k(re, ids, scores, ["pixel-cosine"], np.array([0, 1]), query, (1,), 0, exact)
+    assert additive_deltas(loo, scores, np.array([0, 1]), [(1, 1)])[(1, 1, "pixel-cosine")] == pytest.approx(
+        exact[(1, 1, "pixel-cosine")]
+    )
+    calls = []
+    train = re.train
+    re.train = lambda removed=frozenset(): calls.append(removed) or train(removed)
+    resumed = leave_one_out(re, ids, query, done=loo[:3].tolist())
+    assert calls == [frozenset([ids[3]])] and np.allclose(resumed, loo)

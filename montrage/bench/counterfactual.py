@@ -211,10 +211,13 @@ def run_counterfactual(
     pretrain_text_encoder: str = "frozen",
     query_kinds: tuple[str, ...] = QUERY_KINDS,
     resume: bool = False,
+    leave_one_out: bool = False,
 ) -> dict:
     """Run the monitored customization, score its queries with every method, and retrain per (method, query, K).
     `query_kinds`: which single-concept queries to sample (`QUERY_KINDS`); `resume`: keep the (method, query, K)
-    results of an unfinished `out` from the same benchmark and retrain only the rest."""
+    results of an unfinished `out` from the same benchmark and retrain only the rest. `leave_one_out`: retrain once
+    without each training image instead, and judge every method's top-K on every query of `query_kinds`
+    (`montrage.bench.leave_one_out`; `num_queries` is then unused)."""
     from tqdm.auto import tqdm
 
     from montrage.bench.attribution_run import run_seed
@@ -252,7 +255,9 @@ def run_counterfactual(
             run["base"], run["examples"], run["weights"], run["resolution"], run["steps"], seed, run["hparams"]
         )
     scores = {m: s for m, s in run["scores"].items() if methods is None or m in methods}
-    rows = pick_queries(run["kinds"], run["queries"], num_queries, seed, query_kinds)
+    rows = pick_queries(
+        run["kinds"], run["queries"], len(run["qpix"]) if leave_one_out else num_queries, seed, query_kinds
+    )
     qpix, prompts = run["qpix"][rows], [run["prompts"][r] for r in rows]
     ids = [e.id for e in run["train"]]
     points = fixed_points(tuple(re.mean.shape[1:]), seed=seed)
@@ -270,9 +275,10 @@ def run_counterfactual(
         "pretrain_text_encoder": icon_set["text_encoder"] if icon_set else None,
         "seed": seed,
         "epochs": epochs,
-        "queries": num_queries,
+        "queries": len(rows),
         "query_kinds": list(query_kinds),
         "query_prompts": prompts,
+        "query_rows": rows.tolist(),
         "k_fractions": list(ks),
         "points": POINTS,
         "retraining": RETRAINING,
@@ -289,13 +295,16 @@ def run_counterfactual(
                 f"--themes {','.join(icon_set['themes'])}"
                 if icon_set
                 else f"--concepts {','.join(map(str, concepts))}",
-                f"--queries {num_queries}",
+                "--leave-one-out" if leave_one_out else f"--queries {num_queries}",
                 f"--k {','.join(map(str, ks))}",
                 f"--seed {seed}",
             ]
             + ([] if tuple(query_kinds) == QUERY_KINDS else [f"--query-kinds {','.join(query_kinds)}"])
         ),
     }
+    if leave_one_out:
+        query = (qpix, prompts, points, base_loss)
+        return _run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress)
     deltas: dict[tuple, list] = {}
     earlier = {"seconds": 0.0, "retrainings": 0}  # what a resumed run had already done
     if resume and os.path.isfile(out):
@@ -316,6 +325,36 @@ def run_counterfactual(
     bar.close()
     result = summarize(deltas)
     result["config"] = done_so_far(retrainings, True)
+    print(format_counterfactual(result))
+    return result
+
+
+def _run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress) -> dict:
+    """`run_counterfactual`'s leave-one-out mode: N retrainings, written after each, then every method judged."""
+    from tqdm.auto import tqdm
+
+    from montrage.bench.leave_one_out import ESTIMATE, additive_deltas, leave_one_out
+
+    config = dict(config, estimate=ESTIMATE)
+    earlier, done = {"seconds": 0.0, "retrainings": 0}, []
+    if resume and os.path.isfile(out):
+        saved = _resumable(out, config)
+        done = saved["config"].get("leave_one_out", [])
+        earlier = {"seconds": float(saved["config"].get("seconds", 0.0)), "retrainings": len(done)}
+    pairs = [(f, _k(f, len(ids))) for f in ks]
+
+    def write(loo_rows: list, complete: bool) -> dict:
+        loo = np.stack(loo_rows) if loo_rows else np.zeros((0, len(rows)))
+        result = summarize(additive_deltas(loo, scores, rows, pairs)) if complete else {"methods": {}, "by_k": {}}
+        seconds = round(earlier["seconds"] + time.time() - t0, 1)
+        full = dict(config, retrainings=1 + len(loo_rows), seconds=seconds, complete=complete)
+        write_result(out, result, dict(full, leave_one_out=loo.tolist()))
+        return dict(result, config=full)
+
+    bar = tqdm(total=len(ids), desc="leave-one-out retrains", disable=not progress)
+    loo = leave_one_out(re, ids, query, done, lambda r: write(r, False), bar)
+    bar.close()
+    result = write(list(loo), True)
     print(format_counterfactual(result))
     return result
 
@@ -365,8 +404,22 @@ RESUME_FIELDS = ("command", "query_prompts", "retraining", "methods", "train_ima
 
 def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], dict]:
     """The per-query loss rises of an unfinished result file and the seconds and retrainings it took, refused
-    unless it is this benchmark's: the same command, queries, retraining protocol, methods and training set, and
-    full-run losses that agree."""
+    unless it is this benchmark's (`_resumable`)."""
+    saved = _resumable(out, config)
+    old = saved["config"]
+    fractions = {str(k): f for f in config["k_fractions"] for k in [_k(f, config["train_images"])]}
+    deltas = {
+        (fractions[k], int(k), name): list(e["per_query"])
+        for k, per in saved.get("by_k", {}).items()
+        if k in fractions
+        for name, e in per.items()
+    }
+    return deltas, {"seconds": float(old.get("seconds", 0.0)), "retrainings": int(old.get("retrainings", 0))}
+
+
+def _resumable(out: str, config: dict) -> dict:
+    """The saved result `out`, refused unless it is this benchmark's: the same command, queries, retraining
+    protocol, methods and training set, and full-run losses that agree."""
     try:
         with open(out) as fh:
             saved = json.load(fh)
@@ -387,14 +440,7 @@ def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], dict]:
             f"--resume: the full retraining's query losses differ from those in {out!r} (another torch build or "
             "thread count?); leave out --resume to start again."
         )
-    fractions = {str(k): f for f in config["k_fractions"] for k in [_k(f, config["train_images"])]}
-    deltas = {
-        (fractions[k], int(k), name): list(e["per_query"])
-        for k, per in saved.get("by_k", {}).items()
-        if k in fractions
-        for name, e in per.items()
-    }
-    return deltas, {"seconds": float(old.get("seconds", 0.0)), "retrainings": int(old.get("retrainings", 0))}
+    return saved
 
 
 def _k(frac: float, n: int) -> int:
@@ -473,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the results of an unfinished --out from the same benchmark and retrain only the rest",
     )
+    p.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="retrain once without each training image and judge every method's top-K on every single-concept "
+        "query (the sum of its images' rises) instead of retraining per method, query and K; --queries is unused",
+    )
     a = p.parse_args(argv)
     run_counterfactual(
         a.out,
@@ -491,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_text_encoder=a.pretrain_text_encoder,
         query_kinds=tuple(comma_list(a.query_kinds)),
         resume=a.resume,
+        leave_one_out=a.leave_one_out,
     )
     return 0
 
