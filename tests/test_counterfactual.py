@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from montrage.bench.attribution_setup import ICON_PROMPTS, TEMPLATES, build_probes, split_images
-from montrage.bench.counterfactual import Retrainer, fixed_points, pick_queries
+from montrage.bench.counterfactual import pick_queries
+from montrage.bench.retraining import Retrainer, fixed_points
 from montrage.data import digit_token, digits_examples
 from montrage.errors import MontrageError
 

@@ -20,11 +20,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from montrage.bench.retraining import POINTS, RETRAINING, Retrainer, fixed_points
 from montrage.errors import MontrageError
 
-POINTS = 16  # fixed (t, epsilon) pairs per query
 METHODS = (
     "montrage",
     "montrage-gated",
@@ -38,137 +37,6 @@ METHODS = (
     "datainf",
     "random",
 )
-BATCH = 32
-RETRAINING = "coupled: the full run's batches, noise and timesteps, the removed images' samples dropped"
-
-
-def fixed_points(shape: tuple, n: int = POINTS, seed: int = 0, num_train_timesteps: int = 1000) -> list:
-    """n (t, epsilon) pairs shared by every model: t evenly spread over the schedule, epsilon seeded."""
-    g = torch.Generator().manual_seed(seed)
-    ts = np.linspace(num_train_timesteps * 0.05, num_train_timesteps * 0.95, n).round().astype(int)
-    return [(int(t), torch.randn(shape, generator=g)) for t in ts]
-
-
-class Retrainer:
-    """The benchmark's LoRA customization as a lean loop: latent distributions and caption embeddings computed once,
-    then `steps` AdamW steps on batches drawn from the weighted image list, reshuffled per pass (seeded).
-    `hparams`: the monitored run's DiffusionFineTune settings (default: the benchmark's `FINE_TUNE`)."""
-
-    def __init__(
-        self,
-        base: str,
-        examples: list,
-        weights: list[int],
-        resolution: int,
-        steps: int,
-        seed: int,
-        hparams: dict | None = None,
-    ):
-        from peft import LoraConfig
-
-        from montrage.bench.attribution_setup import FINE_TUNE
-        from montrage.components import load_model
-        from montrage.data import ConceptImageDataset
-        from montrage.family import make_family
-        from montrage.recipes.fine_tune import DiffusionFineTune, resolve_pretrained
-
-        hp = {**_defaults(DiffusionFineTune), **FINE_TUNE, **(hparams or {})}  # the monitored run's own settings
-        self.base, self.steps, self.seed = resolve_pretrained(base), steps, seed
-        self.lr, self.wd = hp["learning_rate"], hp["weight_decay"]
-        self.parts = load_model(self.base).parts
-        self.family = make_family(self.parts)
-        pixels = ConceptImageDataset(examples, resolution).pixels
-        with torch.no_grad():
-            vae = self.parts["vae"]
-            dist = torch.cat([vae.encode(pixels[i : i + 64]).latent_dist.parameters for i in range(0, len(pixels), 64)])
-            self.cond = torch.cat(
-                [self.family.embed([e.caption for e in examples[i : i + 64]]) for i in range(0, len(examples), 64)]
-            )
-        self.mean, logvar = dist.chunk(2, dim=1)
-        self.std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        self.scale = float(vae.config.scaling_factor)
-        self.ids = [e.id for e in examples]
-        self.weights = list(weights)
-        unet = self.parts["unet"]
-        unet.requires_grad_(False)
-        torch.manual_seed(seed)
-        unet.add_adapter(
-            LoraConfig(
-                r=hp["lora_rank"],
-                lora_alpha=hp["lora_alpha"],
-                init_lora_weights="gaussian",
-                target_modules=list(hp["lora_target_modules"]),
-            )
-        )
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        self._init = [p.detach().clone() for p in self.params]  # every retraining starts from the same adapter
-
-    def train(self, removed: set[str] = frozenset()):
-        """The denoiser after the customization without the images `removed` (by id).
-
-        Coupled with the run on every image (common random numbers): every run draws the full run's batches, latent
-        samples, noise and timesteps, and drops the removed images' samples from them, so the images it keeps are
-        seen exactly as in the full run and the loss rise is theirs to answer for, not a reshuffle's. Same steps
-        (a batch left empty is skipped)."""
-        unet = self.parts["unet"]
-        with torch.no_grad():
-            for p, p0 in zip(self.params, self._init):
-                p.copy_(p0)
-        opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.wd)
-        dropped = torch.as_tensor([x in removed for x in self.ids])
-        pool = np.repeat(np.arange(len(self.ids)), self.weights)
-        rng = np.random.default_rng(self.seed)
-        g = torch.Generator().manual_seed(self.seed)
-        order = np.empty(0, np.int64)
-        T = self.parts["scheduler"].config.num_train_timesteps
-        unet.train()
-        for _ in range(self.steps):
-            if len(order) < BATCH:
-                order = np.concatenate([order, rng.permutation(pool)])
-            pick, order = torch.as_tensor(order[:BATCH]), order[BATCH:]
-            z = (self.mean[pick] + self.std[pick] * torch.randn(self.mean[pick].shape, generator=g)) * self.scale
-            noise = torch.randn(z.shape, generator=g)
-            t = torch.randint(0, T, (len(z),), generator=g)
-            kept = ~dropped[pick]
-            if not bool(kept.any()):
-                continue
-            pick, z, noise, t = pick[kept], z[kept], noise[kept], t[kept]
-            pred = self.family.denoise(self.family.noise(z, noise, t), t, self.cond[pick])
-            loss = F.mse_loss(pred.float(), self.family.target(z, noise, t).float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        unet.eval()
-        return unet
-
-    @torch.no_grad()
-    def query_loss(self, pixels: torch.Tensor, prompts: list[str], points: list) -> np.ndarray:
-        """(Q,) mean diffusion loss of each query image under its prompt at the fixed (t, epsilon) points."""
-        z = self.family.latents(pixels)
-        cond = self.family.embed(list(prompts))
-        out = np.zeros(len(z))
-        for t, eps in points:
-            tt = torch.full((len(z),), t, dtype=torch.long)
-            e = eps.expand_as(z)
-            pred = self.family.denoise(self.family.noise(z, e, tt), tt, cond)
-            out += (
-                F.mse_loss(pred.float(), self.family.target(z, e, tt).float(), reduction="none")
-                .mean(dim=(1, 2, 3))
-                .numpy()
-            )
-        return out / len(points)
-
-
-def _defaults(cls) -> dict:
-    import inspect
-
-    return {
-        k: p.default
-        for k, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 QUERY_KINDS = ("concept", "image")  # single-concept held-out queries: "a photo of X" / "an icon in the style of X",
 # and per-image ones ("an icon of a printer in the style of X")
 
@@ -304,7 +172,9 @@ def run_counterfactual(
     }
     if leave_one_out:
         query = (qpix, prompts, points, base_loss)
-        return _run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress)
+        from montrage.bench.leave_one_out import run_leave_one_out
+
+        return run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress)
     deltas: dict[tuple, list] = {}
     earlier = {"seconds": 0.0, "retrainings": 0}  # what a resumed run had already done
     if resume and os.path.isfile(out):
@@ -325,36 +195,6 @@ def run_counterfactual(
     bar.close()
     result = summarize(deltas)
     result["config"] = done_so_far(retrainings, True)
-    print(format_counterfactual(result))
-    return result
-
-
-def _run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress) -> dict:
-    """`run_counterfactual`'s leave-one-out mode: N retrainings, written after each, then every method judged."""
-    from tqdm.auto import tqdm
-
-    from montrage.bench.leave_one_out import ESTIMATE, additive_deltas, leave_one_out
-
-    config = dict(config, estimate=ESTIMATE)
-    earlier, done = {"seconds": 0.0, "retrainings": 0}, []
-    if resume and os.path.isfile(out):
-        saved = _resumable(out, config)
-        done = saved["config"].get("leave_one_out", [])
-        earlier = {"seconds": float(saved["config"].get("seconds", 0.0)), "retrainings": len(done)}
-    pairs = [(f, _k(f, len(ids))) for f in ks]
-
-    def write(loo_rows: list, complete: bool) -> dict:
-        loo = np.stack(loo_rows) if loo_rows else np.zeros((0, len(rows)))
-        result = summarize(additive_deltas(loo, scores, rows, pairs)) if complete else {"methods": {}, "by_k": {}}
-        seconds = round(earlier["seconds"] + time.time() - t0, 1)
-        full = dict(config, retrainings=1 + len(loo_rows), seconds=seconds, complete=complete)
-        write_result(out, result, dict(full, leave_one_out=loo.tolist()))
-        return dict(result, config=full)
-
-    bar = tqdm(total=len(ids), desc="leave-one-out retrains", disable=not progress)
-    loo = leave_one_out(re, ids, query, done, lambda r: write(r, False), bar)
-    bar.close()
-    result = write(list(loo), True)
     print(format_counterfactual(result))
     return result
 
@@ -381,7 +221,7 @@ def retrain_without_top_k(
     n, rng = len(ids), np.random.default_rng(seed + 1)
     losses: dict[frozenset, np.ndarray] = {}  # removed ids -> every query's loss
     for frac in ks:
-        k = _k(frac, n)
+        k = k_images(frac, n)
         for j, r in enumerate(rows):  # queries outermost: a run cut short still has every method on the same queries
             for name in names:
                 top = rng.choice(n, k, replace=False) if name == "random" else np.argsort(-scores[name][r])[:k]
@@ -404,10 +244,10 @@ RESUME_FIELDS = ("command", "query_prompts", "retraining", "methods", "train_ima
 
 def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], dict]:
     """The per-query loss rises of an unfinished result file and the seconds and retrainings it took, refused
-    unless it is this benchmark's (`_resumable`)."""
-    saved = _resumable(out, config)
+    unless it is this benchmark's (`resumable`)."""
+    saved = resumable(out, config)
     old = saved["config"]
-    fractions = {str(k): f for f in config["k_fractions"] for k in [_k(f, config["train_images"])]}
+    fractions = {str(k): f for f in config["k_fractions"] for k in [k_images(f, config["train_images"])]}
     deltas = {
         (fractions[k], int(k), name): list(e["per_query"])
         for k, per in saved.get("by_k", {}).items()
@@ -417,7 +257,7 @@ def resumed_deltas(out: str, config: dict) -> tuple[dict[tuple, list], dict]:
     return deltas, {"seconds": float(old.get("seconds", 0.0)), "retrainings": int(old.get("retrainings", 0))}
 
 
-def _resumable(out: str, config: dict) -> dict:
+def resumable(out: str, config: dict) -> dict:
     """The saved result `out`, refused unless it is this benchmark's: the same command, queries, retraining
     protocol, methods and training set, and full-run losses that agree."""
     try:
@@ -443,7 +283,8 @@ def _resumable(out: str, config: dict) -> dict:
     return saved
 
 
-def _k(frac: float, n: int) -> int:
+def k_images(frac: float, n: int) -> int:
+    """How many images `--k` FRAC removes from n: a fraction (< 1) of them, at least one, or a count."""
     return int(frac) if frac >= 1 else max(1, int(round(frac * n)))
 
 

@@ -9,6 +9,9 @@ interact; the top-K mode of the same benchmark measures how far they do (`docs/r
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 ESTIMATE = "additive: a top-K set's rise is the sum of its images' leave-one-out rises"
@@ -45,3 +48,32 @@ def additive_deltas(loo: np.ndarray, scores: dict[str, np.ndarray], rows: np.nda
         deltas[(frac, k, "random")] = (k * loo.mean(axis=0)).tolist()
         deltas[(frac, k, CEILING)] = (-np.sort(-loo, axis=0)[:k]).sum(axis=0).tolist()
     return deltas
+
+
+def run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0, progress) -> dict:
+    """`run_counterfactual`'s leave-one-out mode: N retrainings, written after each, then every method judged."""
+    from tqdm.auto import tqdm
+
+    from montrage.bench.counterfactual import format_counterfactual, k_images, resumable, summarize, write_result
+
+    config = dict(config, estimate=ESTIMATE)
+    earlier, done = 0.0, []  # seconds and rows of the run being resumed
+    if resume and os.path.isfile(out):
+        saved = resumable(out, config)["config"]
+        earlier, done = float(saved.get("seconds", 0.0)), saved.get("leave_one_out", [])
+    pairs = [(f, k_images(f, len(ids))) for f in ks]
+
+    def write(loo_rows: list, complete: bool) -> dict:
+        loo = np.stack(loo_rows) if loo_rows else np.zeros((0, len(rows)))
+        result = summarize(additive_deltas(loo, scores, rows, pairs)) if complete else {"methods": {}, "by_k": {}}
+        seconds = round(earlier + time.time() - t0, 1)
+        full = dict(config, retrainings=1 + len(loo_rows), seconds=seconds, complete=complete)
+        write_result(out, result, dict(full, leave_one_out=loo.tolist()))
+        return dict(result, config=full)
+
+    bar = tqdm(total=len(ids), desc="leave-one-out retrains", disable=not progress)
+    loo = leave_one_out(re, ids, query, done, lambda r: write(r, False), bar)
+    bar.close()
+    result = write(list(loo), True)
+    print(format_counterfactual(result))
+    return result
