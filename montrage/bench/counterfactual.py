@@ -7,7 +7,8 @@ method, and without K random ones, and the query's diffusion loss at fixed (t, e
 the same retraining on every image: delta L = L(without top-K) - L(all). The retraining is one lean loop for every
 run (the benchmark's LoRA, learning rate, batch and exemplar weighting; the same number of optimizer steps; the
 same seed), coupled with the full run: the same batches, noise and timesteps, the removed images' samples dropped
-(`Retrainer.train`), so a larger rise means the removed images mattered more to that generation.
+(`montrage.bench.retraining`), so a larger rise means the removed images mattered more to that generation.
+`--leave-one-out` retrains once per training image instead and judges every query (`montrage.bench.leave_one_out`).
 """
 
 from __future__ import annotations
