@@ -4,8 +4,9 @@ method's top-K judged on it.
 Retraining once per method, query and K limits the benchmark to a handful of queries, too few to rank methods
 whose rises differ by less than their query-to-query spread. Leaving each training image out once (N coupled
 retrainings) gives the loss rise of every held-out query for every image; a method's top-K rise is then estimated
-as the sum of its K images' rises, for all single-concept queries at once. The sum is exact when removals do not
-interact; the top-K mode of the same benchmark measures how far they do (`docs/results.md`)."""
+as the sum of its K images' rises, for all single-concept queries at once. The sum is exact for K = 1 (always
+reported) and when removals do not interact; the top-K mode of the same benchmark measures how far they do
+(`docs/results.md`)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0,
     if resume and os.path.isfile(out):
         saved = resumable(out, config)["config"]
         earlier, done = float(saved.get("seconds", 0.0)), saved.get("leave_one_out", [])
-    pairs = [(f, k_images(f, len(ids))) for f in ks]
+    pairs = [(1, 1)] + [(f, k) for f in ks if (k := k_images(f, len(ids))) > 1]  # K = 1 is exact, no estimate
 
     def write(loo_rows: list, complete: bool) -> dict:
         loo = np.stack(loo_rows) if loo_rows else np.zeros((0, len(rows)))
