@@ -64,8 +64,8 @@ def run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0,
         earlier, done = float(saved.get("seconds", 0.0)), saved.get("leave_one_out", [])
     pairs = [(1, 1)] + [(f, k) for f in ks if (k := k_images(f, len(ids))) > 1]  # K = 1 is exact, no estimate
 
-    def write(loo_rows: list, complete: bool) -> dict:
-        loo = np.stack(loo_rows) if loo_rows else np.zeros((0, len(rows)))
+    def write(loo_rows, complete: bool) -> dict:
+        loo = np.asarray(loo_rows, dtype=float).reshape(-1, len(rows))
         result = summarize(additive_deltas(loo, scores, rows, pairs)) if complete else {"methods": {}, "by_k": {}}
         seconds = round(earlier + time.time() - t0, 1)
         full = dict(config, retrainings=1 + len(loo_rows), seconds=seconds, complete=complete)
@@ -75,6 +75,6 @@ def run_leave_one_out(re, ids, scores, rows, query, ks, out, config, resume, t0,
     bar = tqdm(total=len(ids), desc="leave-one-out retrains", disable=not progress)
     loo = leave_one_out(re, ids, query, done, lambda r: write(r, False), bar)
     bar.close()
-    result = write(list(loo), True)
+    result = write(loo, True)
     print(format_counterfactual(result))
     return result
